@@ -1,0 +1,18 @@
+"""greenleader: leader election for gevent applications on Consul, etcd, ZooKeeper or a local file.
+
+>>> from greenleader import Candidate
+>>> from greenleader.stores import from_url
+>>> candidate = Candidate(from_url("file:///tmp/elections"), "jobs/scheduler", "web-1")
+>>> elected, errors = candidate.run_for_election()
+"""
+
+from __future__ import annotations
+
+from . import errors, events
+from .candidate import Candidate
+from .follower import Follower
+from .stores import from_url, new_store
+
+__all__ = ["Candidate", "Follower", "new_store", "from_url", "errors", "events", "__version__"]
+
+__version__ = "0.1.0"

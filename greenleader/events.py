@@ -1,0 +1,106 @@
+"""Leadership events, published with :func:`zope.event.notify`.
+
+Subscribe with ``zope.event.classhandler.handler(LeadershipAcquired, func)``. Subscribers
+run in a dedicated greenlet per candidate or follower, never on the keepalive path: a
+slow subscriber delays only the events after it, and one that raises is logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import zope.event
+from gevent.queue import Queue
+
+__all__ = [
+    "LossReason",
+    "LeadershipEvent",
+    "LeadershipAcquired",
+    "LeadershipLost",
+    "LeaderChanged",
+    "ElectionError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class LossReason(str, enum.Enum):
+    """Why a candidate stopped leading."""
+
+    RESIGNED = "resigned"
+    STOPPED = "stopped"
+    EXPIRED = "expired"  # the store dropped the key (TTL ran out, session lost, key taken)
+    DEADLINE = "deadline"  # the renew deadline passed without a confirmed renewal (e.g. hub blocked)
+    STORE_ERROR = "store error"
+
+
+@dataclass(frozen=True)
+class LeadershipEvent:
+    """Base class: ``source`` is the Candidate or Follower, ``key`` the election key."""
+
+    source: Any
+    key: str
+
+
+@dataclass(frozen=True)
+class LeadershipAcquired(LeadershipEvent):
+    """``node`` won the election for ``key`` with fencing ``term``."""
+
+    node: str
+    term: int
+
+
+@dataclass(frozen=True)
+class LeadershipLost(LeadershipEvent):
+    """``node`` stopped leading ``key`` (tenure ``term``) for ``reason``."""
+
+    node: str
+    term: int
+    reason: LossReason
+
+
+@dataclass(frozen=True)
+class LeaderChanged(LeadershipEvent):
+    """A follower saw a new ``leader`` (``None`` when the key is vacant)."""
+
+    leader: str | None
+    term: int | None
+
+
+@dataclass(frozen=True)
+class ElectionError(LeadershipEvent):
+    """A campaign or watch ended because of ``error``."""
+
+    error: BaseException
+
+
+class EventPublisher:
+    """Publishes events in order from a greenlet of its own, so subscribers never block the caller."""
+
+    def __init__(self) -> None:
+        self._pending: Queue = Queue()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def publish(self, event: LeadershipEvent) -> None:
+        self._pending.put(event)
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        while not self._pending.empty():
+            event = self._pending.get()
+            # zope.event.notify() would skip the remaining subscribers after one raises.
+            for subscriber in list(zope.event.subscribers):
+                try:
+                    subscriber(event)
+                except Exception:
+                    log.exception("event subscriber %r raised on %r", subscriber, event)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every published event has been delivered (or ``timeout``)."""
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)

@@ -1,0 +1,194 @@
+"""The store contract: the few primitives a backend implements.
+
+All election logic (deadlines, retries, queues, events) lives in
+:mod:`greenleader.candidate` and :mod:`greenleader.follower`. A backend only knows how to
+hold a key for a node, confirm and give up that hold, and read and watch who holds it.
+
+Every method must cooperate with gevent (never block the hub) and must tolerate the
+calling greenlet being killed with :class:`gevent.GreenletExit` at any blocking point,
+leaving nothing behind in the store.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import InvalidArgumentError, InvalidKeyError
+
+__all__ = ["LeaderInfo", "Lease", "Store", "check_float", "check_bool", "check_text"]
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    """Who holds a key: the leader's node name and its fencing term (``None`` if unknown)."""
+
+    node: str
+    term: int | None = None
+
+
+class Lease(abc.ABC):
+    """A won tenure of ``key`` by ``node``, with its fencing ``term``.
+
+    ``confirmed_at`` is a :func:`time.monotonic` instant no later than the moment the store
+    last confirmed the hold; the store will not hand the key to anyone else before
+    ``confirmed_at + ttl``. The candidate leads only until ``confirmed_at + renew_deadline``.
+    """
+
+    def __init__(self, key: str, node: str, term: int, confirmed_at: float) -> None:
+        self.key = key
+        self.node = node
+        self.term = term
+        self.confirmed_at = confirmed_at
+        #: Set by the candidate; a backend that learns of a loss asynchronously (a watch, a
+        #: session event) calls it. It must not block and may be called from any greenlet.
+        self.on_lost: Callable[[], None] | None = None
+
+    def notify_lost(self) -> None:
+        """For backends: tell the candidate that the hold is gone, without waiting for a renewal."""
+        if self.on_lost is not None:
+            self.on_lost()
+
+    @abc.abstractmethod
+    def renew(self) -> None:
+        """Confirm the hold and advance ``confirmed_at``.
+
+        Raises :class:`~greenleader.errors.LeadershipLostError` when the store no longer
+        holds the key for this lease, or :class:`~greenleader.errors.StoreUnavailableError`
+        on a failure that may be transient.
+        """
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Give the key up at once so a waiter can win. Idempotent; raises only StoreError."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} key={self.key!r} node={self.node!r} term={self.term}>"
+
+
+class Store(abc.ABC):
+    """A key/value store that elections can run on."""
+
+    #: Backend name, as used by ``new_store()`` and as the ``from_url()`` scheme.
+    backend: ClassVar[str] = ""
+    #: Smallest and largest TTL, in seconds, that the backend honours.
+    min_ttl: ClassVar[float] = 0.0
+    max_ttl: ClassVar[float] = 86400.0
+
+    def validate_key(self, key: str) -> str:
+        """Return ``key`` if it is a valid election key here, else raise InvalidKeyError."""
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"key must be a str, not {type(key).__name__}")
+        if not key or not key.strip("/"):
+            raise InvalidKeyError("key must not be empty")
+        if len(key) > 512:
+            raise InvalidKeyError(f"key is {len(key)} characters long; the limit is 512")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+            raise InvalidKeyError(f"key {key!r} contains control characters")
+        return key
+
+    def validate_ttl(self, ttl: float) -> float:
+        """Return ``ttl`` as a float if the backend honours it, else raise InvalidArgumentError."""
+        ttl = check_float("ttl", ttl, minimum=0.0, inclusive=False)
+        if ttl < self.min_ttl or ttl > self.max_ttl:
+            raise InvalidArgumentError(
+                f"ttl={ttl:g}s is outside the {self.backend} store's range "
+                f"of {self.min_ttl:g}s to {self.max_ttl:g}s"
+            )
+        return ttl
+
+    @classmethod
+    def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> Store:
+        """Build the store from a parsed URL. Backends that use the path (a ZooKeeper chroot,
+        a directory) override this; the default rejects a path."""
+        if path not in ("", "/"):
+            raise InvalidArgumentError(f"the {cls.backend} store URL takes no path, got {path!r}")
+        return cls(addrs, **options)
+
+    @abc.abstractmethod
+    def acquire(self, key: str, node: str, ttl: float) -> Lease:
+        """Block cooperatively until ``node`` holds ``key``; return the lease.
+
+        Killing the calling greenlet while it waits must withdraw the candidacy.
+        """
+
+    @abc.abstractmethod
+    def leader(self, key: str) -> LeaderInfo | None:
+        """Who holds ``key`` now, or ``None`` when it is vacant."""
+
+    @abc.abstractmethod
+    def watch(self, key: str) -> Iterator[LeaderInfo | None]:
+        """Yield who holds ``key`` now, then again after each change (``None`` = vacant).
+
+        A key that does not exist yet is vacant, not an error. Values may repeat; the
+        follower de-duplicates. Closing the generator releases what the watch holds.
+        """
+
+    def close(self) -> None:
+        """Release connections held by the store. Leases must be released first."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def now() -> float:
+    """The monotonic clock every deadline in greenleader is measured on."""
+    return time.monotonic()
+
+
+def check_text(name: str, value: object, *, max_length: int = 512) -> str:
+    """A non-empty str without control characters, or InvalidArgumentError."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise InvalidArgumentError(f"{name} is {len(value)} characters long; the limit is {max_length}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise InvalidArgumentError(f"{name} {value!r} contains control characters")
+    return value
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    inclusive: bool = True,
+) -> float:
+    """A finite number (a numeric string is accepted, for URL options), or InvalidArgumentError."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be a number, not bool")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgumentError(f"{name} must be a number, not {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"{name} must be finite, not {number}")
+    if minimum is not None and (number < minimum or (not inclusive and number == minimum)):
+        bound = ">=" if inclusive else ">"
+        raise InvalidArgumentError(f"{name} must be {bound} {minimum:g}, not {number:g}")
+    if maximum is not None and number > maximum:
+        raise InvalidArgumentError(f"{name} must be <= {maximum:g}, not {number:g}")
+    return number
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A bool (or a URL-style string such as "true"/"0"), or InvalidArgumentError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise InvalidArgumentError(f"{name} must be a bool, not {value!r}")
