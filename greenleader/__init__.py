@@ -13,6 +13,6 @@ from .candidate import Candidate
 from .follower import Follower
 from .stores import from_url, new_store
 
-__all__ = ["Candidate", "Follower", "new_store", "from_url", "errors", "events", "__version__"]
+__all__ = ["Candidate", "Follower", "__version__", "errors", "events", "from_url", "new_store"]
 
 __version__ = "0.1.0"

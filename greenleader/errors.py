@@ -11,13 +11,13 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidKeyError",
     "InvalidURLError",
-    "UnknownBackendError",
+    "LeadershipLostError",
     "MissingDependencyError",
+    "PermissionDeniedError",
+    "StoppedError",
     "StoreError",
     "StoreUnavailableError",
-    "PermissionDeniedError",
-    "LeadershipLostError",
-    "StoppedError",
+    "UnknownBackendError",
 ]
 
 

@@ -17,12 +17,12 @@ import zope.event
 from gevent.queue import Queue
 
 __all__ = [
-    "LossReason",
-    "LeadershipEvent",
-    "LeadershipAcquired",
-    "LeadershipLost",
-    "LeaderChanged",
     "ElectionError",
+    "LeaderChanged",
+    "LeadershipAcquired",
+    "LeadershipEvent",
+    "LeadershipLost",
+    "LossReason",
 ]
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ class Follower:
         self._channels: Channels | None = None
         self._greenlet: Greenlet | None = None
         self._publisher = EventPublisher()
-        self._current: LeaderInfo | None | object = _UNSEEN
+        self._current: LeaderInfo | object | None = _UNSEEN
         self._stopped = False
 
     def __repr__(self) -> str:

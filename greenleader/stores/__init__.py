@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ..errors import InvalidArgumentError, InvalidURLError, MissingDependencyError, UnknownBackendError
 from .base import LeaderInfo, Lease, Store
 
-__all__ = ["Store", "Lease", "LeaderInfo", "new_store", "from_url", "BACKENDS"]
+__all__ = ["BACKENDS", "LeaderInfo", "Lease", "Store", "from_url", "new_store"]
 
 #: backend name -> (module, class, pip extra that installs its client library)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {

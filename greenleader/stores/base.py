@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from ..errors import InvalidArgumentError, InvalidKeyError
 
-__all__ = ["LeaderInfo", "Lease", "Store", "check_float", "check_bool", "check_text"]
+__all__ = ["LeaderInfo", "Lease", "Store", "check_bool", "check_float", "check_text"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ class Store(abc.ABC):
 
     def close(self) -> None:
         """Release connections held by the store. Leases must be released first."""
+        return None
 
     def __enter__(self) -> Store:
         return self
