@@ -3,7 +3,9 @@
 Each key is a lock file in a directory. The holder keeps an OS file lock (``flock``) on
 it, so the kernel releases the lock the instant a holder process dies, however it dies:
 crash failover takes one poll interval, not a TTL. The file also records the last term
-and the holder's node name, for followers and for the next term.
+and the holder's node name, for followers and for the next term. Terms are the previous
+term plus one, floored at the wall clock in milliseconds, so they keep increasing even
+when the lock file is removed (a holder whose file was removed steps down at its next renewal).
 
 Local filesystems only: ``flock`` is not reliable over NFS or other network filesystems.
 """
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -158,7 +161,9 @@ class FileStore(Store):
                     os.close(fd)  # the file was replaced while we waited: lock the new one
                     continue
                 previous = _read_record(fd)
-                term = (previous[0] if previous else 0) + 1
+                # The wall-clock floor keeps terms increasing even if the file was deleted
+                # (e.g. by a temporary-file cleaner) and the count started over.
+                term = max((previous[0] if previous else 0) + 1, time.time_ns() // 1_000_000)
                 _write_record(fd, term, node)
             except BaseException:
                 os.close(fd)

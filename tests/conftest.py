@@ -1,0 +1,76 @@
+"""Shared fixtures. The whole suite runs monkey-patched, as a gunicorn gevent worker does."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import itertools  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+
+from greenleader.stores import Store  # noqa: E402
+from tests.backends import KINDS, REAL_KINDS, BackendEnv, support  # noqa: E402
+
+pytest_plugins = ["tests.server_fixtures"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Every behavioural test runs once per store backend."""
+    return request.param
+
+
+@pytest.fixture
+def backend_env(request: pytest.FixtureRequest, kind: str, tmp_path) -> BackendEnv:
+    cluster = request.getfixturevalue(f"{kind}_cluster") if kind in REAL_KINDS else None
+    return BackendEnv(kind=kind, workdir=tmp_path, cluster=cluster)
+
+
+@pytest.fixture
+def backend(kind: str):
+    """The backend's support module: FAST_TTL, make_store, force_expire, unreachable_store."""
+    return support(kind)
+
+
+@pytest.fixture
+def make_store(backend, backend_env: BackendEnv) -> Iterator[Callable[[], Store]]:
+    """Factory of store clients for this test's backend; all are closed afterwards."""
+    made: list[Store] = []
+
+    def make() -> Store:
+        store = backend.make_store(backend_env)
+        made.append(store)
+        return store
+
+    yield make
+    for store in reversed(made):
+        store.close()
+
+
+@pytest.fixture
+def store(make_store) -> Store:
+    return make_store()
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def key() -> str:
+    """A key no other test uses."""
+    return f"greenleader-test/{uuid.uuid4().hex[:12]}-{next(_counter)}"
+
+
+@pytest.fixture
+def ttl(backend) -> float:
+    return backend.FAST_TTL
+
+
+@pytest.fixture(autouse=True)
+def _no_greenlet_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Let stray greenlets from one test not leak into the next (failures show in logs)."""
+    yield
+    gevent.sleep(0)
