@@ -1,0 +1,311 @@
+"""The ``greenleader`` command: demo, run a command as leader, show or watch the leader.
+
+Exit codes of ``greenleader run``: the command's own exit status when it ran to its end
+(128+N when it died of signal N); 1 when the store failed; 2 for bad usage or arguments;
+3 when leadership was lost and the command was terminated; 128+N when signal N arrived
+before the command started. ``greenleader leader`` exits 0 when there is a leader, 1 when
+the key is vacant.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+from gevent import subprocess  # noqa: E402
+from gevent.queue import Queue  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .candidate import Candidate  # noqa: E402
+from .errors import GreenleaderError  # noqa: E402
+from .follower import Follower  # noqa: E402
+from .stores import Store, from_url, new_store  # noqa: E402
+
+log = logging.getLogger("greenleader.cli")
+
+EXIT_STORE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_LEADERSHIP_LOST = 3
+
+
+def _store(url: str | None) -> Store:
+    return from_url(url) if url else new_store("file")
+
+
+def _default_node() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+# -- greenleader run ----------------------------------------------------------------------
+
+
+def _terminate(child: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if the child is still there after ``grace`` seconds."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("command ignored SIGTERM for %gs; sending SIGKILL", grace)
+        child.kill()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise GreenleaderError("no command given: greenleader run --key K -- CMD ...")
+    store = _store(args.store)
+    candidate = Candidate(store, args.key, args.node or _default_node(), ttl=args.ttl)
+    inbox: Queue = Queue()  # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n)
+
+    def pump_elections(elected: Queue) -> None:
+        for is_leader in elected:
+            inbox.put(("elected", is_leader))
+        inbox.put(("ended", None))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, inbox.put, ("signal", signum))
+    elected, errors = candidate.run_for_election()
+    gevent.spawn(pump_elections, elected)
+    child: subprocess.Popen | None = None
+    lost = stopping = False
+    try:
+        while True:
+            kind, value = inbox.get()
+            if kind == "elected" and value and child is None and not stopping:
+                log.info("elected (term %s): starting %s", candidate.term, " ".join(args.command))
+                child = subprocess.Popen(args.command)
+                gevent.spawn(lambda c=child: inbox.put(("exit", c.wait())))
+            elif kind == "elected" and not value and child is not None:
+                log.warning("leadership lost: terminating the command")
+                lost = True
+                _terminate(child, args.grace)
+            elif kind == "exit":
+                child = None
+                if lost and not args.restart:
+                    return EXIT_LEADERSHIP_LOST
+                if args.restart and not stopping:
+                    lost = False
+                    candidate.resign()
+                    continue
+                return _status(value)
+            elif kind == "signal":
+                stopping = True
+                if child is None:
+                    return 128 + value
+                child.send_signal(value)  # its exit ends the loop
+            elif kind == "ended":
+                for error in errors:
+                    _say_error(f"store error: {error}")
+                if child is not None:
+                    _terminate(child, args.grace)
+                return EXIT_STORE_ERROR
+    finally:
+        candidate.stop()
+        store.close()
+
+
+# -- greenleader leader / watch -------------------------------------------------------------
+
+
+def cmd_leader(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    try:
+        info = Follower(store, args.key).leader_info()
+    finally:
+        store.close()
+    if args.json:
+        _say(json.dumps({"key": args.key, "leader": info.node if info else None, "term": info.term if info else None}))
+    elif info is not None:
+        _say(info.node)
+    return 0 if info is not None else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    follower = Follower(store, args.key)
+    leaders, errors = follower.follow_election()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, follower.stop)
+    try:
+        for leader in leaders:
+            stamp = time.strftime("%H:%M:%S")
+            _say(f"{stamp} {leader}" if leader is not None else f"{stamp} (no leader)")
+        for error in errors:
+            _say_error(f"store error: {error}")
+            return EXIT_STORE_ERROR
+        return 0
+    finally:
+        follower.stop()
+        store.close()
+
+
+# -- greenleader demo -------------------------------------------------------------------------
+
+
+def cmd_candidate(args: argparse.Namespace) -> int:
+    """Hidden helper of the demo: a candidate process reporting JSON lines on stdout."""
+    store = _store(args.store)
+    candidate = Candidate(store, args.key, args.node, ttl=args.ttl)
+    gevent.signal_handler(signal.SIGTERM, candidate.stop)
+    elected, errors = candidate.run_for_election()
+    for is_leader in elected:
+        _say(json.dumps({"node": args.node, "leader": is_leader, "term": candidate.term, "t": time.monotonic()}))
+    for error in errors:
+        _say_error(str(error))
+        return EXIT_STORE_ERROR
+    return 0
+
+
+class _DemoNode:
+    """One demo candidate process, reporting its elections on ``wins``."""
+
+    def __init__(self, name: str, url: str, key: str, wins: Queue) -> None:
+        self.name = name
+        command = [sys.executable, "-m", "greenleader", "_candidate", "--store", url, "--key", key, "--node", name]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.ready = gevent.event.Event()  # set once it campaigns (its first report)
+        self.reader = gevent.spawn(self._read, wins)
+
+    def _read(self, wins: Queue) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            report = json.loads(line)
+            self.ready.set()
+            if report["leader"]:
+                wins.put((self, report["term"], report["t"]))
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+        self.process.wait()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    directory = tempfile.mkdtemp(prefix="greenleader-demo-")
+    url, key = f"file://{directory}", "demo/leader"
+    wins: Queue = Queue()
+    names = (f"node-{number}" for number in itertools.count(1))
+    nodes: list[_DemoNode] = []
+    figures: dict[str, list[float]] = {"crash failover": [], "graceful handover": []}
+    _say(f"greenleader demo: {args.nodes} candidate processes on the file store in {directory}")
+    try:
+        nodes = [_DemoNode(next(names), url, key, wins) for _ in range(args.nodes)]
+        leader, term, _ = wins.get(timeout=30)
+        _say(f"  {leader.name} (pid {leader.process.pid}) leads with term {term}")
+        for _ in range(args.rounds):
+            for signum, kind in ((signal.SIGKILL, "crash failover"), (signal.SIGTERM, "graceful handover")):
+                for node in nodes:
+                    if not node.ready.wait(timeout=30):
+                        raise GreenleaderError(f"{node.name} did not start")
+                start = time.monotonic()
+                leader.signal(signum)
+                nodes.remove(leader)
+                successor, term, won_at = wins.get(timeout=30)
+                figures[kind].append(won_at - start)
+                _say(
+                    f"  {signal.Signals(signum).name} {leader.name}: {successor.name} leads with term {term} "
+                    f"after {(won_at - start) * 1000:.1f} ms ({kind})"
+                )
+                leader = successor
+                nodes.append(_DemoNode(next(names), url, key, wins))  # keep the field full
+        for kind, values in figures.items():
+            _say(_summary(kind, values))
+        return 0
+    finally:
+        for node in nodes:
+            if node.process.poll() is None:
+                node.process.kill()
+                node.process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _summary(label: str, figures: Sequence[float]) -> str:
+    millis = [f * 1000 for f in figures]
+    return f"{label}: median {statistics.median(millis):.1f} ms, max {max(millis):.1f} ms over {len(millis)} trials"
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def _say_error(message: str) -> None:
+    print(f"greenleader: {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greenleader", description="Leader election for gevent applications.")
+    parser.add_argument("--version", action="version", version=f"greenleader {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    def with_store(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--key", required=True, help="election key")
+        sub.add_argument("--store", help="store URL (default: the file store in the user's runtime directory)")
+        return sub
+
+    demo = commands.add_parser("demo", help="show elections, failover and handover between local processes")
+    demo.add_argument("--nodes", type=int, default=3, help=argparse.SUPPRESS)
+    demo.add_argument("--rounds", type=int, default=3, help="kill/stop rounds (default 3)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = with_store(commands.add_parser("run", help="wait to lead, then run a command while leading"))
+    run.add_argument("--node", help="this candidate's name (default: HOSTNAME-PID)")
+    run.add_argument("--ttl", type=float, default=15.0, help="seconds before a crashed leader is replaced")
+    run.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL on loss")
+    run.add_argument("--restart", action="store_true", help="campaign again and rerun the command when it exits")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    run.set_defaults(func=cmd_run)
+
+    leader = with_store(commands.add_parser("leader", help="print the current leader (exit 1 if none)"))
+    leader.add_argument("--json", action="store_true", help="print key, leader and term as JSON")
+    leader.set_defaults(func=cmd_leader)
+
+    watch = with_store(commands.add_parser("watch", help="print each change of leader until interrupted"))
+    watch.set_defaults(func=cmd_watch)
+
+    candidate = with_store(commands.add_parser("_candidate"))
+    candidate.add_argument("--node", required=True)
+    candidate.add_argument("--ttl", type=float, default=5.0)
+    candidate.set_defaults(func=cmd_candidate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s greenleader %(levelname)s %(message)s",
+    )
+    try:
+        return args.func(args)
+    except GreenleaderError as exc:
+        _say_error(str(exc))
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_STORE_ERROR
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
