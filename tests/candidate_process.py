@@ -1,0 +1,438 @@
+"""A candidate (or follower) in a process of its own, and the driver that runs a few of them.
+
+Run as ``python -m tests.candidate_process --url URL --key K --node N --ttl S [--follower]``:
+the child monkey-patches gevent first, runs a :class:`~greenleader.Candidate` (or a
+:class:`~greenleader.Follower`) on ``greenleader.stores.from_url(URL)`` and prints one JSON
+line per change on stdout, flushed::
+
+    {"event": "campaigning" | "elected" | "deposed" | "leader" | "error",
+     "node": ..., "term": ..., "t": time.monotonic()}
+
+``node`` is this process's node name, except on ``leader`` lines where it is the leader a
+follower saw (``null`` when vacant). ``campaigning`` is printed each time the candidate enters
+the store's ``acquire``. CLOCK_MONOTONIC is system-wide on Linux, so the parent compares
+``t`` with its own clock. The times of ``elected`` and ``deposed`` are taken at the store
+boundary, so a tenure printed here always contains the candidate's real one: ``elected`` is
+when ``acquire`` returned (the candidate steps up after it), ``deposed`` is no later than when
+the lease's ``release`` began (the candidate steps down before it).
+
+SIGTERM stops the candidate gracefully (releasing the key) and the process exits 0. Without
+``--rejoin``, a campaign ended by an error exits 3 after its ``error`` line; with
+``--rejoin SECONDS`` a new candidate (or follower) starts on the same store that long after each
+error, as an application that restarts its campaign would.
+
+:class:`ProcessGroup` is the parent side: it starts such processes, collects their lines and
+waits for them with bounded timeouts.
+"""
+
+if __name__ == "__main__":  # the child: patch before anything imports socket or threading
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import contextlib
+import ctypes
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+_ANY = object()
+EXIT_ERROR = 3  # the campaign (or watch) ended with an error and --rejoin was not given
+
+
+# ---------------------------------------------------------------------------------------------
+# the child
+
+
+def _emit(event: str, node: str | None, term: int | None = None, t: float | None = None, **extra: Any) -> None:
+    line = {"event": event, "node": node, "term": term, "t": time.monotonic() if t is None else t, **extra}
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+class _Tenure:
+    """Times taken at the store boundary: when ``acquire`` returned and ``release`` began."""
+
+    def __init__(self) -> None:
+        self.candidate: Any = None
+        self.lease: Any = None
+        self.acquired_at = 0.0
+        self.released_at: float | None = None
+
+
+def _instrument(store: Any, node: str, tenure: _Tenure) -> None:
+    """Wrap this store object's ``acquire`` (and each lease's ``release``) to time them."""
+    acquire = store.acquire
+
+    def timed_acquire(key: str, name: str, ttl: float) -> Any:
+        _emit("campaigning", node)
+        lease = acquire(key, name, ttl)
+        tenure.lease, tenure.acquired_at, tenure.released_at = lease, time.monotonic(), None
+        release = lease.release
+
+        def timed_release() -> None:
+            if tenure.lease is lease and tenure.released_at is None:
+                tenure.released_at = time.monotonic()
+                if tenure.candidate is not None and tenure.candidate.is_leader():
+                    _emit("error", node, lease.term, error="released the key while still leading")
+            release()
+
+        lease.release = timed_release
+        return lease
+
+    store.acquire = timed_acquire
+
+
+def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: list[Any]) -> bool:
+    """One candidate's campaign; True if it ended because of an error."""
+    from greenleader import Candidate
+
+    tenure = getattr(store, "_test_tenure", None)
+    if tenure is None:
+        tenure = store._test_tenure = _Tenure()
+        _instrument(store, args.node, tenure)
+    candidate = Candidate(store, args.key, args.node, args.ttl)
+    tenure.candidate = candidate
+    current[:] = [candidate]
+    if stopping.is_set():
+        return False
+    elected, errors = candidate.run_for_election()
+    leading = False
+    for is_elected in elected:
+        if is_elected and not leading:
+            leading = True
+            _emit("elected", args.node, tenure.lease.term, tenure.acquired_at)
+        elif not is_elected and leading:
+            leading = False
+            t = time.monotonic()
+            if tenure.released_at is not None:
+                t = min(t, tenure.released_at)
+            _emit("deposed", args.node, tenure.lease.term, t)
+    failed = False
+    for error in errors:
+        failed = True
+        _emit("error", args.node, error=f"{type(error).__name__}: {error}")
+    return failed
+
+
+def _follow(store: Any, args: argparse.Namespace, stopping: Event, current: list[Any]) -> bool:
+    """One follower's watch; True if it ended because of an error."""
+    from greenleader import Follower
+
+    follower = Follower(store, args.key)
+    current[:] = [follower]
+    if stopping.is_set():
+        return False
+    leaders, errors = follower.follow_election()
+    for leader in leaders:
+        info = follower.leader_info()
+        term = info.term if info is not None and info.node == leader else None
+        _emit("leader", leader, term)
+    failed = False
+    for error in errors:
+        failed = True
+        _emit("error", args.node, error=f"{type(error).__name__}: {error}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.candidate_process", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", required=True, help="store URL for greenleader.stores.from_url")
+    parser.add_argument("--key", required=True, help="election key")
+    parser.add_argument("--node", required=True, help="this process's node name")
+    parser.add_argument("--ttl", type=float, required=True, help="candidate TTL in seconds")
+    parser.add_argument("--follower", action="store_true", help="follow the election instead of running")
+    parser.add_argument("--rejoin", type=float, default=None, metavar="SECONDS",
+                        help="after an error, start again this long later instead of exiting")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
+
+    stopping = Event()
+    current: list[Any] = []  # the running Candidate or Follower
+
+    def on_sigterm() -> None:
+        stopping.set()
+        for runner in current:
+            runner.stop()
+
+    gevent.signal_handler(signal.SIGTERM, on_sigterm)
+
+    from greenleader.errors import GreenleaderError
+    from greenleader.stores import from_url
+
+    run = _follow if args.follower else _campaign
+    store = None
+    try:
+        while not stopping.is_set():
+            try:
+                if store is None:
+                    store = from_url(args.url)
+                failed = run(store, args, stopping, current)
+            except GreenleaderError as exc:  # the store could not be made, or refused the key
+                _emit("error", args.node, error=f"{type(exc).__name__}: {exc}")
+                failed = True
+            if not failed or stopping.is_set():
+                break
+            if args.rejoin is None:
+                return EXIT_ERROR
+            stopping.wait(args.rejoin)
+    finally:
+        if store is not None:
+            store.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Line:
+    """One JSON line printed by a process, with the name of the process that printed it."""
+
+    proc: str
+    event: str
+    node: str | None
+    term: int | None
+    t: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ElectionProcess:
+    """One child process; its lines are read by a greenlet into ``lines``."""
+
+    def __init__(self, group: "ProcessGroup", name: str, follower: bool, rejoin: float | None) -> None:
+        self.group = group
+        self.name = name
+        self.follower = follower
+        self.lines: list[Line] = []
+        self.stderr_path = group.workdir / f"{name}.stderr"
+        self.killed_at: float | None = None  # SIGKILL sent
+        self.terminated_at: float | None = None  # SIGTERM sent
+        argv = [
+            sys.executable, "-m", "tests.candidate_process", "--url", group.url, "--key", group.key,
+            "--node", name, "--ttl", str(group.ttl),
+        ]
+        if follower:
+            argv.append("--follower")
+        if rejoin is not None:
+            argv += ["--rejoin", str(rejoin)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        with open(self.stderr_path, "ab") as stderr:
+            self.popen = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                preexec_fn=_die_with_parent,
+            )
+        self._reader = gevent.spawn(self._read)
+
+    def __repr__(self) -> str:
+        return f"<ElectionProcess {self.name} pid={self.popen.pid} rc={self.popen.returncode}>"
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            try:
+                data = json.loads(raw)
+                line = Line(self.name, data.pop("event"), data.pop("node"), data.pop("term"), data.pop("t"), data)
+            except (ValueError, KeyError) as exc:
+                log.warning("%s printed a line that is not an event (%s): %r", self.name, exc, raw)
+                continue
+            log.debug("%s: %s", self.name, line)
+            self.lines.append(line)
+            self.group._changed()
+        self.popen.stdout.close()
+        self.group._changed()
+
+    def events(self, *kinds: str) -> list[Line]:
+        return [line for line in self.lines if not kinds or line.event in kinds]
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self) -> float:
+        """Send SIGTERM; return the instant it was sent."""
+        self.terminated_at = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        return self.terminated_at
+
+    def kill(self) -> float:
+        """Send SIGKILL; return the instant it was sent."""
+        self.killed_at = time.monotonic()
+        self.popen.kill()
+        return self.killed_at
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status, waiting up to ``timeout`` seconds (AssertionError after)."""
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout:g}s\n{self.group.report()}") from None
+        self._reader.join(timeout=timeout)
+        return code
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no stderr: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Tenure:
+    """One process's time as leader, from its own lines; ``end`` is None while it still leads."""
+
+    proc: str
+    term: int | None
+    start: float
+    end: float | None
+
+
+class ProcessGroup:
+    """Candidate and follower processes on one key of one store, and waits on their lines."""
+
+    def __init__(self, url: str, key: str, ttl: float, workdir: Path) -> None:
+        self.url = url
+        self.key = key
+        self.ttl = ttl
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, ElectionProcess] = {}
+        self._change = Event()
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self, name: str, *, follower: bool = False, rejoin: float | None = None) -> ElectionProcess:
+        assert name not in self.procs, f"a process named {name} exists already"
+        proc = ElectionProcess(self, name, follower, rejoin)
+        self.procs[name] = proc
+        return proc
+
+    def _changed(self) -> None:
+        change, self._change = self._change, Event()
+        change.set()
+
+    def lines(self, *kinds: str) -> list[Line]:
+        """Every process's lines of these kinds, in order of their times."""
+        found = [line for proc in self.procs.values() for line in proc.events(*kinds)]
+        return sorted(found, key=lambda line: line.t)
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
+        """Wait until ``check()`` returns something true (returned); AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            change = self._change
+            result = check()
+            if result:
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{self.report()}")
+            change.wait(remaining)
+
+    def wait_elected(self, timeout: float, after: float = 0.0, exclude: tuple[str, ...] = ()) -> Line:
+        """The first ``elected`` line later than ``after`` by a process not in ``exclude``."""
+        def found() -> Line | None:
+            return next((line for line in self.lines("elected") if line.t > after and line.proc not in exclude), None)
+
+        return self.wait_for(f"a new leader after t={after:.3f} (not {', '.join(exclude) or '-'})", found, timeout)
+
+    def wait_line(self, proc: ElectionProcess, event: str, timeout: float, after: float = 0.0,
+                  node: Any = _ANY) -> Line:
+        """The first ``event`` line of ``proc`` later than ``after`` (and naming ``node``, if given)."""
+        def found() -> Line | None:
+            return next((line for line in proc.events(event)
+                         if line.t > after and (node is _ANY or line.node == node)), None)
+
+        return self.wait_for(f"{event!r} from {proc.name}" + ("" if node is _ANY else f" naming {node}"),
+                             found, timeout)
+
+    def tenures(self) -> list[Tenure]:
+        """Each process's tenures; a killed process's last tenure ends at its kill."""
+        found: list[Tenure] = []
+        for proc in self.procs.values():
+            open_tenure: Tenure | None = None
+            for line in proc.events("elected", "deposed"):
+                if line.event == "elected":
+                    assert open_tenure is None, f"{proc.name} elected twice without deposed\n{self.report()}"
+                    open_tenure = Tenure(proc.name, line.term, line.t, None)
+                    found.append(open_tenure)
+                else:
+                    assert open_tenure is not None, f"{proc.name} deposed while not elected\n{self.report()}"
+                    open_tenure.end = line.t
+                    open_tenure = None
+            if open_tenure is not None and proc.killed_at is not None:
+                open_tenure.end = proc.killed_at
+        return sorted(found, key=lambda tenure: tenure.start)
+
+    def check_history(self) -> list[Tenure]:
+        """Assert that no two tenures overlapped and that terms strictly increased; return them."""
+        tenures = self.tenures()
+        for before, after in itertools.pairwise(tenures):
+            assert before.end is not None and before.end <= after.start, (
+                f"two leaders at once: {before} and {after}\n{self.report()}"
+            )
+            assert before.term is not None and after.term is not None and after.term > before.term, (
+                f"fencing term did not increase: {before} then {after}\n{self.report()}"
+            )
+        return tenures
+
+    def unexpected_errors(self) -> list[Line]:
+        return self.lines("error")
+
+    def close(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process still running, then SIGKILL those that do not exit in time."""
+        running = [proc for proc in self.procs.values() if proc.running()]
+        for proc in running:
+            proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored SIGTERM for %gs; killing it", proc.name, timeout)
+                proc.popen.kill()
+                proc.popen.wait()
+        for proc in self.procs.values():
+            proc._reader.join(timeout=5)
+
+    def report(self) -> str:
+        """Every line so far and the stderr tail of each process, for failure messages."""
+        t0 = min((line.t for line in self.lines()), default=0.0)
+        out = [f"store {self.url} key {self.key}; times relative to the first line:"]
+        for line in self.lines():
+            out.append(f"  {line.t - t0:8.3f} {line.proc:>10} {line.event:<11} node={line.node} "
+                       f"term={line.term} {line.extra or ''}")
+        for proc in self.procs.values():
+            out.append(f"--- {proc!r} stderr:\n{proc.stderr_tail()}")
+        return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Elections between separate processes: graceful handover, crash failover, fencing terms,
+followers, and a store server restart.
+
+Each candidate runs in a process of its own (``tests/candidate_process.py``) and reports on
+stdout; the checks read those lines. Every store that can be shared between processes is
+covered: the file store and the real servers (the memory store lives in one process).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+from tests.backends import REAL_KINDS, BackendEnv
+from tests.candidate_process import ElectionProcess, ProcessGroup
+
+log = logging.getLogger(__name__)
+
+PROCESS_KINDS = ["file", *REAL_KINDS]
+#: Graceful handover takes a few store round trips; this only catches gross regressions.
+HANDOVER_BOUND = 2.0
+#: Slack on top of a backend's documented crash-failover bound (scheduling, process start).
+FAILOVER_MARGIN = 2.0
+#: Seconds for freshly started processes to import, connect, and elect someone.
+STARTUP = 30.0
+#: Seconds a candidate process waits after an error before it campaigns again.
+REJOIN = 0.25
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture(params=PROCESS_KINDS)
+def process_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def kind(process_kind: str) -> str:
+    """conftest's backend fixtures follow this module's kinds (not memory: it is in-process)."""
+    return process_kind
+
+
+def process_url(env: BackendEnv) -> str:
+    """The URL a candidate process gives ``from_url`` for a store like ``make_store(env)``'s."""
+    if env.kind == "file":
+        return f"file://{env.workdir / 'elections'}?poll_interval=0.01"
+    from tests.backends import support
+
+    store_url = getattr(support(env.kind), "store_url", None)
+    return store_url(env) if store_url is not None else env.cluster.url
+
+
+def crash_bound(env: BackendEnv, ttl: float) -> float:
+    """The backend's documented crash-failover bound plus FAILOVER_MARGIN.
+
+    file: the kernel drops the dead holder's flock at once, waiters poll; etcd, ZooKeeper:
+    the TTL; Consul: up to twice the session TTL (lazy expiry) plus the lock-delay.
+    """
+    if env.kind == "file":
+        return FAILOVER_MARGIN
+    if env.kind == "consul":
+        from tests.backends import support
+
+        store = support("consul").make_store(env)
+        try:
+            lock_delay = float(getattr(store, "lock_delay", 15.0))
+        finally:
+            store.close()
+        return 2 * ttl + lock_delay + FAILOVER_MARGIN
+    return ttl + FAILOVER_MARGIN
+
+
+@pytest.fixture
+def group(backend_env: BackendEnv, key: str, ttl: float, tmp_path: Path) -> Iterator[ProcessGroup]:
+    with ProcessGroup(process_url(backend_env), key, ttl, tmp_path / "procs") as procs:
+        yield procs
+
+
+def start_election(group: ProcessGroup, rejoin: float | None = None) -> tuple[ElectionProcess, ElectionProcess]:
+    """Start a follower and three candidates; return (leader, follower) once every candidate
+    campaigns and the follower has seen the leader."""
+    follower = group.start("follower", follower=True, rejoin=rejoin)
+    candidates = [group.start(f"cand{i}", rejoin=rejoin) for i in (1, 2, 3)]
+    first = group.wait_elected(STARTUP)
+    group.wait_for("every candidate to campaign", lambda: all(c.events("campaigning") for c in candidates), STARTUP)
+    group.wait_line(follower, "leader", STARTUP, node=first.proc)
+    return group.procs[first.proc], follower
+
+
+def check_follower(group: ProcessGroup, follower: ElectionProcess) -> None:
+    """The follower saw every winner, in order, each with the term it won."""
+    winners = [(tenure.proc, tenure.term) for tenure in group.tenures()]
+    seen = [(line.node, line.term) for line in follower.events("leader") if line.node is not None]
+    assert [node for node, _ in seen] == [node for node, _ in winners], (
+        f"the follower saw leaders {seen}, the winners were {winners}\n{group.report()}"
+    )
+    for (node, term), (_, won) in zip(seen, winners, strict=True):
+        assert term is None or term == won, f"the follower saw {node} with term {term}, it won {won}"
+
+
+def no_errors(group: ProcessGroup) -> None:
+    errors = group.unexpected_errors()
+    assert not errors, f"processes reported errors: {errors}\n{group.report()}"
+
+
+def figures(name: str, kind: str, values: list[float]) -> str:
+    text = (f"{kind}: {name} " + ", ".join(f"{v * 1000:.0f}" for v in values) + " ms"
+            f" (median {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms)")
+    log.info("%s", text)
+    print(f"\n[figures] {text}")  # shown with pytest -s
+    return text
+
+
+def test_graceful_handover(group: ProcessGroup, kind: str, record_property) -> None:
+    """SIGTERM the leader's process: another takes over within a few round trips, twice."""
+    leader, follower = start_election(group)
+    times: list[float] = []
+    for _ in range(2):
+        sent = leader.terminate()
+        successor = group.wait_elected(HANDOVER_BOUND + 10, after=sent, exclude=(leader.name,))
+        times.append(successor.t - sent)
+        assert leader.wait_exit(10) == 0, f"{leader.name} did not exit cleanly\n{group.report()}"
+        assert leader.events("deposed"), f"{leader.name} never printed deposed\n{group.report()}"
+        group.wait_line(follower, "leader", 10, after=sent, node=successor.proc)
+        leader = group.procs[successor.proc]
+    record_property("handover_s", times)
+    figures("graceful handover", kind, times)
+    assert max(times) <= HANDOVER_BOUND, f"handover took {times}s, bound {HANDOVER_BOUND}s\n{group.report()}"
+    group.check_history()
+    check_follower(group, follower)
+    no_errors(group)
+
+
+def test_crash_failover(group: ProcessGroup, backend_env: BackendEnv, kind: str, ttl: float, record_property) -> None:
+    """SIGKILL the leader's process: another takes over within the backend's documented bound."""
+    leader, follower = start_election(group)
+    bound = crash_bound(backend_env, ttl)
+    sent = leader.kill()
+    successor = group.wait_elected(bound + 10, after=sent, exclude=(leader.name,))
+    failover = successor.t - sent
+    record_property("failover_s", failover)
+    figures(f"crash failover (bound {bound:g} s)", kind, [failover])
+    assert leader.wait_exit(10) < 0
+    assert failover <= bound, f"failover took {failover:.2f}s, bound {bound:g}s\n{group.report()}"
+    group.wait_line(follower, "leader", 10, after=sent, node=successor.proc)
+    tenures = group.check_history()
+    assert [t.proc for t in tenures] == [leader.name, successor.proc]
+    check_follower(group, follower)
+    no_errors(group)
+
+
+@pytest.mark.parametrize("process_kind", REAL_KINDS)
+def test_store_restart(process_kind: str, backend, key: str, tmp_path: Path) -> None:
+    """Stop the store server while a candidate leads, start it again: the leader steps down by
+    its renew deadline and reports the error, and someone leads again once the store is back.
+
+    The library's contract (candidate.py, DESIGN.md §2.7) ends a campaign with an error when
+    the store fails beyond the renew deadline, and a waiting ``acquire`` that fails ends its
+    campaign too; the processes here rejoin after each error, as an application would.
+    """
+    kind = process_kind
+    ttl = backend.FAST_TTL
+    try:
+        cluster = servers.start(kind, tmp_path / "server")
+    except servers.ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        env = BackendEnv(kind=kind, workdir=tmp_path, cluster=cluster)
+        bound = crash_bound(env, ttl)
+        with ProcessGroup(process_url(env), key, ttl, tmp_path / "procs") as group:
+            leader, follower = start_election(group, rejoin=REJOIN)
+            node = cluster.nodes[0]
+            down = time.monotonic()
+            node.stop()
+            renew_deadline = ttl * 2 / 3
+            deposed = group.wait_line(leader, "deposed", renew_deadline + FAILOVER_MARGIN, after=down)
+            group.wait_line(leader, "error", FAILOVER_MARGIN, after=down)
+            node.start()
+            up = time.monotonic()
+            successor = group.wait_elected(bound + 10, after=deposed.t)
+            group.wait_line(follower, "leader", 10, after=up, node=successor.proc)
+            group.check_history()
+            recovery = successor.t - up
+            ended = sorted({line.proc for line in group.lines("error") if line.t > down})
+            figures(f"re-election after restart (bound {bound:g} s; errors from {', '.join(ended)})",
+                    kind, [recovery])
+            assert recovery <= bound, f"re-election took {recovery:.2f}s after the restart\n{group.report()}"
+    finally:
+        cluster.stop()
