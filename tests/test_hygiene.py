@@ -1,0 +1,181 @@
+"""gevent and resource hygiene, on every store: the hub is never blocked, and starting and
+stopping many candidates and followers leaves no greenlet, no descriptor and no key behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import gevent
+import greenlet
+import pytest
+from gevent.event import Event
+from gevent.queue import Queue
+
+from greenleader import Candidate, Follower
+from greenleader.stores import Store
+from tests.waiting import next_item
+
+log = logging.getLogger(__name__)
+
+pytestmark = pytest.mark.timeout(120)
+
+TICK = 0.01  # the ticker's period
+MAX_GAP = 0.1  # the largest gap between ticks that still means "the hub was never blocked"
+BATCHES = 4  # batches of BATCH candidates and followers: BATCHES * BATCH = 200
+SHARED_CANDIDATES, OWN_CANDIDATES, SHARED_FOLLOWERS, OWN_FOLLOWERS = 10, 20, 10, 10
+BATCH = SHARED_CANDIDATES + OWN_CANDIDATES + SHARED_FOLLOWERS + OWN_FOLLOWERS
+#: Descriptors the store's own connection pool may still hold after the churn, beyond what it
+#: held after a warm-up batch of the same shape.
+FD_ALLOWANCE = 2
+
+
+class Ticker:
+    """A greenlet that sleeps TICK in a loop and records the largest gap between wake-ups."""
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self.ticks = 0
+        self._ticked = Event()
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            gevent.sleep(TICK)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            self.ticks += 1
+            last = now
+            ticked, self._ticked = self._ticked, Event()
+            ticked.set()
+
+    def wait_ticks(self, count: int, timeout: float) -> None:
+        """Wait until the ticker has ticked ``count`` more times, so the gap covers up to now."""
+        target = self.ticks + count
+        deadline = time.monotonic() + timeout
+        while self.ticks < target:
+            remaining = max(0.0, deadline - time.monotonic())
+            assert self._ticked.wait(remaining), f"the ticker stopped ticking for {timeout:g}s"
+
+    def stop(self) -> None:
+        self._greenlet.kill()
+
+
+@pytest.fixture
+def ticker() -> Iterator[Ticker]:
+    ticking = Ticker()
+    yield ticking
+    ticking.stop()
+
+
+def next_leader(leaders: Queue, timeout: float, other_than: str | None = None) -> str:
+    """The next leader a follower reports that is not None (and not ``other_than``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = next_item(leaders, max(0.0, deadline - time.monotonic()), f"a leader other than {other_than}")
+        if node is not None and node != other_than:
+            return node
+
+
+def test_hub_never_blocked(ticker: Ticker, make_store: Callable[[], Store], key: str, ttl: float) -> None:
+    """A 10 ms ticker keeps ticking while three candidates campaign (two wait), a follower
+    watches, and leadership changes hands twice (stop, then resign)."""
+    stores = [make_store() for _ in range(4)]  # stores connect inside the window too
+    candidates = {f"node{i}": Candidate(stores[i], key, f"node{i}", ttl) for i in range(3)}
+    follower = Follower(stores[3], key)
+    try:
+        leaders, _ = follower.follow_election()
+        for candidate in candidates.values():
+            candidate.run_for_election()
+        first = next_leader(leaders, ttl * 5)
+        assert candidates[first].is_leader()
+        candidates[first].stop()
+        second = next_leader(leaders, ttl * 5, other_than=first)
+        assert candidates[second].is_leader()
+        candidates[second].resign()  # stands aside for resign_holdoff; the third must take over
+        third = next_leader(leaders, ttl * 5, other_than=second)
+        assert third not in (first, second), f"leaders went {first} -> {second} -> {third}"
+    finally:
+        for candidate in candidates.values():
+            candidate.stop()
+        follower.stop()
+    ticker.wait_ticks(3, timeout=5)
+    assert ticker.max_gap < MAX_GAP, (
+        f"the hub was blocked: largest gap between {TICK * 1000:g} ms ticks was {ticker.max_gap * 1000:.0f} ms"
+    )
+
+
+def live_greenlets() -> set[greenlet.greenlet]:
+    """Every greenlet (gevent's or raw) that is running or scheduled to run."""
+    gc.collect()
+    return {obj for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet) and not obj.dead}
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def churn(store: Store, follow_store: Store, key: str, ttl: float, batch: int) -> list[str]:
+    """Start one batch of candidates and followers, wait until they are under way, stop them
+    all; return the keys used."""
+    shared = f"{key}/shared-{batch}"
+    own = [f"{key}/own-{batch}-{i}" for i in range(OWN_CANDIDATES)]
+    candidates = [Candidate(store, shared, f"s{batch}-{i}", ttl) for i in range(SHARED_CANDIDATES)]
+    candidates += [Candidate(store, k, f"o{batch}-{i}", ttl) for i, k in enumerate(own)]
+    followers = [Follower(follow_store, shared) for _ in range(SHARED_FOLLOWERS)]
+    followers += [Follower(follow_store, k) for k in own[:OWN_FOLLOWERS]]
+    try:
+        elected = [candidate.run_for_election()[0] for candidate in candidates]
+        leaders = [follower.follow_election()[0] for follower in followers]
+        for queue in elected[SHARED_CANDIDATES:]:  # alone on their keys: each must win
+            assert next_item(queue, ttl * 5, "the first item") is False
+            assert next_item(queue, ttl * 5, "a lone candidate to be elected") is True
+        for queue in leaders[:SHARED_FOLLOWERS]:
+            next_leader(queue, ttl * 5)
+        for queue in leaders[SHARED_FOLLOWERS:]:
+            next_leader(queue, ttl * 5)
+        assert sum(c.is_leader() for c in candidates[:SHARED_CANDIDATES]) == 1
+    finally:
+        for candidate in candidates:  # the shared key's leader may hand over to a waiter meanwhile
+            candidate.stop()
+        for follower in followers:
+            follower.stop()
+    return [shared, *own]
+
+
+def test_no_greenlet_descriptor_or_key_left(make_store: Callable[[], Store], backend, backend_env, key: str,
+                                            ttl: float) -> None:
+    """Start and stop 200 candidates and followers: nothing is left behind."""
+    store, follow_store = make_store(), make_store()
+    churn(store, follow_store, f"{key}/warm-up", ttl, 0)  # lets connection pools reach their size
+    greenlets_before, fds_before = live_greenlets(), open_fds()
+
+    started = time.monotonic()
+    keys: list[str] = []
+    for batch in range(1, BATCHES + 1):
+        keys += churn(store, follow_store, key, ttl, batch)
+    log.info("%s: %d candidates and followers started and stopped in %.2fs",
+             backend_env.kind, BATCHES * BATCH, time.monotonic() - started)
+
+    left = live_greenlets() - greenlets_before
+    gevent.joinall([g for g in left if isinstance(g, gevent.Greenlet)], timeout=5)
+    left = live_greenlets() - greenlets_before
+    assert not left, f"{len(left)} greenlets left running: {sorted(map(repr, left))[:10]}"
+
+    fds_after = open_fds()
+    assert fds_after <= fds_before + FD_ALLOWANCE, (
+        f"{fds_after - fds_before} more descriptors open after the churn than before "
+        f"({fds_before} -> {fds_after}): {sorted(os.listdir('/proc/self/fd'))}"
+    )
+
+    held = {k: info for k in keys if (info := store.leader(k)) is not None}
+    assert not held, f"keys still held after every candidate stopped: {held}"
+    leftovers = getattr(backend, "leftovers", None)  # the backend's own listing, if offered
+    if leftovers is not None:
+        found = leftovers(backend_env, key)
+        assert not found, f"left in the {backend_env.kind} store under {key!r}: {found}"
