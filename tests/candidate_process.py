@@ -208,6 +208,41 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+#: Slack on top of a backend's documented crash-failover bound (scheduling, expiry rounding).
+FAILOVER_MARGIN = 2.0
+
+
+def process_url(env: Any) -> str:
+    """The URL a candidate process gives ``from_url`` for a store like ``make_store(env)``'s
+    (``env`` is a tests.backends.BackendEnv)."""
+    if env.kind == "file":
+        return f"file://{env.workdir / 'elections'}?poll_interval=0.01"
+    from tests.backends import support
+
+    store_url = getattr(support(env.kind), "store_url", None)
+    return store_url(env) if store_url is not None else env.cluster.url
+
+
+def crash_bound(env: Any, ttl: float) -> float:
+    """The backend's documented crash-failover bound plus FAILOVER_MARGIN.
+
+    file: the kernel drops the dead holder's flock at once, waiters poll; etcd, ZooKeeper:
+    the TTL; Consul: up to twice the session TTL (lazy expiry) plus the lock-delay.
+    """
+    if env.kind == "file":
+        return FAILOVER_MARGIN
+    if env.kind == "consul":
+        from tests.backends import support
+
+        store = support("consul").make_store(env)
+        try:
+            lock_delay = float(getattr(store, "lock_delay", 15.0))
+        finally:
+            store.close()
+        return 2 * ttl + lock_delay + FAILOVER_MARGIN
+    return ttl + FAILOVER_MARGIN
+
+
 @dataclass
 class Line:
     """One JSON line printed by a process, with the name of the process that printed it."""

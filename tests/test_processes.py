@@ -18,15 +18,13 @@ import pytest
 
 from tests import servers
 from tests.backends import REAL_KINDS, BackendEnv
-from tests.candidate_process import ElectionProcess, ProcessGroup
+from tests.candidate_process import FAILOVER_MARGIN, ElectionProcess, ProcessGroup, crash_bound, process_url
 
 log = logging.getLogger(__name__)
 
 PROCESS_KINDS = ["file", *REAL_KINDS]
 #: Graceful handover takes a few store round trips; this only catches gross regressions.
 HANDOVER_BOUND = 2.0
-#: Slack on top of a backend's documented crash-failover bound (scheduling, process start).
-FAILOVER_MARGIN = 2.0
 #: Seconds for freshly started processes to import, connect, and elect someone.
 STARTUP = 30.0
 #: Seconds a candidate process waits after an error before it campaigns again.
@@ -44,36 +42,6 @@ def process_kind(request: pytest.FixtureRequest) -> str:
 def kind(process_kind: str) -> str:
     """conftest's backend fixtures follow this module's kinds (not memory: it is in-process)."""
     return process_kind
-
-
-def process_url(env: BackendEnv) -> str:
-    """The URL a candidate process gives ``from_url`` for a store like ``make_store(env)``'s."""
-    if env.kind == "file":
-        return f"file://{env.workdir / 'elections'}?poll_interval=0.01"
-    from tests.backends import support
-
-    store_url = getattr(support(env.kind), "store_url", None)
-    return store_url(env) if store_url is not None else env.cluster.url
-
-
-def crash_bound(env: BackendEnv, ttl: float) -> float:
-    """The backend's documented crash-failover bound plus FAILOVER_MARGIN.
-
-    file: the kernel drops the dead holder's flock at once, waiters poll; etcd, ZooKeeper:
-    the TTL; Consul: up to twice the session TTL (lazy expiry) plus the lock-delay.
-    """
-    if env.kind == "file":
-        return FAILOVER_MARGIN
-    if env.kind == "consul":
-        from tests.backends import support
-
-        store = support("consul").make_store(env)
-        try:
-            lock_delay = float(getattr(store, "lock_delay", 15.0))
-        finally:
-            store.close()
-        return 2 * ttl + lock_delay + FAILOVER_MARGIN
-    return ttl + FAILOVER_MARGIN
 
 
 @pytest.fixture
