@@ -1,0 +1,666 @@
+"""ZooKeeper store, on kazoo with its gevent handler.
+
+Election (kazoo's Lock recipe, made session-aware): each candidate creates an ephemeral
+sequential node ``<key>/<uuid>__lock__<sequence>`` whose data is the candidate's node name,
+so the leader's name lives and dies with its session. The lowest sequence leads; every
+other candidate watches only its predecessor (no thundering herd), so winners come in the
+order they queued up. The node name format is kazoo's, so kazoo ``Lock``/``Election``
+users on the same path see greenleader candidates as contenders and vice versa. The
+fencing term is the winner node's ``czxid``: later winners' nodes were created later.
+
+Sessions and TTLs, the safety property: the server deletes a session's ephemeral nodes
+only after the negotiated session timeout passes without hearing from the client. A
+lease is confirmed by a round trip that touches the session (``sync`` + ``exists`` of the
+node), and ``confirmed_at`` is taken before it is sent, so no one else can win before
+``confirmed_at + session timeout``. The store therefore keeps one kazoo client (one
+session) per distinct TTL, created lazily, whose session timeout *is* the TTL, and it
+checks the timeout the server actually negotiated: servers clamp it to
+``[minSessionTimeout, maxSessionTimeout]`` (2 and 20 ``tickTime`` by default), and a TTL
+the server would not keep exactly is refused with InvalidArgumentError (a shorter session
+would break safety, a longer one would make crash failover slower than the TTL). Limits
+learnt that way are also checked by :meth:`ZooKeeperStore.validate_ttl`.
+
+Connection states: SUSPENDED (connection lost, session may live) makes renewals fail with
+StoreUnavailableError, so the candidate leads only until its renew deadline unless the
+connection returns first. LOST (session expired or closed: every ephemeral node is gone)
+reports every live lease of that session lost at once. A watch on the leader's own node
+reports its deletion (by an operator, or :func:`tests.support_zookeeper.force_expire`) the
+same way. Listener and watch callbacks only set flags or spawn.
+
+Release deletes the candidate's node (one round trip; the next waiter's watch fires). When
+the connection is down the node is remembered and deleted as soon as the session
+reconnects (or vanishes with it). The key's persistent parent nodes are left in place:
+they hold no data, so they never show a stale leader, and never deleting them means a
+concurrent candidate's create never races a delete.
+
+Connections are made lazily, on first use, so a store may be created before a fork (a
+gunicorn master) as long as it is first used after. kazoo's gevent handler uses gevent
+sockets, so it is cooperative even without monkey patching; only its host name lookups
+use the blocking resolver, hence the warning for unpatched processes given host names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import math
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import gevent
+from gevent.event import Event
+
+from ..errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    LeadershipLostError,
+    PermissionDeniedError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .base import LeaderInfo, Lease, Store, check_bool, check_float, check_text, now
+
+try:
+    from kazoo.client import KazooClient
+    from kazoo.exceptions import (
+        AuthFailedError,
+        ConnectionClosedError,
+        ConnectionLoss,
+        KazooException,
+        NoAuthError,
+        NodeExistsError,
+        NoNodeError,
+        OperationTimeoutError,
+        SessionExpiredError,
+    )
+    from kazoo.handlers.gevent import SequentialGeventHandler
+    from kazoo.hosts import collect_hosts
+    from kazoo.protocol.serialization import Connect
+    from kazoo.protocol.states import EventType, KazooState, KeeperState, WatchedEvent, ZnodeStat
+    from kazoo.retry import KazooRetry
+except ImportError as exc:  # new_store() turns this into MissingDependencyError
+    raise ImportError(str(exc), name="kazoo") from exc
+
+__all__ = ["ZooKeeperStore"]
+
+log = logging.getLogger(__name__)
+
+_CONTENDER = "__lock__"  # kazoo's Lock recipe names its nodes <uuid>__lock__<sequence>
+_CONTENDER_RE = re.compile(r"__lock__(-?\d{10})$")
+_READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
+# ZooKeeper's PathUtils.validatePath refuses these code points in node names.
+_BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
+_CONNECTION_ERRORS = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
+
+
+class _ConnectionLost(StoreUnavailableError):
+    """A request failed because the connection dropped; worth retrying once reconnected."""
+
+
+def _contenders(children: list[str]) -> list[str]:
+    """Contender node names (kazoo Lock format), lowest sequence first."""
+    found = [(m.group(1), c) for c in children if (m := _CONTENDER_RE.search(c))]
+    return [name for _, name in sorted(found, key=lambda pair: int(pair[0]))]
+
+
+def _ttl_ms(ttl: float) -> int:
+    """A TTL as ZooKeeper's integer milliseconds, rounded up (never shorter than asked)."""
+    return math.ceil(round(ttl * 1000, 6))
+
+
+def _check_path(what: str, path: str, error: type[InvalidArgumentError]) -> str:
+    """``path`` as an absolute ZooKeeper path ('/a/b'), or ``error`` saying what is wrong."""
+    absolute = path if path.startswith("/") else "/" + path
+    if absolute != "/" and absolute.endswith("/"):
+        raise error(f"{what} {path!r} must not end with '/'")
+    if match := _BAD_PATH_CHARS.search(absolute):
+        raise error(f"{what} {path!r} contains {match.group()!r}, which ZooKeeper paths may not")
+    for part in absolute.split("/")[1:]:
+        if part in ("", ".", ".."):
+            raise error(f"{what} {path!r} has an empty, '.' or '..' component")
+    return absolute
+
+
+def _blocks_unpatched(hosts: list[tuple[str, int]]) -> bool:
+    """Whether kazoo would block the hub here when gevent has not patched the process.
+
+    kazoo's gevent handler uses gevent sockets and selectors, but it resolves host names
+    with the standard library's blocking getaddrinfo. IP literals and localhost never wait.
+    """
+    for host, _ in hosts:
+        if host == "localhost":
+            continue
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return True
+    return False
+
+
+class _Session:
+    """One kazoo client (one ZooKeeper session) with a fixed requested session timeout."""
+
+    def __init__(self, store: ZooKeeperStore, timeout_ms: int) -> None:
+        self.store = store
+        self.requested_ms = timeout_ms
+        self.negotiated_ms: int | None = None
+        self.session_id: int | None = None
+        self.pid = os.getpid()
+        self.connected = Event()
+        self.settled = Event()  # set once the first connection attempt ended either way
+        self.error: StoreError | None = None
+        self.leases: set[_ZooKeeperLease] = set()
+        self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
+        self.client = KazooClient(
+            hosts=store.hosts,
+            timeout=timeout_ms / 1000.0,
+            handler=SequentialGeventHandler(),
+            connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=0.5, sleep_func=gevent.sleep),
+            **store.client_options,
+        )
+        self._hook_negotiation()
+        self.client.add_listener(self._on_state)
+        self.client.start_async()
+
+    def __repr__(self) -> str:
+        return f"<ZooKeeper session {self.session_id or 0:#x} timeout={self.negotiated_ms or self.requested_ms}ms>"
+
+    def _hook_negotiation(self) -> None:
+        """Record the session timeout the server negotiates.
+
+        kazoo reads it from the ConnectResponse but does not keep it, so wrap the
+        connection's handshake call (kazoo >= 2.10 internals; checked by the tests).
+        """
+        connection = getattr(self.client, "_connection", None)
+        invoke = getattr(connection, "_invoke", None)
+        if invoke is None:
+            raise StoreError("this kazoo version hides the negotiated session timeout; use kazoo 2.10 or 2.11")
+
+        def _invoke(timeout: float, request: Any, xid: int | None = None) -> Any:
+            result = invoke(timeout, request, xid)
+            if isinstance(request, Connect):
+                self.negotiated_ms = result[0].time_out
+            return result
+
+        connection._invoke = _invoke
+
+    # -- connection state (kazoo calls these from its connection greenlet: never block) ----
+
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.CONNECTED:
+            client_id = self.client.client_id
+            session_id = client_id[0] if client_id else None
+            if self.session_id is not None and session_id != self.session_id:
+                self._lose_leases("the session changed")
+            self.session_id = session_id
+            log.debug("%r connected", self)
+            if self.negotiated_ms is not None and self.negotiated_ms < self.requested_ms and self.leases:
+                self._lose_leases(f"the server now grants only {self.negotiated_ms}ms")
+            self.connected.set()
+            self.settled.set()
+            if self.orphans:
+                self.store._spawn(self._delete_orphans)
+        elif state == KazooState.SUSPENDED:
+            self.connected.clear()
+            if self.leases:
+                log.warning("%r: connection lost; leadership is uncertain until it returns", self)
+        else:  # LOST: the session expired or was closed, and every ephemeral node with it
+            self.connected.clear()
+            self.session_id = None
+            self.orphans.clear()
+            if self.client.client_state == KeeperState.AUTH_FAILED:
+                self.error = PermissionDeniedError(f"ZooKeeper at {self.store.hosts} refused authentication")
+                self.settled.set()
+            self._lose_leases("the ZooKeeper session expired")
+
+    def _lose_leases(self, why: str) -> None:
+        for lease in list(self.leases):
+            lease.lost(why)
+
+    def _delete_orphans(self) -> None:
+        for parent, prefix in list(self.orphans):
+            try:
+                self.delete_prefixed(parent, prefix)
+                self.orphans.discard((parent, prefix))
+            except StoreError as exc:
+                log.warning("%r: could not delete leftover node %s/%s*: %s", self, parent, prefix, exc)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def wait_connected(self, timeout: float) -> None:
+        """Return once connected; StoreUnavailableError if not within ``timeout``."""
+        if self.store._closed:
+            raise StoreUnavailableError("the ZooKeeper store is closed")
+        if self.connected.wait(timeout):
+            return
+        if self.error is not None:
+            raise self.error
+        raise StoreUnavailableError(f"no ZooKeeper session with {self.store.hosts} within {timeout:g}s")
+
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one kazoo ``*_async`` request and return its result.
+
+        kazoo's own exceptions for node states (NoNodeError, ...) pass through; connection
+        trouble, timeouts and permission refusals become greenleader errors.
+        """
+        return self.result(method(*args, **kwargs))
+
+    def result(self, async_result: Any, timeout: float | None = None) -> Any:
+        timeout = self.store.timeout if timeout is None else timeout
+        async_result.wait(timeout)  # gevent's AsyncResult.wait never raises
+        if not async_result.ready():
+            raise StoreUnavailableError(f"ZooKeeper at {self.store.hosts} did not answer within {timeout:g}s")
+        try:
+            return async_result.get(block=False)
+        except (NoAuthError, AuthFailedError) as exc:
+            raise PermissionDeniedError(f"ZooKeeper refused the request: {type(exc).__name__}") from exc
+        except ConnectionClosedError as exc:
+            raise StoreUnavailableError("the ZooKeeper connection is closed") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise _ConnectionLost(f"ZooKeeper connection lost ({type(exc).__name__})") from exc
+        except (NoNodeError, NodeExistsError):
+            raise
+        except KazooException as exc:
+            raise StoreError(f"ZooKeeper request failed: {exc!r}") from exc
+
+    def children(self, path: str) -> list[str]:
+        """The children of ``path`` ([] if it does not exist)."""
+        try:
+            return self.call(self.client.get_children_async, path)
+        except NoNodeError:
+            return []
+
+    def delete_prefixed(self, parent: str, prefix: str) -> None:
+        """Delete the children of ``parent`` whose names start with ``prefix``.
+
+        Requests of one session are served in order, so this sees the node of any create
+        this session sent before, even one whose answer was lost.
+        """
+        for child in self.children(parent):
+            if child.startswith(prefix):
+                with contextlib.suppress(NoNodeError):
+                    self.call(self.client.delete_async, f"{parent}/{child}")
+
+    def close(self) -> None:
+        """End the session (its ephemeral nodes go at once) and free the connection."""
+        self.connected.clear()
+        if self.pid != os.getpid():
+            return  # inherited across fork: closing would end the parent's session
+        try:
+            self.client.stop()
+            self.client.close()
+        except (KazooException, OSError) as exc:
+            log.warning("%r: error while closing: %s", self, exc)
+
+
+class _ZooKeeperLease(Lease):
+    def __init__(self, session: _Session, key: str, node: str, path: str, stat: ZnodeStat, confirmed_at: float):
+        super().__init__(key, node, stat.czxid, confirmed_at)
+        self.path = path
+        self._session = session
+        self._session_id = stat.ephemeralOwner
+        self._released = False
+        self._lost: str | None = None
+
+    def lost(self, why: str) -> None:
+        """The node is gone (session expired, node deleted): tell the candidate at once."""
+        if self._released or self._lost:
+            return
+        self._lost = why
+        log.info("%r lost: %s", self, why)
+        self._session.leases.discard(self)
+        self.notify_lost()
+
+    def _on_node_event(self, event: WatchedEvent) -> None:
+        if event.type == EventType.DELETED:
+            self.lost("its node was deleted")
+
+    def arm(self) -> ZnodeStat | None:
+        """Watch our own node, so its deletion is reported without waiting for a renewal."""
+        return self._session.call(self._session.client.exists_async, self.path, self._on_node_event)
+
+    def renew(self) -> None:
+        started = now()
+        session = self._session
+        if self._released:
+            raise LeadershipLostError(f"{self.node!r} released {self.key!r}")
+        if self._lost:
+            raise LeadershipLostError(f"{self.node!r} lost {self.key!r}: {self._lost}")
+        if not session.connected.is_set():
+            raise StoreUnavailableError("the ZooKeeper connection is down; the session may survive")
+        if session.session_id != self._session_id:
+            raise LeadershipLostError("the ZooKeeper session that held the key has ended")
+        # sync brings the server we talk to up to date with the ensemble's leader, so exists
+        # sees any deletion committed before; both are pipelined in one round trip.
+        synced = session.client.sync_async(self.path)
+        exists = session.client.exists_async(self.path, self._on_node_event)
+        try:
+            session.result(synced)
+            stat = session.result(exists, max(0.0, session.store.timeout - (now() - started)))
+        except _ConnectionLost as exc:
+            raise StoreUnavailableError(f"renewal failed: {exc}") from exc
+        if stat is None or stat.ephemeralOwner != self._session_id:
+            self.lost("its node was deleted")
+            raise LeadershipLostError(f"{self.node!r} no longer holds {self.key!r}: its node is gone")
+        self.confirmed_at = started
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        session = self._session
+        session.leases.discard(self)
+        if session.session_id not in (None, self._session_id):
+            return  # the session that owned the node has ended, and the node with it
+        parent, name = self.path.rsplit("/", 1)
+        if not session.connected.is_set():
+            session.orphans.add((parent, name))
+            raise StoreUnavailableError(f"cannot delete {self.path} now; it goes when the session reconnects")
+        try:
+            session.call(session.client.delete_async, self.path)
+        except NoNodeError:
+            pass
+        except StoreUnavailableError:
+            session.orphans.add((parent, name))
+            raise
+
+
+class ZooKeeperStore(Store):
+    """Elections on a ZooKeeper ensemble.
+
+    :param addrs: "host:port" endpoints (default ``["127.0.0.1:2181"]``).
+    :param chroot: path prefix for every key, like a ZooKeeper chroot (created if missing).
+    :param timeout: seconds to wait for a connection, and for each request.
+    :param auth: "user:password" for ZooKeeper digest authentication.
+    :param use_ssl, ca, certfile, keyfile, verify_certs: TLS settings, passed to kazoo.
+    """
+
+    backend: ClassVar[str] = "zookeeper"
+    # Below 0.1 s kazoo's pings (every third of the session timeout) cannot keep up.
+    min_ttl: ClassVar[float] = 0.1
+
+    def __init__(
+        self,
+        addrs: list[str] | None = None,
+        *,
+        chroot: str | None = None,
+        timeout: float | str = 5.0,
+        auth: str | None = None,
+        use_ssl: bool | str = False,
+        ca: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        verify_certs: bool | str = True,
+    ) -> None:
+        addrs = list(addrs) if addrs else ["127.0.0.1:2181"]
+        for addr in addrs:
+            if not isinstance(addr, str) or not addr.strip() or any(c in addr for c in ",/ "):
+                raise InvalidArgumentError(f"ZooKeeper address {addr!r} is not 'host:port'")
+        self.hosts = ",".join(addrs)
+        try:
+            parsed, _ = collect_hosts(self.hosts)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"bad ZooKeeper addresses {addrs!r}: {exc}") from None
+        self.timeout = check_float("timeout", timeout, minimum=0.0, maximum=3600.0, inclusive=False)
+        self.root = ""
+        if chroot not in (None, "", "/"):
+            self.root = _check_path("chroot", check_text("chroot", chroot), InvalidArgumentError)
+            if self.root == "/zookeeper" or self.root.startswith("/zookeeper/"):
+                raise InvalidArgumentError(f"chroot {chroot!r} is in /zookeeper, which ZooKeeper reserves")
+        self.client_options: dict[str, Any] = {
+            "use_ssl": check_bool("use_ssl", use_ssl),
+            "verify_certs": check_bool("verify_certs", verify_certs),
+        }
+        for name, value in (("ca", ca), ("certfile", certfile), ("keyfile", keyfile)):
+            if value is not None:
+                self.client_options[name] = check_text(name, value, max_length=4096)
+        if auth is not None:
+            if ":" not in check_text("auth", auth):
+                raise InvalidArgumentError("auth must be 'user:password'")
+            self.client_options["auth_data"] = [("digest", auth)]
+        self._sessions: dict[int, _Session] = {}
+        self._greenlets: set[gevent.Greenlet] = set()
+        self._root_ready = not self.root
+        self._min_ms: int | None = None  # session timeout limits learnt from the server
+        self._max_ms: int | None = None
+        self._closed = False
+        if _blocks_unpatched(parsed) and not _patched():
+            warnings.warn(
+                "gevent has not monkey-patched this process, so kazoo's host name lookups for "
+                f"{self.hosts} will block the gevent hub: call gevent.monkey.patch_all() first "
+                "(or give IP addresses)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    @classmethod
+    def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> ZooKeeperStore:
+        """``zookeeper://h1:2181,h2:2181/chroot?timeout=5``: the path is the chroot."""
+        if "chroot" in options:
+            raise InvalidArgumentError("give the chroot as the URL path, not as an option")
+        return cls(addrs, chroot=path or None, **options)
+
+    def __repr__(self) -> str:
+        return f"<ZooKeeperStore {self.hosts}{self.root}>"
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def validate_key(self, key: str) -> str:
+        """A ZooKeeper path below the chroot: no empty, '.' or '..' components, no trailing
+        '/', no characters ZooKeeper refuses; the leading '/' is optional."""
+        key = super().validate_key(key)
+        path = _check_path("key", key, InvalidKeyError)
+        if not self.root and (path == "/zookeeper" or path.startswith("/zookeeper/")):
+            raise InvalidKeyError(f"key {key!r} is in /zookeeper, which ZooKeeper reserves")
+        return key
+
+    def validate_ttl(self, ttl: float) -> float:
+        ttl = super().validate_ttl(ttl)
+        ms = _ttl_ms(ttl)
+        if (self._min_ms is not None and ms < self._min_ms) or (self._max_ms is not None and ms > self._max_ms):
+            raise InvalidArgumentError(self._range_message(ttl))
+        return ttl
+
+    def _range_message(self, ttl: float, negotiated_ms: int | None = None) -> str:
+        limits = [f"at least {self._min_ms / 1000:g}s" if self._min_ms else "",
+                  f"at most {self._max_ms / 1000:g}s" if self._max_ms else ""]
+        got = f" (it granted {negotiated_ms / 1000:g}s)" if negotiated_ms is not None else ""
+        return (
+            f"ttl={ttl:g}s is not a session timeout the ZooKeeper server at {self.hosts} keeps{got}: "
+            f"use a ttl of {' and '.join(filter(None, limits))}, or change the server's "
+            "minSessionTimeout/maxSessionTimeout (by default 2 and 20 times tickTime)"
+        )
+
+    def path_for(self, key: str) -> str:
+        """The absolute ZooKeeper path (chroot included) under which ``key``'s candidates queue."""
+        return self.root + _check_path("key", self.validate_key(key), InvalidKeyError)
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _spawn(self, func: Callable[[], None]) -> None:
+        greenlet = gevent.spawn(func)
+        self._greenlets.add(greenlet)
+        greenlet.link(self._greenlets.discard)
+
+    def _session(self, timeout_ms: int | None = None) -> _Session:
+        """A connected session with that requested timeout (None: any session, for reading)."""
+        if self._closed:
+            raise StoreUnavailableError("the ZooKeeper store is closed")
+        for session in self._sessions.values():
+            if session.pid != os.getpid():
+                raise StoreError(
+                    "this ZooKeeper store was connected before a fork: create the store (or use it "
+                    "first) in each worker process"
+                )
+        if timeout_ms is None:
+            live = [s for s in self._sessions.values() if s.connected.is_set()]
+            session = live[0] if live else next(iter(self._sessions.values()), None)
+            timeout_ms = session.requested_ms if session else _READER_SESSION_MS
+        session = self._sessions.get(timeout_ms)
+        if session is None:
+            session = self._sessions[timeout_ms] = _Session(self, timeout_ms)
+        if not session.settled.wait(self.timeout) or (session.error and not session.connected.is_set()):
+            if self._sessions.get(timeout_ms) is session:  # never connected: start afresh next time
+                del self._sessions[timeout_ms]
+                self._spawn(session.close)
+            if session.error is not None:
+                raise session.error
+            raise StoreUnavailableError(f"cannot connect to ZooKeeper at {self.hosts} within {self.timeout:g}s")
+        session.wait_connected(self.timeout)
+        if not self._root_ready:
+            self._ensure_root(session)
+        return session
+
+    def _ensure_root(self, session: _Session) -> None:
+        parent = ""
+        for part in self.root.split("/")[1:]:
+            parent += "/" + part
+            if session.call(session.client.exists_async, parent) is None:
+                with contextlib.suppress(NodeExistsError):  # a concurrent creator won
+                    session.call(session.client.create_async, parent, b"")
+        self._root_ready = True
+
+    def _lease_session(self, ttl: float) -> _Session:
+        ms = _ttl_ms(ttl)
+        session = self._session(ms)
+        negotiated = session.negotiated_ms
+        if negotiated is None:
+            raise StoreError("could not read the session timeout the ZooKeeper server negotiated")
+        if negotiated != ms:
+            if negotiated > ms:
+                self._min_ms = negotiated
+            else:
+                self._max_ms = negotiated
+            raise InvalidArgumentError(self._range_message(ttl, negotiated))
+        return session
+
+    # -- the store contract -------------------------------------------------------------------
+
+    def acquire(self, key: str, node: str, ttl: float) -> Lease:
+        node = check_text("node", node)
+        path = self.path_for(key)
+        session = self._lease_session(self.validate_ttl(ttl))
+        client = session.client
+        prefix = uuid.uuid4().hex + _CONTENDER
+        ours: str | None = None  # our node's name, once known
+        stat: ZnodeStat | None = None  # and its stat: czxid is the term, ephemeralOwner the session
+        sent = False  # a create request went out, so a node of ours may exist
+        won = False
+        try:
+            while True:
+                try:
+                    session.wait_connected(self.timeout)
+                    if ours is None and sent:  # a create whose answer was lost may have worked
+                        ours = next((c for c in session.children(path) if c.startswith(prefix)), None)
+                        stat = None
+                    if ours is None:
+                        sent = True
+                        created, stat = session.call(
+                            client.create_async, f"{path}/{prefix}", node.encode(),
+                            ephemeral=True, sequence=True, makepath=True, include_data=True,
+                        )
+                        ours = created.rsplit("/", 1)[1]
+                    started = now()
+                    contenders = _contenders(session.children(path))
+                    if ours not in contenders:  # deleted, or gone with an expired session
+                        ours, stat, sent = None, None, False
+                        continue
+                    position = contenders.index(ours)
+                    if position == 0:
+                        if stat is None:
+                            stat = session.call(client.exists_async, f"{path}/{ours}")
+                            if stat is None:
+                                continue
+                        lease = _ZooKeeperLease(session, key, node, f"{path}/{ours}", stat, started)
+                        if lease.arm() is None:  # watch our node, so its deletion is noticed at once
+                            continue
+                        session.leases.add(lease)
+                        won = True
+                        log.debug("%s won %s with term %d", node, key, lease.term)
+                        return lease
+                    predecessor = f"{path}/{contenders[position - 1]}"
+                    woken = Event()
+                    # kazoo also fires this watch when the connection drops or the session ends
+                    if session.call(client.exists_async, predecessor, _waker(woken)) is not None:
+                        woken.wait()
+                except _ConnectionLost:
+                    continue  # wait_connected bounds how long a dead connection is retried
+        except BaseException:
+            if sent and not won:
+                self._withdraw(session, path, ours or prefix)
+            raise
+
+    def _withdraw(self, session: _Session, path: str, prefix: str) -> None:
+        """Delete our node after a cancelled or failed acquire (or leave it to reconnection)."""
+        try:
+            with gevent.Timeout(self.timeout, StoreUnavailableError("withdrawing timed out")):
+                session.wait_connected(self.timeout)
+                session.delete_prefixed(path, prefix)
+        except StoreError as exc:
+            log.info("could not withdraw from %s now (%s); retrying on reconnection", path, exc)
+            session.orphans.add((path, prefix))
+
+    def leader(self, key: str) -> LeaderInfo | None:
+        path = self.path_for(key)
+        while True:
+            try:
+                return self._read_leader(self._session(), path)
+            except _ConnectionLost:
+                continue
+
+    def _read_leader(self, session: _Session, path: str, watch: Callable[[Any], None] | None = None):
+        """The leader of ``path``; with ``watch``, arm it on what would change the answer."""
+        client = session.client
+        while True:
+            try:
+                contenders = _contenders(session.call(client.get_children_async, path))
+                if not contenders and watch is not None:  # vacant: wake up when someone joins
+                    contenders = _contenders(session.call(client.get_children_async, path, watch))
+            except NoNodeError:
+                if session.call(client.exists_async, path, watch) is None:
+                    return None  # the key does not exist yet: wake up when it is created
+                continue
+            if not contenders:
+                return None
+            try:  # the leader stays leader until its node goes: watch only that node
+                data, stat = session.call(client.get_async, f"{path}/{contenders[0]}", watch)
+            except NoNodeError:
+                continue
+            return LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
+
+    def watch(self, key: str) -> Iterator[LeaderInfo | None]:
+        path = self.path_for(key)
+        while True:
+            changed = Event()
+            try:
+                info = self._read_leader(self._session(), path, _waker(changed))
+            except _ConnectionLost:
+                continue
+            yield info
+            changed.wait()  # kazoo also fires watches when the connection drops
+
+    def close(self) -> None:
+        """End every session (deleting any node still held) and stop kazoo's greenlets."""
+        if self._closed:
+            return
+        self._closed = True
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            self._spawn(session.close)
+        gevent.joinall(list(self._greenlets), timeout=self.timeout + 10)
+
+
+def _waker(event: Event) -> Callable[[WatchedEvent], None]:
+    """A kazoo watch callback that only sets ``event``."""
+    return lambda _watched: event.set()
+
+
+def _patched() -> bool:
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
