@@ -1,0 +1,687 @@
+"""etcd v3 store: elections the way etcd's own ``concurrency.Election`` runs them.
+
+Each candidate grants a lease and creates the key ``<key>/<lease id in hex>`` (value: its
+node name) in a transaction, if absent. The candidate whose key has the lowest create
+revision under ``<key>/`` leads; the create revision of its key is its fencing term. Every
+other candidate watches only the deletion of its predecessor (the key created just before
+its own), so a release wakes exactly one waiter. Releasing deletes the key and revokes the
+lease; a crashed holder's lease expires after the TTL and takes its key with it.
+
+The client is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of ``etcd3`` with
+current protobuf stubs; ``etcd3`` is used if it is what the environment has. It speaks
+gRPC, which only cooperates with gevent after ``grpc.experimental.gevent.init_gevent()``:
+this module calls it once, before it makes its first channel, when gevent has patched the
+socket module. Channels are made lazily and never used across ``fork()``.
+
+Watches (the waiters' and the followers') run on gRPC streams of their own, made with the
+client's stubs, rather than on the library's shared watcher thread: one stream per watch can
+be cancelled cleanly, and survives the library swapping its watcher when an endpoint fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+import gevent
+import grpc
+from gevent import monkey
+from gevent.queue import Queue
+
+from ..errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    LeadershipLostError,
+    PermissionDeniedError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .base import LeaderInfo, Lease, Store, check_float, check_text, now
+
+try:
+    import pyetcd as etcd_client
+    from pyetcd import etcdrpc
+    from pyetcd import exceptions as etcd_exceptions
+    from pyetcd.etcdrpc import kv_pb2
+except ImportError:  # the original package, where protobuf < 4 still allows it to import
+    import etcd3 as etcd_client  # type: ignore[no-redef]
+    from etcd3 import etcdrpc  # type: ignore[no-redef]
+    from etcd3 import exceptions as etcd_exceptions  # type: ignore[no-redef]
+    from etcd3.etcdrpc import kv_pb2  # type: ignore[no-redef]
+
+__all__ = ["EtcdStore"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 2379
+_MAX_KEY_BYTES = 512
+#: Seconds a failed endpoint is skipped while others remain (when all have failed, all are tried).
+_ENDPOINT_RETRY = 5.0
+#: gRPC keepalive pings find a dead peer under a stream that would otherwise hang forever.
+#: etcd refuses pings more frequent than its --grpc-keepalive-min-time (5 s by default).
+_PING_INTERVAL_MS = 10_000
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+_AUTH_DETAILS = ("permission denied", "user name is empty", "authentication failed", "invalid auth token")
+
+_grpc_gevent_ready = False
+#: Clients inherited across fork(): their channels belong to the parent and are never touched.
+_inherited_clients: list[Any] = []
+
+
+def _init_grpc_gevent() -> None:
+    """Make gRPC cooperate with gevent, once per process, before the first channel is made."""
+    global _grpc_gevent_ready
+    if _grpc_gevent_ready or not monkey.is_module_patched("socket"):
+        return
+    import grpc.experimental.gevent
+
+    grpc.experimental.gevent.init_gevent()
+    _grpc_gevent_ready = True
+
+
+def _parse_addr(addr: object) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` (an ``http://`` prefix is tolerated) -> (host, port)."""
+    if not isinstance(addr, str) or not addr.strip():
+        raise InvalidArgumentError(f"an etcd address must be a 'host:port' string, not {addr!r}")
+    text = addr.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port_text = rest[1:]
+        elif rest:
+            raise InvalidArgumentError(f"malformed etcd address {addr!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host or "/" in host or any(ch.isspace() for ch in host):
+        raise InvalidArgumentError(f"malformed etcd address {addr!r}")
+    if ":" in host:
+        host = f"[{host}]"  # gRPC's form of an IPv6 address
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidArgumentError(f"etcd address {addr!r} has an invalid port")
+    return host, int(port_text)
+
+
+def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
+    """The gRPC error behind ``exc`` (the library re-raises some as bare exceptions)."""
+    seen = exc
+    for _ in range(3):
+        if isinstance(seen, grpc.RpcError) and hasattr(seen, "code"):
+            return seen
+        if seen.__context__ is None:
+            return None
+        seen = seen.__context__
+    return None
+
+
+def _translate(exc: BaseException, what: str, where: str) -> StoreError | InvalidArgumentError:
+    """A greenleader error for a client-library exception (never carrying credentials)."""
+    rpc = _rpc_error(exc)
+    if rpc is not None:
+        code, details = rpc.code(), rpc.details() or ""
+        message = f"etcd {what} at {where} failed: {code.name}: {details}"
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or any(
+            text in details for text in _AUTH_DETAILS
+        ):
+            return PermissionDeniedError(message)
+        if code in _UNAVAILABLE_CODES:
+            return StoreUnavailableError(message)
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+            return InvalidArgumentError(message)
+        return StoreError(message)
+    if isinstance(exc, etcd_exceptions.NoServerAvailableError):
+        return StoreUnavailableError(f"etcd {what} failed: no endpoint available")
+    if isinstance(exc, (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError)):
+        return StoreUnavailableError(f"etcd {what} at {where} failed: {exc}")
+    return StoreError(f"etcd {what} at {where} failed: {type(exc).__name__}: {exc}")
+
+
+def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
+    """True for ``<key>/<id>``, False for the keys of a nested election ``<key>/<x>/<id>``."""
+    return kv_key.startswith(prefix) and b"/" not in kv_key[len(prefix):]
+
+
+def _leader_of(candidates: dict[bytes, tuple[int, bytes]]) -> LeaderInfo | None:
+    """The candidate with the lowest create revision, or None."""
+    if not candidates:
+        return None
+    revision, value = min(candidates.values())
+    return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
+
+
+class _WatchStream:
+    """One gRPC watch stream of its own: created (or failed) within the timeout, closed once."""
+
+    def __init__(self, store: EtcdStore, key: bytes, range_end: bytes | None, start_revision: int,
+                 filters: list[int] | None = None) -> None:
+        self._store = store
+        client = store._client()
+        try:
+            channel = client.channel  # may fail over: read the endpoint after it
+        except etcd_exceptions.Etcd3Exception as exc:
+            raise _translate(exc, "watch", "?") from exc
+        self._endpoint = client.endpoint_in_use
+        self.where = self._endpoint.netloc
+        create = etcdrpc.WatchCreateRequest(key=key, start_revision=start_revision, filters=filters or [])
+        if range_end is not None:
+            create.range_end = range_end
+        self._requests: Queue = Queue()
+        self._requests.put(etcdrpc.WatchRequest(create_request=create))
+        store.requests["watch"] += 1
+        self._call = etcdrpc.WatchStub(channel).Watch(iter(self._requests.get, None), metadata=client.metadata)
+        self._closed = False
+        try:
+            with gevent.Timeout(store.timeout, StoreUnavailableError(
+                    f"etcd watch at {self.where} was not created within {store.timeout:g}s")):
+                first = next(self._call, None)
+            if first is None or not first.created or first.canceled:
+                reason = first.cancel_reason if first is not None else "stream ended"
+                raise StoreError(f"etcd watch at {self.where} was refused: {reason or 'canceled'}")
+            self.compacted = first.compact_revision != 0
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, grpc.RpcError):
+                raise self._error(exc) from exc
+            raise
+
+    def _error(self, exc: BaseException) -> StoreError | InvalidArgumentError:
+        error = _translate(exc, "watch", self.where)
+        if isinstance(error, StoreUnavailableError):
+            self._endpoint.fail()  # the next request tries another endpoint
+        return error
+
+    def __iter__(self) -> Iterator[Any]:
+        """Watch responses until the stream ends (also when closed); StoreError on failure."""
+        try:
+            for response in self._call:
+                if response.canceled or response.compact_revision:
+                    return
+                yield response
+        except grpc.RpcError as exc:
+            if self._closed:
+                return
+            raise self._error(exc) from exc
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._requests.put(None)
+            self._call.cancel()
+
+
+class _EtcdLease(Lease):
+    """A won election: the key ``<key>/<lease id>`` on a lease that the candidate renews."""
+
+    def __init__(self, store: EtcdStore, key: str, node: str, term: int, confirmed_at: float,
+                 lease_id: int, own_key: bytes, revision: int) -> None:
+        super().__init__(key, node, term, confirmed_at)
+        self.lease_id = lease_id
+        self.own_key = own_key
+        self._store = store
+        self._released = False
+        self._guard = gevent.spawn(self._guard_own_key, revision)
+
+    def __repr__(self) -> str:
+        return f"<EtcdLease key={self.key!r} node={self.node!r} term={self.term} lease={self.lease_id:x}>"
+
+    def renew(self) -> None:
+        if self._released:
+            raise LeadershipLostError(f"{self.node!r} released {self.key!r}")
+        started = now()
+        if self._store._keepalive(self.lease_id) <= 0:
+            raise LeadershipLostError(f"etcd lease {self.lease_id:x} of {self.node!r} on {self.key!r} is gone")
+        self.confirmed_at = started
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._guard.kill(block=True, timeout=1)
+        error: StoreError | None = None
+        try:  # deleting the key first wakes the next candidate one round trip sooner
+            self._store._call("delete", lambda client: client.delete(self.own_key))
+        except StoreError as exc:
+            error = exc
+        try:
+            self._store._revoke(self.lease_id)
+        except StoreError as exc:
+            error = exc
+        if error is not None:
+            raise error
+
+    def _guard_own_key(self, revision: int) -> None:
+        """Tell the candidate at once when its key disappears (lease revoked or key deleted)."""
+        store, failures = self._store, 0
+        while not self._released:
+            try:
+                if revision == 0:
+                    response = store._call("range", lambda client: client.get_response(self.own_key))
+                    if not response.kvs:
+                        break
+                    revision = response.header.revision
+                stream = _WatchStream(store, self.own_key, None, revision + 1, [etcdrpc.WatchCreateRequest.NOPUT])
+                try:
+                    for response in stream:
+                        failures = 0
+                        if response.events:
+                            self.notify_lost_once()
+                            return
+                finally:
+                    stream.close()
+            except (StoreError, InvalidArgumentError) as exc:
+                failures += 1
+                log.debug("watch on own key %r failed: %s", self.own_key, exc)
+                gevent.sleep(min(2.0, 0.05 * 2**failures))
+            revision = 0  # the stream ended: check the key again before watching anew
+        if not self._released:
+            self.notify_lost_once()
+
+    def notify_lost_once(self) -> None:
+        if not self._released:
+            log.info("etcd: %r lost key %r", self.node, self.own_key)
+            self.notify_lost()
+
+
+class _Candidacy:
+    """A candidate's lease and key while it waits, with the greenlet that keeps the lease alive."""
+
+    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.prefix = (key + "/").encode()
+        self.lease_id = random.SystemRandom().getrandbits(62) | 1 << 61  # chosen here: a grant
+        self.own_key = self.prefix + f"{self.lease_id:x}".encode()  # cut short leaves no orphan
+        self.node = node
+        self.lost = False
+        self.term = 0
+        self.confirmed_at = 0.0
+        self.stream: _WatchStream | None = None
+        self._keeper: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Grant the lease, start keeping it alive, create the key if absent; learn the term."""
+        store, seconds = self.store, max(1, math.ceil(self.ttl))
+        attempts = 0
+
+        def grant(client: Any) -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                client.lease(seconds, lease_id=self.lease_id)
+            except etcd_exceptions.PreconditionFailedError:
+                if attempts == 1:  # "lease already exists", and not from our own lost attempt
+                    raise
+
+        started = now()
+        store._call("lease grant", grant)
+        self.confirmed_at = started
+        self._keeper = gevent.spawn(self._keep_alive)
+        txn = store.transactions
+        _, responses = store._call("transaction", lambda client: client.transaction(
+            compare=[txn.create(self.own_key) == 0],
+            success=[txn.put(self.own_key, self.node, lease=self.lease_id), txn.get(self.own_key)],
+            failure=[txn.get(self.own_key)],
+        ))
+        found = responses[-1]
+        if not found:
+            raise StoreError(f"etcd did not keep candidate key {self.own_key!r}")
+        self.term = found[0][1].create_revision
+        log.debug("etcd: %r campaigns with %r (revision %d)", self.node, self.own_key, self.term)
+
+    def _keep_alive(self) -> None:
+        interval = self.ttl / 3
+        while True:
+            gevent.sleep(interval)
+            started = now()
+            try:
+                remaining = self.store._keepalive(self.lease_id)
+            except (StoreError, InvalidArgumentError) as exc:
+                log.warning("etcd: keepalive of waiting candidate %r failed: %s", self.node, exc)
+                self._interrupt()  # its watch may hang on the same dead endpoint
+                interval = self.ttl / 12
+                continue
+            interval = self.ttl / 3
+            if remaining <= 0:
+                log.info("etcd: the lease of waiting candidate %r expired", self.node)
+                self.lost = True
+                self._interrupt()
+                return
+            self.confirmed_at = started
+
+    def _interrupt(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+    def stop_keepalive(self) -> None:
+        if self._keeper is not None:
+            self._keeper.kill(block=True, timeout=1)
+            self._keeper = None
+
+    def withdraw(self) -> None:
+        """Stop keeping the lease and revoke it, which deletes the key: leaves nothing behind."""
+        self.stop_keepalive()
+        try:
+            self.store._revoke(self.lease_id)
+        except (StoreError, InvalidArgumentError) as exc:
+            log.warning("etcd: could not revoke lease %x of %r (it expires in %gs): %s",
+                        self.lease_id, self.node, self.ttl, exc)
+
+    def wait_turn(self) -> _EtcdLease | None:
+        """Block until this candidate's key is the oldest; None if the candidacy was lost."""
+        store, failures = self.store, 0
+        while not self.lost:
+            try:
+                response = store._range_prefix(self.prefix)
+                keys = sorted((kv.create_revision, kv.key) for kv in response.kvs
+                              if _is_direct_child(kv.key, self.prefix))
+                mine = [i for i, (_, kv_key) in enumerate(keys) if kv_key == self.own_key]
+                if not mine:
+                    log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
+                    return None
+                if mine[0] == 0:
+                    return self._won(response.header.revision)
+                predecessor = keys[mine[0] - 1][1]
+                self.stream = _WatchStream(store, predecessor, None, response.header.revision + 1,
+                                           [etcdrpc.WatchCreateRequest.NOPUT])
+                try:
+                    for watch_response in self.stream:
+                        failures = 0
+                        if watch_response.events:
+                            break
+                finally:
+                    self.stream.close()
+                    self.stream = None
+            except StoreUnavailableError as exc:
+                failures += 1
+                if now() > self.confirmed_at + self.ttl:
+                    raise StoreUnavailableError(f"lost etcd for longer than the {self.ttl:g}s TTL: {exc}") from exc
+                log.warning("etcd: %r waits on, after: %s", self.node, exc)
+                gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
+        return None
+
+    def _won(self, revision: int) -> _EtcdLease | None:
+        started = now()  # confirm the lease afresh: the candidate leads from this instant
+        if self.store._keepalive(self.lease_id) <= 0:
+            self.lost = True
+            return None
+        self.stop_keepalive()
+        return _EtcdLease(self.store, self.prefix[:-1].decode(), self.node, self.term, started,
+                          self.lease_id, self.own_key, revision)
+
+
+class EtcdStore(Store):
+    """Elections on an etcd v3 cluster, through its gRPC API.
+
+    :param addrs: ``host:port`` client endpoints of one cluster (default ``127.0.0.1:2379``);
+        requests go to one of them and fail over to the next on connection errors.
+    :param timeout: seconds for each request and for connecting.
+    :param user: user name, with ``password``, when etcd has authentication enabled.
+    :param ca_cert: CA file for TLS; ``cert_cert`` and ``cert_key``: client certificate.
+    """
+
+    backend: ClassVar[str] = "etcd"
+    min_ttl: ClassVar[float] = 1.0  # etcd leases have whole seconds; a fraction is rounded up
+
+    def __init__(
+        self,
+        addrs: list[str] | None = None,
+        *,
+        timeout: float | str = 5.0,
+        user: str | None = None,
+        password: str | None = None,
+        ca_cert: str | None = None,
+        cert_cert: str | None = None,
+        cert_key: str | None = None,
+    ) -> None:
+        if isinstance(addrs, str):
+            addrs = [addrs]
+        self.addrs = list(addrs) if addrs else [f"127.0.0.1:{DEFAULT_PORT}"]
+        self._hosts = list(dict.fromkeys(_parse_addr(addr) for addr in self.addrs))
+        self.timeout = check_float("timeout", timeout, minimum=0.0, maximum=3600.0, inclusive=False)
+        if (user is None) != (password is None):
+            raise InvalidArgumentError("etcd authentication needs both user and password")
+        self.user = check_text("user", user) if user is not None else None
+        if password is not None and not isinstance(password, str):
+            raise InvalidArgumentError("password must be a str")
+        self._password = password
+        if cert_cert is not None and ca_cert is None:
+            raise InvalidArgumentError("cert_cert and cert_key need ca_cert (TLS)")
+        if (cert_cert is None) != (cert_key is None):
+            raise InvalidArgumentError("cert_cert and cert_key go together")
+        self._tls_files = (ca_cert, cert_key, cert_cert)
+        self.secure = ca_cert is not None
+        self._etcd: Any = None
+        self._pid = 0
+        #: Requests sent, by kind: lets tests check that a release wakes only one waiter.
+        self.requests: Counter[str] = Counter()
+        if not monkey.is_module_patched("socket"):
+            warnings.warn(
+                "gevent has not monkey-patched this process: the etcd store's gRPC calls will block "
+                "the gevent hub; call gevent.monkey.patch_all() first, before importing anything else",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def __repr__(self) -> str:
+        user = f" user={self.user!r}" if self.user else ""
+        return f"<EtcdStore addrs={self.addrs!r}{user}{' tls' if self.secure else ''}>"
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """This process's client, made on first use (and anew in a forked child)."""
+        client = self._etcd
+        if client is not None and self._pid == os.getpid():
+            if all(endpoint.is_failed() for endpoint in client.endpoints.values()):
+                for endpoint in client.endpoints.values():
+                    endpoint.last_failed = 0  # all failed: try them all again rather than none
+            return client
+        return self._new_client()
+
+    def _new_client(self) -> Any:
+        if self._etcd is not None:
+            log.debug("etcd store used in a new process (fork): making a fresh client")
+            _inherited_clients.append(self._etcd)
+            self._etcd = None
+        _init_grpc_gevent()
+        options = [
+            ("grpc.keepalive_time_ms", _PING_INTERVAL_MS),
+            ("grpc.keepalive_timeout_ms", int(self.timeout * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        credentials = self._credentials()
+        endpoints = [
+            etcd_client.Endpoint(host, port, secure=self.secure, creds=credentials,
+                                 time_retry=_ENDPOINT_RETRY, opts=options)
+            for host, port in self._hosts
+        ]
+        client = etcd_client.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self.timeout, failover=True)
+        self._etcd, self._pid = client, os.getpid()
+        if self.user is not None:
+            try:
+                self._authenticate(client)
+            except BaseException:
+                self._etcd = None
+                client.close()
+                raise
+        return client
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.secure:
+            return None
+        contents = []
+        for path in self._tls_files:
+            try:
+                contents.append(None if path is None else open(path, "rb").read())  # noqa: SIM115
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read TLS file {path}: {exc.strerror}") from None
+        ca, key, cert = contents
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def _authenticate(self, client: Any) -> None:
+        """Get a token; the library's own way sends it as call credentials, which gRPC refuses
+        on a plain-text channel, so it goes in the metadata of every request instead."""
+        request = etcdrpc.AuthenticateRequest(name=self.user, password=self._password)
+        client.metadata = None
+        response = self._call("authenticate", lambda c: c.authstub.Authenticate(request, self.timeout), auth=False)
+        client.metadata = (("token", response.token),)
+        client.call_credentials = None
+
+    @staticmethod
+    def _where(client: Any) -> str:
+        try:
+            return str(client.endpoint_in_use.netloc)
+        except (KeyError, AttributeError):
+            return "?"
+
+    def _call(self, what: str, request: Callable[[Any], T], *, auth: bool = True) -> T:
+        """Send ``request(client)``; on a connection error retry once on each other endpoint.
+
+        Translates every client-library exception into a greenleader error.
+        """
+        self.requests[what] += 1
+        attempts = len(self._hosts)
+        reauthenticated = False
+        attempt = 0
+        while True:
+            attempt += 1
+            client = self._client()
+            where = self._where(client)
+            try:
+                return request(client)
+            except (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError) as exc:
+                error = _translate(exc, what, where)
+                rpc = _rpc_error(exc)
+                if rpc is not None and rpc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    client.endpoint_in_use.fail()  # the library does not for every call
+                if isinstance(error, StoreUnavailableError) and attempt < attempts:
+                    log.info("%s; trying another endpoint", error)
+                    continue
+                if (auth and self.user is not None and not reauthenticated
+                        and "invalid auth token" in str(error)):
+                    reauthenticated = True
+                    self._authenticate(client)
+                    attempt -= 1
+                    continue
+                raise error from exc
+
+    @property
+    def transactions(self) -> Any:
+        return self._client().transactions
+
+    def _range_prefix(self, prefix: bytes) -> Any:
+        return self._call("range", lambda client: client.get_prefix_response(
+            prefix, sort_order="ascend", sort_target="create"))
+
+    def _keepalive(self, lease_id: int) -> int:
+        """One keepalive; the lease's remaining TTL (0 if it is gone)."""
+        responses = self._call("keepalive", lambda client: list(client.refresh_lease(lease_id)))
+        return responses[0].TTL if responses else 0
+
+    def _revoke(self, lease_id: int) -> None:
+        try:
+            self._call("revoke", lambda client: client.revoke_lease(lease_id))
+        except StoreError as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+    def close(self) -> None:
+        client, self._etcd = self._etcd, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+    # -- the store contract -----------------------------------------------------------------
+
+    def validate_key(self, key: str) -> str:
+        """Also rejects a trailing ``/``: candidates live under ``<key>/``, so ``a/`` would make
+        the prefix ``a//``, a different election from ``a`` that looks the same."""
+        key = super().validate_key(key)
+        if key.endswith("/"):
+            raise InvalidKeyError(f"etcd election key {key!r} must not end with '/' "
+                                  f"(candidates are kept under '<key>/')")
+        if len(key.encode()) > _MAX_KEY_BYTES:
+            raise InvalidKeyError(f"etcd election key is {len(key.encode())} bytes long; the limit is {_MAX_KEY_BYTES}")
+        return key
+
+    def acquire(self, key: str, node: str, ttl: float) -> Lease:
+        node = check_text("node", node)
+        key = self.validate_key(key)
+        while True:
+            candidacy = _Candidacy(self, key, node, ttl)
+            try:
+                candidacy.start()
+                lease = candidacy.wait_turn()
+            except BaseException:
+                candidacy.withdraw()
+                raise
+            if lease is not None:
+                log.debug("etcd: %r won %r with term %d", node, key, lease.term)
+                return lease
+            candidacy.withdraw()  # lost while waiting (expired, deleted): campaign anew
+
+    def leader(self, key: str) -> LeaderInfo | None:
+        prefix = (self.validate_key(key) + "/").encode()
+        response = self._range_prefix(prefix)
+        return _leader_of({kv.key: (kv.create_revision, kv.value) for kv in response.kvs
+                           if _is_direct_child(kv.key, prefix)})
+
+    def watch(self, key: str) -> Iterator[LeaderInfo | None]:
+        prefix = (self.validate_key(key) + "/").encode()
+        range_end = etcd_client.utils.prefix_range_end(prefix)
+        last: object = object()
+        failures = 0
+        while True:
+            response = self._range_prefix(prefix)  # a failure here ends the watch
+            candidates = {kv.key: (kv.create_revision, kv.value) for kv in response.kvs
+                          if _is_direct_child(kv.key, prefix)}
+            current = _leader_of(candidates)
+            if current != last:
+                last = current
+                yield current
+            try:
+                stream = _WatchStream(self, prefix, range_end, response.header.revision + 1)
+                try:
+                    for watch_response in stream:
+                        failures = 0
+                        for event in watch_response.events:
+                            if not _is_direct_child(event.kv.key, prefix):
+                                continue
+                            if event.type == kv_pb2.Event.DELETE:
+                                candidates.pop(event.kv.key, None)
+                            else:
+                                candidates[event.kv.key] = (event.kv.create_revision, event.kv.value)
+                        current = _leader_of(candidates)
+                        if current != last:
+                            last = current
+                            yield current
+                finally:
+                    stream.close()
+            except StoreUnavailableError as exc:
+                failures += 1
+                log.warning("etcd: watch on %r broke, resuming: %s", key, exc)
+                gevent.sleep(min(1.0, 0.02 * 2**failures))
