@@ -34,7 +34,7 @@ from gevent.queue import Queue  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .candidate import Candidate  # noqa: E402
-from .errors import GreenleaderError  # noqa: E402
+from .errors import GreenleaderError, InvalidArgumentError  # noqa: E402
 from .follower import Follower  # noqa: E402
 from .stores import Store, from_url, new_store  # noqa: E402
 
@@ -78,9 +78,9 @@ def _terminate(child: subprocess.Popen, grace: float) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
-        raise GreenleaderError("no command given: greenleader run --key K -- CMD ...")
+        raise InvalidArgumentError("no command given: greenleader run --key K -- CMD ...")
     store = _store(args.store)
-    candidate = Candidate(store, args.key, args.node or _default_node(), ttl=args.ttl)
+    candidate = Candidate(store, args.key, args.node if args.node is not None else _default_node(), ttl=args.ttl)
     inbox: Queue = Queue()  # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n)
 
     def pump_elections(elected: Queue) -> None:
@@ -92,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gevent.signal_handler(signum, inbox.put, ("signal", signum))
     elected, errors = candidate.run_for_election()
     gevent.spawn(pump_elections, elected)
+    log.info("campaigning for %r as %r", candidate.key, candidate.node)
     child: subprocess.Popen | None = None
     lost = stopping = False
     try:

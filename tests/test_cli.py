@@ -1,0 +1,145 @@
+"""The ``greenleader`` command, run as real processes on the file store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import gevent
+import pytest
+
+from greenleader.stores.file import FileStore
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+GREENLEADER = [sys.executable, "-m", "greenleader"]
+
+
+def start(*args: str, **options) -> subprocess.Popen:
+    return subprocess.Popen([*GREENLEADER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+
+
+def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'elections'}"
+
+
+def test_demo_runs_without_options_and_reports_its_figures():
+    code, out, err = finish(start("demo", "--rounds", "1"), timeout=90)
+    assert code == 0, err
+    assert "crash failover: median" in out and "graceful handover: median" in out, out
+
+
+def test_run_passes_the_command_exit_status_through(url):
+    code, out, _ = finish(start("run", "--store", url, "--key", "job", "--", "sh", "-c", "echo ran; exit 7"))
+    assert (code, out) == (7, "ran\n")
+
+
+def test_run_lets_one_command_run_at_a_time(url, tmp_path):
+    log = tmp_path / "log"
+    release = tmp_path / "release"
+    script = f'echo "$0 start" >> {log}; while [ ! -e {release} ]; do sleep 0.02; done; echo "$0 end" >> {log}'
+    first = start("run", "--store", url, "--key", "job", "--node", "a", "--", "sh", "-c", script, "a")
+    wait_until(lambda: log.exists(), 30, "the first command to start")
+    second = start("run", "--store", url, "--key", "job", "--node", "b", "--", "sh", "-c", script, "b")
+    code, out, err = finish(start("leader", "--store", url, "--key", "job"))
+    assert (code, out) == (0, "a\n"), err
+    assert log.read_text() == "a start\n"
+    release.touch()
+    assert finish(first)[0] == 0
+    assert finish(second)[0] == 0
+    assert log.read_text() == "a start\na end\nb start\nb end\n"
+
+
+def test_run_forwards_sigterm_to_the_command(url, tmp_path):
+    started = tmp_path / "started"
+    script = f"trap 'exit 42' TERM; touch {started}; while :; do sleep 0.02; done"
+    runner = start("run", "--store", url, "--key", "job", "--", "sh", "-c", script)
+    wait_until(started.exists, 30, "the command to start")
+    runner.send_signal(signal.SIGTERM)
+    assert finish(runner)[0] == 42
+
+
+def test_run_interrupted_while_waiting_exits_128_plus_signal(url, tmp_path):
+    started = tmp_path / "started"
+    holder = start("run", "--store", url, "--key", "job", "--", "sh", "-c", f"touch {started}; exec sleep 60")
+    wait_until(started.exists, 30, "the holder's command to start")
+    waiter = start("-v", "run", "--store", url, "--key", "job", "--", "touch", str(tmp_path / "ran"))
+    with gevent.Timeout(30, AssertionError("the waiter did not start campaigning")):
+        while "campaigning" not in waiter.stderr.readline():
+            pass
+    assert waiter.poll() is None and not (tmp_path / "ran").exists(), "the waiter ran while another process led"
+    waiter.send_signal(signal.SIGTERM)
+    assert finish(waiter)[0] == 128 + signal.SIGTERM
+    holder.send_signal(signal.SIGTERM)
+    assert finish(holder)[0] == 128 + signal.SIGTERM  # sleep dies of the forwarded SIGTERM
+
+
+def test_run_terminates_the_command_when_leadership_is_lost(url, tmp_path):
+    started = tmp_path / "started"
+    runner = start("run", "--store", url, "--key", "job", "--ttl", "1", "--", "sh", "-c", f"touch {started}; exec sleep 60")
+    wait_until(started.exists, 30, "the command to start")
+    os.unlink(FileStore(directory=url[len("file://"):]).path_for("job"))  # the lock file vanishes
+    code, _, err = finish(runner)
+    assert code == 3, err
+    assert "leadership lost" in err
+
+
+def test_run_restart_runs_the_command_again(url, tmp_path):
+    count = tmp_path / "count"
+    script = f'echo x >> {count}; [ "$(wc -l < {count})" -ge 3 ] && kill -TERM $PPID; exit 0'
+    code, _, err = finish(start("run", "--restart", "--store", url, "--key", "job", "--", "sh", "-c", script))
+    assert count.read_text().count("x") == 3, err
+    assert code == 0
+
+
+def test_leader_exit_status_says_whether_there_is_one(url):
+    code, out, _ = finish(start("leader", "--store", url, "--key", "nobody", "--json"))
+    assert code == 1 and '"leader": null' in out
+
+
+def test_watch_prints_each_change(url):
+    watcher = start("watch", "--store", url, "--key", "job")
+    assert watcher.stdout is not None
+
+    def next_line() -> str:
+        with gevent.Timeout(30, AssertionError("watch printed nothing for 30 s")):
+            return watcher.stdout.readline().split(" ", 1)[1].strip()
+
+    assert next_line() == "(no leader)"
+    holder = start("run", "--store", url, "--key", "job", "--node", "solo", "--", "sh", "-c", "sleep 0.5")
+    assert next_line() == "solo"
+    assert finish(holder)[0] == 0
+    assert next_line() == "(no leader)"
+    watcher.send_signal(signal.SIGINT)
+    assert finish(watcher)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--key", "job"], "no command given"),
+        (["run", "--key", "job", "--ttl", "0", "--", "true"], "ttl must be > 0"),
+        (["run", "--key", "job", "--ttl", "nan", "--", "true"], "ttl must be finite"),
+        (["run", "--key", "", "--", "true"], "key must not be empty"),
+        (["run", "--key", "job", "--node", "", "--", "true"], "node must not be empty"),
+        (["leader", "--key", "job", "--store", "bogus://x"], "unknown store backend"),
+        (["leader", "--key", "job", "--store", "not a url"], "has no scheme"),
+        (["leader", "--key", "job", "--store", "file:///tmp/x?poll_interval=fast"], "poll_interval must be a number"),
+        (["watch"], "--key"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_clear_message(args, message):
+    code, _, err = finish(start(*args), timeout=30)
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
