@@ -86,7 +86,8 @@ def test_run_interrupted_while_waiting_exits_128_plus_signal(url, tmp_path):
 
 def test_run_terminates_the_command_when_leadership_is_lost(url, tmp_path):
     started = tmp_path / "started"
-    runner = start("run", "--store", url, "--key", "job", "--ttl", "1", "--", "sh", "-c", f"touch {started}; exec sleep 60")
+    command = ["sh", "-c", f"touch {started}; exec sleep 60"]
+    runner = start("run", "--store", url, "--key", "job", "--ttl", "1", "--", *command)
     wait_until(started.exists, 30, "the command to start")
     os.unlink(FileStore(directory=url[len("file://"):]).path_for("job"))  # the lock file vanishes
     code, _, err = finish(runner)
