@@ -1,0 +1,63 @@
+"""Pytest fixtures with real servers; load with ``pytest_plugins = ["tests.server_fixtures"]``.
+
+``consul_cluster``, ``etcd_cluster``, ``zookeeper_cluster``: one node each, shared by the
+whole session and started on first use. ``consul_cluster3``, ``etcd_cluster3``,
+``zookeeper_cluster3``: fresh 3-node clusters for one test. A missing server binary fails the
+test (it never skips): install the servers with ``scripts/install-servers.sh``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+
+
+def _cluster(kind: str, workdir: Path, nodes: int) -> Iterator[servers.Cluster]:
+    try:
+        cluster = servers.start(kind, workdir, nodes)
+    except servers.ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def consul_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Cluster]:
+    """One Consul dev agent for the session (in memory: a restart loses its data)."""
+    yield from _cluster("consul", tmp_path_factory.mktemp("consul"), 1)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Cluster]:
+    """One etcd member for the session."""
+    yield from _cluster("etcd", tmp_path_factory.mktemp("etcd"), 1)
+
+
+@pytest.fixture(scope="session")
+def zookeeper_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Cluster]:
+    """One standalone ZooKeeper server for the session."""
+    yield from _cluster("zookeeper", tmp_path_factory.mktemp("zookeeper"), 1)
+
+
+@pytest.fixture
+def consul_cluster3(tmp_path: Path) -> Iterator[servers.Cluster]:
+    """A fresh 3-server Consul cluster for this test."""
+    yield from _cluster("consul", tmp_path, 3)
+
+
+@pytest.fixture
+def etcd_cluster3(tmp_path: Path) -> Iterator[servers.Cluster]:
+    """A fresh 3-member etcd cluster for this test."""
+    yield from _cluster("etcd", tmp_path, 3)
+
+
+@pytest.fixture
+def zookeeper_cluster3(tmp_path: Path) -> Iterator[servers.Cluster]:
+    """A fresh 3-peer ZooKeeper ensemble for this test."""
+    yield from _cluster("zookeeper", tmp_path, 3)

@@ -1,0 +1,620 @@
+"""Real Consul, etcd and ZooKeeper servers for tests, on free loopback ports.
+
+Each server runs as a child process in its own process group, with its data and log in a fresh
+directory under ``workdir``. Servers are stopped by :meth:`Cluster.stop`, at interpreter exit
+(atexit) and, if the test process dies abruptly, by the kernel (``PR_SET_PDEATHSIG``; it fires
+when the *thread* that started the server exits, so start servers from the main thread).
+
+Install the binaries with ``scripts/install-servers.sh`` (Debian packages: etcd 3.4, ZooKeeper
+3.8, Consul 1.8 from bullseye).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+
+__all__ = [
+    "Cluster", "Node", "ServerBinaryMissing",
+    "start", "start_consul", "start_etcd", "start_zookeeper",
+]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "install it with `sudo bash scripts/install-servers.sh` (Debian bookworm)"
+READY_TIMEOUT = 30.0  # seconds: default bound of every wait in this module
+POLL = 0.05  # seconds between readiness polls
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+# Explicit jars rather than /usr/share/java/*: that directory holds half a dozen slf4j bindings,
+# so which one wins (and whether ZooKeeper logs at all) would depend on directory order.
+ZK_JARS = [
+    "/usr/share/java/zookeeper.jar",  # its manifest Class-Path pulls in the other dependencies
+    "/usr/share/java/slf4j-log4j12.jar",
+    "/usr/share/java/log4j-1.2.jar",
+]
+ZK_LOG4J = """\
+log4j.rootLogger=INFO, CONSOLE
+log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
+log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
+log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p [%t:%C{1}@%L] - %m%n
+"""
+
+
+class ServerBinaryMissing(RuntimeError):
+    """A server binary or jar is not installed; the message says how to install it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+_handed_out: set[int] = set()
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct loopback ports, each free for both TCP and UDP right now.
+
+    A port is never handed out twice by this process, so the ports of a stopped server stay
+    reserved for its restart, and the many ports of a cluster never collide with each other.
+    """
+    ports: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(ports) < count:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(tcp)
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            if port in _handed_out:
+                continue
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # consul serf uses UDP too
+            held.append(udp)
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            _handed_out.add(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
+
+
+def _require(name: str) -> str:
+    """Full path of an executable on PATH or of an absolute file, else ServerBinaryMissing."""
+    found = name if os.path.isabs(name) else shutil.which(name)
+    if not found or not os.path.exists(found):
+        raise ServerBinaryMissing(f"{name} is not installed; {INSTALL_HINT}")
+    return found
+
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never use a proxy
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 2.0) -> bytes:
+    """One HTTP request; returns the body, raises OSError (incl. HTTPError) on failure."""
+    req = urllib.request.Request(url, data=body, method=method)
+    with _opener.open(req, timeout=timeout) as resp:
+        return resp.read()
+
+
+def four_letter_word(addr: str, word: str, timeout: float = 2.0) -> str:
+    """Send a ZooKeeper four-letter command (``ruok``, ``srvr``, ...) and return the reply."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(word.encode())
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _recv_packet(sock: socket.socket) -> bytes:
+    """One length-prefixed ZooKeeper packet."""
+    def exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("connection closed by zookeeper")
+            buf += chunk
+        return buf
+
+    (length,) = struct.unpack(">i", exact(4))
+    return exact(length)
+
+
+def zk_session_roundtrip(addr: str, timeout: float = 2.0) -> None:
+    """Open and close a real ZooKeeper session (needs a quorum); raises OSError if refused."""
+    host, port = addr.rsplit(":", 1)
+    # ConnectRequest: protocolVersion, lastZxidSeen, timeOut, sessionId, passwd, readOnly
+    connect = struct.pack(">iqiqi16s?", 0, 0, 4000, 0, 16, b"\0" * 16, False)
+    close = struct.pack(">ii", 1, -11)  # RequestHeader(xid=1, type=closeSession)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(struct.pack(">i", len(connect)) + connect)
+        _, _, session_id = struct.unpack(">iiq", _recv_packet(sock)[:16])
+        if not session_id:
+            raise ConnectionError("zookeeper refused the session")
+        sock.sendall(struct.pack(">i", len(close)) + close)
+        _recv_packet(sock)
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _poll(what: str, check: Callable[[], bool], timeout: float, logs: Callable[[], str]) -> None:
+    """Call ``check`` every POLL seconds until it is true; RuntimeError after ``timeout``.
+
+    OSError/ValueError/KeyError from ``check`` mean "not yet"; RuntimeError aborts at once.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, ValueError, KeyError) as exc:
+            last_error = exc
+        except RuntimeError as exc:
+            raise RuntimeError(f"{what}: {exc}\n{logs()}") from None
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what}: not ready after {timeout:g}s (last error: {last_error!r})\n{logs()}"
+            )
+        time.sleep(POLL)
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes and clusters
+
+_live: set[Node] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for node in list(_live):
+        node.kill()
+
+
+class Node:
+    """One server process; keeps its ports and data directory across restarts."""
+
+    def __init__(self, cluster: Cluster, name: str, ports: dict[str, int]) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.ports = ports  # every port this node listens on, by role; "client" is the API
+        self.client_addr = f"127.0.0.1:{ports['client']}"
+        self.dir = cluster.dir / name
+        self.dir.mkdir(parents=True)
+        self.log_path = self.dir / "server.log"
+        self.argv: list[str] = []  # filled in by the cluster
+        self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def __repr__(self) -> str:
+        return f"<Node {self.cluster.kind}/{self.name} {self.client_addr} pid={self.pid}>"
+
+    def start(self) -> None:
+        """(Re)start with the same ports and data dir; wait until it answers.
+
+        For a one-node cluster this waits until the store serves clients; for a cluster member
+        only until the process answers on its client port (Cluster.wait_ready waits for quorum).
+        """
+        self.spawn()
+        self.wait_answers()
+        if len(self.cluster.nodes) == 1:
+            self.cluster.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (no-op if it is running)."""
+        if self.is_running():
+            return
+        with open(self.log_path, "ab") as logf:
+            self._log_offset = logf.tell()
+            logf.write(f"==== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
+            logf.flush()
+            self._proc = subprocess.Popen(
+                self.argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig,
+            )
+        self.pid = self._proc.pid
+        _live.add(self)
+        log.info("started %r", self)
+
+    def wait_answers(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the process answers a basic client request (no quorum needed)."""
+        def check() -> bool:
+            if not self.is_running():
+                code = self._proc.returncode if self._proc else None
+                raise RuntimeError(f"process exited with status {code}")
+            return self.cluster._answers(self)
+
+        _poll(repr(self), check, timeout, self.log_tail)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait up to STOP_GRACE seconds, then SIGKILL."""
+        self._signal(signal.SIGTERM)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the process group now."""
+        self._signal(signal.SIGKILL)
+        self._reap()
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines logged since the latest start."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- tail of {self.log_path} ---\n{tail}"
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def _reap(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("%r ignored SIGTERM for %gs, killing it", self, STOP_GRACE)
+            self._signal(signal.SIGKILL)
+            self._proc.wait()
+        if self.pid is not None:
+            log.info("stopped %r (exit %s)", self, self._proc.returncode)
+        self.pid = None
+        _live.discard(self)
+
+
+class Cluster:
+    """1 or 3 nodes of one kind; ``url`` is the greenleader URL naming all of them."""
+
+    kind = ""
+    port_roles: tuple[str, ...] = ("client",)
+    binary = ""
+
+    def __init__(self, workdir: pathlib.Path, nodes: int) -> None:
+        if nodes < 1:
+            raise ValueError("a cluster needs at least one node")
+        _require(self.binary)
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.kind}{nodes}-", dir=workdir))
+        self.token = uuid.uuid4().hex[:12]  # keeps clusters with recycled ports apart
+        self.nodes: list[Node] = []
+        for i, ports in enumerate(self._allocate(nodes), 1):
+            self.nodes.append(Node(self, f"n{i}", ports))
+        for node in self.nodes:
+            node.argv = self._argv(node)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    @property
+    def addrs(self) -> list[str]:
+        return [n.client_addr for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return f"{self.kind}://{','.join(self.addrs)}"
+
+    def running(self) -> list[Node]:
+        return [n for n in self.nodes if n.is_running()]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the running nodes agree on a running leader and each serves clients."""
+        def check() -> bool:
+            nodes = self.running()
+            if not nodes:
+                raise RuntimeError("no node is running")
+            return self._agreed_leader(nodes) is not None and all(self._serves(n) for n in nodes)
+
+        _poll(repr(self), check, timeout, self._log_tails)
+
+    def leader_node(self) -> Node:
+        """The store's own raft/zab leader, once the running nodes agree on it (bounded wait)."""
+        found: list[Node] = []
+
+        def check() -> bool:
+            leader = self._agreed_leader(self.running())
+            if leader is not None:
+                found.append(leader)
+            return leader is not None
+
+        _poll(f"{self!r} leader", check, READY_TIMEOUT, self._log_tails)
+        return found[0]
+
+    def stop(self) -> None:
+        """Stop all nodes (SIGTERM, SIGKILL after STOP_GRACE): followers first, then the leader.
+
+        Followers first, because a terminating etcd leader spends ~5 s trying to hand its
+        leadership to a follower that is itself shutting down.
+        """
+        try:
+            leader = self._agreed_leader(self.running()) if len(self.nodes) > 1 else None
+        except (OSError, ValueError, KeyError):
+            leader = None
+        for group in ([n for n in self.nodes if n is not leader], [leader] if leader else []):
+            for node in group:
+                node._signal(signal.SIGTERM)
+            for node in group:
+                node._reap()
+
+    def start_all(self, timeout: float = READY_TIMEOUT) -> Cluster:
+        """Start every node in parallel and wait until the cluster serves; stop it on failure."""
+        t0 = time.monotonic()
+        try:
+            for node in self.nodes:
+                node.spawn()
+            for node in self.nodes:
+                node.wait_answers(timeout)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("%r ready in %.2fs", self, time.monotonic() - t0)
+        return self
+
+    def _allocate(self, nodes: int) -> list[dict[str, int]]:
+        ports = iter(free_ports(nodes * len(self.port_roles)))
+        return [{role: next(ports) for role in self.port_roles} for _ in range(nodes)]
+
+    def _log_tails(self) -> str:
+        return "\n".join(n.log_tail(20) for n in self.nodes)
+
+    # per-kind protocol ---------------------------------------------------------------------
+    def _argv(self, node: Node) -> list[str]:
+        raise NotImplementedError
+
+    def _answers(self, node: Node) -> bool:
+        """True if the process answers on its client port (no quorum needed)."""
+        raise NotImplementedError
+
+    def _agreed_leader(self, nodes: list[Node]) -> Node | None:
+        """The leader all ``nodes`` report, if they agree and it is one of them."""
+        raise NotImplementedError
+
+    def _serves(self, node: Node) -> bool:
+        """True if a client request through ``node`` that needs quorum succeeds."""
+        raise NotImplementedError
+
+
+class ConsulCluster(Cluster):
+    """Consul 1.8 agents; all are servers.
+
+    One node runs ``agent -dev``: its data is in memory, so a restarted dev node comes back
+    empty (no keys, no sessions). Three nodes run ``agent -server -bootstrap-expect 3`` with
+    data dirs, ``raft_multiplier = 1`` (1 s election timeout) and autopilot's dead-server
+    cleanup off, so a killed server stays a voter and comes back on restart.
+    DNS and gRPC are disabled (port -1), so no default port (8600, 8502) is ever taken.
+    """
+
+    kind = "consul"
+    binary = "consul"
+    port_roles = ("client", "server", "serf_lan", "serf_wan")
+
+    def _argv(self, node: Node) -> list[str]:
+        p = node.ports
+        argv = [
+            self.binary, "agent", "-node", node.name, "-bind", "127.0.0.1",
+            "-client", "127.0.0.1", "-http-port", str(p["client"]),
+            "-server-port", str(p["server"]), "-serf-lan-port", str(p["serf_lan"]),
+            "-serf-wan-port", str(p["serf_wan"]), "-dns-port", "-1", "-grpc-port", "-1",
+            "-log-level", "info",
+        ]
+        hcl = ["disable_update_check = true", "connect { enabled = false }",
+               "performance { raft_multiplier = 1 }"]
+        if len(self.nodes) == 1:
+            argv.append("-dev")
+        else:
+            others = [f"127.0.0.1:{n.ports['serf_lan']}" for n in self.nodes if n is not node]
+            argv += ["-server", "-bootstrap-expect", str(len(self.nodes)),
+                     "-data-dir", str(node.dir / "data"), "-retry-interval", "200ms"]
+            for other in others:
+                argv += ["-retry-join", other]
+            hcl += ['autopilot { cleanup_dead_servers = false, server_stabilization_time = "1s" }',
+                    "leave_on_terminate = false"]
+        for line in hcl:
+            argv += ["-hcl", line]
+        return argv
+
+    def _get(self, node: Node, path: str) -> bytes:
+        return http("GET", f"http://{node.client_addr}{path}")
+
+    def _answers(self, node: Node) -> bool:
+        self._get(node, "/v1/status/leader")
+        return True
+
+    def _agreed_leader(self, nodes: list[Node]) -> Node | None:
+        leaders = {json.loads(self._get(n, "/v1/status/leader")) for n in nodes}
+        if len(leaders) != 1:
+            return None
+        addr = leaders.pop()
+        return next((n for n in nodes if addr == f"127.0.0.1:{n.ports['server']}"), None)
+
+    def _serves(self, node: Node) -> bool:
+        base = f"http://{node.client_addr}/v1"
+        key = f"{base}/kv/greenleader-test-servers/ready-{node.name}"
+        http("PUT", key, b"1")
+        http("DELETE", key)
+        # a session needs the agent's node registered in the catalog with serfHealth passing
+        session = json.loads(http("PUT", f"{base}/session/create", b"{}"))["ID"]
+        http("PUT", f"{base}/session/destroy/{session}")
+        return True
+
+
+class EtcdCluster(Cluster):
+    """etcd 3.4 members with ``--unsafe-no-fsync`` and a 50 ms heartbeat / 500 ms election."""
+
+    kind = "etcd"
+    binary = "etcd"
+    port_roles = ("client", "peer")
+
+    def _argv(self, node: Node) -> list[str]:
+        client = f"http://127.0.0.1:{node.ports['client']}"
+        peer = f"http://127.0.0.1:{node.ports['peer']}"
+        initial = ",".join(f"{n.name}=http://127.0.0.1:{n.ports['peer']}" for n in self.nodes)
+        return [
+            self.binary, "--name", node.name, "--data-dir", str(node.dir / "data"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--initial-cluster-token", self.token,
+            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--unsafe-no-fsync", "--logger", "zap", "--log-outputs", "stderr",
+        ]
+
+    def _answers(self, node: Node) -> bool:
+        http("GET", f"http://{node.client_addr}/version")
+        return True
+
+    def _status(self, node: Node) -> dict:
+        return json.loads(http("POST", f"http://{node.client_addr}/v3/maintenance/status", b"{}"))
+
+    def _agreed_leader(self, nodes: list[Node]) -> Node | None:
+        statuses = {n.name: self._status(n) for n in nodes}
+        leaders = {s.get("leader", "0") for s in statuses.values()}
+        if len(leaders) != 1:
+            return None
+        leader = leaders.pop()
+        return next((n for n in nodes if statuses[n.name]["header"]["member_id"] == leader), None)
+
+    def _serves(self, node: Node) -> bool:
+        base = f"http://{node.client_addr}"
+        if json.loads(http("GET", f"{base}/health"))["health"] != "true":
+            return False
+        key = base64.b64encode(f"greenleader-test-servers/ready-{node.name}".encode()).decode()
+        http("POST", f"{base}/v3/kv/put", json.dumps({"key": key, "value": ""}).encode())
+        http("POST", f"{base}/v3/kv/deleterange", json.dumps({"key": key}).encode())
+        return True
+
+
+class ZooKeeperCluster(Cluster):
+    """ZooKeeper 3.8: one standalone server, or a quorum of QuorumPeerMain peers.
+
+    ``tickTime=200`` with ``minSessionTimeout=400`` (and ``maxSessionTimeout=60000``), so tests
+    may use short session timeouts; ``forceSync=no`` for speed; logs go to ``server.log``.
+    """
+
+    kind = "zookeeper"
+    binary = "java"
+    port_roles = ("client", "quorum", "election")
+
+    def __init__(self, workdir: pathlib.Path, nodes: int) -> None:
+        for jar in ZK_JARS:
+            _require(jar)
+        super().__init__(workdir, nodes)
+
+    def _argv(self, node: Node) -> list[str]:
+        cfg = [
+            "tickTime=200", "initLimit=50", "syncLimit=10",
+            "minSessionTimeout=400", "maxSessionTimeout=60000",
+            f"dataDir={node.dir / 'data'}", "clientPortAddress=127.0.0.1",
+            f"clientPort={node.ports['client']}", "admin.enableServer=false",
+            "4lw.commands.whitelist=*", "forceSync=no", "preAllocSize=1024",
+            "maxClientCnxns=0", "reconfigEnabled=false",
+        ]
+        main = "org.apache.zookeeper.server.ZooKeeperServerMain"
+        (node.dir / "data").mkdir(exist_ok=True)
+        if len(self.nodes) > 1:
+            main = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+            for i, n in enumerate(self.nodes, 1):
+                cfg.append(f"server.{i}=127.0.0.1:{n.ports['quorum']}:{n.ports['election']}")
+            (node.dir / "data" / "myid").write_text(f"{self.nodes.index(node) + 1}\n")
+        (node.dir / "zoo.cfg").write_text("\n".join(cfg) + "\n")
+        (node.dir / "log4j.properties").write_text(ZK_LOG4J)
+        return [
+            # C1 only (TieredStopAtLevel=1): the JVM starts about twice as fast on a busy box
+            _require("java"), "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-XX:-UsePerfData",
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j.configuration=file:{node.dir / 'log4j.properties'}",
+            f"-Dzookeeper.log.dir={node.dir}",
+            "-Dzookeeper.fastleader.maxNotificationInterval=1000",  # default 60 s backoff
+            "-Dzookeeper.cnxTimeout=1000",
+            "-cp", ":".join(ZK_JARS), main, str(node.dir / "zoo.cfg"),
+        ]
+
+    def _answers(self, node: Node) -> bool:
+        return four_letter_word(node.client_addr, "ruok") == "imok"
+
+    def _mode(self, node: Node) -> str | None:
+        for line in four_letter_word(node.client_addr, "srvr").splitlines():
+            if line.startswith("Mode: "):
+                return line.split(":", 1)[1].strip()
+        return None  # "not currently serving requests"
+
+    def _agreed_leader(self, nodes: list[Node]) -> Node | None:
+        modes = {n.name: self._mode(n) for n in nodes}
+        leaders = [n for n in nodes if modes[n.name] in ("leader", "standalone")]
+        others_follow = all(modes[n.name] == "follower" for n in nodes if n not in leaders)
+        return leaders[0] if len(leaders) == 1 and others_follow else None
+
+    def _serves(self, node: Node) -> bool:
+        zk_session_roundtrip(node.client_addr)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+_CLASSES: dict[str, type[Cluster]] = {
+    "consul": ConsulCluster, "etcd": EtcdCluster, "zookeeper": ZooKeeperCluster,
+}
+
+
+def start(kind: str, workdir: pathlib.Path | str, nodes: int = 1) -> Cluster:
+    """Start a ``kind`` cluster of ``nodes`` nodes in a new directory under ``workdir``.
+
+    Returns once the cluster has a leader and every node serves clients; raises
+    ServerBinaryMissing if the server is not installed, RuntimeError (with log tails) if it
+    does not become ready within READY_TIMEOUT seconds.
+    """
+    try:
+        cls = _CLASSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(_CLASSES)}") from None
+    return cls(pathlib.Path(workdir), nodes).start_all()
+
+
+def start_consul(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
+    """Consul cluster (``agent -dev`` for one node: in-memory, data lost on restart)."""
+    return start("consul", workdir, nodes)
+
+
+def start_etcd(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
+    """etcd cluster."""
+    return start("etcd", workdir, nodes)
+
+
+def start_zookeeper(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
+    """ZooKeeper ensemble (standalone ZooKeeperServerMain for one node)."""
+    return start("zookeeper", workdir, nodes)
