@@ -11,8 +11,9 @@ from __future__ import annotations
 from . import errors, events
 from .candidate import Candidate
 from .follower import Follower
+from .retry import Backoff
 from .stores import from_url, new_store
 
-__all__ = ["Candidate", "Follower", "__version__", "errors", "events", "from_url", "new_store"]
+__all__ = ["Backoff", "Candidate", "Follower", "__version__", "errors", "events", "from_url", "new_store"]
 
 __version__ = "0.1.0"

@@ -20,8 +20,16 @@ from gevent.event import Event
 from gevent.queue import Queue
 
 from ._channels import Channels
-from .errors import GreenleaderError, InvalidArgumentError, LeadershipLostError, StoppedError, StoreError
+from .errors import (
+    GreenleaderError,
+    InvalidArgumentError,
+    LeadershipLostError,
+    PermissionDeniedError,
+    StoppedError,
+    StoreError,
+)
 from .events import ElectionError, EventPublisher, LeadershipAcquired, LeadershipLost, LossReason
+from .retry import Backoff, as_backoff
 from .stores.base import Lease, Store, check_float, check_text, now
 
 __all__ = ["Candidate"]
@@ -40,6 +48,11 @@ class Candidate:
         Failed renewals are retried every ``renew_interval / 4`` until the deadline.
     :param resign_holdoff: seconds to stand aside after :meth:`resign` before campaigning
         again, so that a waiting candidate takes over.
+    :param retry: campaign forever: on a store error, step down if leading, publish a
+        non-fatal :class:`~greenleader.events.ElectionError`, wait a jittered exponential
+        backoff (``True`` for the default :class:`~greenleader.retry.Backoff`) and campaign
+        again. Without it, the first store error ends the campaign (on ``errors``).
+        Permission errors always end it: retrying cannot fix them.
     """
 
     def __init__(
@@ -52,6 +65,7 @@ class Candidate:
         renew_deadline: float | None = None,
         renew_interval: float | None = None,
         resign_holdoff: float = 0.5,
+        retry: Backoff | bool | None = None,
     ) -> None:
         if not isinstance(store, Store):
             raise InvalidArgumentError(f"store must be a greenleader Store, not {type(store).__name__}")
@@ -75,6 +89,7 @@ class Candidate:
                 f"renew_deadline ({self.renew_deadline:g}s), or a single late renewal loses leadership"
             )
         self.resign_holdoff = check_float("resign_holdoff", resign_holdoff, minimum=0.0, maximum=3600.0)
+        self.retry = as_backoff(retry)
 
         self._channels: Channels | None = None
         self._greenlet: Greenlet | None = None
@@ -162,11 +177,25 @@ class Candidate:
         channels = self._channels
         assert channels is not None
         error: BaseException | None = None
+        delays = self.retry.delays() if self.retry else None
         try:
             while not self._stopped:
-                self._lease = self.store.acquire(self.key, self.node, self.ttl)
-                self._hold(self._lease)
-                self._lease = None
+                try:
+                    self._lease = self.store.acquire(self.key, self.node, self.ttl)
+                    if self.retry:
+                        delays = self.retry.delays()
+                    self._hold(self._lease)
+                except StoreError as exc:
+                    if delays is None or isinstance(exc, PermissionDeniedError):
+                        raise
+                    self._step_down(LossReason.STORE_ERROR)
+                    delay = next(delays)
+                    log.warning("%r: store error, campaigning again in %.1fs: %s", self, delay, exc)
+                    self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
+                    gevent.sleep(delay)
+                    continue
+                finally:
+                    self._lease = None
                 if self._resigning and not self._stopped:
                     self._resigning = False
                     gevent.sleep(self.resign_holdoff)
@@ -180,9 +209,6 @@ class Candidate:
             error.__cause__ = exc
         finally:
             self._step_down(LossReason.STORE_ERROR if error else LossReason.STOPPED)
-            if self._lease is not None:
-                self._release(self._lease)
-                self._lease = None
             if error is not None:
                 log.error("%r: campaign ended: %s", self, error)
                 channels.fail(error)
@@ -190,15 +216,17 @@ class Candidate:
             channels.close()
 
     def _hold(self, lease: Lease) -> None:
-        """Keep ``lease`` alive until resign, stop or loss; raise StoreError past the deadline."""
+        """Keep ``lease`` alive until resign, stop or loss; raise StoreError past the deadline.
+
+        The key is released on every way out, even a loss: the store may still hold it.
+        """
         self._holding = True
         self._lost = False
         lease.on_lost = self._on_lost
         try:
             self._deadline = lease.confirmed_at + self.renew_deadline
             if now() >= self._deadline:
-                self._release(lease)  # the win is already stale; try again
-                return
+                return  # the win is already stale; campaign again
             self._step_up(lease)
             next_renewal = lease.confirmed_at + self.renew_interval
             while True:
@@ -206,15 +234,12 @@ class Candidate:
                 self._wake.clear()
                 if now() >= self._deadline:  # checked first: after a blocked hub, nothing else may run
                     self._step_down(LossReason.DEADLINE)
-                    self._release(lease)
                     return
                 if self._stopped or self._resigning:
                     self._step_down(LossReason.STOPPED if self._stopped else LossReason.RESIGNED)
-                    self._release(lease)
                     return
                 if self._lost:
                     self._step_down(LossReason.EXPIRED)
-                    self._release(lease)
                     return
                 if now() < next_renewal:
                     continue
@@ -225,13 +250,11 @@ class Candidate:
                 except LeadershipLostError as exc:
                     log.info("%r: lost the key: %s", self, exc)
                     self._step_down(LossReason.EXPIRED)
-                    self._release(lease)
                     return
                 except StoreError as exc:
                     retry_at = now() + self.renew_interval / 4
                     if retry_at >= self._deadline:
                         self._step_down(LossReason.STORE_ERROR)
-                        self._release(lease)
                         raise
                     log.warning("%r: renewal failed, retrying until the deadline: %s", self, exc)
                     next_renewal = retry_at
@@ -240,6 +263,7 @@ class Candidate:
                 next_renewal = started + self.renew_interval
         finally:
             self._holding = False
+            self._release(lease)
 
     def _on_lost(self) -> None:
         self._lost = True

@@ -73,9 +73,10 @@ class LeaderChanged(LeadershipEvent):
 
 @dataclass(frozen=True)
 class ElectionError(LeadershipEvent):
-    """A campaign or watch ended because of ``error``."""
+    """A campaign or watch hit ``error``: it ended if ``fatal``, else it retries after a backoff."""
 
     error: BaseException
+    fatal: bool = True
 
 
 class EventPublisher:

@@ -9,8 +9,9 @@ from gevent import Greenlet, GreenletExit
 from gevent.queue import Queue
 
 from ._channels import Channels
-from .errors import GreenleaderError, InvalidArgumentError, StoppedError, StoreError
+from .errors import GreenleaderError, InvalidArgumentError, PermissionDeniedError, StoppedError, StoreError
 from .events import ElectionError, EventPublisher, LeaderChanged
+from .retry import Backoff, as_backoff
 from .stores.base import LeaderInfo, Store
 
 __all__ = ["Follower"]
@@ -21,13 +22,20 @@ _UNSEEN = object()
 
 
 class Follower:
-    """Watches who leads ``key`` in ``store``."""
+    """Watches who leads ``key`` in ``store``.
 
-    def __init__(self, store: Store, key: str) -> None:
+    :param retry: keep following through store outages: on a store error, publish a non-fatal
+        :class:`~greenleader.events.ElectionError`, wait a jittered exponential backoff
+        (``True`` for the default :class:`~greenleader.retry.Backoff`), watch again and report
+        the leader found if it changed. Without it, the first store error ends the watch.
+    """
+
+    def __init__(self, store: Store, key: str, *, retry: Backoff | bool | None = None) -> None:
         if not isinstance(store, Store):
             raise InvalidArgumentError(f"store must be a greenleader Store, not {type(store).__name__}")
         self.store = store
         self.key = store.validate_key(key)
+        self.retry = as_backoff(retry)
         self._channels: Channels | None = None
         self._greenlet: Greenlet | None = None
         self._publisher = EventPublisher()
@@ -90,17 +98,19 @@ class Follower:
     def _follow(self) -> None:
         channels = self._channels
         assert channels is not None
-        watch = self.store.watch(self.key)
+        delays = self.retry.delays() if self.retry else None
         error: BaseException | None = None
         try:
-            for info in watch:
-                node = info.node if info is not None else None
-                if self._current is not _UNSEEN and self._current_node() == node:
-                    self._current = info  # same leader; keep the newest term
-                    continue
-                self._current = info
-                channels.put(node)
-                self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
+            while True:
+                try:
+                    self._watch(channels)
+                except StoreError as exc:
+                    if delays is None or isinstance(exc, PermissionDeniedError):
+                        raise
+                    delay = next(delays)
+                    log.warning("%r: store error, watching again in %.1fs: %s", self, delay, exc)
+                    self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
+                    gevent.sleep(delay)
         except GreenletExit:
             pass
         except GreenleaderError as exc:
@@ -110,13 +120,27 @@ class Follower:
             error = StoreError(f"unexpected error from the {self.store.backend} store: {exc!r}")
             error.__cause__ = exc
         finally:
-            watch.close()
             self._current = _UNSEEN
             if error is not None:
                 log.error("%r: watch ended: %s", self, error)
                 channels.fail(error)
                 self._publisher.publish(ElectionError(self, self.key, error))
             channels.close()
+
+    def _watch(self, channels: Channels) -> None:
+        """Report each change the store's watch shows, until it fails."""
+        watch = self.store.watch(self.key)
+        try:
+            for info in watch:
+                node = info.node if info is not None else None
+                if self._current is not _UNSEEN and self._current_node() == node:
+                    self._current = info  # same leader; keep the newest term
+                    continue
+                self._current = info
+                channels.put(node)
+                self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
+        finally:
+            watch.close()
 
     def _current_node(self) -> str | None:
         current = self._current

@@ -8,7 +8,7 @@ import gevent
 import pytest
 import zope.event
 
-from greenleader import Candidate, Follower
+from greenleader import Backoff, Candidate, Follower
 from greenleader.errors import GreenleaderError, InvalidArgumentError, InvalidKeyError, StoppedError, StoreError
 from greenleader.events import (
     ElectionError,
@@ -188,6 +188,43 @@ def test_store_failure_is_reported_then_both_queues_end(backend, backend_env, ke
     assert len(reported) == 1 and isinstance(reported[0], StoreError), reported
     wait_until(lambda: any(isinstance(e, ElectionError) for e in events), 5, "an ElectionError event")
     candidate.stop()
+    broken.close()
+
+
+def test_retry_campaigns_through_store_errors_until_stopped(backend, backend_env, key, ttl, events):
+    try:
+        broken = backend.unreachable_store(backend_env)
+    except StoreError:
+        return
+    candidate = Candidate(broken, key, "alice", ttl=ttl, retry=Backoff(initial=0.05, maximum=0.1))
+    elected, errors = candidate.run_for_election()
+
+    def retried() -> bool:
+        return sum(isinstance(e, ElectionError) and not e.fatal for e in events) >= 2
+
+    wait_until(retried, 60, "two non-fatal ElectionError events")
+    assert elected.get() is False and elected.qsize() == 0 and errors.qsize() == 0
+    candidate.stop()
+    assert drain(elected, 10, "elected") == []
+    assert drain(errors, 10, "errors") == []
+    broken.close()
+
+
+def test_follower_retry_watches_through_store_errors_until_stopped(backend, backend_env, key, events):
+    try:
+        broken = backend.unreachable_store(backend_env)
+    except StoreError:
+        return
+    follower = Follower(broken, key, retry=Backoff(initial=0.05, maximum=0.1))
+    leaders, errors = follower.follow_election()
+
+    def retried() -> bool:
+        return sum(isinstance(e, ElectionError) and not e.fatal for e in events) >= 2
+
+    wait_until(retried, 60, "two non-fatal ElectionError events")
+    follower.stop()
+    assert drain(leaders, 10, "leaders") == []
+    assert drain(errors, 10, "errors") == []
     broken.close()
 
 

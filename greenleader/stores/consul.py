@@ -94,6 +94,7 @@ DEFAULT_LOCK_DELAY = 1.0
 MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay here
 _LOCK_DELAY_RETRY = (0.05, 0.25)  # first and largest pause while Consul enforces a lock-delay
 _ERROR_RETRY = (0.1, 1.0)  # first and largest pause between retries of a failing store
+_ERRNO = re.compile(r"\[Errno -?\d+\][^'\")\]]*")
 _GO_DURATION = re.compile(r"([\d.]+)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -158,6 +159,11 @@ def _parse_addr(addr: object) -> tuple[str, int]:
         raise InvalidArgumentError(f"bad port in Consul address {text!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return host, port or 8500
+
+
+def _seconds(value: float) -> int | float:
+    """Whole seconds as an int, so the library sends "10s" rather than "10.0s"."""
+    return int(value) if value.is_integer() else value
 
 
 def _holds(entry: dict[str, Any] | None, session_id: str) -> bool:
@@ -474,6 +480,11 @@ class ConsulStore(Store):
         """The agents' ``host:port`` addresses, in order of preference."""
         return [e.addr for e in self._endpoints]
 
+    @property
+    def active_addr(self) -> str:
+        """The agent requests go to now (the last one that answered)."""
+        return self._endpoints[self._current].addr
+
     # -- validation -----------------------------------------------------------------------
 
     def validate_key(self, key: str) -> str:
@@ -564,7 +575,7 @@ class ConsulStore(Store):
             "create a session",
             lambda c: c.session.create(
                 name=f"greenleader {node}"[:200], checks=[], behavior="delete",
-                lock_delay=self.lock_delay, ttl=ttl,
+                lock_delay=_seconds(self.lock_delay), ttl=_seconds(ttl),
             ),
         )
         try:
@@ -612,11 +623,10 @@ class ConsulStore(Store):
                 failures.append(f"{endpoint.addr}: {self._describe(exc)}")
             else:
                 if position != self._current:
-                    log.warning("consul: now using agent %s", endpoint.addr)
+                    log.warning("consul: now using agent %s (after: %s)", endpoint.addr, "; ".join(failures))
                     self._current = position
                 return result
-            if count > 1:
-                log.warning("consul: agent %s failed to %s: %s", endpoint.addr, what, failures[-1])
+            log.debug("consul: could not %s: %s", what, failures[-1])
         raise StoreUnavailableError(f"could not {what} on Consul: {'; '.join(failures)}")
 
     def _raise_for(self, what: str, endpoint: _Endpoint, exc: consul.ConsulException) -> None:
@@ -642,6 +652,8 @@ class ConsulStore(Store):
             text = f"connect timed out after {self.timeout:g}s"
         elif isinstance(exc, requests.ReadTimeout):
             text = "read timed out"
+        elif isinstance(exc, requests.ConnectionError) and (errno := _ERRNO.search(str(exc))):
+            text = f"connection failed: {errno.group(0)}"
         else:
             text = f"{type(exc).__name__}: {exc}"
         text = " ".join(text.split())

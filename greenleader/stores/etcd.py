@@ -235,13 +235,13 @@ class _EtcdLease(Lease):
     """A won election: the key ``<key>/<lease id>`` on a lease that the candidate renews."""
 
     def __init__(self, store: EtcdStore, key: str, node: str, term: int, confirmed_at: float,
-                 lease_id: int, own_key: bytes, revision: int) -> None:
+                 lease_id: int, own_key: bytes) -> None:
         super().__init__(key, node, term, confirmed_at)
         self.lease_id = lease_id
         self.own_key = own_key
         self._store = store
         self._released = False
-        self._guard = gevent.spawn(self._guard_own_key, revision)
+        self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
 
     def __repr__(self) -> str:
         return f"<EtcdLease key={self.key!r} node={self.node!r} term={self.term} lease={self.lease_id:x}>"
@@ -305,10 +305,16 @@ class _EtcdLease(Lease):
 
 
 class _Candidacy:
-    """A candidate's lease and key while it waits, with the greenlet that keeps the lease alive."""
+    """A candidate's lease and key while it waits, with the greenlet that keeps the lease alive.
+
+    The lease is renewed every ``ttl / 8`` while waiting, so that a win can usually be taken
+    on the last renewal (no further round trip) and still leave the candidate most of its
+    renew deadline.
+    """
 
     def __init__(self, store: EtcdStore, key: str, node: str, ttl: float) -> None:
         self.store = store
+        self.key = key
         self.ttl = ttl
         self.prefix = (key + "/").encode()
         self.lease_id = random.SystemRandom().getrandbits(62) | 1 << 61  # chosen here: a grant
@@ -320,8 +326,11 @@ class _Candidacy:
         self.stream: _WatchStream | None = None
         self._keeper: gevent.Greenlet | None = None
 
-    def start(self) -> None:
-        """Grant the lease, start keeping it alive, create the key if absent; learn the term."""
+    def start(self) -> tuple[int, list[tuple[int, bytes]]]:
+        """Grant the lease, keep it alive, create the key if absent (learning the term).
+
+        Returns the revision and the (create revision, key) of every candidate, oldest first.
+        """
         store, seconds = self.store, max(1, math.ceil(self.ttl))
         attempts = 0
 
@@ -338,20 +347,23 @@ class _Candidacy:
         store._call("lease grant", grant)
         self.confirmed_at = started
         self._keeper = gevent.spawn(self._keep_alive)
-        txn = store.transactions
+        txn, range_end = store.transactions, etcd_client.utils.prefix_range_end(self.prefix)
         _, responses = store._call("transaction", lambda client: client.transaction(
             compare=[txn.create(self.own_key) == 0],
-            success=[txn.put(self.own_key, self.node, lease=self.lease_id), txn.get(self.own_key)],
-            failure=[txn.get(self.own_key)],
+            success=[txn.put(self.own_key, self.node, lease=self.lease_id), txn.get(self.prefix, range_end)],
+            failure=[txn.get(self.prefix, range_end)],
         ))
         found = responses[-1]
-        if not found:
+        mine = [meta for _, meta in found if meta.key == self.own_key]
+        if not mine:
             raise StoreError(f"etcd did not keep candidate key {self.own_key!r}")
-        self.term = found[0][1].create_revision
+        self.term = mine[0].create_revision
         log.debug("etcd: %r campaigns with %r (revision %d)", self.node, self.own_key, self.term)
+        return mine[0].response_header.revision, sorted(
+            (meta.create_revision, meta.key) for _, meta in found if _is_direct_child(meta.key, self.prefix))
 
     def _keep_alive(self) -> None:
-        interval = self.ttl / 3
+        interval = self.ttl / 8
         while True:
             gevent.sleep(interval)
             started = now()
@@ -360,9 +372,9 @@ class _Candidacy:
             except (StoreError, InvalidArgumentError) as exc:
                 log.warning("etcd: keepalive of waiting candidate %r failed: %s", self.node, exc)
                 self._interrupt()  # its watch may hang on the same dead endpoint
-                interval = self.ttl / 12
+                interval = self.ttl / 16
                 continue
-            interval = self.ttl / 3
+            interval = self.ttl / 8
             if remaining <= 0:
                 log.info("etcd: the lease of waiting candidate %r expired", self.node)
                 self.lost = True
@@ -374,9 +386,9 @@ class _Candidacy:
         if self.stream is not None:
             self.stream.close()
 
-    def stop_keepalive(self) -> None:
+    def stop_keepalive(self, block: bool = True) -> None:
         if self._keeper is not None:
-            self._keeper.kill(block=True, timeout=1)
+            self._keeper.kill(block=block, timeout=1)
             self._keeper = None
 
     def withdraw(self) -> None:
@@ -388,27 +400,35 @@ class _Candidacy:
             log.warning("etcd: could not revoke lease %x of %r (it expires in %gs): %s",
                         self.lease_id, self.node, self.ttl, exc)
 
-    def wait_turn(self) -> _EtcdLease | None:
-        """Block until this candidate's key is the oldest; None if the candidacy was lost."""
+    def wait_turn(self, revision: int, keys: list[tuple[int, bytes]]) -> _EtcdLease | None:
+        """Block until this candidate's key is the oldest; None if the candidacy was lost.
+
+        ``keys`` are the candidates at ``revision``, oldest first; None means "read them".
+        """
         store, failures = self.store, 0
+        snapshot: tuple[int, list[tuple[int, bytes]]] | None = (revision, keys)
         while not self.lost:
             try:
-                response = store._range_prefix(self.prefix)
-                keys = sorted((kv.create_revision, kv.key) for kv in response.kvs
-                              if _is_direct_child(kv.key, self.prefix))
-                mine = [i for i, (_, kv_key) in enumerate(keys) if kv_key == self.own_key]
-                if not mine:
+                if snapshot is None:
+                    response = store._range_prefix(self.prefix)
+                    snapshot = response.header.revision, sorted(
+                        (kv.create_revision, kv.key) for kv in response.kvs if _is_direct_child(kv.key, self.prefix))
+                revision, keys = snapshot
+                snapshot = None
+                position = next((i for i, (_, kv_key) in enumerate(keys) if kv_key == self.own_key), None)
+                if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
-                if mine[0] == 0:
-                    return self._won(response.header.revision)
-                predecessor = keys[mine[0] - 1][1]
-                self.stream = _WatchStream(store, predecessor, None, response.header.revision + 1,
-                                           [etcdrpc.WatchCreateRequest.NOPUT])
+                if position == 0:
+                    return self._won()
+                predecessor = keys[position - 1][1]
+                self.stream = _WatchStream(store, predecessor, None, revision + 1, [etcdrpc.WatchCreateRequest.NOPUT])
                 try:
-                    for watch_response in self.stream:
+                    for response in self.stream:
                         failures = 0
-                        if watch_response.events:
+                        if response.events:
+                            if position == 1:  # the leader went, and only it was older than us
+                                return self._won()
                             break
                 finally:
                     self.stream.close()
@@ -421,14 +441,15 @@ class _Candidacy:
                 gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
         return None
 
-    def _won(self, revision: int) -> _EtcdLease | None:
-        started = now()  # confirm the lease afresh: the candidate leads from this instant
-        if self.store._keepalive(self.lease_id) <= 0:
-            self.lost = True
-            return None
-        self.stop_keepalive()
-        return _EtcdLease(self.store, self.prefix[:-1].decode(), self.node, self.term, started,
-                          self.lease_id, self.own_key, revision)
+    def _won(self) -> _EtcdLease | None:
+        self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
+        if now() - self.confirmed_at > self.ttl / 6:  # the last renewal is old: confirm afresh
+            started = now()
+            if self.store._keepalive(self.lease_id) <= 0:
+                self.lost = True
+                return None
+            self.confirmed_at = started
+        return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key)
 
 
 class EtcdStore(Store):
@@ -634,8 +655,7 @@ class EtcdStore(Store):
         while True:
             candidacy = _Candidacy(self, key, node, ttl)
             try:
-                candidacy.start()
-                lease = candidacy.wait_turn()
+                lease = candidacy.wait_turn(*candidacy.start())
             except BaseException:
                 candidacy.withdraw()
                 raise

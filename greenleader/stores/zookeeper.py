@@ -299,13 +299,22 @@ class _Session:
 
 
 class _ZooKeeperLease(Lease):
-    def __init__(self, session: _Session, key: str, node: str, path: str, stat: ZnodeStat, confirmed_at: float):
-        super().__init__(key, node, stat.czxid, confirmed_at)
+    """A candidate's node: its place in the queue while it waits, its lease once it leads."""
+
+    def __init__(self, session: _Session, key: str, node: str, path: str) -> None:
+        super().__init__(key, node, 0, 0.0)
         self.path = path
+        self.woken = Event()  # set by the watches acquire() waits on
         self._session = session
-        self._session_id = stat.ephemeralOwner
+        self._session_id: int | None = None  # set once it leads
         self._released = False
         self._lost: str | None = None
+
+    def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
+        self.term = stat.czxid
+        self.confirmed_at = confirmed_at
+        self._session_id = stat.ephemeralOwner
+        self._session.leases.add(self)
 
     def lost(self, why: str) -> None:
         """The node is gone (session expired, node deleted): tell the candidate at once."""
@@ -316,13 +325,12 @@ class _ZooKeeperLease(Lease):
         self._session.leases.discard(self)
         self.notify_lost()
 
-    def _on_node_event(self, event: WatchedEvent) -> None:
+    def on_node_event(self, event: WatchedEvent) -> None:
+        """kazoo watch on our own node: its deletion ends the lease (or the wait) at once."""
         if event.type == EventType.DELETED:
-            self.lost("its node was deleted")
-
-    def arm(self) -> ZnodeStat | None:
-        """Watch our own node, so its deletion is reported without waiting for a renewal."""
-        return self._session.call(self._session.client.exists_async, self.path, self._on_node_event)
+            self.woken.set()
+            if self._session_id is not None:
+                self.lost("its node was deleted")
 
     def renew(self) -> None:
         started = now()
@@ -338,7 +346,7 @@ class _ZooKeeperLease(Lease):
         # sync brings the server we talk to up to date with the ensemble's leader, so exists
         # sees any deletion committed before; both are pipelined in one round trip.
         synced = session.client.sync_async(self.path)
-        exists = session.client.exists_async(self.path, self._on_node_event)
+        exists = session.client.exists_async(self.path, self.on_node_event)
         try:
             session.result(synced)
             stat = session.result(exists, max(0.0, session.store.timeout - (now() - started)))
@@ -547,52 +555,52 @@ class ZooKeeperStore(Store):
         session = self._lease_session(self.validate_ttl(ttl))
         client = session.client
         prefix = uuid.uuid4().hex + _CONTENDER
-        ours: str | None = None  # our node's name, once known
-        stat: ZnodeStat | None = None  # and its stat: czxid is the term, ephemeralOwner the session
+        lease: _ZooKeeperLease | None = None  # our node, once created
         sent = False  # a create request went out, so a node of ours may exist
-        won = False
         try:
             while True:
                 try:
                     session.wait_connected(self.timeout)
-                    if ours is None and sent:  # a create whose answer was lost may have worked
-                        ours = next((c for c in session.children(path) if c.startswith(prefix)), None)
-                        stat = None
-                    if ours is None:
+                    if lease is None and sent:  # a create whose answer was lost may have worked
+                        name = next((c for c in session.children(path) if c.startswith(prefix)), None)
+                        lease = _ZooKeeperLease(session, key, node, f"{path}/{name}") if name else None
+                    if lease is None:
                         sent = True
-                        created, stat = session.call(
+                        created = session.call(
                             client.create_async, f"{path}/{prefix}", node.encode(),
-                            ephemeral=True, sequence=True, makepath=True, include_data=True,
+                            ephemeral=True, sequence=True, makepath=True,
                         )
-                        ours = created.rsplit("/", 1)[1]
+                        lease = _ZooKeeperLease(session, key, node, created)
+                    lease.woken.clear()
+                    # One round trip: the queue, and a watch on our own node (re-armed on each
+                    # pass, as kazoo drops watches when the connection drops), so a win needs
+                    # no further request and a deletion of our node wakes us up.
                     started = now()
-                    contenders = _contenders(session.children(path))
-                    if ours not in contenders:  # deleted, or gone with an expired session
-                        ours, stat, sent = None, None, False
+                    children = client.get_children_async(path)
+                    own = client.exists_async(lease.path, lease.on_node_event)
+                    try:
+                        contenders = _contenders(session.result(children))
+                    except NoNodeError:
+                        contenders = []
+                    stat = session.result(own)
+                    name = lease.path.rsplit("/", 1)[1]
+                    if stat is None or name not in contenders:  # deleted, or gone with its session
+                        lease, sent = None, False
                         continue
-                    position = contenders.index(ours)
+                    position = contenders.index(name)
                     if position == 0:
-                        if stat is None:
-                            stat = session.call(client.exists_async, f"{path}/{ours}")
-                            if stat is None:
-                                continue
-                        lease = _ZooKeeperLease(session, key, node, f"{path}/{ours}", stat, started)
-                        if lease.arm() is None:  # watch our node, so its deletion is noticed at once
-                            continue
-                        session.leases.add(lease)
-                        won = True
+                        lease.won(stat, started)
                         log.debug("%s won %s with term %d", node, key, lease.term)
                         return lease
                     predecessor = f"{path}/{contenders[position - 1]}"
-                    woken = Event()
                     # kazoo also fires this watch when the connection drops or the session ends
-                    if session.call(client.exists_async, predecessor, _waker(woken)) is not None:
-                        woken.wait()
+                    if session.call(client.exists_async, predecessor, _waker(lease.woken)) is not None:
+                        lease.woken.wait()
                 except _ConnectionLost:
                     continue  # wait_connected bounds how long a dead connection is retried
         except BaseException:
-            if sent and not won:
-                self._withdraw(session, path, ours or prefix)
+            if sent:
+                self._withdraw(session, path, lease.path.rsplit("/", 1)[1] if lease else prefix)
             raise
 
     def _withdraw(self, session: _Session, path: str, prefix: str) -> None:
