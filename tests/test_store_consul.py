@@ -1,0 +1,449 @@
+"""Consul-specific behaviour, against real Consul agents (tests/servers.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+
+import gevent
+import pytest
+
+from greenleader import Candidate, Follower
+from greenleader.errors import InvalidArgumentError, InvalidKeyError, InvalidURLError, StoreUnavailableError
+from greenleader.stores import LeaderInfo, from_url, new_store
+from greenleader.stores.consul import DEFAULT_LOCK_DELAY, ConsulStore
+from tests import servers
+from tests.support_consul import FAST_TTL, closed_port, consul_client
+from tests.waiting import next_item, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "s3cr3t-t0ken-4b1d"
+
+
+@pytest.fixture
+def cluster(consul_cluster):
+    return consul_cluster
+
+
+@pytest.fixture
+def stores(cluster):
+    """Factory of stores on the shared agent; all closed afterwards."""
+    made: list[ConsulStore] = []
+
+    def make(**options) -> ConsulStore:
+        store = ConsulStore(options.pop("addrs", cluster.addrs), **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"greenleader-test/consul/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def tag() -> str:
+    """A node-name prefix unique to this test, to find its sessions."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def sessions_named(addr: str, prefix: str) -> list[dict]:
+    """Sessions whose name starts with ``greenleader <prefix>``, via the HTTP API."""
+    listed = json.loads(servers.http("GET", f"http://{addr}/v1/session/list"))
+    return [s for s in listed if s.get("Name", "").startswith(f"greenleader {prefix}")]
+
+
+def raw_entry(addr: str, key: str) -> dict | None:
+    return consul_client(addr).kv.get(key)[1]
+
+
+def win(candidate: Candidate, timeout: float = FAST_TTL * 3):
+    elected, _ = candidate.run_for_election()
+    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
+    assert next_item(elected, timeout, f"{candidate.node} to be elected") is True
+    return elected
+
+
+# -- construction, URLs, options ------------------------------------------------------------
+
+
+def test_from_url_forms_and_options():
+    store = from_url(
+        "consul://127.0.0.1:8500,h2.example:8501?token=" + SECRET
+        + "&lock_delay=2.5&scheme=https&timeout=2&wait=7&retry_for=3&dc=dc1&verify=false"
+    )
+    assert isinstance(store, ConsulStore)
+    assert store.addrs == ["127.0.0.1:8500", "h2.example:8501"]
+    assert (store.scheme, store.lock_delay, store.timeout, store.wait, store.retry_for, store.dc) == (
+        "https", 2.5, 2.0, 7.0, 3.0, "dc1")
+    assert SECRET not in repr(store) and "token=***" in repr(store)
+
+    assert from_url("consul://").addrs == ["127.0.0.1:8500"]
+    assert from_url("consul://10.0.0.7").addrs == ["10.0.0.7:8500"]
+    assert from_url("consul://[::1]:8600").addrs == ["[::1]:8600"]
+    assert from_url("consul://127.0.0.1:8500").lock_delay == DEFAULT_LOCK_DELAY == 1.0
+    assert new_store("consul", "127.0.0.1:8500", lock_delay=0).lock_delay == 0.0
+    assert "token" not in repr(new_store("consul"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "consul://127.0.0.1:8500?lock_delay=soon",
+        "consul://127.0.0.1:8500?lock_delay=61",
+        "consul://127.0.0.1:8500?lock_delay=-1",
+        "consul://127.0.0.1:8500?timeout=0",
+        "consul://127.0.0.1:8500?scheme=ftp",
+        "consul://127.0.0.1:8500?verify=maybe",
+        "consul://127.0.0.1:8500?ca_file=/nonexistent/ca.pem",
+        "consul://127.0.0.1:8500?key_file=/etc/hostname",
+        "consul://127.0.0.1:8500/some/path",
+        "consul://127.0.0.1:8500?bogus=1",
+        "consul://127.0.0.1:notaport",
+        "consul://127.0.0.1:0",
+    ],
+)
+def test_bad_urls_and_options_are_rejected_without_echoing_the_token(url):
+    with pytest.raises(InvalidArgumentError) as caught:
+        from_url(url + ("&" if "?" in url else "?") + "token=" + SECRET)
+    assert SECRET not in str(caught.value)
+
+
+def test_unknown_url_option_is_an_invalid_url():
+    with pytest.raises(InvalidURLError, match="bogus"):
+        from_url("consul://127.0.0.1:8500?bogus=1")
+
+
+def test_ttl_below_ten_seconds_is_rejected(stores, key):
+    store = stores()
+    for ttl in (9.99, 5, "5", 1):
+        with pytest.raises(InvalidArgumentError, match="at least 10s"):
+            Candidate(store, key, "alice", ttl=ttl)
+    with pytest.raises(InvalidArgumentError):
+        Candidate(store, key, "alice", ttl=86401)
+    assert Candidate(store, key, "alice", ttl=10).ttl == 10.0
+    assert Candidate(store, key, "alice", ttl="86400").ttl == 86400.0
+
+
+@pytest.mark.parametrize("bad_key", ["/leader", "a//b", "a/./b", "a/../b", "./a", "..", "a/\udc80"])
+def test_keys_invalid_for_consul_are_rejected(stores, bad_key):
+    store = stores()
+    with pytest.raises(InvalidKeyError):
+        Candidate(store, bad_key, "alice", ttl=FAST_TTL)
+    with pytest.raises(InvalidKeyError):
+        Follower(store, bad_key)
+    with pytest.raises(InvalidKeyError):
+        store.leader(bad_key)
+
+
+def test_unusual_but_valid_keys_work(stores, key):
+    store = stores()
+    odd = f"{key}/sp ace/ü?q#f%41/"
+    with Candidate(store, odd, "alice", ttl=FAST_TTL) as alice:
+        win(alice)
+        assert store.leader(odd) == LeaderInfo("alice", alice.term)
+        assert raw_entry(store.addrs[0], odd)["Key"] == odd
+
+
+# -- what the store writes --------------------------------------------------------------------
+
+
+def test_session_has_ttl_delete_behaviour_lock_delay_and_no_checks(stores, key, tag, cluster):
+    with Candidate(stores(lock_delay=2), key, f"{tag}-alice", ttl=12) as alice:
+        win(alice)
+        entry = raw_entry(cluster.addrs[0], key)
+        info = consul_client(cluster.addrs[0]).session.info(entry["Session"])[1]
+        assert info["Behavior"] == "delete"
+        assert info["TTL"] == "12s"
+        assert info["LockDelay"] == 2_000_000_000  # nanoseconds
+        assert not info.get("NodeChecks") and not info.get("Checks")
+        assert entry["Value"] == f"{tag}-alice".encode()
+
+
+def test_term_is_the_modify_index_and_increases(stores, key, cluster):
+    store = stores()
+    terms = []
+    for node in ("alice", "bob", "alice"):
+        with Candidate(stores(), key, node, ttl=FAST_TTL) as candidate:
+            win(candidate)
+            entry = raw_entry(cluster.addrs[0], key)
+            assert candidate.term == entry["ModifyIndex"]
+            assert entry["LockIndex"] == 1  # restarts after each deletion: useless as a term
+            assert store.leader(key) == LeaderInfo(node, entry["ModifyIndex"])
+            terms.append(candidate.term)
+    assert terms == sorted(terms) and len(set(terms)) == 3, terms
+
+
+def test_stop_and_release_leave_no_session_and_no_key(stores, key, tag, cluster):
+    addr = cluster.addrs[0]
+    alice = Candidate(stores(), key, f"{tag}-alice", ttl=FAST_TTL)
+    bob = Candidate(stores(), key, f"{tag}-bob", ttl=FAST_TTL)
+    win(alice)
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, FAST_TTL, "bob's first item") is False
+    wait_until(lambda: len(sessions_named(addr, tag)) == 2, FAST_TTL, "bob's waiting session to exist")
+    bob.stop()  # withdraws while waiting
+    assert [s["Name"] for s in sessions_named(addr, tag)] == [f"greenleader {tag}-alice"]
+    alice.resign()
+    wait_until(lambda: alice.is_leader(), FAST_TTL * 2, "alice to lead again after resigning")
+    alice.stop()
+    assert sessions_named(addr, tag) == []
+    assert raw_entry(addr, key) is None
+
+
+def test_killing_an_acquiring_greenlet_leaves_nothing(stores, key, tag, cluster):
+    addr = cluster.addrs[0]
+    with Candidate(stores(), key, f"{tag}-alice", ttl=FAST_TTL) as alice:
+        win(alice)
+        store = stores()
+        for _ in range(3):
+            waiting = gevent.spawn(store.acquire, key, f"{tag}-bob", FAST_TTL)
+            wait_until(lambda: len(sessions_named(addr, f"{tag}-bob")) == 1, FAST_TTL, "bob's session")
+            waiting.kill(timeout=FAST_TTL)
+            assert waiting.dead
+            assert sessions_named(addr, f"{tag}-bob") == []
+        killed_early = gevent.spawn(store.acquire, key, f"{tag}-carol", FAST_TTL)
+        gevent.sleep(0)  # let it send its session request, then kill it mid-request
+        killed_early.kill(timeout=FAST_TTL)
+        wait_until(lambda: sessions_named(addr, f"{tag}-carol") == [], FAST_TTL,
+                   "the session created under a killed acquire() to be destroyed")
+
+
+# -- timeouts, failover -------------------------------------------------------------------------
+
+
+def test_blocking_query_outlives_the_read_timeout(stores, key):
+    store = stores(timeout=0.5, wait=1.0)
+    watch = store.watch(key)
+    try:
+        assert next(watch) is None
+        waiting = gevent.spawn(next, watch)
+        # Three times the read timeout and more than one full wait: no error, still waiting.
+        waiting.join(timeout=1.5 + 1.0 + 1.0 / 16 + 0.5)
+        assert not waiting.ready(), f"the watch ended early: {waiting.exception or waiting.value!r}"
+        with Candidate(stores(), key, "alice", ttl=FAST_TTL) as alice:
+            win(alice)
+            assert waiting.get(timeout=FAST_TTL) == LeaderInfo("alice", alice.term)
+    finally:
+        watch.close()
+
+
+def test_a_hung_agent_fails_a_blocking_query_in_bounded_time(tmp_path, key):
+    """SIGSTOP the agent (as a partition would leave it): the watch must not hang."""
+    own = servers.start("consul", tmp_path, 1)
+    node = own.nodes[0]
+    store = ConsulStore(own.addrs, timeout=0.5, wait=1.0, retry_for=0)
+    watch = store.watch(key)
+    try:
+        assert next(watch) is None
+        os.kill(node.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="timed out"):
+            gevent.spawn(next, watch).get(timeout=10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 0.5 + 1.0 + 1.0 / 16 + 1.0, f"took {elapsed:.2f}s"
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        watch.close()
+        store.close()
+        own.stop()
+
+
+def test_a_dead_first_endpoint_is_skipped(stores, key, cluster):
+    dead = f"127.0.0.1:{closed_port()}"
+    store = stores(addrs=[dead, *cluster.addrs], timeout=1.0)
+    assert store.active_addr == dead
+    with Candidate(store, key, "alice", ttl=FAST_TTL) as alice:
+        win(alice)
+        assert store.active_addr == cluster.addrs[0]
+        assert store.leader(key) == LeaderInfo("alice", alice.term)
+    with Follower(stores(addrs=[dead, *cluster.addrs]), key) as follower:
+        assert follower.leader() is None
+
+
+def test_unreachable_agents_fail_fast(key):
+    store = ConsulStore([f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"], timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match="could not read the key"):
+        store.leader(key)
+    with pytest.raises(StoreUnavailableError, match="could not create a session"):
+        store.acquire(key, "alice", FAST_TTL)
+    assert time.monotonic() - started < 5
+
+
+# -- the token ----------------------------------------------------------------------------------
+
+
+def test_the_token_never_shows_in_repr_logs_or_errors(caplog, key):
+    caplog.set_level(logging.DEBUG)
+    store = ConsulStore([f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"], token=SECRET, timeout=0.5)
+    with pytest.raises(StoreUnavailableError) as caught:
+        store.leader(key)
+    with pytest.raises(StoreUnavailableError) as caught_acquire:
+        store.acquire(key, "alice", FAST_TTL)
+    texts = [repr(store), str(caught.value), str(caught_acquire.value), caplog.text]
+    assert not [t for t in texts if SECRET in t]
+
+
+def test_explicit_token_wins_over_the_environment(monkeypatch, caplog, stores, key):
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-" + SECRET)
+    caplog.set_level(logging.DEBUG, logger="greenleader")
+    explicit = stores(token=SECRET)
+    assert [r for r in caplog.records if "CONSUL_HTTP_TOKEN" in r.getMessage() and r.levelno == logging.INFO]
+    from_env = stores()
+    headers = [s._endpoints[0].client.http.session.headers.get("X-Consul-Token") for s in (explicit, from_env)]
+    assert headers == [SECRET, "env-" + SECRET]
+    assert explicit.leader(key) is None and from_env.leader(key) is None  # ACLs off: tokens ignored
+    assert SECRET not in caplog.text
+
+
+# -- processes, crashes, clusters ----------------------------------------------------------------
+
+CHILD = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from greenleader import Candidate
+from greenleader.stores.consul import ConsulStore
+store = ConsulStore(sys.argv[1].split(","))
+candidate = Candidate(store, sys.argv[2], sys.argv[3], ttl=float(sys.argv[4]))
+elected, _ = candidate.run_for_election()
+for is_leader in elected:
+    print("LEADER" if is_leader else "FOLLOWER", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_crash_failover_after_sigkill_is_bounded(stores, key, cluster, record_property):
+    ttl = FAST_TTL
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, ",".join(cluster.addrs), key, "child", str(ttl)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        lines = gevent.spawn(lambda: [child.stdout.readline().strip() for _ in range(2)])
+        assert lines.get(timeout=ttl * 3) == ["FOLLOWER", "LEADER"], "the child never led"
+        store = stores()
+        assert store.leader(key).node == "child"
+        with Candidate(store, key, "parent", ttl=ttl) as parent:
+            elected, _ = parent.run_for_election()
+            assert next_item(elected, ttl, "parent's first item") is False
+            child.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            bound = 2 * ttl + store.lock_delay + 2.0
+            assert next_item(elected, bound, f"parent to lead within 2*ttl + lock_delay (+2s): {bound:g}s") is True
+            failover = time.monotonic() - killed
+            record_property("consul_crash_failover_s", round(failover, 3))
+            logging.getLogger(__name__).warning("consul crash failover: %.2fs", failover)
+            assert failover >= ttl, f"the crashed leader's session expired after only {failover:.2f}s"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _leader_of(candidates: list[Candidate]) -> Candidate | None:
+    leading = [c for c in candidates if c.is_leader()]
+    return leading[0] if len(leading) == 1 else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cluster_loses_the_leaders_agent_then_the_raft_leader(consul_cluster3, key, tag):
+    cluster = consul_cluster3
+    addrs = cluster.addrs
+    stores = [ConsulStore(addrs[i:] + addrs[:i], timeout=1.0, wait=3.0) for i in range(3)]
+    crowd = [Candidate(store, key, f"{tag}-{i}", ttl=FAST_TTL) for i, store in enumerate(stores)]
+    overlaps: list[tuple[float, list[str]]] = []
+
+    def monitor() -> None:
+        while True:
+            leading = [c.node for c in crowd if c.is_leader()]
+            if len(leading) > 1:
+                overlaps.append((time.monotonic(), leading))
+            gevent.sleep(0.002)
+
+    watcher = gevent.spawn(monitor)
+    queues = [c.run_for_election()[0] for c in crowd]
+    try:
+        wait_until(lambda: _leader_of(crowd), FAST_TTL * 3, "a leader on the 3-node cluster")
+        leader = _leader_of(crowd)
+        assert leader is not None
+        queue = queues[crowd.index(leader)]
+        assert [queue.get(timeout=1) for _ in range(2)] == [False, True]
+
+        # 1. Kill the agent the leader's client talks to: it fails over and keeps leading.
+        victim = next(n for n in cluster.nodes if n.client_addr == leader.store.active_addr)
+        victim.kill()
+        killed = time.monotonic()
+        wait_until(lambda: leader.store.active_addr != victim.client_addr and leader.is_leader()
+                   and time.monotonic() > killed + leader.renew_deadline + 0.5,
+                   FAST_TTL * 3, f"{leader.node} to keep leading through another agent")
+        assert queue.qsize() == 0, f"{leader.node} stepped down when its agent died: {queue.peek()!r}"
+        victim.start()
+        cluster.wait_ready()
+
+        # 2. Kill Consul's raft leader: after the raft election the campaign carries on.
+        raft_leader = cluster.leader_node()
+        raft_leader.kill()
+        killed = time.monotonic()
+        wait_until(lambda: (current := _leader_of(crowd)) is not None
+                   and time.monotonic() > killed + current.renew_deadline + 0.5,
+                   FAST_TTL * 4, "one candidate to lead (with a renewal) after the raft leader died")
+        survivors = [n.client_addr for n in cluster.running()]
+        assert all(c.store.active_addr in survivors for c in crowd if c.is_leader())
+    finally:
+        for candidate in crowd:
+            candidate.stop()
+        watcher.kill()
+        for store in stores:
+            store.close()
+    assert overlaps == [], f"two candidates believed they led at once: {overlaps[:5]}"
+    running = cluster.running()[0].client_addr
+    assert sessions_named(running, tag) == []
+    assert raw_entry(running, key) is None
+
+
+# -- gevent hygiene ------------------------------------------------------------------------------
+
+WARN_PROBE = """
+import warnings
+{patch}
+from greenleader.stores.consul import ConsulStore
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ConsulStore(["127.0.0.1:1"])
+for warning in caught:
+    print(warning.category.__name__, warning.message)
+"""
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_unpatched_process_gets_a_warning(patched):
+    patch = "from gevent import monkey; monkey.patch_all()" if patched else ""
+    result = subprocess.run(
+        [sys.executable, "-c", WARN_PROBE.format(patch=patch)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )
+    if patched:
+        assert "RuntimeWarning" not in result.stdout, result.stdout
+    else:
+        assert "RuntimeWarning" in result.stdout and "gevent.monkey.patch_all()" in result.stdout, result.stdout
+
+
+def test_no_warning_in_this_patched_process(stores):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stores()
