@@ -96,3 +96,18 @@ def wait_gone(hosts: str, path: str, timeout: float) -> None:
     with admin_client(hosts) as client, gevent.Timeout(timeout, AssertionError(f"{path} still has contenders")):
         while contenders(client, path):
             gevent.sleep(0.01)
+
+
+def leftovers(env: BackendEnv, key: str) -> list[str]:
+    """Every contender node left anywhere under ``key`` (empty persistent parents are fine)."""
+    root = ZooKeeperStore(env.cluster.addrs).path_for(key)
+    found: list[str] = []
+    with admin_client(env.cluster.addrs) as client:
+        pending = [root]
+        while pending:
+            path = pending.pop()
+            if not client.exists(path):
+                continue
+            for child in client.get_children(path):
+                (found if _CONTENDER_RE.search(child) else pending).append(f"{path}/{child}")
+    return found

@@ -4,9 +4,14 @@ Election (kazoo's Lock recipe, made session-aware): each candidate creates an ep
 sequential node ``<key>/<uuid>__lock__<sequence>`` whose data is the candidate's node name,
 so the leader's name lives and dies with its session. The lowest sequence leads; every
 other candidate watches only its predecessor (no thundering herd), so winners come in the
-order they queued up. The node name format is kazoo's, so kazoo ``Lock``/``Election``
-users on the same path see greenleader candidates as contenders and vice versa. The
-fencing term is the winner node's ``czxid``: later winners' nodes were created later.
+order they queued up. The fencing term is the winner node's ``czxid``: later winners' nodes
+were created later. The node names follow kazoo's Lock recipe, so kazoo ``Lock`` holders on
+the same path and greenleader candidates exclude each other.
+
+A winner *claims* its node by writing the same data again (version 0 -> 1), queued as it
+returns from :meth:`ZooKeeperStore.acquire`, so sent only after the candidate stepped up.
+Followers name only a claimed first node: never a candidate that has not learnt it leads
+yet, nor a waiter that happens to be first while it withdraws.
 
 Sessions and TTLs, the safety property: the server deletes a session's ephemeral nodes
 only after the negotiated session timeout passes without hearing from the client. A
@@ -24,7 +29,7 @@ Connection states: SUSPENDED (connection lost, session may live) makes renewals 
 StoreUnavailableError, so the candidate leads only until its renew deadline unless the
 connection returns first. LOST (session expired or closed: every ephemeral node is gone)
 reports every live lease of that session lost at once. A watch on the leader's own node
-reports its deletion (by an operator, or :func:`tests.support_zookeeper.force_expire`) the
+reports its deletion (say, by an operator evicting a stuck holder) the
 same way. Listener and watch callbacks only set flags or spawn.
 
 Release deletes the candidate's node (one round trip; the next waiter's watch fires). When
@@ -50,6 +55,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gevent
@@ -96,6 +102,13 @@ _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
 _CONNECTION_ERRORS = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
+
+
+@dataclass(frozen=True)
+class _Unclaimed:
+    """The first node in the queue, whose candidate has not claimed the win yet."""
+
+    path: str
 
 
 class _ConnectionLost(StoreUnavailableError):
@@ -316,6 +329,17 @@ class _ZooKeeperLease(Lease):
         self._session_id = stat.ephemeralOwner
         self._session.leases.add(self)
 
+    def claim(self) -> None:
+        """Mark the node as a leader's: the same data again, so its version goes 0 -> 1.
+
+        Followers report a node as leader only once it is claimed, so they never name a
+        candidate that has not yet learnt it leads, nor a waiter that is withdrawing. The
+        request is only queued here: kazoo sends it once the calling greenlet yields, that
+        is after the candidate has stepped up. A claim lost with the connection is made
+        again by the next renewal.
+        """
+        self._session.client.set_async(self.path, self.node.encode())
+
     def lost(self, why: str) -> None:
         """The node is gone (session expired, node deleted): tell the candidate at once."""
         if self._released or self._lost:
@@ -355,6 +379,8 @@ class _ZooKeeperLease(Lease):
         if stat is None or stat.ephemeralOwner != self._session_id:
             self.lost("its node was deleted")
             raise LeadershipLostError(f"{self.node!r} no longer holds {self.key!r}: its node is gone")
+        if stat.version == 0:
+            self.claim()
         self.confirmed_at = started
 
     def release(self) -> None:
@@ -590,6 +616,7 @@ class ZooKeeperStore(Store):
                     position = contenders.index(name)
                     if position == 0:
                         lease.won(stat, started)
+                        lease.claim()
                         log.debug("%s won %s with term %d", node, key, lease.term)
                         return lease
                     predecessor = f"{path}/{contenders[position - 1]}"
@@ -617,11 +644,25 @@ class ZooKeeperStore(Store):
         path = self.path_for(key)
         while True:
             try:
-                return self._read_leader(self._session(), path)
+                session = self._session()
+                info = self._read_leader(session, path)
+                if isinstance(info, _Unclaimed):
+                    # A winner claims its node one round trip after it learnt it won; wait
+                    # for that (bounded: a winner may die before claiming) rather than
+                    # report a vacancy. Only here is a watch set, so calling leader() often
+                    # leaves no watches behind.
+                    claimed = Event()
+                    stat = session.call(session.client.exists_async, info.path, _waker(claimed))
+                    if stat is not None and stat.version == 0:
+                        claimed.wait(self.timeout)
+                    info = self._read_leader(session, path)
+                return None if isinstance(info, _Unclaimed) else info
             except _ConnectionLost:
                 continue
 
-    def _read_leader(self, session: _Session, path: str, watch: Callable[[Any], None] | None = None):
+    def _read_leader(
+        self, session: _Session, path: str, watch: Callable[[Any], None] | None = None
+    ) -> LeaderInfo | _Unclaimed | None:
         """The leader of ``path``; with ``watch``, arm it on what would change the answer."""
         client = session.client
         while True:
@@ -635,10 +676,13 @@ class ZooKeeperStore(Store):
                 continue
             if not contenders:
                 return None
+            first = f"{path}/{contenders[0]}"
             try:  # the leader stays leader until its node goes: watch only that node
-                data, stat = session.call(client.get_async, f"{path}/{contenders[0]}", watch)
+                data, stat = session.call(client.get_async, first, watch)
             except NoNodeError:
                 continue
+            if stat.version == 0:
+                return _Unclaimed(first)  # the claim (or the node's deletion) fires the watch
             return LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
@@ -649,7 +693,7 @@ class ZooKeeperStore(Store):
                 info = self._read_leader(self._session(), path, _waker(changed))
             except _ConnectionLost:
                 continue
-            yield info
+            yield None if isinstance(info, _Unclaimed) else info
             changed.wait()  # kazoo also fires watches when the connection drops
 
     def close(self) -> None:
