@@ -213,7 +213,7 @@ class _Session:
             self.session_id = session_id
             log.debug("%r connected", self)
             if self.negotiated_ms is not None and self.negotiated_ms < self.requested_ms and self.leases:
-                self._lose_leases(f"the server now grants only {self.negotiated_ms}ms")
+                self._lose_leases(f"the server now grants only {self.negotiated_ms}ms", gone=False)
             self.connected.set()
             self.settled.set()
             if self.orphans:
@@ -231,9 +231,9 @@ class _Session:
                 self.settled.set()
             self._lose_leases("the ZooKeeper session expired")
 
-    def _lose_leases(self, why: str) -> None:
+    def _lose_leases(self, why: str, *, gone: bool = True) -> None:
         for lease in list(self.leases):
-            lease.lost(why)
+            lease.lost(why, gone=gone)
 
     def _delete_orphans(self) -> None:
         for parent, prefix in list(self.orphans):
@@ -322,6 +322,7 @@ class _ZooKeeperLease(Lease):
         self._session_id: int | None = None  # set once it leads
         self._released = False
         self._lost: str | None = None
+        self._gone = False
 
     def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
         self.term = stat.czxid
@@ -340,11 +341,15 @@ class _ZooKeeperLease(Lease):
         """
         self._session.client.set_async(self.path, self.node.encode())
 
-    def lost(self, why: str) -> None:
-        """The node is gone (session expired, node deleted): tell the candidate at once."""
+    def lost(self, why: str, *, gone: bool = True) -> None:
+        """The hold is lost (session expired, node deleted): tell the candidate at once.
+
+        ``gone``: the node no longer exists, so release() has nothing to delete.
+        """
         if self._released or self._lost:
             return
         self._lost = why
+        self._gone = gone
         log.info("%r lost: %s", self, why)
         self._session.leases.discard(self)
         self.notify_lost()
@@ -355,6 +360,8 @@ class _ZooKeeperLease(Lease):
             self.woken.set()
             if self._session_id is not None:
                 self.lost("its node was deleted")
+        elif event.type == EventType.CHANGED and not self._released:  # our claim: watch on
+            self._session.client.exists_async(self.path, self.on_node_event)
 
     def renew(self) -> None:
         started = now()
@@ -389,8 +396,8 @@ class _ZooKeeperLease(Lease):
         self._released = True
         session = self._session
         session.leases.discard(self)
-        if session.session_id not in (None, self._session_id):
-            return  # the session that owned the node has ended, and the node with it
+        if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
+            return  # the node was deleted, or its session has ended and the node with it
         parent, name = self.path.rsplit("/", 1)
         if not session.connected.is_set():
             session.orphans.add((parent, name))
