@@ -163,7 +163,15 @@ def _parse_addr(addr: object) -> tuple[str, int]:
 
 def _seconds(value: float) -> int | float:
     """Whole seconds as an int, so the library sends "10s" rather than "10.0s"."""
-    return int(value) if value.is_integer() else value
+    return int(value) if float(value).is_integer() else value
+
+
+def _outcome(function: Callable[[], object]) -> object:
+    """Call ``function``; return its result or the StoreError it raised (for a helper greenlet)."""
+    try:
+        return function()
+    except StoreError as exc:
+        return exc
 
 
 def _holds(entry: dict[str, Any] | None, session_id: str) -> bool:
@@ -343,16 +351,22 @@ class _Campaign:
     def _try_to_win(self) -> Lease | None:
         """Try to lock the key; if it is held, block until it changes. A lease if won."""
         store, key, session = self.store, self.key, self.session
-        if store._call("lock the key", lambda c: c.kv.put(key, self.node, acquire=session.id)):
-            try:
-                started = now()
-                session.renew()  # a fresh confirmation: the hold dates from the session's
-                index, entry = store._get(key)
-            except LeadershipLostError:
-                return None
+        # Renew alongside the lock attempt, so that a win comes with a fresh confirmation
+        # (the hold dates from the session's renewal) without another round trip.
+        renewal = gevent.spawn(_outcome, session.renew)
+        try:
+            locked = store._call("lock the key", lambda c: c.kv.put(key, self.node, acquire=session.id))
+            renewal.join()
+        finally:
+            renewal.kill()
+        if locked:
+            if isinstance(renewal.value, LeadershipLostError):
+                return None  # the session is gone (and with it the key): start over
+            if isinstance(renewal.value, BaseException):
+                raise renewal.value
+            index, entry = store._get(key)
             if _holds(entry, session.id):
                 assert entry is not None
-                session.confirmed_at = started
                 self.won = True
                 return _ConsulLease(store, key, self.node, int(entry["ModifyIndex"]), session)
             return None
