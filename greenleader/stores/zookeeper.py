@@ -217,7 +217,7 @@ class _Session:
             self.connected.set()
             self.settled.set()
             if self.orphans:
-                self.store._spawn(self._delete_orphans)
+                self.store._spawn(self.delete_orphans)
         elif state == KazooState.SUSPENDED:
             self.connected.clear()
             if self.leases:
@@ -235,11 +235,10 @@ class _Session:
         for lease in list(self.leases):
             lease.lost(why, gone=gone)
 
-    def _delete_orphans(self) -> None:
+    def delete_orphans(self) -> None:
         for parent, prefix in list(self.orphans):
             try:
-                self.delete_prefixed(parent, prefix)
-                self.orphans.discard((parent, prefix))
+                self._remove(parent, prefix)
             except StoreError as exc:
                 log.warning("%r: could not delete leftover node %s/%s*: %s", self, parent, prefix, exc)
 
@@ -288,16 +287,26 @@ class _Session:
         except NoNodeError:
             return []
 
-    def delete_prefixed(self, parent: str, prefix: str) -> None:
-        """Delete the children of ``parent`` whose names start with ``prefix``.
+    def discard(self, parent: str, prefix: str, *, exact: bool = False) -> None:
+        """Delete our node ``parent/prefix*`` (``parent/prefix`` itself if ``exact``).
 
-        Requests of one session are served in order, so this sees the node of any create
-        this session sent before, even one whose answer was lost.
+        The node is first recorded as an orphan, and deleted by a greenlet of the store's,
+        so a caller killed or timed out meanwhile cannot leave it in the queue for good:
+        an orphan is deleted on the next (re)connection, or at the next acquire().
         """
-        for child in self.children(parent):
-            if child.startswith(prefix):
-                with contextlib.suppress(NoNodeError):
-                    self.call(self.client.delete_async, f"{parent}/{child}")
+        self.orphans.add((parent, prefix))
+        if not self.connected.is_set():
+            raise StoreUnavailableError(f"cannot delete {parent}/{prefix} now; it goes when the session reconnects")
+        self.store._spawn(self._remove, parent, prefix, exact).get()
+
+    def _remove(self, parent: str, prefix: str, exact: bool = False) -> None:
+        # Requests of one session are served in order, so the listing sees the node of any
+        # create this session sent before, even one whose answer was lost.
+        names = [prefix] if exact else [c for c in self.children(parent) if c.startswith(prefix)]
+        for name in names:
+            with contextlib.suppress(NoNodeError):
+                self.call(self.client.delete_async, f"{parent}/{name}")
+        self.orphans.discard((parent, prefix))
 
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) and free the connection."""
@@ -399,16 +408,7 @@ class _ZooKeeperLease(Lease):
         if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
             return  # the node was deleted, or its session has ended and the node with it
         parent, name = self.path.rsplit("/", 1)
-        if not session.connected.is_set():
-            session.orphans.add((parent, name))
-            raise StoreUnavailableError(f"cannot delete {self.path} now; it goes when the session reconnects")
-        try:
-            session.call(session.client.delete_async, self.path)
-        except NoNodeError:
-            pass
-        except StoreUnavailableError:
-            session.orphans.add((parent, name))
-            raise
+        session.discard(parent, name, exact=True)
 
 
 class ZooKeeperStore(Store):
@@ -523,10 +523,11 @@ class ZooKeeperStore(Store):
 
     # -- sessions -------------------------------------------------------------------------------
 
-    def _spawn(self, func: Callable[[], None]) -> None:
-        greenlet = gevent.spawn(func)
+    def _spawn(self, func: Callable[..., None], *args: Any) -> gevent.Greenlet:
+        greenlet = gevent.spawn(func, *args)
         self._greenlets.add(greenlet)
         greenlet.link(self._greenlets.discard)
+        return greenlet
 
     def _session(self, timeout_ms: int | None = None) -> _Session:
         """A connected session with that requested timeout (None: any session, for reading)."""
@@ -586,6 +587,8 @@ class ZooKeeperStore(Store):
         node = check_text("node", node)
         path = self.path_for(key)
         session = self._lease_session(self.validate_ttl(ttl))
+        if session.orphans:  # left by a release or withdrawal that was cut short
+            session.delete_orphans()
         client = session.client
         prefix = uuid.uuid4().hex + _CONTENDER
         lease: _ZooKeeperLease | None = None  # our node, once created
@@ -634,18 +637,15 @@ class ZooKeeperStore(Store):
                     continue  # wait_connected bounds how long a dead connection is retried
         except BaseException:
             if sent:
-                self._withdraw(session, path, lease.path.rsplit("/", 1)[1] if lease else prefix)
+                self._withdraw(session, path, lease.path.rsplit("/", 1)[1] if lease else None, prefix)
             raise
 
-    def _withdraw(self, session: _Session, path: str, prefix: str) -> None:
+    def _withdraw(self, session: _Session, path: str, name: str | None, prefix: str) -> None:
         """Delete our node after a cancelled or failed acquire (or leave it to reconnection)."""
         try:
-            with gevent.Timeout(self.timeout, StoreUnavailableError("withdrawing timed out")):
-                session.wait_connected(self.timeout)
-                session.delete_prefixed(path, prefix)
+            session.discard(path, name or prefix, exact=name is not None)
         except StoreError as exc:
             log.info("could not withdraw from %s now (%s); retrying on reconnection", path, exc)
-            session.orphans.add((path, prefix))
 
     def leader(self, key: str) -> LeaderInfo | None:
         path = self.path_for(key)
