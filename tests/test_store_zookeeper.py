@@ -15,7 +15,13 @@ import gevent
 import pytest
 
 from greenleader import Candidate, Follower
-from greenleader.errors import InvalidArgumentError, InvalidKeyError, InvalidURLError, StoreUnavailableError
+from greenleader.errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidURLError,
+    StoreError,
+    StoreUnavailableError,
+)
 from greenleader.events import LeadershipLost, LossReason
 from greenleader.stores import from_url, new_store
 from greenleader.stores.zookeeper import ZooKeeperStore
@@ -433,6 +439,96 @@ def test_unreachable_store_fails_within_its_timeout(key) -> None:
             store.acquire(key, "alice", TTL)
     finally:
         store.close()
+
+
+UNPATCHED = """
+import sys, time, warnings
+import gevent
+from gevent import monkey
+from greenleader import Candidate, Follower
+from greenleader.stores.zookeeper import ZooKeeperStore
+
+assert not monkey.is_module_patched("socket")
+addrs, key = sys.argv[1].split(","), sys.argv[2]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    store = ZooKeeperStore(addrs)
+    assert not caught, [str(w.message) for w in caught]
+    ZooKeeperStore(["zk1.example.invalid:2181"])
+    assert [w.category for w in caught] == [RuntimeWarning], caught
+    assert "gevent.monkey.patch_all()" in str(caught[0].message)
+
+gap = 0.0
+def tick():
+    global gap
+    last = time.monotonic()
+    while True:
+        gevent.sleep(0.005)
+        now = time.monotonic()
+        gap, last = max(gap, now - last), now
+ticker = gevent.spawn(tick)
+gevent.sleep(0.05)
+follower = Follower(ZooKeeperStore(addrs), key)
+leaders, _ = follower.follow_election()
+assert leaders.get(timeout=10) is None
+alice, bob = Candidate(store, key, "alice", ttl=2), Candidate(ZooKeeperStore(addrs), key, "bob", ttl=2)
+elected, _ = alice.run_for_election()
+assert elected.get(timeout=10) is False and elected.get(timeout=10) is True
+bob_elected, _ = bob.run_for_election()
+assert bob_elected.get(timeout=10) is False
+assert leaders.get(timeout=10) == "alice"
+alice.stop()
+assert bob_elected.get(timeout=10) is True
+assert leaders.get(timeout=10) in ("bob", None)
+bob.stop()
+follower.stop()
+print("max-gap", gap)
+"""
+
+
+def test_cooperative_without_monkey_patching(zookeeper_cluster, key, tmp_path) -> None:
+    """kazoo's gevent handler never blocks the hub in an unpatched process (given IP
+    addresses), so the store warns only when host names would need the blocking resolver."""
+    import subprocess
+
+    script = tmp_path / "unpatched.py"
+    script.write_text(UNPATCHED)
+    result = subprocess.run(
+        [sys.executable, str(script), ",".join(zookeeper_cluster.addrs), key],
+        capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    gap = float(result.stdout.split()[-1])
+    assert gap < 0.1, f"the hub was blocked for {gap * 1000:.0f} ms in an unpatched process"
+
+
+def test_interrupted_release_still_frees_the_key(stores, key) -> None:
+    """A release cut short (the candidate's own timeout, a kill) still deletes the node."""
+    store = stores()
+    lease = store.acquire(key, "alice", TTL)
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.0001):
+        lease.release()
+    wait_until(lambda: store.leader(key) is None, 2, "the node to go after an interrupted release")
+    lease.release()  # idempotent, even then
+
+
+def test_use_after_fork_is_refused(stores, key) -> None:
+    """A store connected in a parent must not be used in a forked child: it would share
+    (and could close) the parent's session."""
+    store = stores()
+    assert store.leader(key) is None  # connects
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on
+        try:
+            store.leader(key)
+        except StoreError as exc:
+            os._exit(0 if "fork" in str(exc) else 2)
+        except BaseException:
+            os._exit(3)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    assert store.leader(key) is None  # the parent's store still works
 
 
 # -- processes and ensembles --------------------------------------------------------------------
