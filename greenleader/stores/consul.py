@@ -594,9 +594,15 @@ class ConsulStore(Store):
         )
         try:
             session_id = creating.get()
-        except BaseException:
-            if not creating.ready():
-                creating.link_value(lambda g: self._discard(_Session(self, g.value, node, ttl, started)))
+        except BaseException:  # killed while (or just after) the session was made: destroy it
+            try:
+                if not creating.ready():
+                    creating.join(timeout=2 * self.timeout + 1.0)
+            finally:
+                if creating.successful():
+                    self._discard(_Session(self, creating.value, node, ttl, started))
+                elif not creating.ready():  # killed again meanwhile: clean up behind us
+                    creating.link_value(lambda g: self._discard(_Session(self, g.value, node, ttl, started)))
             raise
         log.debug("consul: session %s for %r", session_id, node)
         return _Session(self, session_id, node, ttl, started)
