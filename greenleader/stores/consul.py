@@ -19,9 +19,11 @@ session ends only by TTL (which the candidate's ``renew_deadline < ttl`` already
 or by an explicit destroy (which the holder's blocking query reports within a round trip).
 
 **Crash failover**: Consul treats the TTL as a lower bound and may take up to ``2 x ttl`` to
-expire a session; it then refuses the lock for ``lock_delay``. A crashed leader is therefore
-replaced after ``ttl .. 2 x ttl + lock_delay`` (10-21 s at the minimum TTL and the default
-lock-delay), not the ~40 s of a 20 s TTL with Consul's 15 s default lock-delay.
+expire a session (Consul 1.8 arms its timer at exactly twice the TTL after each renewal); it then
+refuses the lock for ``lock_delay``. A crashed leader is therefore replaced after at most
+``2 x ttl + lock_delay``, in practice ``2 x ttl + lock_delay`` minus the time since its last
+renewal: about 19-21 s at the minimum TTL with the default lock-delay, not the ~40 s of the Go
+seed (TTL doubling plus Consul's 15 s default lock-delay).
 
 **lock_delay defaults to 1 s.** Lock-delay only applies when a session is invalidated while it
 holds the key. On TTL expiry the holder has already stepped down on its own clock (at
@@ -31,6 +33,11 @@ it gives the holder time to hear of the loss (one blocking-query round trip) bef
 can win. One second covers both with a wide margin while adding only 1 s to crash failover;
 Consul's 15 s default would dominate failover for no extra safety. Set ``lock_delay=0`` to trade
 that margin for speed, or more for slower networks (Consul caps it at 60 s).
+
+**Waiters**: Consul keeps no queue of lock waiters, so every waiter wakes when the key is
+released and one of them wins (N waiters cost N lock attempts per handover; no FIFO order).
+While Consul enforces a lock-delay nothing changes that a blocking query could wait for, so
+waiters retry every 50-250 ms until it ends (Consul's own lock retries every 5 s).
 
 **Endpoints**: several ``host:port`` addresses are agents of one cluster; the store uses the first
 that answers and fails over to the next on connection errors, timeouts and 5xx answers.
