@@ -1,0 +1,259 @@
+"""Leader duties: functions that run as greenlets only while a candidate leads.
+
+>>> from greenleader.duties import duty
+>>> @duty
+... def scheduler(term: int) -> None:
+...     while True:
+...         run_due_jobs(fence=term)
+...         gevent.sleep(1)
+
+Each registered duty is started in a greenlet of its own on every win, called with the
+tenure's fencing term, and killed with :class:`gevent.GreenletExit` when the tenure ends
+(loss, resign or stop). When the candidate steps down on its own (a renew deadline, an expired
+key), the duties are killed as soon as the hub runs them, which is well within the TTL margin
+(``ttl - renew_deadline``) that keeps the next leader from starting; a duty whose side effects
+must never outlive the tenure checks :meth:`DutyRunner.leads` (or fences with the term) right
+before each of them. When this process steps down deliberately (:meth:`DutyRunner.stop`,
+:meth:`DutyRunner.resign`), the duties are killed *before* the key is released.
+
+Error policy (``on_error``), for a duty that raises anything but ``GreenletExit``; the error is
+always logged with its traceback and never reaches the candidate or the process:
+
+- ``"restart"`` (default): run the duty again after a jittered exponential backoff (1 s, 2 s,
+  ... up to 60 s) while the same tenure lasts;
+- ``"resign"``: stop every duty and resign, so that another candidate (perhaps on a healthier
+  host) takes over; this one campaigns again after the candidate's ``resign_holdoff``;
+- ``"stop"``: leave this duty stopped until the next tenure; the other duties keep running.
+
+A duty that returns is done for this tenure: it is not restarted until the next win.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, overload
+
+import gevent
+from gevent import Greenlet, GreenletExit
+from gevent.lock import Semaphore
+
+from .candidate import Candidate
+from .errors import InvalidArgumentError
+from .retry import Backoff
+
+__all__ = ["ON_ERROR", "Duties", "Duty", "DutyRunner", "duties", "duty"]
+
+log = logging.getLogger(__name__)
+
+#: The error policies a duty can have (see the module docstring).
+ON_ERROR = ("restart", "resign", "stop")
+#: Seconds a killed duty gets to finish its ``finally`` blocks before it is reported as stuck.
+KILL_GRACE = 5.0
+
+DutyFunction = Callable[[int], Any]
+
+
+@dataclass(frozen=True)
+class Duty:
+    """A registered duty: ``func(term)`` runs while leading; ``on_error`` is its error policy."""
+
+    func: DutyFunction
+    name: str
+    on_error: str = "restart"
+
+
+def _check_policy(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise InvalidArgumentError(f"on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
+    return on_error
+
+
+class Duties:
+    """A registry of duties; call it as a decorator, with or without options.
+
+    :param on_error: the default error policy of the duties registered here.
+    :param backoff: delays between restarts of a failing duty (policy ``"restart"``).
+    """
+
+    def __init__(self, *, on_error: str = "restart", backoff: Backoff | None = None) -> None:
+        self.on_error = _check_policy(on_error)
+        self.backoff = backoff or Backoff(initial=1.0, maximum=60.0)
+        self._duties: list[Duty] = []
+        self._runners: list[DutyRunner] = []
+
+    def __iter__(self) -> Iterator[Duty]:
+        return iter(list(self._duties))
+
+    def __len__(self) -> int:
+        return len(self._duties)
+
+    @overload
+    def __call__(self, func: DutyFunction, /) -> DutyFunction: ...
+
+    @overload
+    def __call__(
+        self, func: None = None, /, *, name: str | None = None, on_error: str | None = None
+    ) -> Callable[[DutyFunction], DutyFunction]: ...
+
+    def __call__(self, func=None, /, *, name=None, on_error=None):
+        """Register ``func`` as a duty: ``@duty`` or ``@duty(name=..., on_error="resign")``."""
+        if func is None:
+            return lambda f: self.register(f, name=name, on_error=on_error)
+        return self.register(func, name=name, on_error=on_error)
+
+    def register(self, func: DutyFunction, *, name: str | None = None, on_error: str | None = None) -> DutyFunction:
+        """Register ``func`` (called with the term); return it unchanged.
+
+        Registering the same function twice replaces the first registration. A duty
+        registered while a runner leads starts at once, for the current tenure.
+        """
+        if not callable(func):
+            raise InvalidArgumentError(f"a duty must be callable, not {type(func).__name__}")
+        entry = Duty(func, name or getattr(func, "__qualname__", repr(func)),
+                     _check_policy(on_error or self.on_error))
+        self._duties = [d for d in self._duties if d.func is not func] + [entry]
+        for runner in list(self._runners):
+            runner._registered(entry)
+        return func
+
+    def unregister(self, func: DutyFunction) -> None:
+        """Forget ``func``; a running instance of it runs on until the tenure ends."""
+        self._duties = [d for d in self._duties if d.func is not func]
+
+    def clear(self) -> None:
+        self._duties = []
+
+    def run(self, candidate: Candidate) -> DutyRunner:
+        """Start ``candidate``'s campaign and run these duties during each of its tenures.
+
+        The runner reads the candidate's ``elected`` queue; observe the election through
+        :mod:`greenleader.events` instead.
+        """
+        runner = DutyRunner(self, candidate)
+        self._runners.append(runner)
+        runner._start()
+        return runner
+
+
+class DutyRunner:
+    """Runs a registry's duties while ``candidate`` leads. Made by :meth:`Duties.run`."""
+
+    def __init__(self, duties: Duties, candidate: Candidate) -> None:
+        self.duties = duties
+        self.candidate = candidate
+        self._term: int | None = None  # the tenure the duties run for, or None
+        self._running: dict[Greenlet, Duty] = {}
+        self._reader: Greenlet | None = None
+        self._stopping = False
+        self._stopped = False
+        self._stop_lock = Semaphore()
+
+    def __repr__(self) -> str:
+        return f"<DutyRunner {self.candidate!r} term={self._term}>"
+
+    def leads(self, term: int) -> bool:
+        """True while the candidate still leads in tenure ``term``: check before a side effect."""
+        return self.candidate.is_leader() and self.candidate.term == term
+
+    @property
+    def running(self) -> list[str]:
+        """Names of the duties running now."""
+        return [d.name for g, d in self._running.items() if not g.dead]
+
+    def resign(self) -> None:
+        """Stop the duties, then resign, so that another candidate takes over."""
+        if self._stopping:
+            return
+        self._end_tenure()
+        self.candidate.resign()
+
+    def stop(self) -> None:
+        """Stop the duties, then the candidate (which releases the key). Idempotent; a
+        concurrent call waits for the first one to finish."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopping = True
+            self._end_tenure()
+            self.candidate.stop()
+            if self._reader is not None and self._reader is not gevent.getcurrent():
+                self._reader.join(timeout=KILL_GRACE)
+            if self in self.duties._runners:
+                self.duties._runners.remove(self)
+            self._stopped = True
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        elected, _ = self.candidate.run_for_election()
+        self._reader = gevent.spawn(self._read, elected)
+
+    def _read(self, elected: Any) -> None:
+        try:
+            for is_elected in elected:
+                if is_elected:
+                    term = self.candidate.term
+                    if term is not None and term != self._term:  # None: lost already, False follows
+                        self._begin_tenure(term)
+                else:
+                    self._end_tenure()
+        finally:
+            self._end_tenure()
+
+    def _begin_tenure(self, term: int) -> None:
+        self._end_tenure()
+        if self._stopping:
+            return
+        self._term = term
+        log.info("%r: leading with term %d; starting %d duties", self.candidate, term, len(self.duties))
+        for entry in self.duties:
+            self._spawn(entry, term)
+
+    def _registered(self, entry: Duty) -> None:
+        term = self._term
+        if term is not None and not self._stopping and self.leads(term):
+            self._spawn(entry, term)
+
+    def _spawn(self, entry: Duty, term: int) -> None:
+        greenlet = Greenlet(self._run_duty, entry, term)
+        greenlet.name = f"duty {entry.name} (term {term})"
+        self._running[greenlet] = entry
+        greenlet.start()
+
+    def _end_tenure(self) -> None:
+        """Kill the running duties and wait (bounded) for them to die."""
+        self._term = None
+        running, self._running = list(self._running), {}
+        running = [g for g in running if not g.dead and g is not gevent.getcurrent()]
+        if not running:
+            return
+        gevent.killall(running, block=True, timeout=KILL_GRACE)
+        for greenlet in running:
+            if not greenlet.dead:
+                log.error("%s ignored GreenletExit for %gs and may still be running", greenlet.name, KILL_GRACE)
+
+    def _run_duty(self, entry: Duty, term: int) -> None:
+        delays = self.duties.backoff.delays()
+        while self.leads(term):
+            try:
+                entry.func(term)
+            except GreenletExit:
+                raise
+            except Exception:
+                log.exception("duty %s failed in term %d (policy: %s)", entry.name, term, entry.on_error)
+            else:
+                log.info("duty %s finished for term %d", entry.name, term)
+                return
+            if entry.on_error == "stop":
+                return
+            if entry.on_error == "resign":
+                gevent.spawn(self.resign)
+                return
+            gevent.sleep(next(delays))
+
+
+#: The default registry; ``@duty`` registers into it (greenleader.gunicorn runs it).
+duties = Duties()
+duty = duties

@@ -1,0 +1,25 @@
+"""gunicorn config of the tests: the two greenleader hooks, and optionally an early patch_all()."""
+
+import os
+
+if os.environ.get("TEST_EARLY_PATCH") == "1":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+from greenleader.gunicorn import post_fork, worker_exit  # noqa: E402, F401
+
+worker_class = "gevent"
+graceful_timeout = 10
+control_socket_disable = True  # gunicorn >= 27: keep the tests out of ~/.gunicorn
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": "INFO", "handlers": ["console"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] %(name)s %(levelname)s %(message)s"}},
+}

@@ -1,0 +1,240 @@
+"""greenleader.gunicorn with real ``gunicorn -k gevent`` masters on loopback.
+
+Two masters of three workers each run for one key; the app's duty logs every tenure (see
+tests/gunicorn_apps/app.py), and the checks read that log: exactly one worker runs the duty at
+any time, terms increase, a killed leader is replaced within the store's crash bound, a
+terminated master hands over in well under a second. The heavier gunicorn scenarios (HUP,
+``max_requests``, ``--preload`` with an early ``patch_all()``, worker timeouts, a store that
+is not there at boot, bad settings, the examples) run on the file store only: they exercise
+the hooks, which are the same for every store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.backends import REAL_KINDS, BackendEnv
+from tests.candidate_process import crash_bound, process_url
+from tests.gunicorn_apps.harness import REPO, Fleet, Tenure, worker_pid
+
+log = logging.getLogger(__name__)
+
+#: Seconds for fresh masters to boot their workers and elect someone (a loaded CI machine).
+STARTUP = 30.0
+#: SIGTERM to a leader's master -> the duty runs in the other master: "well under a second".
+HANDOVER_BOUND = 1.0
+FILE_TTL = 1.0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["file", *REAL_KINDS])
+def gunicorn_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def kind(gunicorn_kind: str) -> str:
+    """conftest's backend fixtures follow this module's kinds (not memory: it is in-process)."""
+    return gunicorn_kind
+
+
+def figures(name: str, kind: str, values: list[float]) -> str:
+    text = (f"{kind}: {name} " + ", ".join(f"{v * 1000:.0f}" for v in values) + " ms"
+            f" (median {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms)")
+    log.info("%s", text)
+    print(f"\n[figures] {text}")  # shown with pytest -s
+    return text
+
+
+def check_events(fleet: Fleet, *tenures: Tenure) -> None:
+    """zope.event handlers in the workers saw each tenure begin, as the duties did."""
+    events = {(e["event"], e["node"], e["term"]) for e in fleet.event_lines()}
+    for tenure in tenures:
+        assert ("LeadershipAcquired", tenure.node, tenure.term) in events, (
+            f"no LeadershipAcquired event for {tenure}: {sorted(events)}\n{fleet.report()}"
+        )
+
+
+@pytest.mark.timeout(180)
+def test_one_leader_failover_and_handover(
+    gunicorn_kind: str, backend_env: BackendEnv, key: str, ttl: float, tmp_path: Path, record_property
+) -> None:
+    """2 masters x 3 workers: one duty; SIGKILL its worker, then SIGTERM its master."""
+    kind = gunicorn_kind
+    bound = crash_bound(backend_env, ttl)
+    with Fleet(tmp_path / "fleet", process_url(backend_env), key, ttl) as fleet:
+        fleet.start()
+        fleet.start()
+        first = fleet.current(STARTUP)
+        fleet.wait_for("every worker to campaign", lambda: all(m.campaigning() >= 3 for m in fleet.masters), STARTUP)
+        fleet.scan_status(first, STARTUP)
+
+        sent = time.monotonic()
+        os.kill(worker_pid(first.node), signal.SIGKILL)
+        second = fleet.wait_tenure(bound + 10, after=sent, exclude=first.node)
+        failover = second.start - sent
+
+        master = fleet.master_of(second.node)
+        sent = master.send(signal.SIGTERM)
+        third = fleet.wait_tenure(HANDOVER_BOUND + 10, after=sent, where=lambda t: fleet.master_of(t.node) != master)
+        handover = third.start - sent
+        assert master.wait_exit(20) == 0, master.tail()
+        fleet.scan_status(third, STARTUP, masters=[fleet.master_of(third.node)])
+
+        tenures = fleet.check_history()
+        assert (tenures[0].node, tenures[0].term) == (first.node, first.term), f"someone ran before {first}"
+        assert [t for t in tenures if t.node == second.node][0].stopped, "the terminated leader's duty was not stopped"
+        check_events(fleet, first, second, third)
+
+    record_property("failover_s", failover)
+    record_property("handover_s", handover)
+    figures(f"worker SIGKILL failover (bound {bound:g} s)", kind, [failover])
+    figures("master SIGTERM handover", kind, [handover])
+    assert failover <= bound, f"failover took {failover:.2f}s, bound {bound:g}s"
+    assert handover <= HANDOVER_BOUND, f"handover took {handover:.3f}s, bound {HANDOVER_BOUND:g}s"
+
+
+def file_url(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'elections'}?poll_interval=0.01"
+
+
+@pytest.mark.timeout(150)
+def test_reload_recycling_and_preload(tmp_path: Path, key: str) -> None:
+    """A --preload master with an early patch_all() and a plain one; HUP, then max_requests
+    recycling of the leader: one duty at a time throughout, and someone leads at the end."""
+    with Fleet(tmp_path / "fleet", file_url(tmp_path), key, FILE_TTL) as fleet:
+        recycle = ("--max-requests", "15", "--max-requests-jitter", "0")
+        preloaded = fleet.start(args=("--preload", *recycle), env={"TEST_EARLY_PATCH": "1"})
+        first = fleet.current(STARTUP)  # only the preloaded master's workers run so far
+        plain = fleet.start(args=recycle)
+        code, body = preloaded.get("/_greenleader")
+        assert code == 200 and body["leader"] == first.node and body["key"] == key, body
+
+        sent = preloaded.send(signal.SIGHUP)  # new workers, then SIGTERM to the old ones
+        second = fleet.wait_tenure(STARTUP, after=sent, exclude=first.node)
+        fleet.wait_for("the old workers to exit", lambda: f"Worker exiting (pid: {worker_pid(first.node)})"
+                       in preloaded.log_text(), STARTUP)
+
+        leader_master = fleet.master_of(second.node)
+
+        def recycled() -> Tenure | None:
+            leader_master.get("/")
+            return next((t for t in fleet.tenures() if t.start > second.start), None)
+
+        third = fleet.wait_for("max_requests to recycle the leader", recycled, 60)
+        assert "Autorestarting worker after current request" in leader_master.log_text()
+        assert [t for t in fleet.tenures() if t.node == second.node][0].stopped
+
+        last = fleet.current(STARTUP)
+        tenures = fleet.check_history()
+        for master in (preloaded, plain):
+            master.stop()
+            assert master.wait_exit(20) == 0, master.tail()
+        after_exit = fleet.tenures()
+        assert all(t.stopped for t in after_exit), f"a duty was not stopped at exit\n{fleet.report()}"
+        assert len(after_exit) == len(tenures) or after_exit[-1].start > last.start
+        check_events(fleet, first, second, third)
+
+
+@pytest.mark.timeout(120)
+def test_worker_timeout(tmp_path: Path, key: str) -> None:
+    """The leader's hub hangs; the arbiter kills it (SIGABRT blocked, so SIGKILL); another
+    worker takes over, and the hung duty never ran on."""
+    with Fleet(tmp_path / "fleet", file_url(tmp_path), key, FILE_TTL) as fleet:
+        masters = [fleet.start(args=("--timeout", "2")) for _ in range(2)]
+        first = fleet.current(STARTUP)
+        master = fleet.master_of(first.node)
+
+        def hang() -> float | None:
+            try:
+                code, _ = master.get("/hang-if-leader", timeout=1.0)
+            except OSError:  # the request hangs: it reached the leader
+                return time.monotonic()
+            assert code == 409, f"/hang-if-leader answered {code}"
+            return None
+
+        hung = fleet.wait_for("a request to reach the leader worker", hang, STARTUP)
+        second = fleet.wait_tenure(30, after=first.start, exclude=first.node)
+        pid = worker_pid(first.node)
+        fleet.wait_for("the arbiter to kill the hung worker", lambda: f"Worker (pid:{pid}) was sent SIGKILL"
+                       in master.log_text(), 10)
+        assert f"WORKER TIMEOUT (pid:{pid})" in master.log_text()
+        fleet.check_history()
+        figures("hung leader -> new leader (gunicorn --timeout 2)", "file", [second.start - hung])
+        for m in masters:
+            m.stop()
+
+
+@pytest.mark.timeout(90)
+def test_store_unavailable_at_boot(tmp_path: Path, key: str) -> None:
+    """Workers whose store cannot be made serve requests and retry with backoff until it can."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the store directory should be")
+    url = f"file://{blocker / 'elections'}?poll_interval=0.01"
+    with Fleet(tmp_path / "fleet", url, key, FILE_TTL) as fleet:
+        master = fleet.start(workers=2)
+        fleet.wait_for("the workers to report the store error",
+                       lambda: master.log_text().count("cannot make the store, trying again") >= 2, STARTUP)
+        code, body = master.get("/_greenleader")
+        assert code == 200 and body["leader"] is None and body["is_leader"] is False, body
+        assert master.get("/")[0] == 200
+        assert master.get("/_greenleader/leader")[0] == 503
+        assert not fleet.tenures()
+        blocker.unlink()
+        leader = fleet.current(40)  # the backoff grows to 4-8 s by now
+        fleet.scan_status(leader, STARTUP)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"GREENLEADER_STORE": ""}, (), "GREENLEADER_STORE"),
+    ({"GREENLEADER_TTL": "soon"}, (), "GREENLEADER_TTL"),
+    ({"GREENLEADER_STORE": "bogus://nowhere"}, (), "unknown store backend 'bogus'"),
+    ({}, ("-k", "sync"), "needs gevent workers"),
+], ids=["no-store", "bad-ttl", "unknown-backend", "sync-worker"])
+def test_bad_settings_halt_the_master(tmp_path: Path, key: str, env: dict, args: tuple, message: str) -> None:
+    """A misconfigured election fails like an app that cannot load: the master halts, saying why."""
+    with Fleet(tmp_path / "fleet", file_url(tmp_path), key, FILE_TTL) as fleet:
+        master = fleet.start(workers=1, args=args, env=env)
+        code = master.wait_exit(STARTUP)
+        text = master.log_text()
+        assert code != 0 and "Worker failed to boot" in text, text
+        assert message in text, text
+
+
+EXAMPLES = REPO / "examples" / "gunicorn"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("example", "app"), [("flask", "app:app"), ("django", "mysite.wsgi")])
+def test_example(tmp_path: Path, key: str, example: str, app: str) -> None:
+    """The examples as their README runs them: two masters on the file store, one ticking duty."""
+    ticker = tmp_path / "ticker.log"
+    with Fleet(tmp_path / "fleet", file_url(tmp_path), key, 5.0) as fleet:
+        masters = [
+            fleet.start(workers=2, app=app, conf=EXAMPLES / example / "gunicorn.conf.py", cwd=EXAMPLES / example,
+                        env={"TICKER_LOG": str(ticker)})
+            for _ in range(2)
+        ]
+        lines = fleet.wait_for("two ticks of the example's duty",
+                               lambda: len(ticker.read_text().splitlines()) >= 2 if ticker.exists() else 0, STARTUP)
+        ticks = ticker.read_text().splitlines()
+        nodes = {line.split()[1] for line in ticks}
+        assert lines and len(nodes) == 1, ticks
+        (node,) = nodes
+        for master in masters:
+            code, body = master.get("/_greenleader")
+            assert code == 200 and body["leader"] == node, body
+            code, page = master.get("/")
+            assert code == 200, page
+        for master in masters:
+            master.stop()
+            assert master.wait_exit(20) == 0, master.tail()
