@@ -16,10 +16,11 @@ boundary, so a tenure printed here always contains the candidate's real one: ``e
 when ``acquire`` returned (the candidate steps up after it), ``deposed`` is no later than when
 the lease's ``release`` began (the candidate steps down before it).
 
-SIGTERM stops the candidate gracefully (releasing the key) and the process exits 0. Without
-``--rejoin``, a campaign ended by an error exits 3 after its ``error`` line; with
-``--rejoin SECONDS`` a new candidate (or follower) starts on the same store that long after each
-error, as an application that restarts its campaign would.
+SIGTERM stops the candidate gracefully (releasing the key) and the process exits 0. A campaign
+(or watch) ended by an error prints its ``error`` line (``"fatal": true``) and exits 3. With
+``--retry SECONDS`` the candidate (or follower) uses the library's own retry
+(``Backoff(initial=SECONDS, maximum=4 * SECONDS)``): each store error it outlives is printed
+as an ``error`` line with ``"fatal": false``.
 
 :class:`ProcessGroup` is the parent side: it starts such processes, collects their lines and
 waits for them with bounded timeouts.
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 _ANY = object()
-EXIT_ERROR = 3  # the campaign (or watch) ended with an error and --rejoin was not given
+EXIT_ERROR = 3  # the campaign (or watch) ended with an error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,17 +100,29 @@ def _instrument(store: Any, node: str, tenure: _Tenure) -> None:
     store.acquire = timed_acquire
 
 
+def _report_errors(node: str, source: Any) -> None:
+    """Print the non-fatal errors ``source`` publishes (fatal ones come on its errors queue)."""
+    import zope.event
+
+    from greenleader.events import ElectionError
+
+    def on_event(event: object) -> None:
+        if isinstance(event, ElectionError) and event.source is source and not event.fatal:
+            _emit("error", node, error=f"{type(event.error).__name__}: {event.error}", fatal=False)
+
+    zope.event.subscribers.append(on_event)
+
+
 def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: list[Any]) -> bool:
-    """One candidate's campaign; True if it ended because of an error."""
+    """Run the candidate until stopped; True if its campaign ended because of an error."""
     from greenleader import Candidate
 
-    tenure = getattr(store, "_test_tenure", None)
-    if tenure is None:
-        tenure = store._test_tenure = _Tenure()
-        _instrument(store, args.node, tenure)
-    candidate = Candidate(store, args.key, args.node, args.ttl)
+    tenure = _Tenure()
+    _instrument(store, args.node, tenure)
+    candidate = Candidate(store, args.key, args.node, args.ttl, retry=args.retry)
     tenure.candidate = candidate
     current[:] = [candidate]
+    _report_errors(args.node, candidate)
     if stopping.is_set():
         return False
     elected, errors = candidate.run_for_election()
@@ -127,16 +140,17 @@ def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: li
     failed = False
     for error in errors:
         failed = True
-        _emit("error", args.node, error=f"{type(error).__name__}: {error}")
+        _emit("error", args.node, error=f"{type(error).__name__}: {error}", fatal=True)
     return failed
 
 
 def _follow(store: Any, args: argparse.Namespace, stopping: Event, current: list[Any]) -> bool:
-    """One follower's watch; True if it ended because of an error."""
+    """Follow the election until stopped; True if the watch ended because of an error."""
     from greenleader import Follower
 
-    follower = Follower(store, args.key)
+    follower = Follower(store, args.key, retry=args.retry)
     current[:] = [follower]
+    _report_errors(args.node, follower)
     if stopping.is_set():
         return False
     leaders, errors = follower.follow_election()
@@ -147,7 +161,7 @@ def _follow(store: Any, args: argparse.Namespace, stopping: Event, current: list
     failed = False
     for error in errors:
         failed = True
-        _emit("error", args.node, error=f"{type(error).__name__}: {error}")
+        _emit("error", args.node, error=f"{type(error).__name__}: {error}", fatal=True)
     return failed
 
 
@@ -158,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True, help="this process's node name")
     parser.add_argument("--ttl", type=float, required=True, help="candidate TTL in seconds")
     parser.add_argument("--follower", action="store_true", help="follow the election instead of running")
-    parser.add_argument("--rejoin", type=float, default=None, metavar="SECONDS",
-                        help="after an error, start again this long later instead of exiting")
+    parser.add_argument("--retry", type=float, default=None, metavar="SECONDS",
+                        help="outlive store errors, retrying after a backoff starting at SECONDS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
@@ -174,29 +188,23 @@ def main(argv: list[str] | None = None) -> int:
 
     gevent.signal_handler(signal.SIGTERM, on_sigterm)
 
+    from greenleader import Backoff
     from greenleader.errors import GreenleaderError
     from greenleader.stores import from_url
 
-    run = _follow if args.follower else _campaign
+    if args.retry is not None:
+        args.retry = Backoff(initial=args.retry, maximum=4 * args.retry)
     store = None
     try:
-        while not stopping.is_set():
-            try:
-                if store is None:
-                    store = from_url(args.url)
-                failed = run(store, args, stopping, current)
-            except GreenleaderError as exc:  # the store could not be made, or refused the key
-                _emit("error", args.node, error=f"{type(exc).__name__}: {exc}")
-                failed = True
-            if not failed or stopping.is_set():
-                break
-            if args.rejoin is None:
-                return EXIT_ERROR
-            stopping.wait(args.rejoin)
+        store = from_url(args.url)
+        failed = (_follow if args.follower else _campaign)(store, args, stopping, current)
+    except GreenleaderError as exc:  # the store could not be made, or refused the key
+        _emit("error", args.node, error=f"{type(exc).__name__}: {exc}", fatal=True)
+        failed = True
     finally:
         if store is not None:
             store.close()
-    return 0
+    return EXIT_ERROR if failed and not stopping.is_set() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ class Line:
 class ElectionProcess:
     """One child process; its lines are read by a greenlet into ``lines``."""
 
-    def __init__(self, group: "ProcessGroup", name: str, follower: bool, rejoin: float | None) -> None:
+    def __init__(self, group: "ProcessGroup", name: str, follower: bool, retry: float | None) -> None:
         self.group = group
         self.name = name
         self.follower = follower
@@ -272,8 +280,8 @@ class ElectionProcess:
         ]
         if follower:
             argv.append("--follower")
-        if rejoin is not None:
-            argv += ["--rejoin", str(rejoin)]
+        if retry is not None:
+            argv += ["--retry", str(retry)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         with open(self.stderr_path, "ab") as stderr:
             self.popen = subprocess.Popen(
@@ -363,9 +371,9 @@ class ProcessGroup:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def start(self, name: str, *, follower: bool = False, rejoin: float | None = None) -> ElectionProcess:
+    def start(self, name: str, *, follower: bool = False, retry: float | None = None) -> ElectionProcess:
         assert name not in self.procs, f"a process named {name} exists already"
-        proc = ElectionProcess(self, name, follower, rejoin)
+        proc = ElectionProcess(self, name, follower, retry)
         self.procs[name] = proc
         return proc
 
@@ -426,13 +434,19 @@ class ProcessGroup:
                 open_tenure.end = proc.killed_at
         return sorted(found, key=lambda tenure: tenure.start)
 
-    def check_history(self) -> list[Tenure]:
-        """Assert that no two tenures overlapped and that terms strictly increased; return them."""
+    def check_history(self, terms_reset_at: float | None = None) -> list[Tenure]:
+        """Assert that no two tenures overlapped and that terms strictly increased; return them.
+
+        ``terms_reset_at``: the store lost its data then (a restarted in-memory server), so
+        terms are compared only between tenures on the same side of that instant.
+        """
         tenures = self.tenures()
         for before, after in itertools.pairwise(tenures):
             assert before.end is not None and before.end <= after.start, (
                 f"two leaders at once: {before} and {after}\n{self.report()}"
             )
+            if terms_reset_at is not None and before.start < terms_reset_at <= after.start:
+                continue
             assert before.term is not None and after.term is not None and after.term > before.term, (
                 f"fencing term did not increase: {before} then {after}\n{self.report()}"
             )
