@@ -13,12 +13,15 @@ from pathlib import Path
 
 import gevent
 import pytest
+from kazoo.exceptions import NoAuthError
+from kazoo.security import OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 
 from greenleader import Candidate, Follower
 from greenleader.errors import (
     InvalidArgumentError,
     InvalidKeyError,
     InvalidURLError,
+    PermissionDeniedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -207,6 +210,31 @@ def test_ttl_the_server_will_not_keep_is_refused(stores, key) -> None:
     with admin_client(store.hosts) as zk:
         cons = zk.command(b"cons")
     assert f"to={int(TTL * 1000)}" in cons, f"no session with a {TTL}s timeout in:\n{cons}"
+
+
+def test_digest_auth_owns_the_nodes(stores, key) -> None:
+    """With ``auth``, the key's nodes belong to that identity: anyone may read (follow), a
+    store with other credentials is refused with PermissionDeniedError, not a kazoo error."""
+    alice_store = from_url(f"zookeeper://{stores().hosts}?auth=alice:secret")
+    mallory_store = stores(auth="mallory:guess")
+    try:
+        lease = alice_store.acquire(key, "alice", TTL)
+        assert stores().leader(key).node == "alice"  # no credentials needed to follow
+        with pytest.raises(PermissionDeniedError):
+            mallory_store.acquire(key, "mallory", TTL)
+        with admin_client(alice_store.hosts) as zk:
+            with pytest.raises(NoAuthError):
+                zk.delete(lease.path)  # type: ignore[attr-defined]
+            path = alice_store.path_for(key)
+            acls = zk.get_acls(path)[0]  # the server stores "auth" as the digest identity
+            assert [(a.perms, a.id.scheme) for a in acls] == [(31, "digest"), (1, "world")], acls
+            assert acls[0].id.id.startswith("alice:") and acls[1:] == READ_ACL_UNSAFE
+            ancestor = path.rsplit("/", 1)[0]
+            assert zk.get_acls(ancestor)[0] == OPEN_ACL_UNSAFE, "ancestors must stay open to others"
+        lease.release()
+        assert alice_store.leader(key) is None
+    finally:
+        alice_store.close()
 
 
 # -- election on nodes -------------------------------------------------------------------------

@@ -89,6 +89,7 @@ try:
     from kazoo.protocol.serialization import Connect
     from kazoo.protocol.states import EventType, KazooState, KeeperState, WatchedEvent, ZnodeStat
     from kazoo.retry import KazooRetry
+    from kazoo.security import CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 except ImportError as exc:  # new_store() turns this into MissingDependencyError
     raise ImportError(str(exc), name="kazoo") from exc
 
@@ -417,7 +418,8 @@ class ZooKeeperStore(Store):
     :param addrs: "host:port" endpoints (default ``["127.0.0.1:2181"]``).
     :param chroot: path prefix for every key, like a ZooKeeper chroot (created if missing).
     :param timeout: seconds to wait for a connection, and for each request.
-    :param auth: "user:password" for ZooKeeper digest authentication.
+    :param auth: "user:password" for ZooKeeper digest authentication; the key's node and
+        the candidates' nodes are then writable by that identity only (readable by anyone).
     :param use_ssl, ca, certfile, keyfile, verify_certs: TLS settings, passed to kazoo.
     """
 
@@ -438,6 +440,8 @@ class ZooKeeperStore(Store):
         keyfile: str | None = None,
         verify_certs: bool | str = True,
     ) -> None:
+        if isinstance(addrs, str):
+            addrs = [addrs]
         addrs = list(addrs) if addrs else ["127.0.0.1:2181"]
         for addr in addrs:
             if not isinstance(addr, str) or not addr.strip() or any(c in addr for c in ",/ "):
@@ -464,6 +468,9 @@ class ZooKeeperStore(Store):
             if ":" not in check_text("auth", auth):
                 raise InvalidArgumentError("auth must be 'user:password'")
             self.client_options["auth_data"] = [("digest", auth)]
+            # The key's node and the candidates' nodes belong to this identity; anyone may
+            # read them (followers need no credentials), no one else may join or delete.
+            self.client_options["default_acl"] = CREATOR_ALL_ACL + READ_ACL_UNSAFE
         self._sessions: dict[int, _Session] = {}
         self._greenlets: set[gevent.Greenlet] = set()
         self._root_ready = not self.root
@@ -564,7 +571,7 @@ class ZooKeeperStore(Store):
             parent += "/" + part
             if session.call(session.client.exists_async, parent) is None:
                 with contextlib.suppress(NodeExistsError):  # a concurrent creator won
-                    session.call(session.client.create_async, parent, b"")
+                    session.call(session.client.create_async, parent, b"", OPEN_ACL_UNSAFE)
         self._root_ready = True
 
     def _lease_session(self, ttl: float) -> _Session:
@@ -602,10 +609,13 @@ class ZooKeeperStore(Store):
                         lease = _ZooKeeperLease(session, key, node, f"{path}/{name}") if name else None
                     if lease is None:
                         sent = True
-                        created = session.call(
-                            client.create_async, f"{path}/{prefix}", node.encode(),
-                            ephemeral=True, sequence=True, makepath=True,
-                        )
+                        try:
+                            created = session.call(
+                                client.create_async, f"{path}/{prefix}", node.encode(), ephemeral=True, sequence=True
+                            )
+                        except NoNodeError:
+                            self._ensure_key(session, path)
+                            continue
                         lease = _ZooKeeperLease(session, key, node, created)
                     lease.woken.clear()
                     # One round trip: the queue, and a watch on our own node (re-armed on each
@@ -639,6 +649,16 @@ class ZooKeeperStore(Store):
             if sent:
                 self._withdraw(session, path, lease.path.rsplit("/", 1)[1] if lease else None, prefix)
             raise
+
+    def _ensure_key(self, session: _Session, path: str) -> None:
+        """Create the key's node, and its missing ancestors with an open ACL: with ``auth``
+        only the key's node is the identity's, so the store never locks others out of
+        ancestors it happened to create first."""
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            session.call(session.client.ensure_path_async, parent, OPEN_ACL_UNSAFE)
+        with contextlib.suppress(NodeExistsError):
+            session.call(session.client.create_async, path, b"")
 
     def _withdraw(self, session: _Session, path: str, name: str | None, prefix: str) -> None:
         """Delete our node after a cancelled or failed acquire (or leave it to reconnection)."""
