@@ -212,10 +212,10 @@ def test_ttl_the_server_will_not_keep_is_refused(stores, key) -> None:
     assert f"to={int(TTL * 1000)}" in cons, f"no session with a {TTL}s timeout in:\n{cons}"
 
 
-def test_digest_auth_owns_the_nodes(stores, key) -> None:
+def test_digest_auth_owns_the_nodes(zookeeper_cluster, stores, key) -> None:
     """With ``auth``, the key's nodes belong to that identity: anyone may read (follow), a
     store with other credentials is refused with PermissionDeniedError, not a kazoo error."""
-    alice_store = from_url(f"zookeeper://{stores().hosts}?auth=alice:secret")
+    alice_store = from_url(f"{zookeeper_cluster.url}?auth=alice:secret")
     mallory_store = stores(auth="mallory:guess")
     try:
         lease = alice_store.acquire(key, "alice", TTL)
@@ -483,8 +483,9 @@ with warnings.catch_warnings(record=True) as caught:
     store = ZooKeeperStore(addrs)
     assert not caught, [str(w.message) for w in caught]
     ZooKeeperStore(["zk1.example.invalid:2181"])
-    assert [w.category for w in caught] == [RuntimeWarning], caught
-    assert "gevent.monkey.patch_all()" in str(caught[0].message)
+    ZooKeeperStore(addrs, use_ssl="true")
+    assert [w.category for w in caught] == [RuntimeWarning] * 2, caught
+    assert all("gevent.monkey.patch_all()" in str(w.message) for w in caught)
 
 gap = 0.0
 def tick():

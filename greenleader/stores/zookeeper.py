@@ -39,9 +39,11 @@ they hold no data, so they never show a stale leader, and never deleting them me
 concurrent candidate's create never races a delete.
 
 Connections are made lazily, on first use, so a store may be created before a fork (a
-gunicorn master) as long as it is first used after. kazoo's gevent handler uses gevent
-sockets, so it is cooperative even without monkey patching; only its host name lookups
-use the blocking resolver, hence the warning for unpatched processes given host names.
+gunicorn master) as long as it is first used after; a store used before a fork refuses to
+be used in the child (it would share the parent's session). kazoo's gevent handler uses
+gevent sockets, so it is cooperative even without monkey patching; only its host name
+lookups and TLS handshakes use blocking standard library calls, hence the warning for
+unpatched processes given host names or TLS.
 """
 
 from __future__ import annotations
@@ -140,20 +142,24 @@ def _check_path(what: str, path: str, error: type[InvalidArgumentError]) -> str:
     return absolute
 
 
-def _blocks_unpatched(hosts: list[tuple[str, int]]) -> bool:
-    """Whether kazoo would block the hub here when gevent has not patched the process.
+def _blocking_calls(hosts: list[tuple[str, int]], use_ssl: bool) -> str | None:
+    """What kazoo would block the hub on when gevent has not patched the process, if anything.
 
-    kazoo's gevent handler uses gevent sockets and selectors, but it resolves host names
-    with the standard library's blocking getaddrinfo. IP literals and localhost never wait.
+    kazoo's gevent handler uses gevent sockets and selectors, so plain connections never
+    block. But it resolves host names with the standard library's getaddrinfo (IP literals
+    and localhost never wait), and wraps TLS sockets with the standard library's ssl, whose
+    connect and handshake block.
     """
+    if use_ssl:
+        return "TLS connects and handshakes"
     for host, _ in hosts:
         if host == "localhost":
             continue
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            return True
-    return False
+            return f"host name lookups ({host})"
+    return None
 
 
 class _Session:
@@ -477,11 +483,11 @@ class ZooKeeperStore(Store):
         self._min_ms: int | None = None  # session timeout limits learnt from the server
         self._max_ms: int | None = None
         self._closed = False
-        if _blocks_unpatched(parsed) and not _patched():
+        blocking = _blocking_calls(parsed, self.client_options["use_ssl"])
+        if blocking and not _patched():
             warnings.warn(
-                "gevent has not monkey-patched this process, so kazoo's host name lookups for "
-                f"{self.hosts} will block the gevent hub: call gevent.monkey.patch_all() first "
-                "(or give IP addresses)",
+                f"gevent has not monkey-patched this process, so kazoo's {blocking} will block "
+                "the gevent hub: call gevent.monkey.patch_all() first",
                 RuntimeWarning,
                 stacklevel=2,
             )
