@@ -209,6 +209,11 @@ class WorkerElection:
             return None, None
         return info.node, info.term
 
+    def leader_in_this_master(self) -> bool:
+        """True while the leader is a worker of this worker's gunicorn master (maybe this one)."""
+        leader, _ = self.leader()
+        return leader is not None and self.node is not None and _master(leader) == _master(self.node)
+
     def status(self) -> dict[str, Any]:
         """``{key, leader, node, is_leader, term}``; ``term`` is the leader's."""
         leader, term = self.leader()
@@ -296,6 +301,11 @@ class WorkerElection:
             follower.follow_election()
         self.runner = self.duties.run(candidate)
         log.info("%r: campaigning on the %s store with ttl %gs", self, self.store.backend, self.ttl)
+
+
+def _master(node: str) -> str:
+    """``host:master-pid`` of a node name ``host:master-pid:worker-pid``."""
+    return node.rsplit(":", 1)[0]
 
 
 #: The default election, configured from the environment; its hooks are below.

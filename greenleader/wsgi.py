@@ -6,8 +6,11 @@
 ``GET /_greenleader`` answers 200 with JSON ``{"key", "leader", "node", "is_leader", "term"}``
 (``term`` is the current leader's fencing term, ``null`` while unknown).
 ``GET /_greenleader/leader`` answers the same body with 200 on the leader and 503 on every
-other worker: a load-balancer health check that routes to the leader.
-Both answer 503 in a process where no election runs (the master, or outside gunicorn).
+other worker. ``GET /_greenleader/leader-master`` answers 200 on every worker of the gunicorn
+master whose worker leads, 503 elsewhere: that is the health check for a load balancer that
+routes to the leader, since it sends each request to a master (an address), and the master to
+any of its workers (``/_greenleader/leader`` would flap there when a master has several workers).
+All answer 503 in a process where no election runs (the master, or outside gunicorn).
 """
 
 from __future__ import annotations
@@ -18,18 +21,24 @@ from typing import Any
 
 from . import gunicorn as _gunicorn
 
-__all__ = ["StatusMiddleware", "status_app"]
+__all__ = ["MODES", "StatusMiddleware", "status_app"]
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
 _REASONS = {200: "200 OK", 405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
 
 
-def status_app(election: Any = None, *, leader_only: bool = False) -> WSGIApp:
+MODES = ("status", "leader", "leader-master")
+
+
+def status_app(election: Any = None, mode: str = "status") -> WSGIApp:
     """A WSGI app answering the status of ``election`` (default: this worker's, found per request).
 
-    With ``leader_only``, non-leaders answer 503.
+    ``mode`` "status" always answers 200; "leader" answers 503 unless this worker leads;
+    "leader-master" answers 503 unless a worker of this gunicorn master leads.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
 
     def app(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -41,27 +50,27 @@ def status_app(election: Any = None, *, leader_only: bool = False) -> WSGIApp:
                     "error": "no greenleader election runs in this process"}
             return _respond(start_response, 503, body, method)
         body = current.status()
-        code = 503 if leader_only and not body["is_leader"] else 200
-        return _respond(start_response, code, body, method)
+        healthy = {"status": True, "leader": body["is_leader"], "leader-master": current.leader_in_this_master()}
+        return _respond(start_response, 200 if healthy[mode] else 503, body, method)
 
     return app
 
 
 class StatusMiddleware:
-    """Wraps ``app``: answers ``path`` and ``path + "/leader"`` itself, passes the rest on."""
+    """Wraps ``app``: answers ``path``, ``path/leader`` and ``path/leader-master`` itself,
+    and passes every other request on."""
 
     def __init__(self, app: WSGIApp, path: str = "/_greenleader", *, election: Any = None) -> None:
         self.app = app
-        self.path = "/" + path.strip("/")
-        self._status = status_app(election)
-        self._leader = status_app(election, leader_only=True)
+        root = "/" + path.strip("/")
+        self._routes = {root: status_app(election)}
+        for mode in MODES[1:]:
+            self._routes[f"{root}/{mode}"] = status_app(election, mode)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "").rstrip("/") or "/"
-        if path == self.path:
-            return self._status(environ, start_response)
-        if path == self.path + "/leader":
-            return self._leader(environ, start_response)
+        route = self._routes.get(environ.get("PATH_INFO", "").rstrip("/"))
+        if route is not None:
+            return route(environ, start_response)
         return self.app(environ, start_response)
 
 

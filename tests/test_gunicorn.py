@@ -91,7 +91,7 @@ def test_one_leader_failover_and_handover(
 
         tenures = fleet.check_history()
         assert (tenures[0].node, tenures[0].term) == (first.node, first.term), f"someone ran before {first}"
-        assert [t for t in tenures if t.node == second.node][0].stopped, "the terminated leader's duty was not stopped"
+        assert next(t for t in tenures if t.node == second.node).stopped, "the terminated leader's duty was not stopped"
         check_events(fleet, first, second, third)
 
     record_property("failover_s", failover)
@@ -131,7 +131,7 @@ def test_reload_recycling_and_preload(tmp_path: Path, key: str) -> None:
 
         third = fleet.wait_for("max_requests to recycle the leader", recycled, 60)
         assert "Autorestarting worker after current request" in leader_master.log_text()
-        assert [t for t in fleet.tenures() if t.node == second.node][0].stopped
+        assert next(t for t in fleet.tenures() if t.node == second.node).stopped
 
         last = fleet.current(STARTUP)
         tenures = fleet.check_history()

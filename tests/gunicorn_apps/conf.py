@@ -7,7 +7,7 @@ if os.environ.get("TEST_EARLY_PATCH") == "1":
 
     monkey.patch_all()
 
-from greenleader.gunicorn import post_fork, worker_exit  # noqa: E402, F401
+from greenleader.gunicorn import post_fork, worker_exit  # noqa: F401
 
 worker_class = "gevent"
 graceful_timeout = 10

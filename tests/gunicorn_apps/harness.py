@@ -256,7 +256,8 @@ class Fleet:
 
     def scan_status(self, leader: Tenure, timeout: float, masters: list[Master] | None = None) -> dict[str, Any]:
         """Query ``/_greenleader/leader`` on new connections until a leader and a non-leader
-        answered, checking each answer against the duty log; returns {node: body}."""
+        answered, checking each answer against the duty log, and ``/_greenleader/leader-master``
+        (200 in every worker of the leader's master only); returns {node: body}."""
         seen: dict[str, Any] = {}
 
         def check() -> bool:
@@ -269,6 +270,10 @@ class Fleet:
                 )
                 if body["leader"] == leader.node and body["term"] == leader.term:
                     seen[body["node"]] = body
+                code, body = master.get("/_greenleader/leader-master")
+                if body["leader"] == leader.node:
+                    hosts_leader = master_pid(leader.node) == master.pid
+                    assert code == (200 if hosts_leader else 503), f"{master!r} leader-master: {code} {body}"
             leaders = [b for b in seen.values() if b["is_leader"]]
             return bool(leaders) and len(seen) > len(leaders)
 

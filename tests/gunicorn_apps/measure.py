@@ -54,7 +54,8 @@ def measure(kind: str, trials: int, workdir: Path) -> tuple[list[float], list[fl
                 leader = fleet.current(STARTUP)
                 master = fleet.master_of(leader.node)
                 sent = master.send(signal.SIGTERM)
-                successor = fleet.wait_tenure(STARTUP, after=sent, where=lambda t, m=master: fleet.master_of(t.node) != m)
+                successor = fleet.wait_tenure(STARTUP, after=sent,
+                                              where=lambda t, m=master: fleet.master_of(t.node) != m)
                 handovers.append(successor.start - sent)
                 master.wait_exit(30)
                 new = fleet.start()

@@ -1,0 +1,4 @@
+from django.urls import path
+from ticker.views import index
+
+urlpatterns = [path("", index)]

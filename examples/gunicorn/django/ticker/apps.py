@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class TickerConfig(AppConfig):
+    name = "ticker"
+
+    def ready(self) -> None:
+        from . import duties  # noqa: F401  (registers the leader duty)
