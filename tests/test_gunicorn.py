@@ -6,20 +6,31 @@ any time, terms increase, a killed leader is replaced within the store's crash b
 terminated master hands over in well under a second. The heavier gunicorn scenarios (HUP,
 ``max_requests``, ``--preload`` with an early ``patch_all()``, worker timeouts, a store that
 is not there at boot, bad settings, the examples) run on the file store only: they exercise
-the hooks, which are the same for every store.
+the hooks, which are the same for every store. Duties and the WSGI status app are also tested
+in-process, on the memory store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import gevent
 import pytest
+from gevent import GreenletExit
+from gevent.queue import Queue
 
+from greenleader import Backoff, Candidate
+from greenleader.duties import Duties
+from greenleader.errors import InvalidArgumentError
+from greenleader.stores.memory import MemoryStore
+from greenleader.wsgi import StatusMiddleware, status_app
 from tests.backends import REAL_KINDS, BackendEnv
 from tests.candidate_process import crash_bound, process_url
 from tests.gunicorn_apps.harness import REPO, Fleet, Tenure, worker_pid
@@ -31,8 +42,6 @@ STARTUP = 30.0
 #: SIGTERM to a leader's master -> the duty runs in the other master: "well under a second".
 HANDOVER_BOUND = 1.0
 FILE_TTL = 1.0
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(params=["file", *REAL_KINDS])
@@ -63,6 +72,7 @@ def check_events(fleet: Fleet, *tenures: Tenure) -> None:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_one_leader_failover_and_handover(
     gunicorn_kind: str, backend_env: BackendEnv, key: str, ttl: float, tmp_path: Path, record_property
@@ -81,6 +91,8 @@ def test_one_leader_failover_and_handover(
         os.kill(worker_pid(first.node), signal.SIGKILL)
         second = fleet.wait_tenure(bound + 10, after=sent, exclude=first.node)
         failover = second.start - sent
+        killed_in = fleet.master_of(first.node)
+        fleet.wait_for("the killed worker's replacement to campaign", lambda: killed_in.campaigning() >= 4, STARTUP)
 
         master = fleet.master_of(second.node)
         sent = master.send(signal.SIGTERM)
@@ -107,6 +119,7 @@ def file_url(tmp_path: Path) -> str:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.slow
 def test_reload_recycling_and_preload(tmp_path: Path, key: str) -> None:
     """A --preload master with an early patch_all() and a plain one; HUP, then max_requests
     recycling of the leader: one duty at a time throughout, and someone leads at the end."""
@@ -145,6 +158,7 @@ def test_reload_recycling_and_preload(tmp_path: Path, key: str) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_worker_timeout(tmp_path: Path, key: str) -> None:
     """The leader's hub hangs; the arbiter kills it (SIGABRT blocked, so SIGKILL); another
     worker takes over, and the hung duty never ran on."""
@@ -167,6 +181,8 @@ def test_worker_timeout(tmp_path: Path, key: str) -> None:
         fleet.wait_for("the arbiter to kill the hung worker", lambda: f"Worker (pid:{pid}) was sent SIGKILL"
                        in master.log_text(), 10)
         assert f"WORKER TIMEOUT (pid:{pid})" in master.log_text()
+        # (a worker forked just before its master's SIGTERM can miss it, until graceful_timeout)
+        fleet.wait_for("the hung worker's replacement to campaign", lambda: master.campaigning() >= 4, STARTUP)
         fleet.check_history()
         figures("hung leader -> new leader (gunicorn --timeout 2)", "file", [second.start - hung])
         for m in masters:
@@ -174,6 +190,7 @@ def test_worker_timeout(tmp_path: Path, key: str) -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_store_unavailable_at_boot(tmp_path: Path, key: str) -> None:
     """Workers whose store cannot be made serve requests and retry with backoff until it can."""
     blocker = tmp_path / "blocker"
@@ -193,6 +210,7 @@ def test_store_unavailable_at_boot(tmp_path: Path, key: str) -> None:
         fleet.scan_status(leader, STARTUP)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"GREENLEADER_STORE": ""}, (), "GREENLEADER_STORE"),
@@ -213,6 +231,7 @@ def test_bad_settings_halt_the_master(tmp_path: Path, key: str, env: dict, args:
 EXAMPLES = REPO / "examples" / "gunicorn"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("example", "app"), [("flask", "app:app"), ("django", "mysite.wsgi")])
 def test_example(tmp_path: Path, key: str, example: str, app: str) -> None:
@@ -238,3 +257,121 @@ def test_example(tmp_path: Path, key: str, example: str, app: str) -> None:
         for master in masters:
             master.stop()
             assert master.wait_exit(20) == 0, master.tail()
+
+
+# -- in-process: duties and the status app, on the memory store --------------------------------
+
+
+def next_item(queue: Queue, what: str, timeout: float = 5.0) -> object:
+    item = queue.get(timeout=timeout)  # gevent.queue.Empty fails the test
+    assert item is not None, what
+    return item
+
+
+@pytest.fixture
+def memory() -> Iterator[MemoryStore]:
+    store = MemoryStore()
+    yield store
+    store.close()
+
+
+def candidate_on(store: MemoryStore, node: str) -> Candidate:
+    return Candidate(store, "duties", node, ttl=1.0, resign_holdoff=0.2)
+
+
+def test_duties_run_only_during_tenures(memory: MemoryStore) -> None:
+    """Started on each win with the term, killed with GreenletExit before the key is released."""
+    seen: Queue = Queue()
+    registry = Duties()
+
+    @registry
+    def record(term: int) -> None:
+        seen.put(("start", term))
+        try:
+            gevent.sleep(60)
+        except GreenletExit:
+            seen.put(("killed", term, other.is_leader()))
+            raise
+
+    one, other = candidate_on(memory, "one"), candidate_on(memory, "other")
+    runner = registry.run(one)
+    assert next_item(seen, "a start") == ("start", one.term)
+    first_term = one.term
+    assert runner.leads(first_term) and runner.running == ["test_duties_run_only_during_tenures.<locals>.record"]
+    other_elected, _ = other.run_for_election()
+    assert other_elected.get(timeout=5) is False
+    runner.resign()  # kills the duty first: the other candidate cannot have won yet
+    assert next_item(seen, "a kill") == ("killed", first_term, False)
+    assert other_elected.get(timeout=5) is True
+    other.stop()
+    assert next_item(seen, "a start after the other one stopped") == ("start", one.term)
+    assert one.term > first_term
+    memory.expire("duties")  # a loss the runner did not ask for
+    assert next_item(seen, "a kill on expiry")[0] == "killed"
+    runner.stop()
+    runner.stop()
+
+
+def test_duty_error_policies(memory: MemoryStore) -> None:
+    """restart: again after a backoff; stop: not until the next tenure; resign: another leads.
+    Neither the candidate nor the other duties are disturbed."""
+    calls: Queue = Queue()
+    registry = Duties(backoff=Backoff(initial=0.01, maximum=0.02))
+    failures = {"restart": 0}
+
+    @registry
+    def flaky(term: int) -> None:
+        failures["restart"] += 1
+        calls.put(("flaky", failures["restart"]))
+        if failures["restart"] < 3:
+            raise RuntimeError("flaky")
+
+    @registry(on_error="stop")
+    def broken(term: int) -> None:
+        calls.put(("broken", term))
+        raise RuntimeError("broken")
+
+    one = candidate_on(memory, "one")
+    runner = registry.run(one)
+    got = [next_item(calls, "a call") for _ in range(4)]
+    assert sorted(got, key=str) == sorted([("flaky", 1), ("flaky", 2), ("flaky", 3), ("broken", one.term)], key=str)
+    assert calls.empty() and one.is_leader()
+
+    other = candidate_on(memory, "other")
+    other_elected, _ = other.run_for_election()
+    assert other_elected.get(timeout=5) is False
+
+    @registry(on_error="resign")
+    def resigner(term: int) -> None:
+        raise RuntimeError("hand over, please")  # registered while leading: starts at once
+
+    assert other_elected.get(timeout=5) is True
+    assert not one.is_leader()
+    registry.unregister(resigner)
+    other.stop()
+    runner.stop()
+    with pytest.raises(InvalidArgumentError):
+        registry(lambda term: None, on_error="ignore")
+
+
+def call(app, path: str, method: str = "GET") -> tuple[str, dict | bytes]:
+    started: list[str] = []
+    body = b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": method}, lambda status, headers: started.append(status)))
+    return started[0], json.loads(body) if body.startswith(b"{") else body
+
+
+def test_status_app_outside_gunicorn() -> None:
+    """No election in this process: 503 with a reason; other paths go to the wrapped app."""
+    def inner(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"inner"]
+
+    app = StatusMiddleware(inner)
+    for path in ("/_greenleader", "/_greenleader/", "/_greenleader/leader", "/_greenleader/leader-master"):
+        status, body = call(app, path)
+        assert status.startswith("503") and body["is_leader"] is False and "error" in body, (path, body)
+    assert call(app, "/_greenleader", "HEAD") == ("503 Service Unavailable", b"")
+    assert call(app, "/_greenleader", "POST")[0].startswith("405")
+    assert call(app, "/elsewhere") == ("200 OK", b"inner")
+    with pytest.raises(ValueError):
+        status_app(mode="leader-host")

@@ -10,7 +10,7 @@ if os.environ.get("TEST_EARLY_PATCH") == "1":
 from greenleader.gunicorn import post_fork, worker_exit  # noqa: F401
 
 worker_class = "gevent"
-graceful_timeout = 10
+graceful_timeout = 5  # a worker forked just as its master stops misses the SIGTERM until this
 control_socket_disable = True  # gunicorn >= 27: keep the tests out of ~/.gunicorn
 logconfig_dict = {
     "version": 1,

@@ -15,6 +15,7 @@ def ticker(term: int) -> None:
     """Runs only while this worker leads; killed (GreenletExit) when it stops leading."""
     election = current()
     while election.leads(term):  # checked right before each write: never write out of tenure
+        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
         with open(TICKER_LOG, "a") as log:
-            log.write(f"{datetime.now().isoformat(timespec='milliseconds')} {election.node} term {term}\n")
+            log.write(f"{stamp} {election.node} term {term}\n")
         gevent.sleep(1)
