@@ -84,7 +84,9 @@ class WorkerElection:
     :param ttl: seconds; a killed leader is replaced after about this long (Consul: 10 s at
         least). Default: ``$GREENLEADER_TTL``, else 15.
     :param duties: the registry of leader duties; default the module-level one (``@duty``).
-    :param retry: the backoff between campaigns after store errors (``True``: the default one).
+    :param retry: the jittered backoff between attempts after store errors (making the store,
+        campaigning, following); default :class:`~greenleader.retry.Backoff()`. A worker
+        always retries: it must outlive store outages.
     :param follow: also follow the election, so that every worker knows the current leader.
     :param candidate_options: ``renew_deadline``, ``renew_interval``, ``resign_holdoff`` for
         :class:`~greenleader.Candidate`.
@@ -97,7 +99,7 @@ class WorkerElection:
         ttl: float | None = None,
         *,
         duties: Duties | None = None,
-        retry: Backoff | bool = True,
+        retry: Backoff | None = None,
         follow: bool = True,
         **candidate_options: Any,
     ) -> None:
@@ -115,7 +117,9 @@ class WorkerElection:
         self._key_arg = key
         self._ttl_arg = check_float("ttl", ttl, minimum=0.0, inclusive=False) if ttl is not None else None
         self.duties = duties if duties is not None else default_duties
-        self.retry = retry if retry is not False else True  # a worker must outlive store outages
+        if retry is not None and not isinstance(retry, Backoff):
+            raise InvalidArgumentError(f"retry must be a greenleader.Backoff, not {type(retry).__name__}")
+        self.retry = retry or Backoff()
         self.follow = follow
         self.candidate_options = candidate_options
 
@@ -277,8 +281,7 @@ class WorkerElection:
 
     def _start(self) -> None:
         """The starter greenlet: make the store (retrying through outages), then campaign."""
-        retry = self.retry if isinstance(self.retry, Backoff) else Backoff()
-        delays = retry.delays()
+        delays = self.retry.delays()
         try:
             while self.store is None:
                 try:
