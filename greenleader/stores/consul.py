@@ -207,7 +207,10 @@ class _Endpoint:
                  cert: str | tuple[str, str] | None) -> None:
         host, port = _parse_addr(addr)
         self.addr = f"{host}:{port}"
-        client = consul.Consul(host=host, port=port, scheme=store.scheme, dc=store.dc, verify=verify, cert=cert)
+        try:
+            client = consul.Consul(host=host, port=port, scheme=store.scheme, dc=store.dc, verify=verify, cert=cert)
+        except consul.ConsulException as exc:  # python-consul 1.1 parses CONSUL_HTTP_ADDR even so
+            raise InvalidArgumentError(f"cannot make a Consul client for {self.addr}: {exc}") from None
         # python-consul 1.1 lets CONSUL_HTTP_ADDR/SSL/SSL_VERIFY override the arguments: rebuild
         # its HTTP client from ours. The token goes in our session's header; the library would
         # prefer CONSUL_HTTP_TOKEN and (1.1) put it in the URL.
