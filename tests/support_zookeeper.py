@@ -8,7 +8,6 @@ import re
 import socket
 from collections.abc import Iterator
 
-import gevent
 from kazoo.client import KazooClient
 from kazoo.handlers.gevent import SequentialGeventHandler
 
@@ -91,13 +90,6 @@ def closed_port() -> int:
 
 def unreachable_store(env: BackendEnv) -> ZooKeeperStore:
     return ZooKeeperStore([f"127.0.0.1:{closed_port()}"], timeout=1.0)
-
-
-def wait_gone(hosts: str, path: str, timeout: float) -> None:
-    """Wait until ``path`` has no contender node (bounded; AssertionError on timeout)."""
-    with admin_client(hosts) as client, gevent.Timeout(timeout, AssertionError(f"{path} still has contenders")):
-        while contenders(client, path):
-            gevent.sleep(0.01)
 
 
 def leftovers(env: BackendEnv, key: str) -> list[str]:
