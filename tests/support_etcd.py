@@ -39,3 +39,13 @@ def closed_port() -> int:
 
 def unreachable_store(env: BackendEnv) -> EtcdStore:
     return EtcdStore([f"127.0.0.1:{closed_port()}"], timeout=1)
+
+
+def leftovers(env: BackendEnv, key: str) -> list[str]:
+    """Every etcd key at or under ``key`` (candidate keys live under ``key/``)."""
+    store = EtcdStore(env.cluster.addrs, timeout=5)
+    try:
+        response = store._call("range", lambda client: client.get_prefix_response(key.encode()))
+        return [kv.key.decode() for kv in response.kvs]
+    finally:
+        store.close()

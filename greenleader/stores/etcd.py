@@ -24,13 +24,13 @@ import logging
 import math
 import os
 import random
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import gevent
-import grpc
 from gevent import monkey
 from gevent.queue import Queue
 
@@ -43,6 +43,16 @@ from ..errors import (
     StoreUnavailableError,
 )
 from .base import LeaderInfo, Lease, Store, check_float, check_text, now
+
+# gRPC's default poller (epoll1) makes forked children abort before they exec (SIGABRT,
+# "epoll_wait error: Bad file descriptor"): gevent's subprocess forks in Python, gRPC's fork
+# handler restarts its poller in the child, and the child then closes every descriptor. With
+# the poll poller, subprocesses and forked workers are safe. gRPC reads it when imported.
+_GRPC_PREIMPORTED = "grpc" in sys.modules and "GRPC_POLL_STRATEGY" not in os.environ
+os.environ.setdefault("GRPC_POLL_STRATEGY", "poll")
+
+import grpc  # noqa: E402
+import grpc.experimental.gevent  # noqa: E402
 
 try:
     import pyetcd as etcd_client
@@ -90,8 +100,6 @@ def _init_grpc_gevent() -> None:
     global _grpc_gevent_ready
     if _grpc_gevent_ready or not monkey.is_module_patched("socket"):
         return
-    import grpc.experimental.gevent
-
     grpc.experimental.gevent.init_gevent()
     _grpc_gevent_ready = True
 
@@ -190,8 +198,21 @@ class _WatchStream:
         self._requests: Queue = Queue()
         self._requests.put(etcdrpc.WatchRequest(create_request=create))
         store.requests["watch"] += 1
-        self._call = etcdrpc.WatchStub(channel).Watch(iter(self._requests.get, None), metadata=client.metadata)
         self._closed = False
+        # Making a streaming call yields (gRPC starts a request-feeding thread, a greenlet
+        # here); killed there, we would never learn of the call, and etcd keeps a stream that
+        # the client only half-closes. So a helper makes it, and cancels it if we are gone.
+        maker = gevent.spawn(etcdrpc.WatchStub(channel).Watch, iter(self._requests.get, None),
+                             metadata=client.metadata)
+        try:
+            self._call = maker.get()
+        except BaseException as exc:
+            self._closed = True
+            self._requests.put(None)
+            maker.link_value(lambda made: made.value.cancel())
+            if isinstance(exc, Exception):
+                raise self._error(exc) from exc
+            raise
         try:
             with gevent.Timeout(store.timeout, StoreUnavailableError(
                     f"etcd watch at {self.where} was not created within {store.timeout:g}s")):
@@ -199,7 +220,9 @@ class _WatchStream:
             if first is None or not first.created or first.canceled:
                 reason = first.cancel_reason if first is not None else "stream ended"
                 raise StoreError(f"etcd watch at {self.where} was refused: {reason or 'canceled'}")
-            self.compacted = first.compact_revision != 0
+            #: The store's revision when the watch was made; a watch from "now" (start_revision 0)
+            #: sees every change after it.
+            self.revision: int = first.header.revision
         except BaseException as exc:
             self.close()
             if isinstance(exc, grpc.RpcError):
@@ -422,8 +445,16 @@ class _Candidacy:
                 if position == 0:
                     return self._won()
                 predecessor = keys[position - 1][1]
-                self.stream = _WatchStream(store, predecessor, None, revision + 1, [etcdrpc.WatchCreateRequest.NOPUT])
+                # Watching from "now" rather than from the snapshot: etcd syncs a watch that
+                # starts in the past only every 100 ms, which would delay a handover.
+                self.stream = _WatchStream(store, predecessor, None, 0, [etcdrpc.WatchCreateRequest.NOPUT])
                 try:
+                    if self.stream.revision > revision:  # the predecessor may have gone meanwhile
+                        found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
+                        if not found.kvs:
+                            if position == 1:
+                                return self._won()
+                            continue
                     for response in self.stream:
                         failures = 0
                         if response.events:
@@ -495,8 +526,16 @@ class EtcdStore(Store):
         self.secure = ca_cert is not None
         self._etcd: Any = None
         self._pid = 0
+        self._closed = False
         #: Requests sent, by kind: lets tests check that a release wakes only one waiter.
         self.requests: Counter[str] = Counter()
+        if _GRPC_PREIMPORTED:
+            warnings.warn(
+                "grpc was imported before greenleader.stores.etcd, so its epoll poller is in use and "
+                "subprocesses may abort; set GRPC_POLL_STRATEGY=poll in the environment",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not monkey.is_module_patched("socket"):
             warnings.warn(
                 "gevent has not monkey-patched this process: the etcd store's gRPC calls will block "
@@ -514,6 +553,8 @@ class EtcdStore(Store):
     def _client(self) -> Any:
         """This process's client, made on first use (and anew in a forked child)."""
         client = self._etcd
+        if self._closed:
+            raise StoreError(f"{self!r} was closed")
         if client is not None and self._pid == os.getpid():
             if all(endpoint.is_failed() for endpoint in client.endpoints.values()):
                 for endpoint in client.endpoints.values():
@@ -632,6 +673,7 @@ class EtcdStore(Store):
                 raise
 
     def close(self) -> None:
+        self._closed = True
         client, self._etcd = self._etcd, None
         if client is not None and self._pid == os.getpid():
             client.close()

@@ -1,0 +1,544 @@
+"""etcd-specific behaviour, against real etcd members (tests/servers.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import warnings
+
+import gevent
+import pytest
+
+from greenleader import Candidate, Follower
+from greenleader.errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidURLError,
+    PermissionDeniedError,
+    StoreUnavailableError,
+)
+from greenleader.stores import LeaderInfo, from_url, new_store
+from greenleader.stores.etcd import EtcdStore
+from tests import servers
+from tests.candidate_process import FAILOVER_MARGIN, ProcessGroup
+from tests.support_etcd import FAST_TTL, closed_port, force_expire
+from tests.waiting import next_item, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "pa55-w0rd-9c1e"
+
+
+@pytest.fixture
+def cluster(etcd_cluster):
+    return etcd_cluster
+
+
+@pytest.fixture
+def stores(cluster):
+    """Factory of stores on the shared etcd; all closed afterwards."""
+    made: list[EtcdStore] = []
+
+    def make(addrs: list[str] | None = None, **options) -> EtcdStore:
+        store = EtcdStore(addrs or cluster.addrs, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"greenleader-test/etcd/{uuid.uuid4().hex[:12]}"
+
+
+def win(candidate: Candidate, timeout: float = FAST_TTL * 3):
+    elected, _ = candidate.run_for_election()
+    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
+    assert next_item(elected, timeout, f"{candidate.node} to be elected") is True
+    return elected
+
+
+def keys_under(store: EtcdStore, key: str) -> list[tuple[str, int, int]]:
+    """(key, create revision, lease id) of every etcd key under ``key/``, oldest first."""
+    response = store._range_prefix((key + "/").encode())
+    return [(kv.key.decode(), kv.create_revision, kv.lease) for kv in response.kvs]
+
+
+def lease_alive(store: EtcdStore, lease_id: int) -> bool:
+    """Whether etcd still has the lease (LeaseTimeToLive answers TTL -1 for a missing one)."""
+    info = store._call("lease info", lambda client: client.get_lease_info(lease_id))
+    return info.TTL > 0
+
+
+def etcdctl_leases(addr: str) -> set[int]:
+    """Every lease etcd holds, listed by ``etcdctl lease list``."""
+    out = subprocess.run(["etcdctl", "--endpoints", addr, "lease", "list"], capture_output=True, text=True,
+                         timeout=30, check=True, env=dict(os.environ, ETCDCTL_API="3")).stdout
+    return {int(line.split()[0], 16) for line in out.splitlines()[1:] if line.strip()}
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+# -- construction, URLs, options --------------------------------------------------------------
+
+
+def test_from_url_forms():
+    store = from_url("etcd://h1:2379,h2:2380?timeout=5")
+    assert isinstance(store, EtcdStore)
+    assert store.addrs == ["h1:2379", "h2:2380"] and store.timeout == 5.0
+    assert from_url("etcd://").addrs == ["127.0.0.1:2379"]
+    assert from_url("etcd3://h1").addrs == ["h1"]  # alias; the port defaults to 2379
+    assert from_url("etcd://[::1]:2379?timeout=0.5").timeout == 0.5
+    assert new_store("etcd", "10.0.0.1:2379", timeout="2").timeout == 2.0
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:2379?timeout=soon")
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:2379?timeout=0")
+    with pytest.raises(InvalidURLError):
+        from_url("etcd://h1:2379?lock_delay=1")  # not an etcd option
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:2379/some/path")
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:99999")
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:2379?user=alice")  # a user needs a password
+    with pytest.raises(InvalidArgumentError):
+        from_url("etcd://h1:2379?cert_cert=/c.pem&cert_key=/k.pem")  # client certificates need TLS
+
+
+def test_password_stays_out_of_repr():
+    store = from_url(f"etcd://h1:2379?user=alice&password={SECRET}")
+    assert store.user == "alice"
+    assert SECRET not in repr(store) and SECRET not in str(vars(store).get("addrs"))
+    assert "alice" in repr(store)
+
+
+def test_no_warning_when_patched():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EtcdStore(["127.0.0.1:2379"])
+
+
+def test_unpatched_process_is_warned():
+    result = run_python("""
+        import warnings
+        from greenleader.stores.etcd import EtcdStore
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            EtcdStore(["127.0.0.1:2379"])
+        print([(w.category.__name__, str(w.message)) for w in caught])
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeWarning" in result.stdout and "gevent.monkey.patch_all()" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("bad_key", ["a/", "service/leader/", "é" * 300])
+def test_bad_keys(stores, bad_key):
+    store = stores()
+    with pytest.raises(InvalidKeyError):
+        store.validate_key(bad_key)
+    with pytest.raises(InvalidKeyError):
+        Candidate(store, bad_key, "alice", ttl=FAST_TTL)
+    with pytest.raises(InvalidKeyError):
+        store.leader(bad_key)
+
+
+def test_nested_elections_stay_apart(stores, key):
+    """Election ``key`` keeps candidates under ``key/``, where election ``key/sub`` lives too."""
+    store = stores()
+    inner = store.acquire(f"{key}/sub", "inner", FAST_TTL)
+    try:
+        assert store.leader(key) is None
+        watch = store.watch(key)
+        assert next(watch) is None
+        outer = store.acquire(key, "outer", FAST_TTL)
+        assert next(watch) == LeaderInfo("outer", outer.term)
+        assert store.leader(f"{key}/sub") == LeaderInfo("inner", inner.term)
+        outer.release()
+        assert next(watch) is None
+        watch.close()
+    finally:
+        inner.release()
+
+
+# -- terms, cleanup -------------------------------------------------------------------------
+
+
+def test_term_is_the_create_revision_and_increases(stores, key):
+    store = stores()
+    terms = []
+    for node in ("alice", "bob", "alice"):
+        lease = store.acquire(key, node, FAST_TTL)
+        ((etcd_key, create_revision, lease_id),) = keys_under(store, key)
+        assert etcd_key == f"{key}/{lease_id:x}" and lease_id == lease.lease_id
+        assert lease.term == create_revision
+        assert store.leader(key) == LeaderInfo(node, create_revision)
+        terms.append(lease.term)
+        lease.release()
+    assert terms == sorted(set(terms)), f"terms did not strictly increase: {terms}"
+
+
+def test_stop_and_release_leave_no_lease_and_no_key(stores, cluster, key):
+    store = stores()
+    alice, bob = Candidate(store, key, "alice", FAST_TTL), Candidate(stores(), key, "bob", FAST_TTL)
+    win(alice)
+    bob.run_for_election()
+    wait_until(lambda: len(keys_under(store, key)) == 2, FAST_TTL * 3, "bob's key to appear")
+    leases = [lease for _, _, lease in keys_under(store, key)]
+    assert all(lease_alive(store, lease) for lease in leases)
+    assert set(leases) <= etcdctl_leases(cluster.addrs[0])
+    bob.stop()  # while waiting
+    alice.stop()  # while leading
+    assert keys_under(store, key) == []
+    assert not any(lease_alive(store, lease) for lease in leases)
+    assert not set(leases) & etcdctl_leases(cluster.addrs[0])
+    lease = store.acquire(key, "carol", FAST_TTL)
+    lease.release()
+    lease.release()  # idempotent
+    assert keys_under(store, key) == [] and not lease_alive(store, lease.lease_id)
+
+
+def test_killed_acquire_leaves_nothing(stores, key):
+    store = stores()
+    holder = store.acquire(key, "alice", FAST_TTL)
+    waiter = gevent.spawn(stores().acquire, key, "bob", FAST_TTL)
+    wait_until(lambda: len(keys_under(store, key)) == 2, FAST_TTL * 3, "bob's key to appear")
+    bob_lease = keys_under(store, key)[1][2]
+    waiter.kill(block=True, timeout=5)
+    assert waiter.dead
+    assert [k for k, _, _ in keys_under(store, key)] == [f"{key}/{holder.lease_id:x}"]
+    assert not lease_alive(store, bob_lease)
+    holder.release()
+
+
+def test_force_expire_is_noticed_without_waiting_for_a_renewal(stores, key):
+    store = stores()
+    alice = Candidate(store, key, "alice", ttl=10)  # renewals every ~2.2 s
+    elected = win(alice)
+    started = time.monotonic()
+    force_expire(store, key)
+    assert next_item(elected, 2, "alice to notice her revoked lease") is False
+    assert time.monotonic() - started < 1.0, "the loss should come from the key watch, not the next renewal"
+    alice.stop()
+
+
+# -- waiting in line --------------------------------------------------------------------------
+
+
+def test_release_wakes_only_the_next_waiter_in_fifo_order(stores, key):
+    ttl = 10  # no lease trouble during the test
+    leader_store = stores()
+    lease = leader_store.acquire(key, "w0", ttl)
+    waiters: list[tuple[str, EtcdStore, gevent.Greenlet]] = []
+    for i in range(1, 6):  # each waiter queues only after the previous one, so the order is known
+        store = stores()
+        waiters.append((f"w{i}", store, gevent.spawn(store.acquire, key, f"w{i}", ttl)))
+        wait_until(lambda s=store: s.requests["watch"] == 1, 10, f"w{i} to watch its predecessor")
+    winners = []
+    while waiters:
+        settled = {name: dict(store.requests) for name, store, _ in waiters}
+        lease.release()
+        name, store, greenlet = waiters.pop(0)
+        lease = greenlet.get(timeout=10)
+        assert lease.node == name, f"{lease.node} won before {name}"
+        winners.append(lease.node)
+        gevent.sleep(0.3)  # a window in which a thundering herd would show
+        for other, other_store, _ in waiters:
+            counts = dict(other_store.requests)
+            for kind in ("range", "watch", "transaction"):
+                assert counts.get(kind, 0) == settled[other].get(kind, 0), (
+                    f"releasing woke {other} too: {kind} requests {settled[other].get(kind)} -> {counts.get(kind)}"
+                )
+        # One read at most: none if its predecessor was the leader when it began to wait.
+        assert store.requests["range"] - settled[name].get("range", 0) <= (0 if name == "w1" else 1)
+    assert winners == ["w1", "w2", "w3", "w4", "w5"]
+    lease.release()
+
+
+def test_a_waiter_whose_predecessor_withdraws_watches_the_one_before(stores, key):
+    store = stores()
+    holder = store.acquire(key, "a", FAST_TTL)
+    b = gevent.spawn(stores().acquire, key, "b", FAST_TTL)
+    wait_until(lambda: len(keys_under(store, key)) == 2, 10, "b's key")
+    c = gevent.spawn(stores().acquire, key, "c", FAST_TTL)
+    wait_until(lambda: len(keys_under(store, key)) == 3, 10, "c's key")
+    b.kill(block=True, timeout=5)  # c watched b; now it must wait for a
+    wait_until(lambda: len(keys_under(store, key)) == 2, 10, "b's key to go")
+    assert not c.ready() and store.leader(key).node == "a"
+    holder.release()
+    won = c.get(timeout=10)
+    assert won.node == "c"
+    won.release()
+
+
+# -- endpoints, failures --------------------------------------------------------------------
+
+
+def test_dead_first_endpoint_is_skipped(stores, cluster, key):
+    dead = f"127.0.0.1:{closed_port()}"
+    for i in range(4):  # the client starts on a random endpoint: try a few stores
+        store = stores([dead, *cluster.addrs], timeout=2)
+        assert store.leader(key) is None
+        lease = store.acquire(key, f"n{i}", FAST_TTL)
+        watch = store.watch(key)
+        assert next(watch) == LeaderInfo(f"n{i}", lease.term)
+        lease.renew()
+        lease.release()
+        assert next(watch) is None
+        watch.close()
+
+
+def test_unreachable_and_silent_servers_fail_within_the_timeout(stores, key):
+    closed = stores([f"127.0.0.1:{closed_port()}"], timeout=1)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        closed.leader(key)
+    assert time.monotonic() - started < 1.5
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        mute = stores([f"127.0.0.1:{silent.getsockname()[1]}"], timeout=1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            mute.acquire(key, "alice", FAST_TTL)
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.slow
+def test_crash_failover_to_another_process(stores, cluster, key, tmp_path):
+    observer = stores()
+    with ProcessGroup(cluster.url, key, FAST_TTL, tmp_path) as group:
+        first = group.start("p1")
+        group.wait_line(first, "elected", 30)
+        second = group.start("p2")
+        group.wait_line(second, "campaigning", 30)
+        wait_until(lambda: len(keys_under(observer, key)) == 2, 10, "p2's key")
+        killed_at = first.kill()
+        successor = group.wait_elected(FAST_TTL + FAILOVER_MARGIN, after=killed_at, exclude=("p1",))
+        took = successor.t - killed_at
+        log.info("etcd crash failover with ttl=%gs took %.3fs", FAST_TTL, took)
+        print(f"etcd crash failover: {took:.3f}s (ttl {FAST_TTL:g}s)")
+        assert took <= FAST_TTL + FAILOVER_MARGIN
+        group.check_history()
+        assert group.unexpected_errors() == []
+
+
+def test_hub_keeps_ticking_while_waiting_and_watching(stores, key):
+    gaps: list[float] = []
+
+    def tick() -> None:
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            moment = time.monotonic()
+            gaps.append(moment - last)
+            last = moment
+
+    ticker = gevent.spawn(tick)
+    try:
+        alice, bob = Candidate(stores(), key, "alice", FAST_TTL), Candidate(stores(), key, "bob", FAST_TTL)
+        follower = Follower(stores(), key)
+        leaders, _ = follower.follow_election()
+        assert next_item(leaders, 5, "the vacancy") is None
+        win(alice)
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(leaders, 5, "alice") == "alice"
+        assert next_item(bob_elected, 5, "bob's first item") is False
+        ticks = len(gaps)
+        with pytest.raises(gevent.queue.Empty):  # bob waits on a watch, the follower too
+            bob_elected.get(timeout=FAST_TTL * 1.5)
+        assert len(gaps) - ticks > FAST_TTL * 1.5 / 0.01 / 2, "the ticker hardly ran while others waited"
+        alice.stop()
+        assert next_item(bob_elected, 5, "bob to take over") is True
+        assert next_item(leaders, 5, "bob") == "bob"
+        bob.stop()
+        follower.stop()
+    finally:
+        ticker.kill()
+    assert max(gaps) < 0.1, f"the hub was blocked for {max(gaps) * 1000:.0f} ms"
+
+
+def test_store_made_before_fork_works_in_the_child(cluster, key):
+    result = run_python(f"""
+        from gevent import monkey
+        monkey.patch_all()
+        import os, sys
+        from greenleader.stores.etcd import EtcdStore
+        store = EtcdStore({cluster.addrs!r}, timeout=5)
+        lease = store.acquire({key!r}, "parent", 2)  # the parent's gRPC client is busy
+        parent_client = store._client()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                assert store.leader({key!r}).node == "parent"
+                assert store._client() is not parent_client, "the child reused the parent's channel"
+                child = store.acquire({key!r} + "-child", "child", 2)
+                child.release()
+                watch = store.watch({key!r})
+                assert next(watch).node == "parent"
+                watch.close()
+                print("child ok", flush=True)
+                os._exit(0)
+            except BaseException as exc:
+                print("child failed:", repr(exc), flush=True)
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        lease.renew()  # the parent's client still works after the child used the store
+        assert store.leader({key!r}).node == "parent"
+        lease.release()
+        store.close()
+        print("parent ok", os.waitstatus_to_exitcode(status), flush=True)
+    """)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "child ok" in result.stdout and "parent ok 0" in result.stdout, result.stdout + result.stderr
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth_cluster(tmp_path):
+    """A one-member etcd of its own with authentication on: root, and alice with rights on el/."""
+    cluster = servers.start_etcd(tmp_path)
+    addr = cluster.addrs[0]
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["etcdctl", "--endpoints", addr, *args], check=True, capture_output=True, timeout=30,
+                       env=dict(os.environ, ETCDCTL_API="3"))
+
+    ctl("user", "add", "root:root-pw")
+    ctl("user", "grant-role", "root", "root")
+    ctl("user", "add", f"alice:{SECRET}")
+    ctl("role", "add", "elections")
+    ctl("role", "grant-permission", "elections", "readwrite", "--prefix=true", "el/")
+    ctl("user", "grant-role", "alice", "elections")
+    ctl("auth", "enable")
+    yield cluster
+    cluster.stop()
+
+
+def test_authentication(auth_cluster, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = f"etcd://{auth_cluster.addrs[0]}?user=alice&password={SECRET}&timeout=5"
+    store = from_url(url)
+    try:
+        lease = store.acquire("el/leader", "alice", FAST_TTL)
+        assert store.leader("el/leader") == LeaderInfo("alice", lease.term)
+        watch = store.watch("el/leader")
+        assert next(watch).node == "alice"
+        lease.renew()
+        lease.release()
+        assert next(watch) is None
+        watch.close()
+        with pytest.raises(PermissionDeniedError) as denied:
+            store.acquire("elsewhere", "alice", FAST_TTL)
+        assert SECRET not in str(denied.value)
+    finally:
+        store.close()
+    for options in ({"user": "alice", "password": "wrong-" + SECRET}, {}):
+        refused = EtcdStore(auth_cluster.addrs, timeout=5, **options)
+        with pytest.raises(PermissionDeniedError) as error:
+            refused.leader("el/leader")
+        assert SECRET not in str(error.value) and SECRET not in repr(refused)
+        refused.close()
+    assert SECRET not in caplog.text
+
+
+# -- a three-member cluster -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_three_member_cluster_survives_losing_members(etcd_cluster3, key):
+    cluster = etcd_cluster3
+    ttl = 3.0
+    stores = [EtcdStore(cluster.addrs, timeout=1) for _ in range(3)]
+    candidates = [Candidate(store, key, f"c{i}", ttl) for i, store in enumerate(stores)]
+    overlaps: list[tuple[float, list[str]]] = []
+    samples = [0]
+
+    def sample() -> None:
+        while True:
+            leading = [c.node for c in candidates if c.is_leader()]
+            samples[0] += 1
+            if len(leading) > 1:
+                overlaps.append((time.monotonic(), leading))
+            gevent.sleep(0.003)
+
+    def leader() -> Candidate | None:
+        leading = [c for c in candidates if c.is_leader()]
+        return leading[0] if len(leading) == 1 else None
+
+    def carries_on(after: float, what: str) -> Candidate:
+        """Wait until a candidate leads with a renewal confirmed after ``after``."""
+        def confirmed() -> bool:
+            current = leader()
+            return current is not None and current._lease is not None and current._lease.confirmed_at > after
+        wait_until(confirmed, ttl * 4, what)
+        current = leader()
+        assert current is not None
+        return current
+
+    sampler = gevent.spawn(sample)
+    try:
+        for candidate in candidates:
+            candidate.run_for_election()
+        first = carries_on(0, "a first leader")
+        talks_to = stores[candidates.index(first)]._client().endpoint_in_use.netloc
+        node = next(n for n in cluster.nodes if n.client_addr == talks_to)
+        log.info("killing %r, the member %s's client talks to", node, first.node)
+        killed_at = time.monotonic()
+        node.kill()
+        second = carries_on(killed_at, f"the election to carry on without {node}")
+        log.info("leader after losing %s: %s", node.name, second.node)
+        node.start()
+        cluster.wait_ready()
+        raft_leader = cluster.leader_node()
+        log.info("killing etcd's raft leader %r", raft_leader)
+        killed_at = time.monotonic()
+        raft_leader.kill()
+        third = carries_on(killed_at, f"the election to carry on without the raft leader {raft_leader}")
+        log.info("leader after losing the raft leader: %s", third.node)
+    finally:
+        for candidate in candidates:
+            candidate.stop()
+        sampler.kill()
+        for store in stores:
+            store.close()
+    assert samples[0] > 100
+    assert not overlaps, f"two candidates believed they led at once: {overlaps[:5]}"
+
+
+def test_leftover_support_listing(stores, key):
+    from tests.support_etcd import leftovers
+
+    store = stores()
+    lease = store.acquire(key, "alice", FAST_TTL)
+    env = type("Env", (), {"cluster": type("C", (), {"addrs": store.addrs})()})()
+    assert leftovers(env, key) == [f"{key}/{lease.lease_id:x}"]
+    lease.release()
+    assert leftovers(env, key) == []
+
+
+def test_leader_and_watch_report_node_names_as_text(stores, key):
+    store = stores()
+    lease = store.acquire(key, "nœud-ü", FAST_TTL)
+    assert store.leader(key) == LeaderInfo("nœud-ü", lease.term)
+    assert json.dumps(store.leader(key).node)
+    lease.release()
