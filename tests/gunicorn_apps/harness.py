@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+
+from tests import servers
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,8 @@ def _die_with_parent() -> None:  # in the child, between fork and exec
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port that tests.servers will not hand to a store server either."""
+    return servers.free_ports(1)[0]
 
 
 def worker_pid(node: str) -> int:
