@@ -100,3 +100,19 @@ def test_file_store_encodes_unsafe_keys(tmp_path):
     assert len(names) == 7
     for name in names:
         assert "/" not in name and not name.startswith(".") and len(name) < 255
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "consul://h:8500?token=s3cret&token=s3cret",
+        "consul://user:s3cret@h,,x?token=s3cret",
+        "bogus://user:s3cret@h?password=s3cret",
+        "nohost?token=s3cret",
+        "etcd://h:2379?password=s3cret&timeout=never",
+    ],
+)
+def test_url_errors_never_show_secrets(url):
+    with pytest.raises(InvalidArgumentError) as raised:
+        from_url(url)
+    assert "s3cret" not in str(raised.value)

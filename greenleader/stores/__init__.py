@@ -69,27 +69,38 @@ def from_url(url: str) -> Store:
     if not isinstance(url, str):
         raise InvalidURLError(f"store URL must be a str, not {type(url).__name__}")
     if "://" not in url:
-        raise InvalidURLError(f"store URL {url!r} has no scheme; expected e.g. consul://127.0.0.1:8500")
+        raise InvalidURLError(f"store URL {_redacted(url)!r} has no scheme; expected e.g. consul://127.0.0.1:8500")
+    shown = _redacted(url)
     try:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError as exc:
-        raise InvalidURLError(f"malformed store URL {url!r}: {exc}") from None
+    except ValueError:
+        raise InvalidURLError(f"malformed store URL {shown!r}") from None
     try:
         cls = _store_class(parts.scheme)
     except UnknownBackendError as exc:
-        raise InvalidURLError(f"store URL {url!r}: {exc}") from None
+        raise InvalidURLError(f"store URL {shown!r}: {exc}") from None
     options: dict[str, Any] = {}
     for name, value in query:
         if name in options:
-            raise InvalidURLError(f"store URL {url!r} repeats option {name!r}")
+            raise InvalidURLError(f"store URL {shown!r} repeats option {name!r}")
         options[name] = value
     hosts = unquote(parts.netloc)
     addrs = [h for h in hosts.split(",") if h] if hosts else None
     if hosts and (len(addrs or []) != hosts.count(",") + 1):
-        raise InvalidURLError(f"store URL {url!r} has an empty host in {hosts!r}")
+        raise InvalidURLError(f"store URL {shown!r} has an empty host")
     path = unquote(parts.path)
     try:
         return cls.from_url_parts(addrs, path, options)
     except TypeError as exc:
-        raise InvalidURLError(f"bad options in store URL {url!r}: {exc}") from None
+        raise InvalidURLError(f"bad options in store URL {shown!r}: {exc}") from None
+
+
+def _redacted(url: str) -> str:
+    """``url`` with credentials and option values hidden, fit for messages and logs."""
+    head, _, query = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    names = [item.partition("=")[0] for item in query.split("&")] if query else []
+    return scheme + sep + rest + ("?" + "&".join(f"{name}=***" for name in names) if names else "")
