@@ -11,7 +11,12 @@ The client is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of ``
 current protobuf stubs; ``etcd3`` is used if it is what the environment has. It speaks
 gRPC, which only cooperates with gevent after ``grpc.experimental.gevent.init_gevent()``:
 this module calls it once, before it makes its first channel, when gevent has patched the
-socket module. Channels are made lazily and never used across ``fork()``.
+socket module. Channels are made lazily and never used across ``fork()``. Importing this
+module sets ``GRPC_POLL_STRATEGY=poll`` (unless set): with gRPC's default poller, children
+that gevent's ``subprocess`` forks while a gRPC call is in flight may abort before ``exec``.
+
+Nested elections (``a`` and ``a/b``) share the range ``a/``: only direct children
+``<key>/<id>`` count as candidates of ``key``, so ranges read the whole prefix, not one key.
 
 Watches (the waiters' and the followers') run on gRPC streams of their own, made with the
 client's stubs, rather than on the library's shared watcher thread: one stream per watch can
@@ -473,13 +478,13 @@ class _Candidacy:
         return None
 
     def _won(self) -> _EtcdLease | None:
-        self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
         if now() - self.confirmed_at > self.ttl / 6:  # the last renewal is old: confirm afresh
             started = now()
             if self.store._keepalive(self.lease_id) <= 0:
                 self.lost = True
                 return None
             self.confirmed_at = started
+        self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
         return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key)
 
 
@@ -633,11 +638,10 @@ class EtcdStore(Store):
         while True:
             attempt += 1
             client = self._client()
-            where = self._where(client)
             try:
                 return request(client)
             except (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError) as exc:
-                error = _translate(exc, what, where)
+                error = _translate(exc, what, self._where(client))
                 rpc = _rpc_error(exc)
                 if rpc is not None and rpc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     client.endpoint_in_use.fail()  # the library does not for every call
