@@ -4,7 +4,7 @@
 >>> @duty
 ... def scheduler(term: int) -> None:
 ...     while True:
-...         run_due_jobs(fence=term)
+...         run_due_jobs(fencing_token=term)  # downstream rejects writes of older terms
 ...         gevent.sleep(1)
 
 Each registered duty is started in a greenlet of its own on every win, called with the
@@ -26,6 +26,9 @@ always logged with its traceback and never reaches the candidate or the process:
 - ``"stop"``: leave this duty stopped until the next tenure; the other duties keep running.
 
 A duty that returns is done for this tenure: it is not restarted until the next win.
+
+In gunicorn, :mod:`greenleader.gunicorn` runs the default registry (``@duty``) in every worker;
+elsewhere, ``runner = duties.run(candidate)`` campaigns and runs them, ``runner.stop()`` ends both.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ How it fits gunicorn's process model:
   worker that had already died, it does nothing. A worker killed by the arbiter's timeout
   (SIGKILL) is replaced after the store's TTL.
 
-Node names are ``host:master-pid:worker-pid``.
+Node names are ``host:master-pid:worker-pid``. Handlers subscribed with ``zope.event`` to
+:mod:`greenleader.events` get this worker's election events, in a greenlet of their own (one
+that raises is logged); the duty runner reads the candidate's ``elected`` queue itself.
 """
 
 from __future__ import annotations
