@@ -1,6 +1,6 @@
 """Graceful handover and crash failover between candidate processes, repeated per store.
 
-    python benchmarks/quick_handover.py [--kinds file,consul,etcd,zookeeper] [--trials 5]
+    python benchmarks/quick_handover.py [--kinds file,consul,etcd,zookeeper] [--trials 5] [--modes handover,failover]
 
 Each store gets its own fresh single-node server (tests/servers.py). Three candidate processes
 (tests/candidate_process.py) campaign on one key; each trial SIGTERMs (handover) or SIGKILLs
@@ -62,7 +62,7 @@ def summary(values: list[float]) -> str:
     return f"median {statistics.median(ms):7.1f} ms  max {max(ms):7.1f} ms  ({', '.join(f'{v:.1f}' for v in ms)})"
 
 
-def bench(kind: str, count: int, workdir: Path) -> dict[str, list[float]]:
+def bench(kind: str, count: int, workdir: Path, modes: list[str]) -> dict[str, list[float]]:
     cluster = servers.start(kind, workdir / "server") if kind != "file" else None
     try:
         env = BackendEnv(kind=kind, workdir=workdir, cluster=cluster)
@@ -70,6 +70,8 @@ def bench(kind: str, count: int, workdir: Path) -> dict[str, list[float]]:
         url = process_url(env)
         results = {}
         for name, crash, timeout in (("handover", False, 10.0), ("failover", True, crash_bound(env, ttl) + 10)):
+            if name not in modes:
+                continue
             key = f"greenleader-bench/{uuid.uuid4().hex[:8]}"
             with ProcessGroup(url, key, ttl, workdir / f"{name}-procs") as group:
                 results[name] = trials(group, count, crash, timeout)
@@ -84,11 +86,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", default="file,consul,etcd,zookeeper")
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--modes", default="handover,failover", help="handover (SIGTERM), failover (SIGKILL)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="greenleader-bench-") as tmp:
         for kind in args.kinds.split(","):
-            bench(kind, args.trials, Path(tmp) / kind)
+            bench(kind, args.trials, Path(tmp) / kind, args.modes.split(","))
     return 0
 
 

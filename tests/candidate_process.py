@@ -68,29 +68,32 @@ def _emit(event: str, node: str | None, term: int | None = None, t: float | None
 
 
 class _Tenure:
-    """Times taken at the store boundary: when ``acquire`` returned and ``release`` began."""
+    """One won lease, timed at the store boundary: when ``acquire`` returned, when ``release``
+    began, and whether its ``elected``/``deposed`` lines are out."""
 
-    def __init__(self) -> None:
-        self.candidate: Any = None
-        self.lease: Any = None
-        self.acquired_at = 0.0
+    def __init__(self, lease: Any) -> None:
+        self.lease = lease
+        self.acquired_at = time.monotonic()
         self.released_at: float | None = None
+        self.announced = False
+        self.ended = False
 
 
-def _instrument(store: Any, node: str, tenure: _Tenure) -> None:
+def _instrument(store: Any, node: str, tenures: list[_Tenure], is_leader: Callable[[], bool]) -> None:
     """Wrap this store object's ``acquire`` (and each lease's ``release``) to time them."""
     acquire = store.acquire
 
     def timed_acquire(key: str, name: str, ttl: float) -> Any:
         _emit("campaigning", node)
         lease = acquire(key, name, ttl)
-        tenure.lease, tenure.acquired_at, tenure.released_at = lease, time.monotonic(), None
+        tenure = _Tenure(lease)
+        tenures.append(tenure)
         release = lease.release
 
         def timed_release() -> None:
-            if tenure.lease is lease and tenure.released_at is None:
+            if tenure.released_at is None:
                 tenure.released_at = time.monotonic()
-                if tenure.candidate is not None and tenure.candidate.is_leader():
+                if is_leader():
                     _emit("error", node, lease.term, error="released the key while still leading")
             release()
 
@@ -100,15 +103,27 @@ def _instrument(store: Any, node: str, tenure: _Tenure) -> None:
     store.acquire = timed_acquire
 
 
-def _report_errors(node: str, source: Any) -> None:
-    """Print the non-fatal errors ``source`` publishes (fatal ones come on its errors queue)."""
+def _report(node: str, source: Any, tenures: list[_Tenure] | None = None) -> None:
+    """Print what ``source`` publishes: wins and losses (matched to their lease by term) and
+    the errors it outlives (fatal ones come on its errors queue)."""
     import zope.event
 
-    from greenleader.events import ElectionError
+    from greenleader.events import ElectionError, LeadershipAcquired, LeadershipLost
 
     def on_event(event: object) -> None:
-        if isinstance(event, ElectionError) and event.source is source and not event.fatal:
+        if getattr(event, "source", None) is not source:
+            return
+        if isinstance(event, ElectionError) and not event.fatal:
             _emit("error", node, error=f"{type(event.error).__name__}: {event.error}", fatal=False)
+        elif isinstance(event, LeadershipAcquired) and tenures is not None:
+            tenure = next(t for t in tenures if t.lease.term == event.term and not t.announced)
+            tenure.announced = True
+            _emit("elected", node, event.term, tenure.acquired_at)
+        elif isinstance(event, LeadershipLost) and tenures is not None:
+            tenure = next(t for t in tenures if t.lease.term == event.term and t.announced and not t.ended)
+            tenure.ended = True
+            t = time.monotonic()
+            _emit("deposed", node, event.term, t if tenure.released_at is None else min(t, tenure.released_at))
 
     zope.event.subscribers.append(on_event)
 
@@ -117,26 +132,17 @@ def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: li
     """Run the candidate until stopped; True if its campaign ended because of an error."""
     from greenleader import Candidate
 
-    tenure = _Tenure()
-    _instrument(store, args.node, tenure)
     candidate = Candidate(store, args.key, args.node, args.ttl, retry=args.retry)
-    tenure.candidate = candidate
+    tenures: list[_Tenure] = []
+    _instrument(store, args.node, tenures, candidate.is_leader)
     current[:] = [candidate]
-    _report_errors(args.node, candidate)
+    _report(args.node, candidate, tenures)
     if stopping.is_set():
         return False
     elected, errors = candidate.run_for_election()
-    leading = False
-    for is_elected in elected:
-        if is_elected and not leading:
-            leading = True
-            _emit("elected", args.node, tenure.lease.term, tenure.acquired_at)
-        elif not is_elected and leading:
-            leading = False
-            t = time.monotonic()
-            if tenure.released_at is not None:
-                t = min(t, tenure.released_at)
-            _emit("deposed", args.node, tenure.lease.term, t)
+    for _ in elected:  # wins and losses are printed from the events, which carry the term
+        pass
+    candidate.stop()  # after an error: waits until every event has been delivered
     failed = False
     for error in errors:
         failed = True
@@ -150,7 +156,7 @@ def _follow(store: Any, args: argparse.Namespace, stopping: Event, current: list
 
     follower = Follower(store, args.key, retry=args.retry)
     current[:] = [follower]
-    _report_errors(args.node, follower)
+    _report(args.node, follower)
     if stopping.is_set():
         return False
     leaders, errors = follower.follow_election()
