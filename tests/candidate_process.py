@@ -20,7 +20,9 @@ SIGTERM stops the candidate gracefully (releasing the key) and the process exits
 (or watch) ended by an error prints its ``error`` line (``"fatal": true``) and exits 3. With
 ``--retry SECONDS`` the candidate (or follower) uses the library's own retry
 (``Backoff(initial=SECONDS, maximum=4 * SECONDS)``): each store error it outlives is printed
-as an ``error`` line with ``"fatal": false``.
+as an ``error`` line with ``"fatal": false``. With ``--history FILE`` a candidate also appends
+its tenures to FILE for the split-brain checker (``tests.history``), and with ``--block-hub S``
+it blocks its gevent hub for S seconds on SIGUSR1 (``tests.faults``).
 
 :class:`ProcessGroup` is the parent side: it starts such processes, collects their lines and
 waits for them with bounded timeouts.
@@ -42,7 +44,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,14 @@ def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: li
     from greenleader import Candidate
 
     candidate = Candidate(store, args.key, args.node, args.ttl, retry=args.retry)
+    if args.history:  # tests.history: tenures with their deadlines, for the split-brain checker
+        from tests.faults import install_hub_blocker
+        from tests.history import Recorder
+
+        recorder = Recorder(args.history, args.node)
+        recorder.attach(candidate, store)
+        if args.block_hub:
+            install_hub_blocker(args.block_hub, recorder.observe, recorder.blocked)
     tenures: list[_Tenure] = []
     _instrument(store, args.node, tenures, candidate.is_leader)
     current[:] = [candidate]
@@ -180,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follower", action="store_true", help="follow the election instead of running")
     parser.add_argument("--retry", type=float, default=None, metavar="SECONDS",
                         help="outlive store errors, retrying after a backoff starting at SECONDS")
+    parser.add_argument("--history", metavar="FILE", help="append tenures to FILE (tests.history.Recorder)")
+    parser.add_argument("--block-hub", type=float, default=0.0, metavar="SECONDS",
+                        help="with --history: on SIGUSR1, block the gevent hub for SECONDS (tests.faults)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
@@ -272,7 +285,8 @@ class Line:
 class ElectionProcess:
     """One child process; its lines are read by a greenlet into ``lines``."""
 
-    def __init__(self, group: "ProcessGroup", name: str, follower: bool, retry: float | None) -> None:
+    def __init__(self, group: "ProcessGroup", name: str, follower: bool, retry: float | None,
+                 url: str | None = None, extra_args: Sequence[str] = ()) -> None:
         self.group = group
         self.name = name
         self.follower = follower
@@ -281,13 +295,14 @@ class ElectionProcess:
         self.killed_at: float | None = None  # SIGKILL sent
         self.terminated_at: float | None = None  # SIGTERM sent
         argv = [
-            sys.executable, "-m", "tests.candidate_process", "--url", group.url, "--key", group.key,
+            sys.executable, "-m", "tests.candidate_process", "--url", url or group.url, "--key", group.key,
             "--node", name, "--ttl", str(group.ttl),
         ]
         if follower:
             argv.append("--follower")
         if retry is not None:
             argv += ["--retry", str(retry)]
+        argv += extra_args
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         with open(self.stderr_path, "ab") as stderr:
             self.popen = subprocess.Popen(
@@ -377,9 +392,11 @@ class ProcessGroup:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def start(self, name: str, *, follower: bool = False, retry: float | None = None) -> ElectionProcess:
+    def start(self, name: str, *, follower: bool = False, retry: float | None = None, url: str | None = None,
+              extra_args: Sequence[str] = ()) -> ElectionProcess:
+        """Start a process; ``url`` (default the group's) and ``extra_args`` are its own."""
         assert name not in self.procs, f"a process named {name} exists already"
-        proc = ElectionProcess(self, name, follower, retry)
+        proc = ElectionProcess(self, name, follower, retry, url, extra_args)
         self.procs[name] = proc
         return proc
 
