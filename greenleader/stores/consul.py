@@ -552,7 +552,8 @@ class ConsulStore(Store):
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         key = self.validate_key(key)
         index, entry = self._get(key)  # a store that cannot be read at all fails at once
-        yield _leader_info(entry)
+        last = _leader_info(entry)
+        yield last
         failing_since: float | None = None
         retry = _ERROR_RETRY[0]
         while True:
@@ -567,9 +568,12 @@ class ConsulStore(Store):
                 retry = min(retry * 2, _ERROR_RETRY[1])
                 continue
             failing_since, retry = None, _ERROR_RETRY[0]
-            if new_index != index:
-                index = new_index
-                yield _leader_info(entry)
+            index = new_index
+            # Compare values, not only indexes: a restarted server may reuse an old index.
+            current = _leader_info(entry)
+            if current != last:
+                last = current
+                yield current
 
     def close(self) -> None:
         for endpoint in self._endpoints:
