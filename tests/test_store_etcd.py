@@ -447,6 +447,8 @@ def test_authentication(auth_cluster, caplog):
         lease.release()
         assert next(watch) is None
         watch.close()
+        store._client().metadata = (("token", "expired-token"),)  # as after --auth-token-ttl
+        assert store.leader("el/leader") is None, "an invalid token must be renewed by authenticating again"
         with pytest.raises(PermissionDeniedError) as denied:
             store.acquire("elsewhere", "alice", FAST_TTL)
         assert SECRET not in str(denied.value)

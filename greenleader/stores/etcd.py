@@ -305,7 +305,7 @@ class _EtcdLease(Lease):
         while not self._released:
             try:
                 if revision == 0:
-                    response = store._call("range", lambda client: client.get_response(self.own_key))
+                    response = store._call("check own key", lambda client: client.get_response(self.own_key))
                     if not response.kvs:
                         break
                     revision = response.header.revision
@@ -314,7 +314,7 @@ class _EtcdLease(Lease):
                     for response in stream:
                         failures = 0
                         if response.events:
-                            self.notify_lost_once()
+                            self._notify_lost_once()
                             return
                 finally:
                     stream.close()
@@ -324,9 +324,9 @@ class _EtcdLease(Lease):
                 gevent.sleep(min(2.0, 0.05 * 2**failures))
             revision = 0  # the stream ended: check the key again before watching anew
         if not self._released:
-            self.notify_lost_once()
+            self._notify_lost_once()
 
-    def notify_lost_once(self) -> None:
+    def _notify_lost_once(self) -> None:
         if not self._released:
             log.info("etcd: %r lost key %r", self.node, self.own_key)
             self.notify_lost()
