@@ -136,17 +136,22 @@ def test_no_warning_when_patched():
         EtcdStore(["127.0.0.1:2379"])
 
 
-def test_unpatched_process_is_warned():
-    result = run_python("""
+def test_unpatched_process_is_warned(cluster, key):
+    result = run_python(f"""
         import warnings
         from greenleader.stores.etcd import EtcdStore
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            EtcdStore(["127.0.0.1:2379"])
+            store = EtcdStore({cluster.addrs!r})
         print([(w.category.__name__, str(w.message)) for w in caught])
+        lease = store.acquire({key!r}, "plain", 2)  # works, blocking the (unused) hub
+        print("leader", store.leader({key!r}).node)
+        lease.release()
+        store.close()
     """)
     assert result.returncode == 0, result.stderr
     assert "RuntimeWarning" in result.stdout and "gevent.monkey.patch_all()" in result.stdout, result.stdout
+    assert "leader plain" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("bad_key", ["a/", "service/leader/", "é" * 300])
