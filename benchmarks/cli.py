@@ -1,0 +1,121 @@
+"""The one command: start the servers, run the benchmarks, print the table, write JSON,
+plots and docs/benchmarks.md.
+
+    python -m benchmarks                      # everything (about 15 minutes on 2 cores)
+    python -m benchmarks --quick              # a smoke run of a minute or two (to a temp dir)
+    python -m benchmarks handover failover --kinds etcd,zookeeper
+    python -m benchmarks --report             # table, plots and page again from the JSON
+
+A run of some sections merges them into the existing results.json, so the table always
+shows the latest figures of every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .common import KINDS, REPO, Config, Stores, loadavg
+
+log = logging.getLogger("benchmarks")
+
+SECTIONS = ["handover", "failover", "followers", "cost", "contention"]
+
+
+def _section_runner(name: str) -> Callable[[Config, Stores, Path], Any]:
+    if name in ("handover", "failover"):
+        from . import handover
+
+        return handover.run_handover if name == "handover" else handover.run_failover
+    if name == "followers":
+        from . import followers
+
+        return followers.run
+    if name == "cost":
+        from . import cost
+
+        return cost.run
+    from . import contention
+
+    return contention.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"sections to run (default: all): {', '.join(SECTIONS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="stores to run on (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="few trials and short windows: a smoke run")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="trials of each figure (handovers, failovers, leader changes, contended handovers)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results.json and the plots go (default: docs/benchmarks, or a "
+                             "temporary directory with --quick)")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots and no page")
+    parser.add_argument("--report", action="store_true", help="run nothing: table, plots and page from the JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs of every process)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # "connection pool is full" under load
+    if set(args.sections) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(set(args.sections) - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    out = args.out or (Path(tempfile.gettempdir()) / "greenleader-bench-quick" if args.quick
+                       else REPO / "docs" / "benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    results = report.load(out / "results.json")
+    if not args.report:
+        config = Config.quick_run(kinds) if args.quick else Config(kinds=kinds)
+        if args.trials is not None:
+            config.handover_trials = config.failover_trials = args.trials
+            config.follower_changes = config.contention_handovers = args.trials
+        _run(config, args.sections or SECTIONS, results, out, args.keep)
+    print(report.table(results), flush=True)
+    if not args.no_plots:
+        report.plots(results, out)
+        if out.resolve() == (REPO / "docs" / "benchmarks").resolve():
+            report.page(results, REPO / "docs" / "benchmarks.md")
+    print(f"results: {out / 'results.json'}", flush=True)
+    return 0
+
+
+def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path, keep: bool) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="greenleader-bench-"))
+    stores = Stores(workdir)
+    ok = False
+    try:
+        results["environment"] = report.environment()
+        for name in SECTIONS:
+            if name not in sections:
+                continue
+            before, started = loadavg(), time.monotonic()
+            print(f"== {name} (load average {' '.join(map(str, before))})", flush=True)
+            data = _section_runner(name)(config, stores, workdir / name)
+            section = results["sections"].setdefault(name, {"data": {}})
+            section["data"].update(data)  # other kinds keep their earlier figures
+            section.update(quick=config.quick, seconds=round(time.monotonic() - started, 1),
+                           load_before=before, load_after=loadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                           servers=dict(stores.versions))
+            report.save(results, out / "results.json")
+            print(f"   {name} took {section['seconds']:.0f}s (load average {' '.join(map(str, loadavg()))})",
+                  flush=True)
+        ok = True
+    finally:
+        stores.close()
+        if ok and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"scratch directory (process logs): {workdir}", file=sys.stderr)

@@ -1,0 +1,239 @@
+"""Results: the JSON file, the table, the PNG plots and the docs/benchmarks.md page."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .common import KINDS, REPO, loadavg, ratio
+
+PEER_OF = {"consul": "consul lock", "etcd": "etcdctl lock", "zookeeper": "kazoo Election"}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results.setdefault("sections", {})
+    return results
+
+
+def save(results: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for dist in ("gevent", "kazoo", "py-consul", "etcd-sdk-python", "grpcio", "requests"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "cpus": os.cpu_count(),
+            "load_average": loadavg(), "python": platform.python_version(), "platform": platform.platform(),
+            "packages": versions}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _triple(summary: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not summary or not summary.get("n"):
+        return "-"
+    return " / ".join(_f(summary[k] * scale, digits) for k in ("median", "p95", "max"))
+
+
+def _ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, key: str = "median") -> str:
+    if not ours or not theirs or not ours.get("n") or not theirs.get("n"):
+        return "-"
+    return _f(ratio(ours[key], theirs[key]), 2)
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _kinds(data: dict[str, Any]) -> list[str]:
+    return [k for k in KINDS if k in data]
+
+
+def handover_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        ours = next((r for r in data[kind] if not r["peer"]), None)
+        for peer in [r for r in data[kind] if r["peer"]] or [None]:
+            rows.append([kind, _triple(ours and ours["summary"], 1000), peer["label"] if peer else "-",
+                         _triple(peer and peer["summary"], 1000), _ratio(ours and ours["summary"],
+                                                                         peer and peer["summary"]),
+                         _ratio(ours and ours["summary"], peer and peer["summary"], "p95")])
+    return _md(["store", "greenleader run, ms (median / p95 / max)", "peer", "peer, ms (median / p95 / max)",
+                "ratio median", "ratio p95"], rows)
+
+
+def failover_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        peers = [r for r in data[kind] if r["peer"]]
+        peer = peers[0] if peers else None
+        for ours in [r for r in data[kind] if not r["peer"]]:
+            settings = f"ttl {ours['ttl']:g} s" + (f", lock-delay {ours['lock_delay']:g} s"
+                                                   if ours.get("lock_delay") is not None else "")
+            peer_settings = ""
+            if peer:
+                peer_settings = f"{peer['label']} (ttl {peer['ttl']:g} s" + (
+                    f", lock-delay {peer['lock_delay']:g} s)" if peer.get("lock_delay") is not None else ")")
+            rows.append([kind, f"{ours['label']} ({settings})", _triple(ours["summary"], 1, 2),
+                         _f(ours.get("bound"), 1), "yes" if ours.get("within_bound") else "NO",
+                         peer_settings or "-", _triple(peer and peer["summary"], 1, 2),
+                         _ratio(ours["summary"], peer and peer["summary"])])
+    return _md(["store", "greenleader", "s (median / p95 / max)", "bound s", "within", "peer",
+                "peer s (median / p95 / max)", "ratio median"], rows)
+
+
+def followers_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        d = data[kind]
+        rows.append([kind, str(d["followers"]), str(d["changes"]), _triple(d["summary_elected"], 1000),
+                     _triple(d["summary_release"], 1000), _f(d["summary_all_notified"]["p95"] * 1000)
+                     if d.get("summary_all_notified") else "-"])
+    return _md(["store", "followers", "changes", "elected -> notified, ms (median / p95 / max)",
+                "release -> notified, ms (median / p95 / max)", "last follower p95, ms"], rows)
+
+
+def cost_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        roles = data[kind]["roles"]
+        for role in ("leader", "waiter", "follower"):
+            r = roles.get(role)
+            if not r:
+                continue
+            rows.append([kind, role, _f(r["requests_per_min"]), _f(r["cpu_s_per_hour"], 2),
+                         _f(roles.get("baseline", {}).get("cpu_s_per_hour"), 2),
+                         _f(r.get("process_pings_per_min"))])
+    return _md(["store", "role (ttl 15 s)", "requests/min each", "CPU s/hour each", "idle process CPU s/hour",
+                "pings/min per process"], rows)
+
+
+def big_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        b = data[kind].get("big")
+        if not b:
+            continue
+        rows.append([kind, str(b["n"]), _f(b["startup_s"]), _f(b["requests_per_min"], 0), _f(b["cpu_percent"]),
+                     _f(b["cpu_s_per_hour"], 0), f"{_f(b['rss_mb'], 0)} (+{_f(b['rss_mb'] - b['rss_base_mb'], 0)})",
+                     _f(b.get("kb_per_candidate"), 1)])
+    return _md(["store", "idle candidates (1 key each)", "all elected after s", "requests/min", "CPU %",
+                "CPU s/hour", "RSS MB (+ for candidates)", "KB each"], rows)
+
+
+def contention_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        runs = data[kind]
+        base = runs[0]["req_summary"]["median"] if runs and runs[0].get("req_summary", {}).get("n") else None
+        for run in runs:
+            req = run.get("req_summary") or {}
+            growth = "-" if base is None or not req.get("n") else _f(ratio(req["median"], base), 2)
+            rows.append([kind, f"{run['candidates']} in {run['processes']}", _triple(run["summary"], 1000),
+                         _f(req.get("median")) if req.get("n") else "-", growth])
+    return _md(["store", "candidates in processes", "handover ms (median / p95 / max)", "requests per handover",
+                "growth vs fewest"], rows)
+
+
+TABLES = {
+    "handover": ("Graceful handover: holder's work ends -> next holder's work starts", handover_table),
+    "failover": ("Crash failover: SIGKILL of the holder -> next holder's work starts", failover_table),
+    "followers": ("Follower latency: change of leader -> followers in one process notified", followers_table),
+    "cost": ("Cost at rest, per idle participant", cost_table),
+    "big": ("Idle candidates in one process", big_table),
+    "contention": ("Contention: candidates on one key, resigning in turn", contention_table),
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    out = []
+    env = results.get("environment", {})
+    if env:
+        out.append(f"greenleader {env.get('commit')} on {env.get('cpus')} CPUs, {env.get('date')}")
+    for name, (title, render) in TABLES.items():
+        section = results["sections"].get("cost" if name == "big" else name)
+        if not section or not section.get("data"):
+            continue
+        data = section["data"]
+        if name == "big" and not any(d.get("big") for d in data.values()):
+            continue
+        load = f"load average {section.get('load_before')} -> {section.get('load_after')}"
+        quick = ", QUICK RUN" if section.get("quick") else ""
+        out.append(f"\n{title} ({load}{quick})\n\n{render(data)}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Draw every plot the results allow into ``out``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import plots as drawing
+
+    made = []
+    for name, draw in drawing.PLOTS.items():
+        path = out / f"{name}.png"
+        if draw(results["sections"], path):
+            made.append(path)
+    return made
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def page(results: dict[str, Any], path: Path) -> None:
+    template = (Path(__file__).parent / "page.md").read_text()
+    env = results.get("environment", {})
+    loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}" for name, s in results["sections"].items()}
+    text = template.replace("{{TABLES}}", table(results)).replace("{{ENVIRONMENT}}", json.dumps(env, indent=1))
+    text = text.replace("{{LOADS}}", json.dumps(loads, indent=1))
+    path.write_text(text)
