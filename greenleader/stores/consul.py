@@ -598,14 +598,14 @@ class ConsulStore(Store):
     def _open_session(self, node: str, ttl: float) -> _Session:
         """Create a session; if the caller is killed meanwhile, destroy it once created."""
         started = now()
-        creating = gevent.spawn(
-            self._call,
+        # _outcome: a greenlet that dies of an exception gets its traceback printed by the hub
+        creating = gevent.spawn(_outcome, lambda: self._call(
             "create a session",
             lambda c: c.session.create(
                 name=f"greenleader {node}"[:200], checks=[], behavior="delete",
                 lock_delay=_seconds(self.lock_delay), ttl=_seconds(ttl),
             ),
-        )
+        ))
         try:
             session_id = creating.get()
         except BaseException:  # killed while (or just after) the session was made: destroy it
@@ -613,11 +613,14 @@ class ConsulStore(Store):
                 if not creating.ready():
                     creating.join(timeout=2 * self.timeout + 1.0)
             finally:
-                if creating.successful():
+                if creating.successful() and isinstance(creating.value, str):
                     self._discard(_Session(self, creating.value, node, ttl, started))
                 elif not creating.ready():  # killed again meanwhile: clean up behind us
-                    creating.link_value(lambda g: self._discard(_Session(self, g.value, node, ttl, started)))
+                    creating.link_value(lambda g: isinstance(g.value, str) and self._discard(
+                        _Session(self, g.value, node, ttl, started)))
             raise
+        if isinstance(session_id, StoreError):
+            raise session_id
         log.debug("consul: session %s for %r", session_id, node)
         return _Session(self, session_id, node, ttl, started)
 
