@@ -544,7 +544,8 @@ class EtcdStore(Store):
         if not monkey.is_module_patched("socket"):
             warnings.warn(
                 "gevent has not monkey-patched this process: the etcd store's gRPC calls will block "
-                "the gevent hub; call gevent.monkey.patch_all() first, before importing anything else",
+                "the gevent hub; call gevent.monkey.patch_all() first, before importing anything else "
+                "(harmless in a gunicorn --preload master that only makes the store for its workers)",
                 RuntimeWarning,
                 stacklevel=2,
             )
