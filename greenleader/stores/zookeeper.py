@@ -304,7 +304,18 @@ class _Session:
         self.orphans.add((parent, prefix))
         if not self.connected.is_set():
             raise StoreUnavailableError(f"cannot delete {parent}/{prefix} now; it goes when the session reconnects")
-        self.store._spawn(self._remove, parent, prefix, exact).get()
+        error = self.store._spawn(self._removal, parent, prefix, exact).get()
+        if error is not None:
+            raise error
+
+    def _removal(self, parent: str, prefix: str, exact: bool) -> StoreError | None:
+        """:meth:`_remove` for a greenlet: the error is returned, as a greenlet that dies of
+        it gets its traceback printed by the hub."""
+        try:
+            self._remove(parent, prefix, exact)
+        except StoreError as exc:
+            return exc
+        return None
 
     def _remove(self, parent: str, prefix: str, exact: bool = False) -> None:
         # Requests of one session are served in order, so the listing sees the node of any
