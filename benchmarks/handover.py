@@ -1,10 +1,11 @@
 """Graceful handover and crash failover, through command-line runners, against the peers.
 
-Every contender is a process that waits to lead and then runs the same child, a ``sh``
+Every contender is a process that waits to lead and then runs the same child, a ``bash``
 script: ``greenleader run`` (any store), ``consul lock``, ``etcdctl lock``, or kazoo's
-``Election`` recipe (:mod:`benchmarks.kazoo_peer`). The child writes ``start ID`` to a FIFO
-the driver reads, waits until the driver tells it to end (a line on its own FIFO), writes
-``end ID`` and exits; each line is timed when the driver reads it.
+``Election`` recipe (:mod:`benchmarks.kazoo_peer`). The child writes ``start ID TIME`` to a
+FIFO the driver reads, waits until the driver tells it to end (a line on its own FIFO), writes
+``end ID TIME`` and exits. TIME is bash's ``$EPOCHREALTIME`` (the wall clock in microseconds,
+read without a fork), so the figures do not depend on when the driver gets to read the lines.
 
 - **Handover**: three contenders on one key. Once every waiter is registered in the store,
   the holder's child is told to end; the figure is from its ``end`` line to the next child's
@@ -48,9 +49,9 @@ from .common import (
 log = logging.getLogger(__name__)
 
 CHILD = """\
-echo "start $BENCH_ID" > "$BENCH_FIFO"
+echo "start $BENCH_ID $EPOCHREALTIME" > "$BENCH_FIFO"
 read line < "$BENCH_DIR/go-$BENCH_ID"
-echo "end $BENCH_ID" > "$BENCH_FIFO"
+echo "end $BENCH_ID $EPOCHREALTIME" > "$BENCH_FIFO"
 """
 SETTLE = 0.25  # seconds between "every waiter is registered" and ending the holder's child
 STARTUP = 60.0  # seconds a contender may take to start and register (Python, a loaded machine)
@@ -61,7 +62,8 @@ CONSUL_LOCK_RETRY = 5.0  # consul lock retries every 5 s while a lock-delay hold
 
 @dataclass
 class Event:
-    t: float
+    index: int  # order of arrival
+    t: float  # the child's wall clock
     word: str
     ident: str
 
@@ -80,23 +82,25 @@ class EventPipe:
     def _read(self) -> None:
         buf = b""
         while True:
-            data = gevent.os.nb_read(self._rfd, 65536)
-            arrived = time.monotonic()
-            buf += data
+            buf += gevent.os.nb_read(self._rfd, 65536)
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                word, _, ident = line.decode().partition(" ")
-                self.events.append(Event(arrived, word, ident))
+                word, ident, t = line.decode().split(" ")
+                self.events.append(Event(len(self.events), float(t), word, ident))
             changes.notify()
 
-    def find(self, word: str, after: float = 0.0, ident: str | None = None,
+    def mark(self) -> int:
+        """The index the next event will have: ``wait(after=...)`` finds only later events."""
+        return len(self.events)
+
+    def find(self, word: str, after: int = 0, ident: str | None = None,
              exclude: frozenset[str] = frozenset()) -> Event | None:
-        return next((e for e in self.events if e.word == word and e.t > after and e.ident not in exclude
+        return next((e for e in self.events[after:] if e.word == word and e.ident not in exclude
                      and (ident is None or e.ident == ident)), None)
 
-    def wait(self, word: str, timeout: float, *, after: float = 0.0, ident: str | None = None,
+    def wait(self, word: str, timeout: float, *, after: int = 0, ident: str | None = None,
              exclude: frozenset[str] = frozenset()) -> Event:
-        what = f"{word!r} from {ident or 'anyone'} after t={after:.3f}"
+        what = f"{word!r} from {ident or 'anyone'} after event {after}"
         return changes.wait_for(what, lambda: self.find(word, after, ident, exclude), timeout)
 
     def close(self) -> None:
@@ -172,7 +176,7 @@ class GreenleaderRun(Runner):
         url = ctx.stores.url(self.kind, **self.options)
         verbose = ["-v"] if self.kind == "file" else []  # its "campaigning" line marks readiness
         return [sys.executable, "-m", "greenleader", *verbose, "run", "--store", url, "--key", key,
-                "--ttl", f"{self.ttl:g}", "--node", ident, "--", "sh", str(ctx.child)]
+                "--ttl", f"{self.ttl:g}", "--node", ident, "--", "bash", str(ctx.child)]
 
     def session_name(self, ident: str) -> str:
         return f"greenleader {ident}"
@@ -195,7 +199,7 @@ class GreenleaderRun(Runner):
 class ConsulLock(Runner):
     def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
         return ["consul", "lock", f"-http-addr={ctx.stores.addr('consul')}", f"-name={ident}", "-shell=false",
-                key, "sh", str(ctx.child)]
+                key, "bash", str(ctx.child)]
 
     def bound(self) -> float | None:
         return 2 * self.ttl + (self.lock_delay or 0.0) + CONSUL_LOCK_RETRY
@@ -205,7 +209,7 @@ class ConsulLock(Runner):
 class EtcdctlLock(Runner):
     def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
         return ["etcdctl", f"--endpoints={ctx.stores.addr('etcd')}", "lock", f"--ttl={round(self.ttl)}", key,
-                "sh", str(ctx.child)]
+                "bash", str(ctx.child)]
 
     def bound(self) -> float | None:
         return self.ttl
@@ -215,7 +219,7 @@ class EtcdctlLock(Runner):
 class KazooElection(Runner):
     def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
         return [sys.executable, "-m", "benchmarks.kazoo_peer", "--hosts", ctx.stores.addr("zookeeper"),
-                "--path", "/" + key, "--ttl", f"{self.ttl:g}", "--id", ident, "--", "sh", str(ctx.child)]
+                "--path", "/" + key, "--ttl", f"{self.ttl:g}", "--id", ident, "--", "bash", str(ctx.child)]
 
     def bound(self) -> float | None:
         return self.ttl
@@ -330,24 +334,24 @@ def handover(ctx: Ctx, runner: Runner, trials: int) -> dict[str, Any]:
     samples: list[float] = []
     tenures: list[tuple[str, float, float]] = []
     errors: list[str] = []
-    t0 = time.monotonic()
+    t0, mark = time.time(), pipe.mark()
     try:
         for _ in range(3):
             field_.add()
-        first = pipe.wait("start", STARTUP, after=t0, exclude=frozenset())
-        holder, started = first.ident, first.t
+        first = pipe.wait("start", STARTUP, after=mark)
+        holder, started = first.ident, first
         for _ in range(trials):
             field_.wait_ready(holder)
             gevent.sleep(SETTLE)
             field_.end(holder)
-            ended = pipe.wait("end", 10.0, ident=holder, after=started)
-            successor = pipe.wait("start", 30.0, after=ended.t, exclude=frozenset({holder}))
+            ended = pipe.wait("end", 10.0, ident=holder, after=started.index)
+            successor = pipe.wait("start", 30.0, after=ended.index, exclude=frozenset({holder}))
             samples.append(successor.t - ended.t)
-            tenures.append((holder, started - t0, ended.t - t0))
+            tenures.append((holder, started.t - t0, ended.t - t0))
             code = field_.reap(holder)
             if code != 0:
                 errors.append(f"{holder} exited with status {code}: {field_.procs[holder].stderr_tail(3)}")
-            holder, started = successor.ident, successor.t
+            holder, started = successor.ident, successor
             field_.add()
     finally:
         field_.close()
@@ -364,7 +368,7 @@ def failover(ctx: Ctx, runners: list[Runner], pairs: int) -> list[dict[str, Any]
                   "samples": [], "tenures": [], "errors": []}
         for r in runners
     }
-    t0 = time.monotonic()
+    t0, mark = time.time(), ctx.pipe.mark()
     try:
         for runner in runners:
             for j in range(pairs):
@@ -374,7 +378,7 @@ def failover(ctx: Ctx, runners: list[Runner], pairs: int) -> list[dict[str, Any]
                 fields.append((runner, fld))
         holders = {}
         for _runner, fld in fields:  # the first of a pair leads, then its waiter joins
-            holders[id(fld)] = ctx.pipe.wait("start", STARTUP, after=t0, ident=f"{fld.prefix}1")
+            holders[id(fld)] = ctx.pipe.wait("start", STARTUP, after=mark, ident=f"{fld.prefix}1")
             fld.add()
 
         def trial(runner: Runner, fld: Field) -> None:
@@ -382,10 +386,10 @@ def failover(ctx: Ctx, runners: list[Runner], pairs: int) -> list[dict[str, Any]
             fld.wait_ready(holder.ident)
             # a random instant within the slowest renewal period, so kills fall anywhere
             gevent.sleep(SETTLE + random.uniform(0, runner.ttl / 2))
-            killed = fld.procs[holder.ident].signal_group(signal.SIGKILL)
+            killed = time.time()  # the children's clock
+            fld.procs[holder.ident].signal_group(signal.SIGKILL)
             timeout = (runner.bound() or runner.ttl) + 30
-            successor = ctx.pipe.wait("start", timeout, after=killed, exclude=frozenset({holder.ident}),
-                                      ident=f"{fld.prefix}2")
+            successor = ctx.pipe.wait("start", timeout, after=mark, ident=f"{fld.prefix}2")
             result = results[runner.label]
             result["samples"].append(successor.t - killed)
             result["tenures"].append((holder.ident, holder.t - t0, killed - t0, successor.t - t0))
