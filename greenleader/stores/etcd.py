@@ -83,6 +83,8 @@ _ENDPOINT_RETRY = 5.0
 #: gRPC keepalive pings find a dead peer under a stream that would otherwise hang forever.
 #: etcd refuses pings more frequent than its --grpc-keepalive-min-time (5 s by default).
 _PING_INTERVAL_MS = 10_000
+#: Longest slice of gRPC's blocking waits once gevent runs it (gRPC's own is 0.1 s).
+_GRPC_WAIT_SLICE = 5.0
 
 _UNAVAILABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -106,6 +108,11 @@ def _init_grpc_gevent() -> None:
     if _grpc_gevent_ready or not monkey.is_module_patched("socket"):
         return
     grpc.experimental.gevent.init_gevent()
+    # gRPC's blocking waits (a stream's next message) wake every 0.1 s so that a blocked main
+    # thread can run signal handlers; under gevent the hub runs them, and each idle watch
+    # stream would wake 10 times a second (half the CPU of idle leaders; benchmarks/).
+    if isinstance(getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+        grpc._common.MAXIMUM_WAIT_TIMEOUT = _GRPC_WAIT_SLICE
     _grpc_gevent_ready = True
 
 
