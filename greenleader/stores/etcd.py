@@ -699,8 +699,12 @@ class EtcdStore(Store):
         if key.endswith("/"):
             raise InvalidKeyError(f"etcd election key {key!r} must not end with '/' "
                                   f"(candidates are kept under '<key>/')")
-        if len(key.encode()) > _MAX_KEY_BYTES:
-            raise InvalidKeyError(f"etcd election key is {len(key.encode())} bytes long; the limit is {_MAX_KEY_BYTES}")
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError:  # a lone surrogate: not text etcd could store
+            raise InvalidKeyError(f"etcd election key {key!r} is not valid Unicode text") from None
+        if size > _MAX_KEY_BYTES:
+            raise InvalidKeyError(f"etcd election key is {size} bytes long; the limit is {_MAX_KEY_BYTES}")
         return key
 
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
