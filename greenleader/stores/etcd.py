@@ -292,13 +292,14 @@ class _EtcdLease(Lease):
     def release(self) -> None:
         if self._released:
             return
-        self._released = True
-        self._guard.kill(block=True, timeout=1)
+        self._released = True  # from here on, the guard reports nothing
         error: StoreError | None = None
         try:  # deleting the key first wakes the next candidate one round trip sooner
             self._store._call("delete", lambda client: client.delete(self.own_key))
         except StoreError as exc:
             error = exc
+        finally:
+            self._guard.kill(block=True, timeout=1)
         try:
             self._store._revoke(self.lease_id)
         except StoreError as exc:
