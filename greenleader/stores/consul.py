@@ -164,6 +164,9 @@ def _parse_addr(addr: object) -> tuple[str, int]:
         raise InvalidArgumentError(f"bad Consul address {text!r}; expected host:port")
     if port == 0:
         raise InvalidArgumentError(f"bad port in Consul address {text!r}")
+    labels = parts.hostname.rstrip(".").split(".")
+    if len(parts.hostname) > 253 or not all(0 < len(label) <= 63 for label in labels):
+        raise InvalidArgumentError(f"bad Consul address {text[:80]!r}: not a valid host name")  # urllib3 would raise
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return host, port or 8500
 
