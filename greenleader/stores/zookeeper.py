@@ -468,6 +468,9 @@ class ZooKeeperStore(Store):
             parsed, _ = collect_hosts(self.hosts)
         except ValueError as exc:
             raise InvalidArgumentError(f"bad ZooKeeper addresses {addrs!r}: {exc}") from None
+        for host, _ in parsed:  # else kazoo's connection greenlet dies of a UnicodeError
+            if len(host) > 253 or not all(0 < len(label) <= 63 for label in host.rstrip(".").split(".")):
+                raise InvalidArgumentError(f"ZooKeeper address {host[:80]!r} is not a valid host name")
         self.timeout = check_float("timeout", timeout, minimum=0.0, maximum=3600.0, inclusive=False)
         self.root = ""
         if chroot not in (None, "", "/"):
