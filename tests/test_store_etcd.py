@@ -467,6 +467,84 @@ def test_authentication(auth_cluster, caplog):
     assert SECRET not in caplog.text
 
 
+def make_certificates(directory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=directory)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=greenleader-test-ca",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem")
+    return {name: str(directory / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.fixture
+def tls_etcd(tmp_path):
+    """An etcd member of its own that serves clients over TLS and requires client certificates."""
+    files = make_certificates(tmp_path)
+    client_port, peer_port = servers.free_ports(2)
+    addr = f"127.0.0.1:{client_port}"
+    with open(tmp_path / "etcd.log", "wb") as log_file:
+        proc = subprocess.Popen([
+            "etcd", "--name", "tls", "--data-dir", str(tmp_path / "data"),
+            "--listen-client-urls", f"https://{addr}", "--advertise-client-urls", f"https://{addr}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"tls=http://127.0.0.1:{peer_port}",
+            "--cert-file", files["server.pem"], "--key-file", files["server.key"],
+            "--trusted-ca-file", files["ca.pem"], "--client-cert-auth", "--unsafe-no-fsync",
+        ], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=servers._set_pdeathsig)  # dies with this process, however it ends
+    try:
+        probe = EtcdStore([addr], timeout=1, ca_cert=files["ca.pem"], cert_cert=files["client.pem"],
+                          cert_key=files["client.key"])
+
+        def serves() -> bool:
+            try:
+                return probe.leader("probe") is None
+            except StoreUnavailableError:
+                return False
+
+        wait_until(serves, 30, f"etcd to serve TLS on {addr}: {(tmp_path / 'etcd.log').read_text()[-2000:]}")
+        probe.close()
+        yield addr, files
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_tls_with_client_certificates(tls_etcd, key):
+    addr, files = tls_etcd
+    url = f"etcd://{addr}?ca_cert={files['ca.pem']}&cert_cert={files['client.pem']}&cert_key={files['client.key']}"
+    store = from_url(url)
+    try:
+        assert "tls" in repr(store)
+        lease = store.acquire(key, "alice", FAST_TTL)
+        watch = store.watch(key)
+        assert next(watch) == LeaderInfo("alice", lease.term)
+        lease.renew()
+        lease.release()
+        assert next(watch) is None
+        watch.close()
+    finally:
+        store.close()
+    no_client_cert = EtcdStore([addr], timeout=2, ca_cert=files["ca.pem"])
+    with pytest.raises(StoreUnavailableError):
+        no_client_cert.leader(key)
+    no_client_cert.close()
+    plain = EtcdStore([addr], timeout=2)
+    with pytest.raises(StoreUnavailableError):
+        plain.leader(key)
+    plain.close()
+    with pytest.raises(InvalidArgumentError, match="cannot read TLS file"):
+        EtcdStore([addr], ca_cert=files["ca.pem"] + ".missing")
+
+
 # -- a three-member cluster -------------------------------------------------------------------
 
 

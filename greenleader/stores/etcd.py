@@ -144,6 +144,19 @@ def _parse_addr(addr: object) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _read_file(path: object) -> bytes | None:
+    """The contents of a TLS file given as an option (None for None)."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise InvalidArgumentError(f"a TLS file option must be a path, not {path!r}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read TLS file {path}: {exc.strerror}") from None
+
+
 def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
     """The gRPC error behind ``exc`` (the library re-raises some as bare exceptions)."""
     seen = exc
@@ -535,7 +548,7 @@ class EtcdStore(Store):
             raise InvalidArgumentError("cert_cert and cert_key need ca_cert (TLS)")
         if (cert_cert is None) != (cert_key is None):
             raise InvalidArgumentError("cert_cert and cert_key go together")
-        self._tls_files = (ca_cert, cert_key, cert_cert)
+        self._tls = tuple(_read_file(path) for path in (ca_cert, cert_key, cert_cert))  # fail fast
         self.secure = ca_cert is not None
         self._etcd: Any = None
         self._pid = 0
@@ -610,13 +623,7 @@ class EtcdStore(Store):
     def _credentials(self) -> grpc.ChannelCredentials | None:
         if not self.secure:
             return None
-        contents = []
-        for path in self._tls_files:
-            try:
-                contents.append(None if path is None else open(path, "rb").read())  # noqa: SIM115
-            except OSError as exc:
-                raise InvalidArgumentError(f"cannot read TLS file {path}: {exc.strerror}") from None
-        ca, key, cert = contents
+        ca, key, cert = self._tls
         return grpc.ssl_channel_credentials(ca, key, cert)
 
     def _authenticate(self, client: Any) -> None:
