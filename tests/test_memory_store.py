@@ -8,7 +8,7 @@ from greenleader import Backoff, Candidate, Follower
 from greenleader.errors import InvalidArgumentError, StoreUnavailableError
 from greenleader.stores import from_url, new_store
 from greenleader.stores.memory import MemoryStore
-from tests.waiting import next_item
+from tests.waiting import next_item, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,13 +39,18 @@ def test_a_retrying_candidate_and_follower_recover_after_an_outage(key):
     assert next_item(elected, 1, "first item") is False
     assert next_item(elected, 2, "election") is True
     assert next_item(leaders, 2, "the leader") in (None, "alice")
+    first_term = candidate.term
     store.fail()
     assert next_item(elected, 3, "step-down during the outage") is False
     store.recover()
     assert next_item(elected, 5, "re-election after the outage") is True
-    seen = [next_item(leaders, 5, "the leader after the outage")]
-    while seen[-1] != "alice":
-        seen.append(next_item(leaders, 5, "alice"))
+    assert candidate.term > first_term
+
+    def follower_caught_up() -> bool:
+        info = follower.leader_info()
+        return info is not None and info.node == "alice" and info.term == candidate.term
+
+    wait_until(follower_caught_up, 5, "the follower to see alice's new term after the outage")
     candidate.stop()
     follower.stop()
 
