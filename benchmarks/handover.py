@@ -196,6 +196,16 @@ class GreenleaderRun(Runner):
 
 
 @dataclass
+class LibraryRunner(GreenleaderRun):
+    """The library with the fast spawn of benchmarks/library_runner.py."""
+
+    def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
+        url = ctx.stores.url(self.kind, **self.options)
+        return [sys.executable, "-m", "benchmarks.library_runner", "--url", url, "--key", key,
+                "--ttl", f"{self.ttl:g}", "--id", ident, "--", "bash", str(ctx.child)]
+
+
+@dataclass
 class ConsulLock(Runner):
     def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
         return ["consul", "lock", f"-http-addr={ctx.stores.addr('consul')}", f"-name={ident}", "-shell=false",
@@ -226,8 +236,10 @@ class KazooElection(Runner):
 
 
 def handover_runners(kind: str) -> list[Runner]:
-    """greenleader run and the peer on ``kind``, with the library's default TTL (15 s)."""
-    ours: list[Runner] = [GreenleaderRun("greenleader run", kind, ttl=15.0)]
+    """greenleader run, the library runner and the peer on ``kind``, with the library's default
+    TTL (15 s)."""
+    ours: list[Runner] = [GreenleaderRun("greenleader run", kind, ttl=15.0),
+                          LibraryRunner("greenleader library", kind, ttl=15.0)]
     peers: dict[str, Runner] = {
         "consul": ConsulLock("consul lock", kind, ttl=CONSUL_LOCK_TTL, peer=True),
         "etcd": EtcdctlLock("etcdctl lock", kind, ttl=15.0, peer=True),

@@ -96,13 +96,12 @@ def _kinds(data: dict[str, Any]) -> list[str]:
 def handover_table(data: dict[str, Any]) -> str:
     rows = []
     for kind in _kinds(data):
-        ours = next((r for r in data[kind] if not r["peer"]), None)
-        for peer in [r for r in data[kind] if r["peer"]] or [None]:
-            rows.append([kind, _triple(ours and ours["summary"], 1000), peer["label"] if peer else "-",
-                         _triple(peer and peer["summary"], 1000), _ratio(ours and ours["summary"],
-                                                                         peer and peer["summary"]),
-                         _ratio(ours and ours["summary"], peer and peer["summary"], "p95")])
-    return _md(["store", "greenleader run, ms (median / p95 / max)", "peer", "peer, ms (median / p95 / max)",
+        peer = next((r for r in data[kind] if r["peer"]), None)
+        for ours in [r for r in data[kind] if not r["peer"]]:
+            rows.append([kind, ours["label"], _triple(ours["summary"], 1000), peer["label"] if peer else "-",
+                         _triple(peer and peer["summary"], 1000), _ratio(ours["summary"], peer and peer["summary"]),
+                         _ratio(ours["summary"], peer and peer["summary"], "p95")])
+    return _md(["store", "greenleader", "ms (median / p95 / max)", "peer", "peer ms (median / p95 / max)",
                 "ratio median", "ratio p95"], rows)
 
 
