@@ -46,6 +46,9 @@ EXIT_LEADERSHIP_LOST = 3
 
 
 def _store(url: str | None) -> Store:
+    """The store of ``--store``, else of ``$GREENLEADER_STORE`` (which keeps credentials off the
+    command line, where any user can read them), else the file store."""
+    url = url or os.environ.get("GREENLEADER_STORE", "").strip() or None
     return from_url(url) if url else new_store("file")
 
 
@@ -265,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_store(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("--key", required=True, help="election key")
-        sub.add_argument("--store", help="store URL (default: the file store in the user's runtime directory)")
+        sub.add_argument("--store", help="store URL, with TLS and credential options in its query (default: "
+                         "$GREENLEADER_STORE, else the file store in the user's runtime directory)")
         return sub
 
     demo = commands.add_parser("demo", help="show elections, failover and handover between local processes")

@@ -85,6 +85,11 @@ def from_url(url: str) -> Store:
         if name in options:
             raise InvalidURLError(f"store URL {shown!r} repeats option {name!r}")
         options[name] = value
+    if "@" in parts.netloc:
+        raise InvalidURLError(
+            f"store URL {shown!r} has credentials before the host; give them as options instead: "
+            "?user=...&password_file=... (etcd, zookeeper) or ?token_file=... (consul)"
+        )
     hosts = unquote(parts.netloc)
     addrs = [h for h in hosts.split(",") if h] if hosts else None
     if hosts and (len(addrs or []) != hosts.count(",") + 1):

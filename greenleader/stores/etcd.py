@@ -47,7 +47,8 @@ from ..errors import (
     StoreError,
     StoreUnavailableError,
 )
-from .base import LeaderInfo, Lease, Store, check_float, check_text, now
+from ._security import pick, read_secret, tls_options, warn_plaintext_secret
+from .base import LeaderInfo, Lease, Store, check_bool, check_float, check_text, now
 
 # gRPC's default poller (epoll1) makes forked children abort before they exec (SIGABRT,
 # "epoll_wait error: Bad file descriptor"): gevent's subprocess forks in Python, gRPC's fork
@@ -174,7 +175,7 @@ def _translate(exc: BaseException, what: str, where: str) -> StoreError | Invali
     rpc = _rpc_error(exc)
     if rpc is not None:
         code, details = rpc.code(), rpc.details() or ""
-        message = f"etcd {what} at {where} failed: {code.name}: {details}"
+        message = f"etcd {what} at {where} failed: {code.name}: {details}{_hint(details)}"
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) or any(
             text in details for text in _AUTH_DETAILS
         ):
@@ -189,6 +190,24 @@ def _translate(exc: BaseException, what: str, where: str) -> StoreError | Invali
     if isinstance(exc, (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError)):
         return StoreUnavailableError(f"etcd {what} at {where} failed: {exc}")
     return StoreError(f"etcd {what} at {where} failed: {type(exc).__name__}: {exc}")
+
+
+_HINTS = (
+    ("user name is empty", "etcd has authentication enabled: give user and password, or a client "
+                           "certificate (cert_file) whose CN is an etcd user"),
+    ("authentication failed", "wrong user or password"),
+    ("permission denied", "the user (or the client certificate's CN) lacks a role granting this key "
+                          "range; see the role in greenleader's docs/security.md"),
+    ("handshake", "TLS failed: check ca_file, cert_file and key_file, and that the server's certificate "
+                  "names the host connected to"),
+    ("TSI_", "TLS failed: the server may have refused the client certificate (cert_file, key_file)"),
+    ("Socket closed", "if the server wants TLS, give ca_file (or tls=true)"),
+)
+
+
+def _hint(details: str) -> str:
+    """What the user can do about an etcd error, if we can tell."""
+    return next((f" ({hint})" for text, hint in _HINTS if text in details), "")
 
 
 def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
@@ -244,7 +263,10 @@ class _WatchStream:
                 first = next(self._call, None)
             if first is None or not first.created or first.canceled:
                 reason = first.cancel_reason if first is not None else "stream ended"
-                raise StoreError(f"etcd watch at {self.where} was refused: {reason or 'canceled'}")
+                refusal = f"etcd watch at {self.where} was refused: {reason or 'canceled'}"
+                if "permission denied" in reason:
+                    raise PermissionDeniedError(f"{refusal}{_hint(reason)}")
+                raise StoreError(refusal)
             #: The store's revision when the watch was made; a watch from "now" (start_revision 0)
             #: sees every change after it.
             self.revision: int = first.header.revision
@@ -515,8 +537,14 @@ class EtcdStore(Store):
     :param addrs: ``host:port`` client endpoints of one cluster (default ``127.0.0.1:2379``);
         requests go to one of them and fail over to the next on connection errors.
     :param timeout: seconds for each request and for connecting.
-    :param user: user name, with ``password``, when etcd has authentication enabled.
-    :param ca_cert: CA file for TLS; ``cert_cert`` and ``cert_key``: client certificate.
+    :param user, password: user name and password, when etcd has authentication enabled
+        (``password_file``: read the password from that file). Without them, an etcd with
+        ``--client-cert-auth`` takes the client certificate's CN as the user name.
+    :param tls: connect with TLS (on by default when ``ca_file`` or ``cert_file`` is given).
+    :param ca_file: CA bundle that signs the servers' certificates (default: the system's).
+    :param cert_file, key_file: client certificate and its key. gRPC always checks the
+        server's certificate and that it names the host connected to (``verify=false`` is
+        refused). Older names: ``ca_cert``, ``cert_cert``, ``cert_key``.
     """
 
     backend: ClassVar[str] = "etcd"
@@ -529,6 +557,12 @@ class EtcdStore(Store):
         timeout: float | str = 5.0,
         user: str | None = None,
         password: str | None = None,
+        password_file: str | None = None,
+        tls: bool | str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify: bool | str | None = None,
         ca_cert: str | None = None,
         cert_cert: str | None = None,
         cert_key: str | None = None,
@@ -538,18 +572,24 @@ class EtcdStore(Store):
         self.addrs = list(addrs) if addrs else [f"127.0.0.1:{DEFAULT_PORT}"]
         self._hosts = list(dict.fromkeys(_parse_addr(addr) for addr in self.addrs))
         self.timeout = check_float("timeout", timeout, minimum=0.0, maximum=3600.0, inclusive=False)
+        password = read_secret("password", password, "password_file", password_file)
         if (user is None) != (password is None):
             raise InvalidArgumentError("etcd authentication needs both user and password")
         self.user = check_text("user", user) if user is not None else None
-        if password is not None and not isinstance(password, str):
-            raise InvalidArgumentError("password must be a str")
         self._password = password
-        if cert_cert is not None and ca_cert is None:
-            raise InvalidArgumentError("cert_cert and cert_key need ca_cert (TLS)")
-        if (cert_cert is None) != (cert_key is None):
-            raise InvalidArgumentError("cert_cert and cert_key go together")
-        self._tls = tuple(_read_file(path) for path in (ca_cert, cert_key, cert_cert))  # fail fast
-        self.secure = ca_cert is not None
+        if verify is not None and not check_bool("verify", verify):
+            raise InvalidArgumentError("the etcd store cannot skip checking the server's certificate "
+                                       "(gRPC always checks it): give ca_file instead of verify=false")
+        self.tls = tls_options(
+            "etcd", tls=tls, verify=verify,
+            ca_file=pick("ca_file", ca_file, "ca_cert", ca_cert),
+            cert_file=pick("cert_file", cert_file, "cert_cert", cert_cert),
+            key_file=pick("key_file", key_file, "cert_key", cert_key),
+        )
+        self._tls = tuple(_read_file(path) for path in (self.tls.ca_file, self.tls.key_file, self.tls.cert_file))
+        self.secure = self.tls.enabled
+        if self.user is not None and not self.secure:
+            warn_plaintext_secret("etcd", "password", [host for host, _ in self._hosts])
         self._etcd: Any = None
         self._pid = 0
         self._closed = False

@@ -71,7 +71,8 @@ from ..errors import (
     StoreError,
     StoreUnavailableError,
 )
-from .base import LeaderInfo, Lease, Store, check_bool, check_float, check_text, now
+from ._security import check_secret, pick, read_secret, tls_options, warn_plaintext_secret
+from .base import LeaderInfo, Lease, Store, check_float, check_text, now
 
 try:
     from kazoo.client import KazooClient
@@ -88,10 +89,10 @@ try:
     )
     from kazoo.handlers.gevent import SequentialGeventHandler
     from kazoo.hosts import collect_hosts
-    from kazoo.protocol.serialization import Connect
+    from kazoo.protocol.serialization import Auth, Connect
     from kazoo.protocol.states import EventType, KazooState, KeeperState, WatchedEvent, ZnodeStat
     from kazoo.retry import KazooRetry
-    from kazoo.security import CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
+    from kazoo.security import ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE, make_digest_acl
 except ImportError as exc:  # new_store() turns this into MissingDependencyError
     raise ImportError(str(exc), name="kazoo") from exc
 
@@ -176,11 +177,13 @@ class _Session:
         self.error: StoreError | None = None
         self.leases: set[_ZooKeeperLease] = set()
         self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
+        self.log = _KazooLog()
         self.client = KazooClient(
             hosts=store.hosts,
             timeout=timeout_ms / 1000.0,
             handler=SequentialGeventHandler(),
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=0.5, sleep_func=gevent.sleep),
+            logger=self.log,
             **store.client_options,
         )
         self._hook_negotiation()
@@ -259,7 +262,21 @@ class _Session:
             return
         if self.error is not None:
             raise self.error
-        raise StoreUnavailableError(f"no ZooKeeper session with {self.store.hosts} within {timeout:g}s")
+        raise StoreUnavailableError(f"no ZooKeeper session with {self.store.hosts} within {timeout:g}s"
+                                    f"{self.last_error()}")
+
+    def last_error(self) -> str:
+        """``" (last error: ...)"`` from kazoo's last failed connection attempt, or ``""``."""
+        error = self.log.last_error
+        if error is None:
+            return ""
+        hint = ""
+        if "SSL" in error:
+            hint = ("; check ca_file, cert_file and key_file, and that the server's certificate "
+                    "names the host connected to")
+        elif "connection broken" in error and not self.store.tls.enabled:
+            hint = "; does the server want TLS (tls=true, ca_file)?"
+        return f" (last error: {error[:300]}{hint})"
 
     def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one kazoo ``*_async`` request and return its result.
@@ -277,7 +294,11 @@ class _Session:
         try:
             return async_result.get(block=False)
         except (NoAuthError, AuthFailedError) as exc:
-            raise PermissionDeniedError(f"ZooKeeper refused the request: {type(exc).__name__}") from exc
+            who = f"digest user {self.store.user!r}" if self.store.user else "a client without digest auth (no user)"
+            raise PermissionDeniedError(
+                f"ZooKeeper refused the request ({type(exc).__name__}): the node's ACL does not allow {who}; "
+                "see the ACL in greenleader's docs/security.md"
+            ) from exc
         except ConnectionClosedError as exc:
             raise StoreUnavailableError("the ZooKeeper connection is closed") from exc
         except _CONNECTION_ERRORS as exc:
@@ -435,9 +456,19 @@ class ZooKeeperStore(Store):
     :param addrs: "host:port" endpoints (default ``["127.0.0.1:2181"]``).
     :param chroot: path prefix for every key, like a ZooKeeper chroot (created if missing).
     :param timeout: seconds to wait for a connection, and for each request.
-    :param auth: "user:password" for ZooKeeper digest authentication; the key's node and
-        the candidates' nodes are then writable by that identity only (readable by anyone).
-    :param use_ssl, ca, certfile, keyfile, verify_certs: TLS settings, passed to kazoo.
+    :param user, password: ZooKeeper digest authentication (``password_file``: read the
+        password from that file). Every node the store creates then gets the ACL
+        ``digest:<user>:<hash>:cdrwa, world:anyone:r``: only this identity may join, leave or
+        delete (so no other client can delete a leader's node), anyone may read (followers
+        need no credentials). The older ``auth="user:password"`` still works.
+    :param tls: connect with TLS (on by default when ``ca_file`` or ``cert_file`` is given).
+    :param ca_file: CA bundle that signs the servers' certificates (kazoo also trusts the
+        system's CAs).
+    :param cert_file, key_file: client certificate and its key (ZooKeeper's secure port
+        requires one by default).
+    :param verify: check the server's certificate and that it names the host connected to
+        (default true). Older names: ``use_ssl``, ``ca``, ``certfile``, ``keyfile``,
+        ``verify_certs``.
     """
 
     backend: ClassVar[str] = "zookeeper"
@@ -450,12 +481,20 @@ class ZooKeeperStore(Store):
         *,
         chroot: str | None = None,
         timeout: float | str = 5.0,
+        user: str | None = None,
+        password: str | None = None,
+        password_file: str | None = None,
+        tls: bool | str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify: bool | str | None = None,
         auth: str | None = None,
-        use_ssl: bool | str = False,
+        use_ssl: bool | str | None = None,
         ca: str | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
-        verify_certs: bool | str = True,
+        verify_certs: bool | str | None = None,
     ) -> None:
         if isinstance(addrs, str):
             addrs = [addrs]
@@ -477,27 +516,43 @@ class ZooKeeperStore(Store):
             self.root = _check_path("chroot", check_text("chroot", chroot), InvalidArgumentError)
             if self.root == "/zookeeper" or self.root.startswith("/zookeeper/"):
                 raise InvalidArgumentError(f"chroot {chroot!r} is in /zookeeper, which ZooKeeper reserves")
+        self.tls = tls_options(
+            "zookeeper",
+            tls=pick("tls", tls, "use_ssl", use_ssl),
+            ca_file=pick("ca_file", ca_file, "ca", ca),
+            cert_file=pick("cert_file", cert_file, "certfile", certfile),
+            key_file=pick("key_file", key_file, "keyfile", keyfile),
+            verify=pick("verify", verify, "verify_certs", verify_certs),
+        )
         self.client_options: dict[str, Any] = {
-            "use_ssl": check_bool("use_ssl", use_ssl),
-            "verify_certs": check_bool("verify_certs", verify_certs),
+            "use_ssl": self.tls.enabled,
+            "verify_certs": self.tls.verify,
+            "check_hostname": self.tls.enabled and self.tls.verify,
+            "ca": self.tls.ca_file,
+            "certfile": self.tls.cert_file,
+            "keyfile": self.tls.key_file,
         }
-        for name, value in (("ca", ca), ("certfile", certfile), ("keyfile", keyfile)):
-            if value is not None:
-                self.client_options[name] = check_text(name, value, max_length=4096)
-        if auth is not None:
-            if ":" not in check_text("auth", auth):
-                raise InvalidArgumentError("auth must be 'user:password'")
-            self.client_options["auth_data"] = [("digest", auth)]
-            # The key's node and the candidates' nodes belong to this identity; anyone may
-            # read them (followers need no credentials), no one else may join or delete.
-            self.client_options["default_acl"] = CREATOR_ALL_ACL + READ_ACL_UNSAFE
+        self.user, secret = _digest_identity(user, read_secret("password", password, "password_file", password_file),
+                                             auth)
+        #: The ACL of every node the store creates (None: kazoo's default, open to all).
+        self._acl: list[ACL] | None = None
+        if self.user is not None:
+            assert secret is not None
+            self.client_options["auth_data"] = [("digest", f"{self.user}:{secret}")]
+            # Named explicitly rather than "auth" (CREATOR_ALL_ACL): over TLS, ZooKeeper also
+            # authenticates the client certificate, and "auth" would grant every client with
+            # a certificate of the same name the right to delete a leader's node.
+            self._acl = [make_digest_acl(self.user, secret, all=True), *READ_ACL_UNSAFE]
+            self.client_options["default_acl"] = self._acl
+            if not self.tls.enabled:
+                warn_plaintext_secret("zookeeper", "digest password", [host for host, _ in parsed])
         self._sessions: dict[int, _Session] = {}
         self._greenlets: set[gevent.Greenlet] = set()
         self._root_ready = not self.root
         self._min_ms: int | None = None  # session timeout limits learnt from the server
         self._max_ms: int | None = None
         self._closed = False
-        blocking = _blocking_calls(parsed, self.client_options["use_ssl"])
+        blocking = _blocking_calls(parsed, self.tls.enabled)
         if blocking and not _patched():
             warnings.warn(
                 f"gevent has not monkey-patched this process, so kazoo's {blocking} will block "
@@ -514,7 +569,9 @@ class ZooKeeperStore(Store):
         return cls(addrs, chroot=path or None, **options)
 
     def __repr__(self) -> str:
-        return f"<ZooKeeperStore {self.hosts}{self.root}>"
+        user = f" user={self.user!r}" if self.user else ""
+        tls = f" {self.tls.describe()}" if self.tls.enabled else ""
+        return f"<ZooKeeperStore {self.hosts}{self.root}{user}{tls}>"
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -579,7 +636,8 @@ class ZooKeeperStore(Store):
                 self._spawn(session.close)
             if session.error is not None:
                 raise session.error
-            raise StoreUnavailableError(f"cannot connect to ZooKeeper at {self.hosts} within {self.timeout:g}s")
+            raise StoreUnavailableError(f"cannot connect to ZooKeeper at {self.hosts} within {self.timeout:g}s"
+                                        f"{session.last_error()}")
         session.wait_connected(self.timeout)
         if not self._root_ready:
             self._ensure_root(session)
@@ -591,7 +649,7 @@ class ZooKeeperStore(Store):
             parent += "/" + part
             if session.call(session.client.exists_async, parent) is None:
                 with contextlib.suppress(NodeExistsError):  # a concurrent creator won
-                    session.call(session.client.create_async, parent, b"", OPEN_ACL_UNSAFE)
+                    session.call(session.client.create_async, parent, b"", self._acl or OPEN_ACL_UNSAFE)
         self._root_ready = True
 
     def _lease_session(self, ttl: float) -> _Session:
@@ -671,12 +729,12 @@ class ZooKeeperStore(Store):
             raise
 
     def _ensure_key(self, session: _Session, path: str) -> None:
-        """Create the key's node, and its missing ancestors with an open ACL: with ``auth``
-        only the key's node is the identity's, so the store never locks others out of
-        ancestors it happened to create first."""
+        """Create the key's node and its missing ancestors, with the store's ACL: with a
+        digest ``user``, nothing the store creates can be deleted or joined by anyone else
+        (give another identity its own prefix, made beforehand, to share a parent)."""
         parent = path.rsplit("/", 1)[0]
         if parent:
-            session.call(session.client.ensure_path_async, parent, OPEN_ACL_UNSAFE)
+            session.call(session.client.ensure_path_async, parent, self._acl or OPEN_ACL_UNSAFE)
         with contextlib.suppress(NodeExistsError):
             session.call(session.client.create_async, path, b"")
 
@@ -752,6 +810,58 @@ class ZooKeeperStore(Store):
         for session in sessions:
             self._spawn(session.close)
         gevent.joinall(list(self._greenlets), timeout=self.timeout + 10)
+
+
+def _digest_identity(user: object, password: str | None, auth: object) -> tuple[str | None, str | None]:
+    """``(user, password)`` for digest authentication, or ``(None, None)``; errors never show
+    the password."""
+    if auth is not None:
+        if user is not None or password is not None:
+            raise InvalidArgumentError("give user and password, or the older auth='user:password', not both")
+        user, _, password = check_secret("auth", auth).partition(":")
+        if not password:
+            raise InvalidArgumentError("auth must be 'user:password'")
+    if user is None and password is None:
+        return None, None
+    if user is None or password is None:
+        raise InvalidArgumentError("ZooKeeper digest authentication needs both user and password")
+    name = check_text("user", user)
+    if ":" in name:
+        raise InvalidArgumentError("a ZooKeeper digest user name cannot contain ':'")
+    return name, password
+
+
+class _KazooLog(logging.LoggerAdapter):
+    """The logger kazoo gets for one session: ``kazoo.client``, minus secrets.
+
+    At DEBUG level kazoo logs every request it sends, its Auth request (the digest password)
+    and its Connect request (the session password) included, and the session password again
+    below DEBUG; those values are replaced by ``***`` here. It also keeps the last connection
+    error, which kazoo only logs, for the store's error messages.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("kazoo.client"), {})
+        self.last_error: str | None = None
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        text = str(msg)
+        if text.startswith(("Connection dropped", "Connection time-out", "Cannot resolve")) and args:
+            self.last_error = " ".join(str(args[-1]).split())
+        if "session_passwd" in text:
+            args = tuple("***" if isinstance(arg, (bytes, str)) else arg for arg in args)
+        args = tuple(_redacted(arg) for arg in args)
+        kwargs.setdefault("stacklevel", 3)  # show kazoo's line, not this one
+        super().log(level, msg, *args, **kwargs)
+
+
+def _redacted(arg: object) -> object:
+    """kazoo's Auth and Connect requests (and responses) with their secret field hidden."""
+    if isinstance(arg, Auth):
+        return f"Auth(auth_type={arg.auth_type}, scheme={arg.scheme!r}, auth='***')"
+    if isinstance(arg, tuple) and hasattr(arg, "_fields") and "passwd" in arg._fields:
+        return f"{type(arg).__name__}(passwd=***)"
+    return arg
 
 
 def _waker(event: Event) -> Callable[[WatchedEvent], None]:
