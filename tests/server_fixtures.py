@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import servers
+from tests.certs import Certs, make_certs
 
 
 def _cluster(kind: str, workdir: Path, nodes: int) -> Iterator[servers.Cluster]:
@@ -61,3 +62,41 @@ def etcd_cluster3(tmp_path: Path) -> Iterator[servers.Cluster]:
 def zookeeper_cluster3(tmp_path: Path) -> Iterator[servers.Cluster]:
     """A fresh 3-peer ZooKeeper ensemble for this test."""
     yield from _cluster("zookeeper", tmp_path, 3)
+
+
+# -- secure servers (TLS and access control; tests/test_security.py) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, server and client certificates (and untrusted ones) in a temporary directory."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _secure(kind: str, workdir: Path, certs: Certs, **options: object) -> Iterator[servers.Cluster]:
+    try:
+        cluster = servers.start_secure(kind, workdir, certs, **options)
+    except servers.ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def consul_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> Iterator[servers.Cluster]:
+    """One Consul agent for the session: HTTPS only with client certificates, ACLs default deny."""
+    yield from _secure("consul", tmp_path_factory.mktemp("consul-secure"), tls_certs)
+
+
+@pytest.fixture(scope="session")
+def etcd_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> Iterator[servers.Cluster]:
+    """One etcd member for the session: TLS with --client-cert-auth, authentication enabled."""
+    yield from _secure("etcd", tmp_path_factory.mktemp("etcd-secure"), tls_certs)
+
+
+@pytest.fixture(scope="session")
+def zookeeper_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> Iterator[servers.Cluster]:
+    """One ZooKeeper server for the session, on a TLS port only, with a super digest user."""
+    yield from _secure("zookeeper", tmp_path_factory.mktemp("zookeeper-secure"), tls_certs)

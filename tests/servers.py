@@ -15,6 +15,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -29,10 +31,11 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "Cluster", "Node", "ServerBinaryMissing",
-    "start", "start_consul", "start_etcd", "start_zookeeper",
+    "start", "start_consul", "start_etcd", "start_secure", "start_zookeeper",
 ]
 
 log = logging.getLogger(__name__)
@@ -618,3 +621,281 @@ def start_etcd(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
 def start_zookeeper(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
     """ZooKeeper ensemble (standalone ZooKeeperServerMain for one node)."""
     return start("zookeeper", workdir, nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# secure servers: TLS everywhere and access control on (tests/test_security.py)
+#
+# One node each. Consul serves HTTPS only, requires client certificates and runs ACLs with
+# default deny (management token in ``cluster.management_token``). etcd serves gRPC over TLS
+# with --client-cert-auth, then gets a root user and ``auth enable`` (``cluster.etcdctl(...)``
+# runs etcdctl as root). ZooKeeper serves only a secureClientPort (Netty, PEM key and trust
+# stores, client certificates required) and knows a ``super`` digest user for the tests'
+# administration (``cluster.super_auth``). ``server_cert`` replaces the server's certificate
+# (tests of host name checking start one with a certificate for another name).
+
+ZK_TLS_JARS = [  # NettyServerCnxnFactory needs these besides what zookeeper.jar's manifest lists
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-resolver.jar",
+    "/usr/share/java/netty-transport-native-unix-common.jar",
+]
+
+
+def tls_context(ca: str | os.PathLike, cert: str | os.PathLike | None = None,
+                key: str | os.PathLike | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca`` (host names checked), with an optional client cert."""
+    context = ssl.create_default_context(cafile=os.fspath(ca))
+    if cert is not None:
+        context.load_cert_chain(os.fspath(cert), os.fspath(key) if key is not None else None)
+    return context
+
+
+def https(method: str, url: str, body: bytes | None = None, *, context: ssl.SSLContext,
+          headers: dict[str, str] | None = None, timeout: float = 2.0) -> bytes:
+    """One HTTPS request with ``context``; returns the body, raises OSError on failure."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    with opener.open(req, timeout=timeout) as resp:
+        return resp.read()
+
+
+def _tls_connection(addr: str, context: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:
+    host, port = addr.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def four_letter_word_tls(addr: str, word: str, context: ssl.SSLContext, timeout: float = 2.0) -> str:
+    """:func:`four_letter_word` on a ZooKeeper secure client port."""
+    with _tls_connection(addr, context, timeout) as sock:
+        sock.sendall(word.encode())
+        chunks = []
+        with contextlib.suppress(ssl.SSLError):  # the server may close without close_notify
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def zk_session_roundtrip_tls(addr: str, context: ssl.SSLContext, timeout: float = 2.0) -> None:
+    """:func:`zk_session_roundtrip` on a ZooKeeper secure client port."""
+    connect = struct.pack(">iqiqi16s?", 0, 0, 4000, 0, 16, b"\0" * 16, False)
+    close = struct.pack(">ii", 1, -11)
+    with _tls_connection(addr, context, timeout) as sock:
+        sock.sendall(struct.pack(">i", len(connect)) + connect)
+        _, _, session_id = struct.unpack(">iiq", _recv_packet(sock)[:16])  # type: ignore[arg-type]
+        if not session_id:
+            raise ConnectionError("zookeeper refused the session")
+        sock.sendall(struct.pack(">i", len(close)) + close)
+        _recv_packet(sock)  # type: ignore[arg-type]
+
+
+class _SecureMixin:
+    """What the three secure clusters share: the certificates, a client TLS context."""
+
+    certs: Any
+    server_cert: Any
+    addrs: list[str]
+    kind: str
+
+    def _setup_tls(self, certs: Any, server_cert: Any) -> None:
+        self.certs = certs
+        self.server_cert = server_cert or certs.server
+        self.client_tls = tls_context(certs.ca, certs.client.cert, certs.client.key)
+
+    @property
+    def tls_options(self) -> dict[str, str]:
+        """The greenleader store options (new names) that connect with the test client cert."""
+        return {"ca_file": str(self.certs.ca), "cert_file": str(self.certs.client.cert),
+                "key_file": str(self.certs.client.key)}
+
+    @property
+    def url(self) -> str:
+        """The greenleader URL with TLS options (no credentials)."""
+        query = "&".join(f"{k}={v}" for k, v in self.tls_options.items())
+        return f"{self.kind}://{','.join(self.addrs)}?{query}"
+
+
+class SecureConsulCluster(_SecureMixin, ConsulCluster):
+    """One Consul dev agent: HTTPS only (client certificates verified), ACLs default deny."""
+
+    def __init__(self, workdir: pathlib.Path, nodes: int, certs: Any, server_cert: Any = None) -> None:
+        if nodes != 1:
+            raise ValueError("secure clusters have one node")
+        self._setup_tls(certs, server_cert)
+        self.management_token = str(uuid.uuid4())
+        super().__init__(workdir, nodes)
+
+    def _argv(self, node: Node) -> list[str]:
+        argv = super()._argv(node)
+        at = argv.index("-http-port")
+        argv[at + 1] = "-1"  # no plain HTTP at all
+        argv[at:at] = ["-https-port", str(node.ports["client"])]
+        hcl = [
+            f'ca_file = "{self.certs.ca}"',
+            f'cert_file = "{self.server_cert.cert}"',
+            f'key_file = "{self.server_cert.key}"',
+            "verify_incoming_https = true",
+            # master: the management token; agent: lets the agent update its own node entry
+            f'acl {{ enabled = true, default_policy = "deny", down_policy = "extend-cache", '
+            f'tokens {{ master = "{self.management_token}", agent = "{self.management_token}" }} }}',
+        ]
+        for line in hcl:
+            argv += ["-hcl", line]
+        return argv
+
+    def api(self, method: str, path: str, body: object = None, token: str | None = None) -> Any:
+        """A Consul HTTP API call as ``token`` (default: the management token); JSON answer."""
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        answer = https(method, f"https://{self.nodes[0].client_addr}{path}", data, context=self.client_tls,
+                       headers={"X-Consul-Token": token or self.management_token})
+        return json.loads(answer) if answer.strip() else None
+
+    def create_token(self, rules: str, name: str | None = None) -> str:
+        """A new ACL token whose only policy has ``rules``; returns its secret."""
+        policy = self.api("PUT", "/v1/acl/policy", {"Name": name or f"p-{uuid.uuid4().hex[:12]}", "Rules": rules})
+        token = self.api("PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
+        return token["SecretID"]
+
+    def _get(self, node: Node, path: str) -> bytes:
+        return https("GET", f"https://{node.client_addr}{path}", context=self.client_tls)
+
+    def _serves(self, node: Node) -> bool:
+        key = f"/v1/kv/greenleader-test-servers/ready-{node.name}"
+        self.api("PUT", key, b"1")
+        self.api("DELETE", key)
+        session = self.api("PUT", "/v1/session/create", {})["ID"]
+        self.api("PUT", f"/v1/session/destroy/{session}")
+        return True
+
+
+class SecureEtcdCluster(_SecureMixin, EtcdCluster):
+    """One etcd member: client TLS with --client-cert-auth; auth enabled with a root user."""
+
+    def __init__(self, workdir: pathlib.Path, nodes: int, certs: Any, server_cert: Any = None) -> None:
+        if nodes != 1:
+            raise ValueError("secure clusters have one node")
+        self._setup_tls(certs, server_cert)
+        self.root_password = uuid.uuid4().hex
+        self.auth_enabled = False
+        super().__init__(workdir, nodes)
+
+    def _argv(self, node: Node) -> list[str]:
+        argv = super()._argv(node)
+        client = f"https://127.0.0.1:{node.ports['client']}"
+        for flag in ("--listen-client-urls", "--advertise-client-urls"):
+            argv[argv.index(flag) + 1] = client
+        return [
+            *argv, "--cert-file", str(self.server_cert.cert), "--key-file", str(self.server_cert.key),
+            "--trusted-ca-file", str(self.certs.ca), "--client-cert-auth",
+        ]
+
+    def _answers(self, node: Node) -> bool:
+        https("GET", f"https://{node.client_addr}/version", context=self.client_tls)
+        return True
+
+    def _status(self, node: Node) -> dict:
+        return json.loads(https("POST", f"https://{node.client_addr}/v3/maintenance/status", b"{}",
+                                context=self.client_tls))
+
+    def _serves(self, node: Node) -> bool:
+        health = https("GET", f"https://{node.client_addr}/health", context=self.client_tls)
+        return json.loads(health)["health"] == "true"
+
+    def etcdctl(self, *args: str, user: str | None = "root", input: str | None = None) -> str:
+        """Run ``etcdctl`` over TLS with the test client certificate, as ``user`` (default root;
+        None: no user, so etcd takes the certificate's CN); returns its output."""
+        argv = [_require("etcdctl"), "--endpoints", ",".join(f"https://{a}" for a in self.addrs),
+                "--cacert", str(self.certs.ca), "--cert", str(self.certs.client.cert),
+                "--key", str(self.certs.client.key), "--dial-timeout", "5s", "--command-timeout", "10s"]
+        if user is not None and self.auth_enabled:
+            argv += ["--user", f"{user}:{self.root_password}" if user == "root" else user]
+        done = subprocess.run([*argv, *args], input=input, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "ETCDCTL_API": "3"})
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    def enable_auth(self) -> None:
+        """Create the root user and turn authentication on."""
+        self.etcdctl("user", "add", "root", "--interactive=false", input=self.root_password + "\n")
+        self.etcdctl("auth", "enable")
+        self.auth_enabled = True
+
+
+class SecureZooKeeperCluster(_SecureMixin, ZooKeeperCluster):
+    """One ZooKeeper server on a secure client port only (Netty, PEM stores, client certs
+    required), with a ``super`` digest user for administration."""
+
+    def __init__(self, workdir: pathlib.Path, nodes: int, certs: Any, server_cert: Any = None) -> None:
+        if nodes != 1:
+            raise ValueError("secure clusters have one node")
+        for jar in ZK_TLS_JARS:
+            _require(jar)
+        self._setup_tls(certs, server_cert)
+        self.super_password = uuid.uuid4().hex
+        super().__init__(workdir, nodes)
+
+    @property
+    def super_auth(self) -> tuple[str, str]:
+        """kazoo ``auth_data`` entry of the ZooKeeper super user (bypasses every ACL)."""
+        return ("digest", f"super:{self.super_password}")
+
+    def _argv(self, node: Node) -> list[str]:
+        argv = super()._argv(node)
+        digest = base64.b64encode(hashlib.sha1(f"super:{self.super_password}".encode()).digest()).decode()
+        cfg = [line for line in (node.dir / "zoo.cfg").read_text().splitlines()
+               if not line.startswith(("clientPort=", "clientPortAddress="))]
+        cfg += [
+            "secureClientPortAddress=127.0.0.1", f"secureClientPort={node.ports['client']}",
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+            f"ssl.keyStore.location={self.server_cert.bundle}", "ssl.keyStore.type=PEM",
+            f"ssl.trustStore.location={self.certs.ca}", "ssl.trustStore.type=PEM",
+            "ssl.clientAuth=need",
+            f"DigestAuthenticationProvider.superDigest=super:{digest}",
+        ]
+        (node.dir / "zoo.cfg").write_text("\n".join(cfg) + "\n")
+        at = argv.index("-cp") + 1
+        argv[at] = ":".join([*ZK_JARS, *ZK_TLS_JARS])
+        return argv
+
+    def _answers(self, node: Node) -> bool:
+        return four_letter_word_tls(node.client_addr, "ruok", self.client_tls) == "imok"
+
+    def _mode(self, node: Node) -> str | None:
+        for line in four_letter_word_tls(node.client_addr, "srvr", self.client_tls).splitlines():
+            if line.startswith("Mode: "):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    def _serves(self, node: Node) -> bool:
+        zk_session_roundtrip_tls(node.client_addr, self.client_tls)
+        return True
+
+
+_SECURE_CLASSES: dict[str, type[Cluster]] = {
+    "consul": SecureConsulCluster, "etcd": SecureEtcdCluster, "zookeeper": SecureZooKeeperCluster,
+}
+
+
+def start_secure(kind: str, workdir: pathlib.Path | str, certs: Any, *, server_cert: Any = None) -> Cluster:
+    """Start a one-node ``kind`` server with TLS and access control (see above).
+
+    ``certs`` is a :class:`tests.certs.Certs`; ``server_cert`` (a ``KeyPair``) replaces the
+    server's certificate. etcd comes back with authentication already enabled.
+    """
+    try:
+        cls = _SECURE_CLASSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(_SECURE_CLASSES)}") from None
+    cluster = cls(pathlib.Path(workdir), 1, certs, server_cert).start_all()  # type: ignore[call-arg]
+    if isinstance(cluster, SecureEtcdCluster):
+        try:
+            cluster.enable_auth()
+        except BaseException:
+            cluster.stop()
+            raise
+    return cluster
