@@ -46,10 +46,13 @@ that answers and fails over to the next on connection errors, timeouts and 5xx a
 gets ``timeout + wait + wait/16`` (Consul adds up to ``wait/16`` of jitter), so a partition can
 never hang a waiter or a follower.
 
-**Token**: an explicit ``token`` wins; otherwise ``CONSUL_HTTP_TOKEN`` from the environment is
-used, as Consul's own tools do. The token travels in the ``X-Consul-Token`` header only (never in
-a URL) and never appears in ``repr()``, logs or error messages. ``CONSUL_HTTP_ADDR``,
-``CONSUL_HTTP_SSL`` and ``CONSUL_HTTP_SSL_VERIFY`` are ignored: the store's arguments decide.
+**Token**: an explicit ``token`` (or ``token_file``) wins; otherwise ``CONSUL_HTTP_TOKEN``, then
+the file named by ``CONSUL_HTTP_TOKEN_FILE``, from the environment, as Consul's own tools do
+(python-consul 1.1 let the environment override the argument; here it never does). The source is
+logged at INFO and kept in ``token_source``. The token travels in the ``X-Consul-Token`` header
+only (never in a URL) and never appears in ``repr()``, logs or error messages.
+``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_SSL`` and ``CONSUL_HTTP_SSL_VERIFY`` are ignored: the
+store's arguments decide (``tls``, ``ca_file``, ``cert_file``, ``key_file``, ``verify``).
 
 Client: ``py-consul`` (or its predecessor ``python-consul`` 1.1; both are ``import consul``).
 They speak HTTP through ``requests``, whose sockets block the gevent hub unless gevent has
@@ -84,6 +87,7 @@ from ..errors import (
     StoreError,
     StoreUnavailableError,
 )
+from ._security import check_secret, read_secret, tls_options, warn_plaintext_secret
 from .base import LeaderInfo, Lease, Store, check_bool, check_float, check_text, now
 
 try:  # py-consul
@@ -103,6 +107,7 @@ MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay here
 _LOCK_DELAY_RETRY = (0.05, 0.25)  # first and largest pause while Consul enforces a lock-delay
 _ERROR_RETRY = (0.1, 1.0)  # first and largest pause between retries of a failing store
 _ERRNO = re.compile(r"\[Errno -?\d+\][^'\")\]]*")
+_SSL_REASON = re.compile(r"\[SSL: \w+\].*?\(_ssl\.c:\d+\)")
 _GO_DURATION = re.compile(r"([\d.]+)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -411,8 +416,13 @@ class _Campaign:
 class ConsulStore(Store):
     """Elections on Consul agents ``addrs`` (``host:port``; default ``127.0.0.1:8500``).
 
-    :param token: ACL token; default ``CONSUL_HTTP_TOKEN`` from the environment.
-    :param scheme: ``http`` or ``https``.
+    :param token: ACL token (``token_file``: read it from that file). Without either, the
+        token is ``CONSUL_HTTP_TOKEN`` from the environment, else the content of the file
+        named by ``CONSUL_HTTP_TOKEN_FILE``, else none (Consul's anonymous token). The
+        environment never overrides an explicit token; which one is used is logged (INFO)
+        and shown by ``token_source``.
+    :param tls: use HTTPS (on by default when ``ca_file`` or ``cert_file`` is given);
+        ``scheme="https"`` is the older spelling.
     :param lock_delay: seconds Consul refuses the key after a holder's session is invalidated
         (see the module documentation for the default of 1 s).
     :param timeout: connect and read timeout of every request, in seconds.
@@ -420,8 +430,11 @@ class ConsulStore(Store):
     :param retry_for: seconds a waiting candidate or a watch rides out an unavailable store
         (a Consul leader election, an agent restart) before reporting the error.
     :param dc: datacenter; default the agent's.
-    :param verify: verify the agents' TLS certificates; ``ca_file`` names the CA bundle.
-    :param cert_file: client certificate for TLS (``key_file`` if the key is separate).
+    :param ca_file: CA bundle that signs the agents' certificates (default: the system's).
+    :param cert_file: client certificate, for agents with ``verify_incoming_https``;
+        ``key_file`` is its key (omit it if ``cert_file`` holds both).
+    :param verify: check the agent's certificate and that it names the host connected to
+        (default true).
     """
 
     backend: ClassVar[str] = "consul"
@@ -433,13 +446,15 @@ class ConsulStore(Store):
         addrs: list[str] | None = None,
         *,
         token: str | None = None,
-        scheme: str = "http",
+        token_file: str | None = None,
+        tls: bool | str | None = None,
+        scheme: str | None = None,
         lock_delay: float | str = DEFAULT_LOCK_DELAY,
         timeout: float | str = 5.0,
         wait: float | str = 10.0,
         retry_for: float | str = 15.0,
         dc: str | None = None,
-        verify: bool | str = True,
+        verify: bool | str | None = None,
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
@@ -447,27 +462,32 @@ class ConsulStore(Store):
         if isinstance(addrs, str):
             addrs = [addrs]
         addrs = list(addrs) if addrs else [DEFAULT_ADDR]
-        if scheme not in ("http", "https"):
-            raise InvalidArgumentError(f"scheme must be 'http' or 'https', not {scheme!r}")
-        self.scheme = scheme
+        if scheme is not None:
+            if scheme not in ("http", "https"):
+                raise InvalidArgumentError(f"scheme must be 'http' or 'https', not {scheme!r}")
+            if tls is not None and check_bool("tls", tls) != (scheme == "https"):
+                raise InvalidArgumentError(f"tls={tls} contradicts scheme={scheme!r}")
+            tls = scheme == "https"
+        self.tls = tls_options("consul", tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                               verify=verify, key_file_required=False)
+        self.scheme = "https" if self.tls.enabled else "http"
         self.lock_delay = check_float("lock_delay", lock_delay, minimum=0.0, maximum=MAX_LOCK_DELAY)
         self.timeout = check_float("timeout", timeout, minimum=0.0, maximum=600.0, inclusive=False)
         self.wait = check_float("wait", wait, minimum=0.1, maximum=600.0)
         self.retry_for = check_float("retry_for", retry_for, minimum=0.0, maximum=86400.0)
         self.dc = None if dc is None else check_text("dc", dc, max_length=128)
-        tls_verify: bool | str = check_bool("verify", verify)
-        if ca_file is not None:
-            tls_verify = _check_file("ca_file", ca_file) if tls_verify else False
-        cert: str | tuple[str, str] | None = None
-        if cert_file is not None:
-            cert = _check_file("cert_file", cert_file)
-            if key_file is not None:
-                cert = (cert, _check_file("key_file", key_file))
-        elif key_file is not None:
-            raise InvalidArgumentError("key_file needs cert_file")
-        self._token = self._resolve_token(token)
+        tls_verify: bool | str = (self.tls.ca_file or True) if self.tls.verify else False
+        cert: str | tuple[str, str] | None = self.tls.cert_file
+        if self.tls.cert_file is not None and self.tls.key_file is not None:
+            cert = (self.tls.cert_file, self.tls.key_file)
+        #: Where the ACL token came from: "token", "token_file", "CONSUL_HTTP_TOKEN",
+        #: "CONSUL_HTTP_TOKEN_FILE", or None (no token: Consul's anonymous token).
+        self.token_source: str | None = None
+        self._token = self._resolve_token(token, token_file)
         self._endpoints = [_Endpoint(addr, self, self._token, tls_verify, cert) for addr in addrs]
         self._current = 0
+        if self._token and not self.tls.enabled:
+            warn_plaintext_secret("consul", "ACL token", [e.addr.rpartition(":")[0] for e in self._endpoints])
         if not monkey.is_module_patched("socket"):
             warnings.warn(
                 "greenleader's Consul store talks to Consul through requests, whose sockets block "
@@ -477,18 +497,27 @@ class ConsulStore(Store):
                 stacklevel=2,
             )
 
-    @staticmethod
-    def _resolve_token(token: object) -> str | None:
-        from_env = os.environ.get("CONSUL_HTTP_TOKEN") or None
-        if token is None or token == "":
-            if from_env:
-                log.debug("consul: using the ACL token from CONSUL_HTTP_TOKEN")
-            return from_env
-        if not isinstance(token, str) or any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
-            raise InvalidArgumentError("token must be a str without control characters")  # never echo it
-        if from_env and from_env != token:
-            log.info("consul: CONSUL_HTTP_TOKEN is set but ignored: an explicit token was given")
-        return token
+    def _resolve_token(self, token: object, token_file: object) -> str | None:
+        """The explicit token, else the environment's (see the class docstring); never logged."""
+        env = {name: os.environ.get(name) or None for name in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE")}
+        explicit = read_secret("token", token or None, "token_file", token_file)
+        if explicit is not None:
+            self.token_source = "token" if token_file is None else "token_file"
+            ignored = [name for name, value in env.items() if value]
+            if ignored:
+                log.info("consul: %s set but ignored: the %s option was given", " and ".join(ignored),
+                         self.token_source)
+            return explicit
+        if env["CONSUL_HTTP_TOKEN"]:
+            self.token_source = "CONSUL_HTTP_TOKEN"
+            secret = check_secret("CONSUL_HTTP_TOKEN", env["CONSUL_HTTP_TOKEN"])
+        elif env["CONSUL_HTTP_TOKEN_FILE"]:
+            self.token_source = "CONSUL_HTTP_TOKEN_FILE"
+            secret = read_secret("token", None, "CONSUL_HTTP_TOKEN_FILE", env["CONSUL_HTTP_TOKEN_FILE"])
+        else:
+            return None
+        log.info("consul: using the ACL token from %s (no token or token_file option was given)", self.token_source)
+        return secret
 
     @classmethod
     def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> ConsulStore:
@@ -497,7 +526,7 @@ class ConsulStore(Store):
         try:
             return cls(addrs, **options)  # type: ignore[arg-type]
         except TypeError:
-            known = ("token", "scheme", "lock_delay", "timeout", "wait", "retry_for", "dc",
+            known = ("token", "token_file", "tls", "scheme", "lock_delay", "timeout", "wait", "retry_for", "dc",
                      "verify", "ca_file", "cert_file", "key_file")
             unknown = sorted(set(options) - set(known))
             raise InvalidURLError(
@@ -505,9 +534,10 @@ class ConsulStore(Store):
             ) from None
 
     def __repr__(self) -> str:
-        token = " token=***" if self._token else ""
+        token = f" token=***({self.token_source})" if self._token else ""
         dc = f" dc={self.dc!r}" if self.dc else ""
-        return f"<ConsulStore {self.scheme}://{','.join(e.addr for e in self._endpoints)}{dc}{token}>"
+        verify = "" if self.tls.verify or not self.tls.enabled else " tls(no verify)"
+        return f"<ConsulStore {self.scheme}://{','.join(e.addr for e in self._endpoints)}{dc}{token}{verify}>"
 
     @property
     def addrs(self) -> list[str]:
@@ -656,6 +686,8 @@ class ConsulStore(Store):
             reasons = "; ".join(str(error.get("What")) for error in result)
             if "invalid session" in reasons:
                 raise _SessionGone(f"Consul refused to lock {key!r}: {reasons}")
+            if "Permission denied" in reasons:  # Consul 1.8 answers 403, but a txn may say it so
+                raise PermissionDeniedError(f"Consul refused to lock {key!r}: {reasons}")
             return None
         return result["Results"][1]["KV"]
 
@@ -700,7 +732,11 @@ class ConsulStore(Store):
         if isinstance(exc, consul.NotFound):
             raise _SessionGone(message)
         if isinstance(exc, (consul.ACLPermissionDenied, consul.ACLDisabled)):
-            raise PermissionDeniedError(message)
+            token = f"the ACL token (from {self.token_source})" if self._token else "the anonymous token (none given)"
+            if "ACL not found" in str(exc):
+                raise PermissionDeniedError(f"{message}: Consul does not know {token}")
+            raise PermissionDeniedError(f"{message}: {token} lacks the permission (see the ACL policy "
+                                        "in greenleader's docs/security.md)")
         if "invalid session" in str(exc):
             raise _SessionGone(message)
         code = str(exc)[:3]
@@ -708,6 +744,8 @@ class ConsulStore(Store):
             raise StoreUnavailableError(message)
         if code.startswith("4"):
             if code == "400":
+                if "HTTPS server" in str(exc):
+                    message += "; this agent serves HTTPS: give ca_file (or tls=true)"
                 raise InvalidArgumentError(message)
             raise StoreError(message)
         # 5xx (no cluster leader, RPC failure) or an unreadable answer: try another agent
@@ -717,6 +755,10 @@ class ConsulStore(Store):
             text = f"connect timed out after {self.timeout:g}s"
         elif isinstance(exc, requests.ReadTimeout):
             text = "read timed out"
+        elif isinstance(exc, requests.exceptions.SSLError):
+            reason = _SSL_REASON.search(str(exc))
+            text = (f"TLS failed: {reason.group(0) if reason else exc}; check ca_file, cert_file and key_file, "
+                    "that the agent serves HTTPS on this port, and that its certificate names the host connected to")
         elif isinstance(exc, requests.ConnectionError) and (errno := _ERRNO.search(str(exc))):
             text = f"connection failed: {errno.group(0)}"
         else:
@@ -724,10 +766,5 @@ class ConsulStore(Store):
         text = " ".join(text.split())
         if self._token:
             text = text.replace(self._token, "***")
-        return text[:300]
+        return text[:400]
 
-
-def _check_file(name: str, path: object) -> str:
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise InvalidArgumentError(f"{name} must name an existing file, not {path!r}")
-    return os.fspath(path)  # type: ignore[return-value]
