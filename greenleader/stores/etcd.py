@@ -198,6 +198,8 @@ _HINTS = (
     ("authentication failed", "wrong user or password"),
     ("permission denied", "the user (or the client certificate's CN) lacks a role granting this key "
                           "range; see the role in greenleader's docs/security.md"),
+    ("Hostname Verification", "TLS failed: the server's certificate does not name the host connected to; "
+                              "connect by a name the certificate has"),
     ("handshake", "TLS failed: check ca_file, cert_file and key_file, and that the server's certificate "
                   "names the host connected to"),
     ("TSI_", "TLS failed: the server may have refused the client certificate (cert_file, key_file)"),
