@@ -301,7 +301,9 @@ class Nemesis:
         if fault.target == "follower":
             return None if ("follower", category) in self.busy else "follower"
         wanted = self.leader_slot() if fault.target == "leader" else fault.target
-        free = [slot for slot in self.slots if (slot, category) not in self.busy and self.slots[slot].running()]
+        free = [slot for slot in self.slots if (slot, category) not in self.busy and self.slots[slot].running()
+                # SIGUSR1 kills a process that has not installed its hub blocker yet (it does before campaigning)
+                and (fault.kind != "block" or self.slots[slot].events("campaigning"))]
         if wanted in free:
             return wanted
         return self.rng.choice(free) if free else None
