@@ -8,7 +8,10 @@ The smallest ``gunicorn.conf.py``, with the store, key and TTL in ``GREENLEADER_
     from greenleader.gunicorn import post_fork, worker_exit  # noqa: F401
     worker_class = "gevent"
 
-or with arguments (which take precedence over the environment)::
+The store URL carries TLS and credential options in its query (``ca_file``, ``cert_file``,
+``key_file``, ``token_file``, ``user``, ``password_file``...; see docs/security.md); greenleader
+never logs it or shows it on the status endpoint. Or with arguments (which take precedence over
+the environment)::
 
     from greenleader.gunicorn import WorkerElection
     election = WorkerElection("consul://10.0.0.1:8500,10.0.0.2:8500", "myapp/scheduler", ttl=15)
@@ -53,7 +56,7 @@ from .duties import duties as default_duties
 from .errors import GreenleaderError, InvalidArgumentError, StoreError
 from .follower import Follower
 from .retry import Backoff
-from .stores import Store, from_url
+from .stores import Store, _redacted, from_url
 from .stores.base import check_float, check_text
 
 __all__ = [
@@ -268,7 +271,9 @@ class WorkerElection:
         if key is None:
             raise InvalidArgumentError(f"greenleader: no election key; pass key= or set {ENV_KEY}")
         if isinstance(store, str) and "://" not in store:
-            raise InvalidArgumentError(f"greenleader: store URL {store!r} has no scheme, e.g. consul://127.0.0.1:8500")
+            raise InvalidArgumentError(
+                f"greenleader: store URL {_redacted(store)!r} has no scheme, e.g. consul://127.0.0.1:8500"
+            )
         ttl = self._ttl_arg
         if ttl is None:
             ttl = check_float(ENV_TTL, env.get(ENV_TTL) or DEFAULT_TTL, minimum=0.0, inclusive=False)

@@ -851,7 +851,7 @@ class _KazooLog(logging.LoggerAdapter):
         if "session_passwd" in text:
             args = tuple("***" if isinstance(arg, (bytes, str)) else arg for arg in args)
         args = tuple(_redacted(arg) for arg in args)
-        kwargs.setdefault("stacklevel", 3)  # show kazoo's line, not this one
+        kwargs.setdefault("stacklevel", 2)  # show the line in kazoo, not this one
         super().log(level, msg, *args, **kwargs)
 
 
