@@ -661,6 +661,8 @@ class ConsulStore(Store):
             raise
         if isinstance(session_id, StoreError):
             raise session_id
+        if not isinstance(session_id, str):  # the library's answer to a 404
+            raise StoreUnavailableError(f"{self.active_addr} did not create a Consul session (is it a Consul agent?)")
         log.debug("consul: session %s for %r", session_id, node)
         return _Session(self, session_id, node, ttl, started)
 
@@ -689,6 +691,8 @@ class ConsulStore(Store):
             if "Permission denied" in reasons:  # Consul 1.8 answers 403, but a txn may say it so
                 raise PermissionDeniedError(f"Consul refused to lock {key!r}: {reasons}")
             return None
+        if not isinstance(result, dict) or not isinstance(result.get("Results"), list):  # a 404: not Consul
+            raise StoreUnavailableError(f"{self.active_addr} did not answer a Consul transaction (not a Consul agent?)")
         return result["Results"][1]["KV"]
 
     def _delete_if_held(self, key: str, session_id: str) -> bool:
