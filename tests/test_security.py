@@ -70,6 +70,10 @@ class _Admin:
         """Credentials (store options) with exactly the documented access to ``prefix``."""
         raise NotImplementedError
 
+    def grant_read(self, prefix: str) -> dict[str, str]:
+        """Credentials with the documented access of a follower of keys under ``prefix``."""
+        raise NotImplementedError
+
     def unreadable_key(self, prefix: str) -> str:
         """A key under ``prefix`` that a client without access to ``prefix`` cannot read."""
         return f"{prefix}/election"
@@ -88,22 +92,31 @@ class _ConsulAdmin(_Admin):
         rules = self.POLICY.format(prefix=prefix, agent=self.cluster.nodes[0].name)
         return {"token": self.cluster.create_token(rules)}
 
+    def grant_read(self, prefix: str, *, sessions: bool = False) -> dict[str, str]:
+        rules = f'key_prefix "{prefix}/" {{ policy = "read" }}\n'
+        if sessions:
+            rules += f'session "{self.cluster.nodes[0].name}" {{ policy = "write" }}\n'
+        return {"token": self.cluster.create_token(rules)}
+
 
 class _EtcdAdmin(_Admin):
     kind = "etcd"
     ttl = 2.0
 
-    def role(self, prefix: str) -> str:
+    def role(self, prefix: str, permission: str = "readwrite") -> str:
         role = f"greenleader-{uuid.uuid4().hex[:10]}"
         self.cluster.etcdctl("role", "add", role)
-        self.cluster.etcdctl("role", "grant-permission", role, "readwrite", "--prefix=true", f"{prefix}/")
+        self.cluster.etcdctl("role", "grant-permission", role, permission, "--prefix=true", f"{prefix}/")
         return role
 
-    def grant(self, prefix: str) -> dict[str, str]:
+    def grant(self, prefix: str, permission: str = "readwrite") -> dict[str, str]:
         user, password = f"app-{uuid.uuid4().hex[:10]}", secrets.token_hex(16)
         self.cluster.etcdctl("user", "add", user, "--interactive=false", input=password + "\n")
-        self.cluster.etcdctl("user", "grant-role", user, self.role(prefix))
+        self.cluster.etcdctl("user", "grant-role", user, self.role(prefix, permission))
         return {"user": user, "password": password}
+
+    def grant_read(self, prefix: str) -> dict[str, str]:
+        return self.grant(prefix, "read")
 
     def holder(self, key: str) -> tuple[str, str]:
         """The leading candidate's own key and its lease (hex), as etcdctl shows them."""
@@ -143,6 +156,9 @@ class _ZooKeeperAdmin(_Admin):
             admin.ensure_path("/" + prefix.rsplit("/", 1)[0], acl=self.ancestor_acl)
             admin.create("/" + prefix, b"", acl=[make_digest_acl(user, password, create=True)])
         return {"user": user, "password": password}
+
+    def grant_read(self, prefix: str) -> dict[str, str]:
+        return {}  # greenleader's nodes are readable by anyone
 
     @property
     def ancestor_acl(self) -> list[Any]:
@@ -221,6 +237,31 @@ def test_least_privilege_is_enough(admin: _Admin, prefix: str, stores: Callable[
             pass
         assert bob.term is not None and first is not None and bob.term > first
         assert next_item(leaders, BOUND, "bob") in ("bob", None)
+
+
+def test_read_access_follows_but_cannot_campaign(admin: _Admin, prefix: str,
+                                                stores: Callable[[str], Store]) -> None:
+    """A follower's access: it sees the leader, and a campaign is refused at once, on a held
+    key and on a vacant one (where Consul's refusal to lock must not pass for a lock-delay)."""
+    key = f"{prefix}/election"
+    owner = admin.url(**admin.grant(prefix))
+    readers = [stores(admin.url(**admin.grant_read(prefix)))]
+    if isinstance(admin, _ConsulAdmin):  # one that may make sessions, so that it tries to lock
+        readers.append(stores(admin.url(**admin.grant_read(prefix, sessions=True))))
+    with Candidate(stores(owner), key, "alice", ttl=admin.ttl) as alice:
+        elected_within(alice, BOUND)
+        for reader in readers:
+            assert reader.leader(key).node == "alice"
+            watch = reader.watch(key)
+            assert next(watch).node == "alice"
+            watch.close()
+            with gevent.Timeout(BOUND, AssertionError("a refused campaign waited")), \
+                    pytest.raises(PermissionDeniedError):
+                reader.acquire(key, "mallory", admin.ttl)
+    for reader in readers:
+        with gevent.Timeout(BOUND, AssertionError("a refused campaign on a vacant key waited")), \
+                pytest.raises(PermissionDeniedError):
+            reader.acquire(key, "mallory", admin.ttl)
 
 
 def test_etcd_client_certificate_authentication(etcd_secure: Any, prefix: str, stores: Callable[[str], Store]) -> None:
