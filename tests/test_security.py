@@ -153,7 +153,8 @@ class _ZooKeeperAdmin(_Admin):
     def grant(self, prefix: str) -> dict[str, str]:
         user, password = f"app-{uuid.uuid4().hex[:10]}", secrets.token_hex(16)
         with self.client(self.cluster.super_auth) as admin:
-            admin.ensure_path("/" + prefix.rsplit("/", 1)[0], acl=self.ancestor_acl)
+            if "/" in prefix:
+                admin.ensure_path("/" + prefix.rsplit("/", 1)[0], acl=self.ancestor_acl)
             admin.create("/" + prefix, b"", acl=[make_digest_acl(user, password, create=True)])
         return {"user": user, "password": password}
 
