@@ -214,12 +214,17 @@ class Result:
         return (f"python -m tests.nemesis --backend {self.backend} --duration {self.duration:g} "
                 f"--seed {self.seed} --ttl {self.ttl:g}")
 
+    def active_at(self, instant: float) -> bool:
+        """True if a fault was still acting at ``instant`` (one healing exactly then is not)."""
+        return any(i.started < instant < (i.healed or i.started) for i in self.injected if not i.skipped)
+
     def summary(self) -> str:
         done = [i for i in self.injected if not i.skipped]
         kinds = collections.Counter(i.fault.kind for i in done)
         verdict = self.verdict
         gaps = [(label, gap) for label, _, gap in verdict.gaps if gap != 0.0]
         longest = max(gaps, key=lambda pair: pair[1] if pair[1] is not None else float("inf"), default=None)
+        quiet = [gap for _, healed, gap in verdict.gaps if gap is not None and not self.active_at(healed)]
         lines = [
             f"nemesis {self.backend}: seed {self.seed}, {self.duration:g}s of faults, ttl {self.ttl:g}s, "
             f"{self.elapsed:.0f}s in all",
@@ -231,6 +236,8 @@ class Result:
             "  longest leaderless gap after a heal: "
             + (f"{longest[1]:.2f}s (after {longest[0]})" if longest and longest[1] is not None
                else "none" if not longest else f"NO LEADER after {longest[0]}"),
+            f"  longest leaderless gap after a heal that left no fault active: {max(quiet, default=0.0):.2f}s "
+            f"({len(quiet)} such heals)",
             "  leader back after the last heal: "
             + (f"{self.recovery:.2f}s" if self.recovery is not None else "NEVER")
             + f"; the follower named it: {self.follower_ok}",
