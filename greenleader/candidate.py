@@ -181,7 +181,7 @@ class Candidate:
         try:
             while not self._stopped:
                 try:
-                    self._lease = self.store.acquire(self.key, self.node, self.ttl)
+                    self._lease = self._acquire()
                     if self.retry:
                         delays = self.retry.delays()
                     self._hold(self._lease)
@@ -214,6 +214,18 @@ class Candidate:
                 channels.fail(error)
                 self._publisher.publish(ElectionError(self, self.key, error))
             channels.close()
+
+    def _acquire(self) -> Lease:
+        """Wait for the key in a greenlet of its own, so that a stop() landing just as the store
+        hands over a lease cannot lose it: the won lease is then released, not leaked."""
+        acquiring = gevent.spawn(self.store.acquire, self.key, self.node, self.ttl)
+        try:
+            return acquiring.get()
+        except BaseException:
+            acquiring.kill()
+            if acquiring.successful() and isinstance(acquiring.value, Lease):
+                self._release(acquiring.value)
+            raise
 
     def _hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive until resign, stop or loss; raise StoreError past the deadline.

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def events():
-    """Every greenleader event published during the test."""
+def events(key):
+    """Every greenleader event about this test's key (late events of earlier tests are not)."""
     seen: list[LeadershipEvent] = []
 
     def record(event: object) -> None:
-        if isinstance(event, LeadershipEvent):
+        if isinstance(event, LeadershipEvent) and event.key == key:
             seen.append(event)
 
     zope.event.subscribers.append(record)

@@ -342,7 +342,8 @@ class _Campaign:
 
     def close(self) -> None:
         """Stop the keepalive; destroy the session unless a lease now owns it."""
-        self.keeper.kill()
+        # Never yield once won: a kill landing between the win and the return would lose the lease.
+        self.keeper.kill(block=False)
         if not self.won:
             self.store._discard(self.session)
 
