@@ -13,6 +13,7 @@ that deadline itself, so it turns False on time even if the hub was blocked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import gevent
 from gevent import Greenlet, GreenletExit
@@ -218,14 +219,17 @@ class Candidate:
     def _acquire(self) -> Lease:
         """Wait for the key in a greenlet of its own, so that a stop() landing just as the store
         hands over a lease cannot lose it: the won lease is then released, not leaked."""
-        acquiring = gevent.spawn(self.store.acquire, self.key, self.node, self.ttl)
+        acquiring = gevent.spawn(_outcome, self.store.acquire, self.key, self.node, self.ttl)
         try:
-            return acquiring.get()
+            outcome = acquiring.get()
         except BaseException:
             acquiring.kill()
             if acquiring.successful() and isinstance(acquiring.value, Lease):
                 self._release(acquiring.value)
             raise
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _hold(self, lease: Lease) -> None:
         """Keep ``lease`` alive until resign, stop or loss; raise StoreError past the deadline.
@@ -311,3 +315,12 @@ class Candidate:
             raise
         except Exception:
             log.exception("%r: unexpected error releasing the key", self)
+
+
+def _outcome(func: Callable[..., Lease], *args: object) -> Lease | Exception:
+    """``func(*args)``, or the exception it raised: a greenlet dying of an exception would have
+    gevent print its traceback, though the caller handles it."""
+    try:
+        return func(*args)
+    except Exception as exc:
+        return exc
