@@ -157,11 +157,15 @@ def big_table(data: dict[str, Any]) -> str:
         b = data[kind].get("big")
         if not b:
             continue
-        rows.append([kind, str(b["n"]), _f(b["startup_s"]), _f(b["requests_per_min"], 0), _f(b["cpu_percent"]),
-                     _f(b["cpu_s_per_hour"], 0), f"{_f(b['rss_mb'], 0)} (+{_f(b['rss_mb'] - b['rss_base_mb'], 0)})",
+        held = f"{b.get('held_start', b['n'])} -> {b.get('held_end', b['n'])}"
+        rows.append([kind, str(b["n"]), _f(b["startup_s"]) if b["startup_s"] is not None else "never",
+                     held, f"{b.get('stepdowns', 0)} / {b.get('errors', 0)}", _f(b["requests_per_min"], 0),
+                     _f(b["cpu_percent"]), _f(b["cpu_s_per_hour"], 0),
+                     f"{_f(b['rss_mb'], 0)} (+{_f(b['rss_mb'] - b['rss_base_mb'], 0)})",
                      _f(b.get("kb_per_candidate"), 1)])
-    return _md(["store", "idle candidates (1 key each)", "all elected after s", "requests/min", "CPU %",
-                "CPU s/hour", "RSS MB (+ for candidates)", "KB each"], rows)
+    return _md(["store", "idle candidates (1 key each)", "all lead after s", "leading (window start -> end)",
+                "step-downs / errors in window", "requests/min", "CPU %", "CPU s/hour", "RSS MB (+ for candidates)",
+                "KB each"], rows)
 
 
 def contention_table(data: dict[str, Any]) -> str:

@@ -2,15 +2,17 @@
 contention benchmarks.
 
     python -m benchmarks.worker --url URL --name W --ttl 15 --candidates N [--followers M]
-                                [--keys PREFIX] [--same-key] [--connect]
+                                [--keys PREFIX] [--same-key] [--connect] [--retry]
 
 Candidates campaign on ``PREFIX/0`` .. ``PREFIX/N-1`` (all on ``PREFIX`` with ``--same-key``),
 named ``W-0`` .. ``W-N-1``; followers follow the same keys. ``--connect`` reads the leader of
 ``PREFIX`` once, so that the store's connection is open even with no participant.
+``--retry``: candidates and followers ride out store errors (the library's default backoff).
 
 Prints JSON lines on stdout: ``boot`` (RSS before any participant), ``campaigning`` (a candidate
 entered ``acquire``), ``elected`` (``acquire`` returned), ``deposed`` (``release`` began),
-``stats`` (answer to the ``stats`` command: the file store's lock attempts so far). Each line
+``error`` (an election error, ``fatal`` or retried), ``stats`` (answer to the ``stats``
+command: the file store's lock attempts so far). Each line
 has ``t``, this process's ``time.monotonic()`` (system-wide, comparable with the driver's).
 Commands on stdin: ``resign NODE``, ``stats``. SIGTERM stops everything and exits.
 """
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default="bench/worker")
     parser.add_argument("--same-key", action="store_true")
     parser.add_argument("--connect", action="store_true")
+    parser.add_argument("--retry", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s {args.name} %(name)s %(levelname)s %(message)s")
@@ -101,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.url.startswith("file:"):
         _count_flock()
 
+    import zope.event
+
     from greenleader import Candidate, Follower
+    from greenleader.events import ElectionError
     from greenleader.stores import from_url
+
+    def on_event(event: object) -> None:
+        if isinstance(event, ElectionError):
+            emit("error", node=getattr(event.source, "node", None), fatal=event.fatal, error=str(event.error)[:200])
+
+    zope.event.subscribers.append(on_event)
 
     store = from_url(args.url)
     _instrument(store)
@@ -113,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     def key(i: int) -> str:
         return args.keys if args.same_key else f"{args.keys}/{i}"
 
-    candidates = {f"{args.name}-{i}": Candidate(store, key(i), f"{args.name}-{i}", ttl=args.ttl)
+    retry = True if args.retry else None
+    candidates = {f"{args.name}-{i}": Candidate(store, key(i), f"{args.name}-{i}", ttl=args.ttl, retry=retry)
                   for i in range(args.candidates)}
-    followers = [Follower(store, key(i)) for i in range(args.followers)]
+    followers = [Follower(store, key(i), retry=retry) for i in range(args.followers)]
     drains = [gevent.spawn(_drain, c.run_for_election()) for c in candidates.values()]
     drains += [gevent.spawn(_drain, f.follow_election()) for f in followers]
     emit("started", candidates=len(candidates), followers=len(followers), rss_mb=_rss_mb())
