@@ -13,6 +13,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +219,22 @@ def test_nemesis(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert result.ok, "\n".join(lines[-60:]) + f"\nhistories in {tmp_path}\n{result.summary()}"
     assert not result.verdict.overlaps
     assert len([i for i in result.injected if not i.skipped]) >= len(nemesis.WEIGHTS) - 2
+
+
+# -- the fencing example ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_fencing_example_refuses_the_stale_leaders_write(etcd_cluster) -> None:
+    """examples/fencing.py: a leader whose hub was blocked past its deadline writes late, and the
+    ledger refuses the write because a newer term has written (docs/safety.md shows its output)."""
+    from tests.candidate_process import REPO
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "examples/fencing.py", "--store", etcd_cluster.url], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    refused = [line for line in lines if "REFUSED" in line]
+    assert refused and refused[0].startswith("a: ") and "is_leader() False" in refused[0], done.stdout
+    assert "the stale leader's write was refused" in lines[-1]
