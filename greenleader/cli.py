@@ -37,6 +37,7 @@ from .candidate import Candidate  # noqa: E402
 from .errors import GreenleaderError, InvalidArgumentError  # noqa: E402
 from .follower import Follower  # noqa: E402
 from .stores import Store, from_url, new_store  # noqa: E402
+from .stores.base import check_float  # noqa: E402
 
 log = logging.getLogger("greenleader.cli")
 
@@ -50,6 +51,25 @@ def _store(url: str | None) -> Store:
     command line, where any user can read them), else the file store."""
     url = url or os.environ.get("GREENLEADER_STORE", "").strip() or None
     return from_url(url) if url else new_store("file")
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite, non-negative number of seconds."""
+    try:
+        return check_float("seconds", text, minimum=0.0, maximum=86400.0)
+    except GreenleaderError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number from 1 to 100."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 100, not {number}")
+    return number
 
 
 def _default_node() -> str:
@@ -83,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise InvalidArgumentError("no command given: greenleader run --key K -- CMD ...")
     store = _store(args.store)
-    candidate = Candidate(store, args.key, args.node if args.node is not None else _default_node(), ttl=args.ttl)
+    node = args.node if args.node is not None else _default_node()
+    candidate = Candidate(store, args.key, node, ttl=args.ttl, retry=args.retry)
     inbox: Queue = Queue()  # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n)
 
     def pump_elections(elected: Queue) -> None:
@@ -273,14 +294,16 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     demo = commands.add_parser("demo", help="show elections, failover and handover between local processes")
-    demo.add_argument("--nodes", type=int, default=3, help=argparse.SUPPRESS)
-    demo.add_argument("--rounds", type=int, default=3, help="kill/stop rounds (default 3)")
+    demo.add_argument("--nodes", type=_count, default=3, help=argparse.SUPPRESS)
+    demo.add_argument("--rounds", type=_count, default=3, help="kill/stop rounds (default 3)")
     demo.set_defaults(func=cmd_demo)
 
     run = with_store(commands.add_parser("run", help="wait to lead, then run a command while leading"))
     run.add_argument("--node", help="this candidate's name (default: HOSTNAME-PID)")
     run.add_argument("--ttl", type=float, default=15.0, help="seconds before a crashed leader is replaced")
-    run.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL on loss")
+    run.add_argument("--grace", type=_seconds, default=10.0, help="seconds between SIGTERM and SIGKILL on loss")
+    run.add_argument("--retry", action="store_true",
+                     help="campaign through store outages with jittered backoff instead of exiting 1")
     run.add_argument("--restart", action="store_true", help="campaign again and rerun the command when it exits")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     run.set_defaults(func=cmd_run)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
+from .stores.base import check_float
 
 __all__ = ["Backoff"]
 
@@ -22,6 +23,8 @@ class Backoff:
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
+        for name in ("initial", "maximum", "multiplier", "jitter"):
+            object.__setattr__(self, name, check_float(name, getattr(self, name), minimum=0.0, maximum=86400.0))
         if not 0 < self.initial <= self.maximum:
             raise InvalidArgumentError("Backoff needs 0 < initial <= maximum")
         if self.multiplier < 1 or not 0 <= self.jitter <= 1:

@@ -145,3 +145,16 @@ def test_bad_usage_exits_2_with_a_clear_message(args, message):
     assert code == 2, err
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--rounds", "0"], "must be from 1 to 100"),
+        (["run", "--key", "job", "--grace", "-1", "--", "true"], "seconds must be >= 0"),
+        (["run", "--key", "job", "--grace", "nan", "--", "true"], "seconds must be finite"),
+    ],
+)
+def test_bad_numbers_exit_2(args, message):
+    code, _, err = finish(start(*args), timeout=30)
+    assert code == 2 and message in err, err
