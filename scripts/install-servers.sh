@@ -94,12 +94,12 @@ for svc in "${SERVICES[@]}"; do
 done
 
 # Verify.
-etcd --version | head -n1
-etcdctl version | head -n1
-consul version | head -n1
+etcd --version | sed -n 1p
+etcdctl version | sed -n 1p
+consul version | sed -n 1p
 if ! compgen -G '/usr/share/java/zookeeper*.jar' >/dev/null; then
     log "ZooKeeper jars missing from /usr/share/java"
     exit 1
 fi
-ls /usr/share/java/zookeeper*.jar | head -n1
+ls /usr/share/java/zookeeper*.jar | sed -n 1p
 log "ok"
