@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gevent
+import gevent.socket
 from gevent.event import Event
 
 from ..errors import (
@@ -163,6 +164,50 @@ def _blocking_calls(hosts: list[tuple[str, int]], use_ssl: bool) -> str | None:
     return None
 
 
+class _WakeSocket:
+    """kazoo's wake-up socket, written without ever blocking the writer.
+
+    kazoo queues each request and writes one byte to a socketpair to wake its connection
+    greenlet, which sends one queued request per byte. A Unix socket charges every 1-byte
+    write a whole buffer, so about 280 requests queued at once fill it (1,000 candidates
+    starting in one process do). A writer would then wait in send(), which gevent refuses
+    to a second greenlet (ConcurrentObjectUseError) and to the hub's callbacks (kazoo queues
+    requests from result callbacks); kazoo reports ConnectionClosedError yet leaves the
+    request queued without its byte, never to be sent. Here a byte that does not fit is
+    owed, and one helper greenlet pays what is owed as room appears: bytes are all alike.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._owed = 0
+        self._payer: gevent.Greenlet | None = None
+
+    def send(self, data: bytes) -> int:
+        if not self._owed:
+            try:
+                return os.write(self._sock.fileno(), data)
+            except BlockingIOError:
+                pass
+        self._owed += len(data)
+        if self._payer is None:
+            self._payer = gevent.spawn(self._pay)
+        return len(data)
+
+    def _pay(self) -> None:
+        try:
+            while self._owed:
+                gevent.socket.wait_write(self._sock.fileno())
+                with contextlib.suppress(BlockingIOError):
+                    self._owed -= os.write(self._sock.fileno(), b"\0" * self._owed)
+        except (OSError, ValueError):  # closed by kazoo: its connection is gone anyway
+            self._owed = 0
+        finally:
+            self._payer = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class _Session:
     """One kazoo client (one ZooKeeper session) with a fixed requested session timeout."""
 
@@ -189,6 +234,9 @@ class _Session:
         self._hook_negotiation()
         self.client.add_listener(self._on_state)
         self.client.start_async()
+        connection = self.client._connection
+        if connection._write_sock is not None:  # made by start_async (kazoo >= 2.10 internals)
+            connection._write_sock = _WakeSocket(connection._write_sock)
 
     def __repr__(self) -> str:
         return f"<ZooKeeper session {self.session_id or 0:#x} timeout={self.negotiated_ms or self.requested_ms}ms>"
