@@ -1,19 +1,23 @@
 """Contention: many candidates in several processes on one key, handing over in turn.
 
 Each worker process (benchmarks/worker.py) runs its share of the candidates on one key,
-all through one counting proxy (benchmarks/proxy.py). Once every candidate is registered in
-the store, an idle window measures the background rate of requests (waiters keeping their
-sessions or leases alive). Then, repeatedly, the leader is told to resign (it stands aside for
-the library's 0.5 s holdoff and campaigns again, so the field keeps its size); the handover
-is from the leader's ``release`` to the successor's ``acquire`` returning. The requests of a
-handover are those counted from the resign until the field is complete again, less the
-background rate over that time. Goal: on etcd and ZooKeeper they do not grow with the number
-of candidates (each waiter watches only its predecessor). Consul keeps no queue: every waiter
-tries for the key on every change, so there they grow.
+all through one counting proxy (benchmarks/proxy.py), with the library's retries on (store
+errors are counted: a Consul agent closes the connections of one client address beyond its
+``http_max_conns_per_client``, 200 by default, and every waiting candidate holds a long poll).
+Once every candidate is registered in the store, an idle window measures the background
+rate of requests (waiters keeping their sessions or leases alive). Then, repeatedly, the
+leader is told to resign (it stands aside for the library's 0.5 s holdoff and campaigns
+again, so the field keeps its size); the handover is from the leader's ``release`` to the
+successor's ``acquire`` returning. The requests of a handover are those counted from the
+resign until the field is complete again, less the background rate over that time. Goal: on
+etcd and ZooKeeper they do not grow with the number of candidates (each waiter watches only
+its predecessor). Consul keeps no queue: every waiter tries for the key on every change, so
+there they grow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+
+from tests import servers
 
 from .common import (
     Config,
@@ -39,6 +45,7 @@ from .proxy import CountingProxy
 log = logging.getLogger(__name__)
 
 TTL = 15.0
+CONSUL_CONNECTIONS = 1000  # the contention agent's http_max_conns_per_client (Consul's default: 200)
 SETTLE = 0.5  # seconds for the field to quiet down after it is complete again
 STARTUP = 120.0
 
@@ -46,20 +53,21 @@ STARTUP = 120.0
 class _Field:
     """``processes`` workers of ``per_process`` candidates each, on one key."""
 
-    def __init__(self, kind: str, stores: Stores, processes: int, per_process: int, workdir: Path) -> None:
+    def __init__(self, kind: str, stores: Stores, addr: str, processes: int, per_process: int, workdir: Path) -> None:
         self.kind = kind
         self.stores = stores
+        self.addr = addr
         self.n = processes * per_process
         self.key = f"bench/contention-{uuid.uuid4().hex[:8]}"
-        self.proxy = CountingProxy(kind, stores.addr(kind)) if kind != "file" else None
+        self.proxy = CountingProxy(kind, addr) if kind != "file" else None
         url = stores.url(kind, addr=self.proxy.addr) if self.proxy else stores.url(kind)
-        self.zk = ZooKeeperProbe(stores.addr(kind)) if kind == "zookeeper" else None
+        self.zk = ZooKeeperProbe(addr) if kind == "zookeeper" else None
         self.procs: dict[str, Proc] = {}
         self.tag = uuid.uuid4().hex[:4]
         for i in range(processes):
             name = f"w{self.tag}{i}"
             argv = [sys.executable, "-m", "benchmarks.worker", "--url", url, "--name", name, "--ttl", f"{TTL:g}",
-                    "--candidates", str(per_process), "--keys", self.key, "--same-key"]
+                    "--candidates", str(per_process), "--keys", self.key, "--same-key", "--retry"]
             self.procs[name] = Proc(argv, workdir, name, json_lines=True, stdin=True)
 
     def lines(self, event: str) -> list[tuple[float, str, str]]:
@@ -69,11 +77,18 @@ class _Field:
         return sorted(found)
 
     def registered(self) -> int:
-        if self.kind == "consul":
-            return sum(str(s.get("Name", "")).startswith(f"greenleader w{self.tag}")
-                       for s in consul_sessions(self.stores.addr("consul")))
+        try:
+            return self._registered()
+        except OSError as exc:  # Consul closes connections beyond its per-client limit (see docs)
+            log.info("probe failed: %s", exc)
+            return 0
+
+    def _registered(self) -> int:
+        if self.kind == "consul":  # distinct names: a session whose destroy failed lingers
+            return len({str(s.get("Name")) for s in consul_sessions(self.addr)
+                        if str(s.get("Name", "")).startswith(f"greenleader w{self.tag}")})
         if self.kind == "etcd":
-            return etcd_count(self.stores.addr("etcd"), self.key + "/")
+            return etcd_count(self.addr, self.key + "/")
         if self.kind == "zookeeper":
             assert self.zk is not None
             return self.zk.count("/" + self.key)
@@ -100,13 +115,19 @@ class _Field:
             self.zk.close()
 
 
-def bench(kind: str, stores: Stores, processes: int, per_process: int, config: Config, workdir: Path
+def bench(kind: str, stores: Stores, addr: str, processes: int, per_process: int, config: Config, workdir: Path
           ) -> dict[str, Any]:
-    field = _Field(kind, stores, processes, per_process, workdir)
+    field = _Field(kind, stores, addr, processes, per_process, workdir)
     latencies: list[float] = []
     per_handover: list[float] = []
+    failure = None
     try:
-        field.wait_complete()
+        try:
+            field.wait_complete()
+        except TimeoutError as exc:
+            failure = f"the field never completed: {exc}"
+            log.warning("contention %s %d: %s", kind, field.n, failure)
+            config = dataclasses.replace(config, contention_handovers=0)
         gevent.sleep(SETTLE)
         c0, t0 = field.requests(), time.monotonic()
         gevent.sleep(config.contention_idle)
@@ -134,7 +155,9 @@ def bench(kind: str, stores: Stores, processes: int, per_process: int, config: C
                 per_handover.append(field.requests() - start_count - idle_rate * spent)
     finally:
         field.close()
-    result = {"processes": processes, "candidates": processes * per_process, "ttl": TTL,
+    errors = [line.data.get("error") for proc in field.procs.values() for line in proc.events("error")]
+    result = {"processes": processes, "candidates": processes * per_process, "ttl": TTL, "failure": failure,
+              "errors": len(errors), "error_sample": errors[-1] if errors else None,
               "latency": latencies, "summary": summary(latencies),
               "idle_requests_per_s": idle_rate if field.proxy else None,
               "requests_per_handover": per_handover, "req_summary": summary(per_handover)}
@@ -143,8 +166,27 @@ def bench(kind: str, stores: Stores, processes: int, per_process: int, config: C
     return result
 
 
+class _RoomyConsul(servers.ConsulCluster):
+    """A Consul agent that lets one client address hold CONSUL_CONNECTIONS connections."""
+
+    def _argv(self, node: servers.Node) -> list[str]:
+        return [*super()._argv(node), "-hcl", f"limits {{ http_max_conns_per_client = {CONSUL_CONNECTIONS} }}"]
+
+
 def run(config: Config, stores: Stores, workdir: Path) -> dict[str, Any]:
+    """Every kind on the benchmark's servers, except Consul: an agent of its own whose limit
+    of connections per client address is raised (all candidates here share one address)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return {kind: [bench(kind, stores, processes, per_process, config, workdir)
-                   for processes, per_process in config.contention_sizes]
-            for kind in config.kinds}
+    results = {}
+    for kind in config.kinds:
+        roomy = _RoomyConsul(workdir / "consul", 1).start_all() if kind == "consul" else None
+        try:
+            addr = roomy.addrs[0] if roomy else (stores.addr(kind) if kind != "file" else "")
+            results[kind] = [bench(kind, stores, addr, processes, per_process, config, workdir)
+                             for processes, per_process in config.contention_sizes]
+            for result in results[kind]:
+                result["consul_http_max_conns_per_client"] = CONSUL_CONNECTIONS if roomy else None
+        finally:
+            if roomy is not None:
+                roomy.stop()
+    return results

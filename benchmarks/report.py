@@ -118,11 +118,19 @@ def failover_table(data: dict[str, Any]) -> str:
                 peer_settings = f"{peer['label']} (ttl {peer['ttl']:g} s" + (
                     f", lock-delay {peer['lock_delay']:g} s)" if peer.get("lock_delay") is not None else ")")
             rows.append([kind, f"{ours['label']} ({settings})", _triple(ours["summary"], 1, 2),
-                         _f(ours.get("bound"), 1), "yes" if ours.get("within_bound") else "NO",
+                         _f(ours.get("bound"), 1), _within(ours),
                          peer_settings or "-", _triple(peer and peer["summary"], 1, 2),
                          _ratio(ours["summary"], peer and peer["summary"])])
-    return _md(["store", "greenleader", "s (median / p95 / max)", "bound s", "within", "peer",
+    return _md(["store", "greenleader", "s (median / p95 / max)", "bound s", "max within bound", "peer",
                 "peer s (median / p95 / max)", "ratio median"], rows)
+
+
+def _within(run: dict[str, Any]) -> str:
+    if run.get("within_strict_bound"):
+        return "yes"
+    if run.get("within_bound"):
+        return f"+{run['summary']['max'] - run['bound']:.2f} s (allowance {run.get('allowance', 0):g} s)"
+    return "NO"
 
 
 def followers_table(data: dict[str, Any]) -> str:
@@ -176,10 +184,11 @@ def contention_table(data: dict[str, Any]) -> str:
         for run in runs:
             req = run.get("req_summary") or {}
             growth = "-" if base is None or not req.get("n") else _f(ratio(req["median"], base), 2)
-            rows.append([kind, f"{run['candidates']} in {run['processes']}", _triple(run["summary"], 1000),
-                         _f(req.get("median")) if req.get("n") else "-", growth])
+            handover = "never settled" if run.get("failure") else _triple(run["summary"], 1000)
+            rows.append([kind, f"{run['candidates']} in {run['processes']}", handover,
+                         _f(req.get("median")) if req.get("n") else "-", growth, str(run.get("errors", 0))])
     return _md(["store", "candidates in processes", "handover ms (median / p95 / max)", "requests per handover",
-                "growth vs fewest"], rows)
+                "growth vs fewest", "store errors"], rows)
 
 
 TABLES = {
