@@ -56,7 +56,7 @@ class Config:
     big_startup: float = 60.0  # seconds the 1,000 may take to all lead before the window opens anyway
     contention_sizes: tuple[tuple[int, int], ...] = ((10, 1), (10, 10))  # (processes, candidates each)
     contention_handovers: int = 10
-    contention_idle: float = 4.0
+    contention_idle: float = 7.5  # one renewal period of a waiting etcd candidate at the TTL of 60 s
     quick: bool = False
 
     @classmethod

@@ -9,7 +9,10 @@ rate of requests (waiters keeping their sessions or leases alive). Then, repeate
 leader is told to resign (it stands aside for the library's 0.5 s holdoff and campaigns
 again, so the field keeps its size); the handover is from the leader's ``release`` to the
 successor's ``acquire`` returning. The requests of a handover are those counted from the
-resign until the field is complete again, less the background rate over that time. Goal: on
+resign until the field is complete again, keepalives left out (etcd lease keepalives, Consul
+session renewals, ZooKeeper pings: periodic, counted under cost at rest, and in step across
+candidates that started together, so no average rate could be subtracted), less the
+background rate of the other requests (Consul's waiters renew their blocking queries). Goal: on
 etcd and ZooKeeper they do not grow with the number of candidates (each waiter watches only
 its predecessor). Consul keeps no queue: every waiter tries for the key on every change, so
 there they grow.
@@ -44,7 +47,9 @@ from .proxy import CountingProxy
 
 log = logging.getLogger(__name__)
 
-TTL = 15.0
+#: Long, so that the waiters' keepalives (the background the handovers are measured against)
+#: are rare: a TTL plays no part in a graceful handover.
+TTL = 60.0
 CONSUL_CONNECTIONS = 1000  # the contention agent's http_max_conns_per_client (Consul's default: 200)
 SETTLE = 0.5  # seconds for the field to quiet down after it is complete again
 STARTUP = 120.0
@@ -105,7 +110,12 @@ class _Field:
         changes.wait_for(f"{self.n} candidates registered on {self.key}", complete, STARTUP, poll=0.02)
 
     def requests(self) -> int:
-        return self.proxy.snapshot()["requests"] if self.proxy else 0
+        """Requests so far, less keepalives (etcd lease keepalives, Consul session renewals;
+        ZooKeeper pings are never counted as requests)."""
+        if self.proxy is None:
+            return 0
+        counts = self.proxy.snapshot()
+        return counts["requests"] - counts["keepalives"]
 
     def close(self) -> None:
         stop_all(self.procs.values(), grace=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt
 from .common import KINDS
 
 OURS, PEER = "#2a7ab0", "#d9822b"
+COLORS = {"file": "#7f7f7f", "consul": "#c2185b", "etcd": "#2e7d32", "zookeeper": "#6a1b9a"}
 
 
 def _kinds(data: dict[str, Any]) -> list[str]:
@@ -38,7 +40,7 @@ def _strips(ax: Any, groups: list[tuple[str, list[float], bool]], unit: str, bou
         if bounds and bounds[x] is not None:
             ax.hlines(bounds[x], x - 0.4, x + 0.4, color="red", linestyles="dashed", linewidth=1)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([g[0].replace(", ", ",\n") for g in groups], fontsize=8)
+    ax.set_xticklabels([textwrap.fill(g[0], 13) for g in groups], fontsize=8)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(unit)
     ax.set_ylim(bottom=0)
@@ -50,7 +52,7 @@ def handover(sections: dict[str, Any], path: Path) -> bool:
     if not data:
         return False
     kinds = _kinds(data)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         _strips(ax, [(r["label"], [v * 1000 for v in r["samples"]], r["peer"]) for r in data[kind]], "ms")
         ax.set_title(kind)
@@ -104,7 +106,7 @@ def followers(sections: dict[str, Any], path: Path) -> bool:
     for kind in _kinds(data):
         values = sorted(v * 1000 for v in data[kind]["from_elected"])
         if values:
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=kind)
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=kind, color=COLORS[kind])
     ax.axhline(0.95, color="grey", linestyle="dotted", linewidth=1)
     ax.set_xlabel("ms from the new leader's win to a follower's notification")
     ax.set_ylabel("fraction of notifications")
@@ -145,9 +147,10 @@ def contention(sections: dict[str, Any], path: Path) -> bool:
     for kind in _kinds(data):
         runs = data[kind]
         sizes = [r["candidates"] for r in runs]
-        axes[0].plot(sizes, [r["summary"]["median"] * 1000 for r in runs], marker="o", label=kind)
+        axes[0].plot(sizes, [r["summary"]["median"] * 1000 for r in runs], marker="o", label=kind, color=COLORS[kind])
         if runs and runs[0].get("req_summary", {}).get("n"):
-            axes[1].plot(sizes, [r["req_summary"]["median"] for r in runs], marker="o", label=kind)
+            axes[1].plot(sizes, [max(1.0, r["req_summary"]["median"]) for r in runs], marker="o", label=kind,
+                         color=COLORS[kind])
     axes[0].set_title("median handover (release -> next win), ms", fontsize=9)
     axes[1].set_title("store requests per handover (median)", fontsize=9)
     for ax in axes:
@@ -155,7 +158,7 @@ def contention(sections: dict[str, Any], path: Path) -> bool:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[1].set_yscale("symlog", linthresh=10)
+    axes[1].set_yscale("log")
     return _save(fig, path)
 
 

@@ -2,11 +2,13 @@
 
 Each protocol gets a small frame parser on the client-to-server stream:
 
-- ``http`` (Consul): one request per ``HTTP/1.1`` request line.
-- ``grpc`` (etcd): one request per HTTP/2 HEADERS frame, that is per gRPC call started (a
-  unary call, a keepalive stream, a watch stream); client PING frames are counted apart.
-- ``zookeeper``: one request per length-prefixed packet, except pings (xid -2), counted apart,
-  and the session's connect packet.
+- Consul: one request per ``HTTP/1.1`` request line; session renewals are also counted as
+  ``keepalives``.
+- etcd: one request per HTTP/2 HEADERS frame, that is per gRPC call started (a unary call, a
+  keepalive stream, a watch stream); lease keepalives are also counted as ``keepalives``
+  (their ``:path``, decoded with hpack); client PING frames are counted apart (``pings``).
+- ZooKeeper: one request per length-prefixed packet, except pings (xid -2), counted apart
+  (``pings``), and the session's connect packet.
 
 The counts are for the benchmark only: the proxy adds one loopback hop, so it is used for
 the cost and contention figures, never for handover or failover latencies.
@@ -23,6 +25,11 @@ from typing import Protocol
 import gevent
 from gevent.server import StreamServer
 
+try:
+    import hpack  # the bench extra; without it etcd keepalives are not told apart
+except ImportError:  # pragma: no cover
+    hpack = None
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
@@ -33,7 +40,11 @@ class _Parser(Protocol):
 
 
 class Http1Parser:
+    """Consul: requests, and session renewals among them (``keepalives``)."""
+
     PATTERN = b" HTTP/1.1\r\n"
+    RENEWAL = b"PUT /v1/session/renew/"
+    TAIL = max(len(PATTERN), len(RENEWAL)) - 1
 
     def __init__(self, counts: Counter[str]) -> None:
         self.counts = counts
@@ -41,43 +52,66 @@ class Http1Parser:
 
     def feed(self, data: bytes) -> None:
         buf = self.tail + data
-        self.counts["requests"] += buf.count(self.PATTERN)
-        self.tail = buf[-(len(self.PATTERN) - 1):]
+        # a pattern found wholly in the tail was counted with the previous chunk
+        self.counts["requests"] += buf.count(self.PATTERN) - self.tail.count(self.PATTERN)
+        self.counts["keepalives"] += buf.count(self.RENEWAL) - self.tail.count(self.RENEWAL)
+        self.tail = buf[-self.TAIL:]
 
 
 class Http2Parser:
+    """etcd: gRPC calls (HEADERS frames), lease keepalives among them (``keepalives``, from the
+    calls' ``:path``, decoded with hpack when it is installed), and client PINGs."""
+
     PREFACE = 24  # "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    HEADERS, PING = 0x1, 0x6
+    HEADERS, PING, CONTINUATION = 0x1, 0x6, 0x9
+    KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
 
     def __init__(self, counts: Counter[str]) -> None:
         self.counts = counts
         self.preface = self.PREFACE
-        self.head = b""
-        self.skip = 0
+        self.buf = b""
+        self.block = b""
+        self.decoder = hpack.Decoder() if hpack is not None else None
 
     def feed(self, data: bytes) -> None:
-        pos, size = 0, len(data)
         if self.preface:
-            taken = min(self.preface, size)
+            taken = min(self.preface, len(data))
             self.preface -= taken
-            pos = taken
-        while pos < size:
-            if self.skip:
-                taken = min(self.skip, size - pos)
-                self.skip -= taken
-                pos += taken
-                continue
-            need = 9 - len(self.head)
-            self.head += data[pos:pos + need]
-            pos += min(need, size - pos)
-            if len(self.head) < 9:
+            data = data[taken:]
+        self.buf += data
+        while len(self.buf) >= 9:
+            length = int.from_bytes(self.buf[:3], "big")
+            if len(self.buf) < 9 + length:
                 return
-            length, kind, flags = int.from_bytes(self.head[:3], "big"), self.head[3], self.head[4]
+            kind, flags, payload = self.buf[3], self.buf[4], self.buf[9:9 + length]
+            self.buf = self.buf[9 + length:]
             if kind == self.HEADERS:
                 self.counts["requests"] += 1
+                if flags & 0x8:  # PADDED
+                    payload = payload[1:len(payload) - payload[0]]
+                if flags & 0x20:  # PRIORITY
+                    payload = payload[5:]
+                self.block = payload
+            elif kind == self.CONTINUATION:
+                self.block += payload
             elif kind == self.PING and not flags & 0x1:
                 self.counts["pings"] += 1
-            self.head, self.skip = b"", length
+            if kind in (self.HEADERS, self.CONTINUATION) and flags & 0x4:  # END_HEADERS
+                self._headers()
+
+    def _headers(self) -> None:
+        block, self.block = self.block, b""
+        if self.decoder is None:
+            return
+        try:
+            headers = self.decoder.decode(block)
+        except hpack.HPACKError:
+            log.warning("cannot decode an HTTP/2 header block; no more keepalive counts on this connection")
+            self.decoder = None
+            return
+        path = next((value for name, value in headers if name in (":path", b":path")), "")
+        if (path.decode() if isinstance(path, bytes) else path) == self.KEEPALIVE:
+            self.counts["keepalives"] += 1
 
 
 class ZooKeeperParser:

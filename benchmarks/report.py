@@ -201,7 +201,8 @@ TABLES = {
 }
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], headings: bool = False) -> str:
+    """Every section's table; ``headings``: titles as Markdown headings (for the page)."""
     out = []
     env = results.get("environment", {})
     if env:
@@ -215,7 +216,7 @@ def table(results: dict[str, Any]) -> str:
             continue
         load = f"load average {section.get('load_before')} -> {section.get('load_after')}"
         quick = ", QUICK RUN" if section.get("quick") else ""
-        out.append(f"\n{title} ({load}{quick})\n\n{render(data)}")
+        out.append(f"\n{'### ' if headings else ''}{title}\n\n({load}{quick})\n\n{render(data)}")
     return "\n".join(out) + "\n"
 
 
@@ -246,6 +247,7 @@ def page(results: dict[str, Any], path: Path) -> None:
     template = (Path(__file__).parent / "page.md").read_text()
     env = results.get("environment", {})
     loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}" for name, s in results["sections"].items()}
-    text = template.replace("{{TABLES}}", table(results)).replace("{{ENVIRONMENT}}", json.dumps(env, indent=1))
+    text = template.replace("{{TABLES}}", table(results, headings=True))
+    text = text.replace("{{ENVIRONMENT}}", json.dumps(env, indent=1))
     text = text.replace("{{LOADS}}", json.dumps(loads, indent=1))
     path.write_text(text)
