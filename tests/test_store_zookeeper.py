@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 pytestmark = pytest.mark.timeout(120)
 
 TTL = FAST_TTL
+#: Bound of a wait for something expected within a few round trips: generous, as a loaded
+#: 2-core CI machine can stall any process for seconds; only failures wait that long.
+WAIT = 20.0
 
 
 @pytest.fixture
@@ -77,7 +81,13 @@ def events() -> Iterator[list]:
 
 class Sampler:
     """Samples ``is_leader()`` of candidates every ``period`` seconds and records every
-    instant at which more than one of them believed it led."""
+    instant at which more than one of them believed it led.
+
+    How often it got to run depends on the machine's load, so nothing is asserted about
+    that (a loaded 2-core CI ran it only 10 times in one test): it only adds evidence to
+    the checks the tests make themselves at each step. :meth:`stop` takes one last sample
+    itself, and fails if the sampling greenlet died instead of sampling.
+    """
 
     def __init__(self, candidates: list[Candidate], period: float = 0.003) -> None:
         self.candidates = candidates
@@ -87,22 +97,28 @@ class Sampler:
         self.history: list[tuple[float, str | None]] = []  # (time, leader) at each change
         self._greenlet = gevent.spawn(self._run)
 
+    def sample(self) -> None:
+        leaders = [c.node for c in self.candidates if c.is_leader()]
+        now = time.monotonic()
+        self.samples += 1
+        if len(leaders) > 1:
+            self.overlaps.append((now, leaders))
+        current = leaders[0] if leaders else None
+        if not self.history or self.history[-1][1] != current:
+            self.history.append((now, current))
+
     def _run(self) -> None:
         while True:
-            leaders = [c.node for c in self.candidates if c.is_leader()]
-            now = time.monotonic()
-            self.samples += 1
-            if len(leaders) > 1:
-                self.overlaps.append((now, leaders))
-            current = leaders[0] if leaders else None
-            if not self.history or self.history[-1][1] != current:
-                self.history.append((now, current))
+            self.sample()
             gevent.sleep(self.period)
 
     def stop(self) -> None:
+        died = self._greenlet.dead and not self._greenlet.successful()
         self._greenlet.kill()
+        self.sample()
+        log.info("sampler: %d samples", self.samples)
+        assert not died, f"the sampler died: {self._greenlet.exception!r}"
         assert not self.overlaps, f"two candidates believed they led at once: {self.overlaps[:5]}"
-        assert self.samples > 10, "the sampler hardly ran: the hub was blocked"
 
 
 def leader_of(candidates: list[Candidate]) -> Candidate | None:
@@ -132,8 +148,8 @@ def test_from_url_with_chroot(zookeeper_cluster, key) -> None:
         assert store.path_for("/" + key) == f"{chroot}/{key}"
         with Candidate(store, key, "alice", ttl=TTL) as alice:
             elected, _ = alice.run_for_election()
-            assert next_item(elected, TTL, "False first") is False
-            assert next_item(elected, TTL * 3, "alice elected") is True
+            assert next_item(elected, WAIT, "False first") is False
+            assert next_item(elected, WAIT, "alice elected") is True
             with admin_client(zookeeper_cluster.addrs) as zk:
                 (name,) = contenders(zk, f"{chroot}/{key}")  # the chroot was created on first use
                 data, stat = zk.get(f"{chroot}/{key}/{name}")
@@ -205,36 +221,78 @@ def test_ttl_the_server_will_not_keep_is_refused(stores, key) -> None:
             Candidate(store, key, "alice", ttl=ttl)
     with Candidate(store, key, "alice", ttl=TTL) as fine:  # the store still works
         elected, _ = fine.run_for_election()
-        assert next_item(elected, TTL, "False") is False
-        assert next_item(elected, TTL * 3, "elected with a TTL the server keeps") is True
+        assert next_item(elected, WAIT, "False") is False
+        assert next_item(elected, WAIT, "elected with a TTL the server keeps") is True
     with admin_client(store.hosts) as zk:
         cons = zk.command(b"cons")
     assert f"to={int(TTL * 1000)}" in cons, f"no session with a {TTL}s timeout in:\n{cons}"
 
 
-def test_digest_auth_owns_the_nodes(zookeeper_cluster, stores, key) -> None:
-    """With ``auth``, the key's nodes belong to that identity: anyone may read (follow), a
-    store with other credentials is refused with PermissionDeniedError, not a kazoo error."""
+def test_digest_auth_owns_the_nodes(zookeeper_cluster, stores) -> None:
+    """With ``auth``, every node the store creates belongs to that identity: the candidates'
+    nodes, the key's node and the ancestors it had to create (``digest:<user>:cdrwa,
+    world:anyone:r``). Anyone may read (follow); a store with other credentials, or none, is
+    refused with PermissionDeniedError (not a kazoo error) when it tries to join, to create
+    a sibling key under those ancestors, or to delete and remake the key's empty node.
+
+    Ancestors are restricted on purpose, not left open: under an open parent anyone may
+    delete the key's node between elections (ZooKeeper checks DELETE on the parent) and remake
+    it with an ACL that keeps the owner out, or change the parent's ACL. An operator who wants
+    several identities under one prefix makes that prefix first, with the rights they need
+    (docs/security.md, and the next test). The key is under a top-level prefix of this
+    test's own, so the store creates every ancestor here, whatever ran before.
+    """
+    prefix = f"/greenleader-acl-{uuid.uuid4().hex[:12]}"
+    key = f"{prefix}/app/leader"
     alice_store = from_url(f"{zookeeper_cluster.url}?auth=alice:secret")
-    mallory_store = stores(auth="mallory:guess")
+    mallory_store, anonymous = stores(auth="mallory:guess"), stores()
     try:
         lease = alice_store.acquire(key, "alice", TTL)
-        assert stores().leader(key).node == "alice"  # no credentials needed to follow
-        with pytest.raises(PermissionDeniedError):
-            mallory_store.acquire(key, "mallory", TTL)
+        assert anonymous.leader(key).node == "alice"  # no credentials needed to follow
+        for store, other_key in [(mallory_store, key), (mallory_store, f"{prefix}/app/sibling"),
+                                 (anonymous, f"{prefix}/sibling")]:
+            with pytest.raises(PermissionDeniedError):
+                store.acquire(other_key, "mallory", TTL)
+        path = alice_store.path_for(key)
         with admin_client(alice_store.hosts) as zk:
             with pytest.raises(NoAuthError):
                 zk.delete(lease.path)  # type: ignore[attr-defined]
-            path = alice_store.path_for(key)
-            acls = zk.get_acls(path)[0]  # the server stores "auth" as the digest identity
-            assert [(a.perms, a.id.scheme) for a in acls] == [(31, "digest"), (1, "world")], acls
-            assert acls[0].id.id.startswith("alice:") and acls[1:] == READ_ACL_UNSAFE
-            ancestor = path.rsplit("/", 1)[0]
-            assert zk.get_acls(ancestor)[0] == OPEN_ACL_UNSAFE, "ancestors must stay open to others"
+            for node in (path, f"{prefix}/app", prefix):
+                acls = zk.get_acls(node)[0]  # the server stores the digest identity as given
+                assert [(a.perms, a.id.scheme) for a in acls] == [(31, "digest"), (1, "world")], (node, acls)
+                assert acls[0].id.id.startswith("alice:") and acls[1:] == READ_ACL_UNSAFE, (node, acls)
         lease.release()
         assert alice_store.leader(key) is None
+        with admin_client(alice_store.hosts) as zk:
+            assert zk.get_children(path) == []
+            with pytest.raises(NoAuthError):
+                zk.delete(path)  # empty now, but its parent is alice's
+            with pytest.raises(NoAuthError):
+                zk.set_acls(f"{prefix}/app", OPEN_ACL_UNSAFE)
+        with pytest.raises(PermissionDeniedError):  # and the key stays closed to mallory
+            mallory_store.acquire(key, "mallory", TTL)
     finally:
         alice_store.close()
+
+
+def test_digest_auth_keeps_the_acl_of_a_prefix_made_beforehand(zookeeper_cluster, stores) -> None:
+    """The store never changes the ACL of a node it did not create: under a prefix an
+    operator made open to all beforehand, two identities each own the key they created."""
+    prefix = f"/greenleader-acl-{uuid.uuid4().hex[:12]}"
+    with admin_client(zookeeper_cluster.addrs) as zk:
+        zk.create(prefix, b"", acl=OPEN_ACL_UNSAFE)
+    alice_store, bob_store = stores(auth="alice:secret"), stores(auth="bob:secret")
+    alice_lease = alice_store.acquire(f"{prefix}/a", "alice", TTL)
+    bob_lease = bob_store.acquire(f"{prefix}/b", "bob", TTL)
+    with admin_client(zookeeper_cluster.addrs) as zk:
+        assert zk.get_acls(prefix)[0] == OPEN_ACL_UNSAFE
+        for owner in ("alice", "bob"):
+            acls = zk.get_acls(f"{prefix}/{owner[0]}")[0]
+            assert acls[0].id.scheme == "digest" and acls[0].id.id.startswith(f"{owner}:"), acls
+    with pytest.raises(PermissionDeniedError):
+        bob_store.acquire(f"{prefix}/a", "bob", TTL)
+    alice_lease.release()
+    bob_lease.release()
 
 
 # -- election on nodes -------------------------------------------------------------------------
@@ -248,8 +306,8 @@ def test_term_is_the_czxid_and_increases(stores, key) -> None:
         for node in ("alice", "bob", "carol"):
             with Candidate(stores(), key, node, ttl=TTL) as candidate:
                 elected, _ = candidate.run_for_election()
-                assert next_item(elected, TTL, "False") is False
-                assert next_item(elected, TTL * 3, f"{node} elected") is True
+                assert next_item(elected, WAIT, "False") is False
+                assert next_item(elected, WAIT, f"{node} elected") is True
                 (name,) = contenders(zk, path)
                 data, stat = zk.get(f"{path}/{name}")
                 assert data == node.encode()
@@ -266,10 +324,10 @@ def test_stop_and_release_leave_no_node(stores, key) -> None:
     alice, bob = Candidate(stores(), key, "alice", ttl=TTL), Candidate(stores(), key, "bob", ttl=TTL)
     with admin_client(store.hosts) as zk:
         alice_elected, _ = alice.run_for_election()
-        assert next_item(alice_elected, TTL, "False") is False
-        assert next_item(alice_elected, TTL * 3, "alice elected") is True
+        assert next_item(alice_elected, WAIT, "False") is False
+        assert next_item(alice_elected, WAIT, "alice elected") is True
         bob.run_for_election()
-        wait_until(lambda: len(contenders(zk, path)) == 2, TTL * 3, "bob to queue up")
+        wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "bob to queue up")
         bob.stop()  # withdraws while waiting
         assert len(contenders(zk, path)) == 1, "bob's node must be gone when stop() returns"
         alice.stop()
@@ -277,10 +335,10 @@ def test_stop_and_release_leave_no_node(stores, key) -> None:
         # killing a greenlet blocked in acquire() withdraws too
         blocker = Candidate(stores(), key, "blocker", ttl=TTL)
         blocker.run_for_election()
-        wait_until(blocker.is_leader, TTL * 3, "blocker leads")
+        wait_until(blocker.is_leader, WAIT, "blocker leads")
         waiter_store = stores()
         waiting = gevent.spawn(waiter_store.acquire, key, "killed", TTL)
-        wait_until(lambda: len(contenders(zk, path)) == 2, TTL * 3, "the raw acquire to queue up")
+        wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "the raw acquire to queue up")
         waiting.kill()
         assert len(contenders(zk, path)) == 1, "a killed acquire() must delete its node"
         blocker.stop()
@@ -306,23 +364,33 @@ def test_waiters_queue_in_order_and_each_watches_only_its_predecessor(stores, ke
             candidate = Candidate(stores(), key, f"node{i}", ttl=TTL * 5)
             crowd.append(candidate)
             candidate.run_for_election()
-            wait_until(lambda n=i: len(contenders(zk, path)) == n + 1, TTL * 3, f"node{i} to queue up")
-        wait_leader(crowd, TTL * 3, "node0 leads")
+            wait_until(lambda n=i: len(contenders(zk, path)) == n + 1, WAIT, f"node{i} to queue up")
+        wait_leader(crowd, WAIT, "node0 leads")
         queue = contenders(zk, path)
         owners = [zk.exists(f"{path}/{name}").ephemeralOwner for name in queue]
         assert [zk.get(f"{path}/{name}")[0].decode() for name in queue] == [c.node for c in crowd]
-        watches = _watches_by_path(zk.command(b"wchp"))
-        assert path not in watches, f"someone watches the key's children: {watches[path]}"
-        for i, name in enumerate(queue):
-            expected = {owners[i]} | ({owners[i + 1]} if i + 1 < len(queue) else set())
-            assert watches.get(f"{path}/{name}") == expected, (
-                f"node{i}'s node should be watched by itself and its successor only; "
-                f"watchers: {watches.get(f'{path}/{name}')}"
-            )
+        expected = {
+            f"{path}/{name}": {owners[i]} | ({owners[i + 1]} if i + 1 < len(queue) else set())
+            for i, name in enumerate(queue)
+        }
+        seen: dict[str, set[int]] = {}
+
+        def watched_as_expected() -> bool:
+            # A waiter re-arms its watch on its predecessor when the leader's claim (a write to
+            # its node) fires it, so a listing taken in between may miss it for a moment.
+            nonlocal seen
+            seen = _watches_by_path(zk.command(b"wchp"))
+            assert path not in seen, f"someone watches the key's children: {seen[path]}"
+            return {p: w for p, w in seen.items() if p.startswith(f"{path}/")} == expected
+
+        try:
+            wait_until(watched_as_expected, WAIT, "each node is watched by itself and its successor only")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; expected watchers {expected}, seen {seen}") from None
         sampler = Sampler(crowd)
         order = []
         for _ in range(5):
-            leader = wait_leader(crowd, TTL * 3, "the next leader")
+            leader = wait_leader(crowd, WAIT, "the next leader")
             order.append(leader.node)
             leader.stop()
         sampler.stop()
@@ -347,17 +415,17 @@ def test_follower_names_only_claimed_leaders(stores, key) -> None:
     crowd = [Candidate(stores(), key, f"node{i}", ttl=TTL) for i in range(3)]
     with Follower(stores(), key) as follower:
         leaders, _ = follower.follow_election()
-        assert next_item(leaders, TTL, "the vacancy") is None
+        assert next_item(leaders, WAIT, "the vacancy") is None
         for candidate in crowd:
             candidate.run_for_election()
         for _ in range(3):
-            node = next_item(leaders, TTL * 3, "a leader")
+            node = next_item(leaders, WAIT, "a leader")
             while node is None:
-                node = next_item(leaders, TTL * 3, "a leader")
+                node = next_item(leaders, WAIT, "a leader")
             leader = next(c for c in crowd if c.node == node)
             assert leader.is_leader(), f"the follower named {node} before it knew it led"
             leader.stop()
-        assert next_item(leaders, TTL * 3, "the final vacancy") is None
+        assert next_item(leaders, WAIT, "the final vacancy") is None
 
 
 # -- sessions: SUSPENDED and LOST ------------------------------------------------------------------
@@ -383,14 +451,16 @@ def test_suspended_connection_ends_leadership_by_the_renew_deadline(own_server, 
         (session,) = alice_store._sessions.values()
         session_id = session.session_id
 
-        down = time.monotonic()
         own_server.nodes[0].stop()
-        wait_until(lambda: not alice.is_leader(), alice.renew_deadline + 0.5, "alice to step down")
-        stepped_down = time.monotonic() - down
-        log.info("alice stepped down %.3fs after the server stopped (renew deadline %.2fs)",
-                 stepped_down, alice.renew_deadline)
-        assert stepped_down <= alice.renew_deadline + 0.05, stepped_down
-        assert next_item(alice_elected, ttl, "alice's False") is False
+        down = time.monotonic()  # the server process is gone: no renewal is confirmed after this
+        # is_leader() checks the renew deadline itself, so once the deadline has passed it
+        # must say False, however late a loaded machine lets this greenlet ask.
+        gevent.sleep(max(0.0, down + alice.renew_deadline - time.monotonic()))
+        assert not alice.is_leader(), f"alice still leads {alice.renew_deadline:.2f}s (her renew deadline) " \
+                                      "after the server stopped"
+        log.info("past alice's renew deadline (%.2fs) after the server stopped: she no longer leads",
+                 alice.renew_deadline)
+        assert next_item(alice_elected, WAIT, "alice's False") is False
         wait_until(lambda: any(isinstance(e, LeadershipLost) for e in events), 5, "a LeadershipLost event")
         lost = [e for e in events if isinstance(e, LeadershipLost) and e.node == "alice"]
         assert lost and lost[0].reason in (LossReason.DEADLINE, LossReason.STORE_ERROR), lost
@@ -420,22 +490,24 @@ def test_expired_session_reports_the_loss_at_once(stores, key, events) -> None:
     """LOST: the session is expired on the server; the lease's loss is reported promptly
     (reason expired), without waiting for the renew deadline, and the candidate wins again
     on a new session with a higher term."""
-    ttl = 10.0  # long, so that only the session event can explain a prompt step-down
-    alice = Candidate(stores(), key, "alice", ttl=ttl)
+    # Long TTL and renewal interval, so that only the session event can explain a step-down
+    # within ``prompt``, with seconds to spare for a loaded machine.
+    ttl, renew_interval, prompt = 30.0, 15.0, 10.0
+    alice = Candidate(stores(), key, "alice", ttl=ttl, renew_interval=renew_interval)
     try:
         elected, _ = alice.run_for_election()
-        assert next_item(elected, ttl, "False") is False
-        assert next_item(elected, ttl, "alice elected") is True
+        assert next_item(elected, WAIT, "False") is False
+        assert next_item(elected, WAIT, "alice elected") is True
         first_term = alice.term
         started = time.monotonic()
         (old_session,) = expire_sessions(alice.store)  # type: ignore[arg-type]
-        assert next_item(elected, alice.renew_deadline / 2, "alice to notice the expiry") is False
+        assert next_item(elected, prompt, "alice to notice the expiry (before any renewal)") is False
         noticed = time.monotonic() - started
         log.info("session expiry reported %.3fs after it happened", noticed)
         wait_until(lambda: any(isinstance(e, LeadershipLost) for e in events), 5, "a LeadershipLost event")
         lost = [e for e in events if isinstance(e, LeadershipLost)]
         assert lost[0].reason is LossReason.EXPIRED, lost
-        assert next_item(elected, ttl, "alice to win again on a new session") is True
+        assert next_item(elected, WAIT, "alice to win again on a new session") is True
         assert alice.term > first_term
         (session,) = alice.store._sessions.values()  # type: ignore[attr-defined]
         assert session.session_id not in (None, old_session)
@@ -447,12 +519,11 @@ def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:
     """Whichever order kazoo tries the endpoints in, a dead one is skipped."""
     for i in range(4):
         addrs = [f"127.0.0.1:{closed_port()}", *zookeeper_cluster.addrs]
-        started = time.monotonic()
-        with ZooKeeperStore(addrs, timeout=5) as store, Candidate(store, key, f"n{i}", ttl=TTL) as candidate:
+        # a long connect timeout: the election must not need it to run out on the dead endpoint
+        with ZooKeeperStore(addrs, timeout=60) as store, Candidate(store, key, f"n{i}", ttl=TTL) as candidate:
             elected, _ = candidate.run_for_election()
-            assert next_item(elected, TTL, "False") is False
-            assert next_item(elected, TTL * 3, "elected through the live endpoint") is True
-            assert time.monotonic() - started < 3
+            assert next_item(elected, WAIT, "False") is False
+            assert next_item(elected, WAIT, "elected through the live endpoint") is True
             assert store.leader(key).node == f"n{i}"
 
 
@@ -462,7 +533,10 @@ def test_unreachable_store_fails_within_its_timeout(key) -> None:
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             store.leader(key)
-        assert time.monotonic() - started < 2.5
+        took = time.monotonic() - started
+        # 1 s asked; the slack is for a loaded machine, and still far below the defaults
+        # (5 s store timeout, 10 s reader session) or an endless wait
+        assert took < 4.0, f"gave up after {took:.2f}s with timeout=1"
         with pytest.raises(StoreUnavailableError):
             store.acquire(key, "alice", TTL)
     finally:
@@ -487,15 +561,8 @@ with warnings.catch_warnings(record=True) as caught:
     assert [w.category for w in caught] == [RuntimeWarning] * 2, caught
     assert all("gevent.monkey.patch_all()" in str(w.message) for w in caught)
 
-gap = 0.0
-def tick():
-    global gap
-    last = time.monotonic()
-    while True:
-        gevent.sleep(0.005)
-        now = time.monotonic()
-        gap, last = max(gap, now - last), now
-ticker = gevent.spawn(tick)
+from tests.hub_watch import HubWatch
+watch = HubWatch()
 gevent.sleep(0.05)
 follower = Follower(ZooKeeperStore(addrs), key)
 leaders, _ = follower.follow_election()
@@ -511,7 +578,9 @@ assert bob_elected.get(timeout=10) is True
 assert leaders.get(timeout=10) in ("bob", None)
 bob.stop()
 follower.stop()
-print("max-gap", gap)
+watch.wait_ticks(3, timeout=10)
+print(watch.describe())
+print("max-blocked", watch.max_blocked)
 """
 
 
@@ -527,8 +596,10 @@ def test_cooperative_without_monkey_patching(zookeeper_cluster, key, tmp_path) -
         capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
-    gap = float(result.stdout.split()[-1])
-    assert gap < 0.1, f"the hub was blocked for {gap * 1000:.0f} ms in an unpatched process"
+    *_, described, blocked = result.stdout.decode().splitlines()
+    log.info("unpatched process: %s", described)
+    # time waiting for a CPU (a loaded machine) is not counted: see tests/hub_watch.py
+    assert float(blocked.split()[1]) < 0.1, f"the hub was blocked in an unpatched process: {described}"
 
 
 def test_interrupted_release_still_frees_the_key(stores, key) -> None:
@@ -579,10 +650,13 @@ gevent.sleep(3600)
 
 def test_crash_failover_after_sigkill(zookeeper_cluster, stores, key, tmp_path, record_property) -> None:
     """A leader in another process is killed with SIGKILL: its session expires after the
-    TTL and the waiting candidate takes over within the TTL plus a tick and a round trip."""
+    TTL and the waiting candidate takes over within the TTL plus a tick and a round trip.
+
+    The TTL is long enough that the slack a loaded machine needs (``margin``) still tells
+    a failover bounded by the TTL from one that takes twice the TTL."""
     import subprocess
 
-    ttl = TTL
+    ttl, margin = 4.0, 1.5
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     child = subprocess.Popen(
@@ -596,17 +670,17 @@ def test_crash_failover_after_sigkill(zookeeper_cluster, stores, key, tmp_path, 
         bob = Candidate(stores(), key, "bob", ttl=ttl)
         with bob:
             elected, _ = bob.run_for_election()
-            assert next_item(elected, ttl, "False") is False
+            assert next_item(elected, WAIT, "False") is False
             with admin_client(zookeeper_cluster.addrs) as zk:
-                wait_until(lambda: len(contenders(zk, bob.store.path_for(key))) == 2, ttl, "bob to queue")
+                wait_until(lambda: len(contenders(zk, bob.store.path_for(key))) == 2, WAIT, "bob to queue")
             killed = time.monotonic()
             child.kill()
-            assert next_item(elected, ttl + 2, "bob to take over after the crash") is True
+            assert next_item(elected, ttl + WAIT, "bob to take over after the crash") is True
             failover = time.monotonic() - killed
             record_property("failover_s", failover)
             log.info("crash failover: %.3fs (ttl %gs)", failover, ttl)
             print(f"\n[figures] zookeeper crash failover {failover * 1000:.0f} ms (ttl {ttl:g} s)")
-            assert failover <= ttl + 0.5, f"failover took {failover:.2f}s with ttl {ttl}s"
+            assert failover <= ttl + margin, f"failover took {failover:.2f}s with ttl {ttl:g}s"
     finally:
         child.kill()
         child.wait()

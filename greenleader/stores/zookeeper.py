@@ -38,6 +38,16 @@ reconnects (or vanishes with it). The key's persistent parent nodes are left in 
 they hold no data, so they never show a stale leader, and never deleting them means a
 concurrent candidate's create never races a delete.
 
+Access control (digest ``user``): every node the store creates gets the ACL
+``digest:<user>:cdrwa, world:anyone:r``, the missing ancestors of the key (and of the
+chroot) included. Ancestors are restricted rather than left open on purpose: ZooKeeper
+checks the right to delete a node on its parent, so under an open parent anyone could
+delete the key's node between elections and remake it with an ACL that shuts the owner
+out, or change the parent's ACL itself. The price: another identity cannot add a sibling
+key under ancestors this store created. To share a prefix, an operator creates it first
+with the rights each identity needs (docs/security.md); the store never changes the ACL of
+a node that already exists. Without ``user``, nodes are open to all (kazoo's default).
+
 Connections are made lazily, on first use, so a store may be created before a fork (a
 gunicorn master) as long as it is first used after; a store used before a fork refuses to
 be used in the child (it would share the parent's session). kazoo's gevent handler uses
@@ -506,9 +516,10 @@ class ZooKeeperStore(Store):
     :param timeout: seconds to wait for a connection, and for each request.
     :param user, password: ZooKeeper digest authentication (``password_file``: read the
         password from that file). Every node the store creates then gets the ACL
-        ``digest:<user>:<hash>:cdrwa, world:anyone:r``: only this identity may join, leave or
-        delete (so no other client can delete a leader's node), anyone may read (followers
-        need no credentials). The older ``auth="user:password"`` still works.
+        ``digest:<user>:<hash>:cdrwa, world:anyone:r``, the key's missing ancestors
+        included: only this identity may join, leave or delete (so no other client can
+        delete a leader's node, or the key's node), anyone may read (followers need no
+        credentials). Nodes that already exist keep their ACL. The older ``auth="user:password"`` still works.
     :param tls: connect with TLS (on by default when ``ca_file`` or ``cert_file`` is given).
     :param ca_file: CA bundle that signs the servers' certificates (kazoo also trusts the
         system's CAs).
@@ -777,9 +788,10 @@ class ZooKeeperStore(Store):
             raise
 
     def _ensure_key(self, session: _Session, path: str) -> None:
-        """Create the key's node and its missing ancestors, with the store's ACL: with a
-        digest ``user``, nothing the store creates can be deleted or joined by anyone else
-        (give another identity its own prefix, made beforehand, to share a parent)."""
+        """Create the key's node and its missing ancestors, all with the store's ACL: with a
+        digest ``user``, nothing the store creates can be deleted, joined or re-permissioned
+        by anyone else, ancestors included (see "Access control" in the module docstring);
+        ancestors that already exist keep their ACL."""
         parent = path.rsplit("/", 1)[0]
         if parent:
             session.call(session.client.ensure_path_async, parent, self._acl or OPEN_ACL_UNSAFE)
