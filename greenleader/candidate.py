@@ -20,6 +20,7 @@ from gevent import Greenlet, GreenletExit
 from gevent.event import Event
 from gevent.queue import Queue
 
+from . import _fork
 from ._channels import Channels
 from .errors import (
     GreenleaderError,
@@ -36,6 +37,14 @@ from .stores.base import Lease, Store, check_float, check_text, now
 __all__ = ["Candidate"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a release may take before it is abandoned: the store then frees the key by TTL.
+RELEASE_TIMEOUT = 10.0
+#: Seconds a step-down waits for duties to die and LeadershipLost subscribers to return
+#: before the key is released anyway (a stuck duty is logged as such).
+STEP_DOWN_GRACE = 5.0
+#: Seconds stop() waits for the campaign to step down and release before killing it.
+STOP_TIMEOUT = STEP_DOWN_GRACE + RELEASE_TIMEOUT + 5.0
 
 
 class Candidate:
@@ -98,13 +107,19 @@ class Candidate:
         self._wake = Event()
         self._not_leading = Event()
         self._not_leading.set()
+        self._stopping = Event()  # set by stop(): ends every wait of the campaign
+        self._acquiring: Greenlet | None = None
+        self._teardowns: set[Greenlet] = set()  # step-downs and releases in flight
+        #: Called in the teardown greenlet after each step-down, before the release (duties).
+        self._step_down_hooks: list[Callable[[], None]] = []
         self._lease: Lease | None = None
         self._leading = False
         self._deadline = 0.0
-        self._holding = False  # True while keeping a won key alive (not campaigning)
         self._lost = False
         self._resigning = False
         self._stopped = False
+        self._inert = False  # a forked child's copy
+        _fork.register(self)
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "leader" if self.is_leader() else "candidate"
@@ -145,7 +160,11 @@ class Candidate:
         return lease.term if lease is not None and self.is_leader() else None
 
     def resign(self) -> None:
-        """Step down now and campaign again after ``resign_holdoff``. Does nothing when not leading."""
+        """Step down now and campaign again after ``resign_holdoff``. Does nothing when not leading.
+
+        Returns once this candidate no longer leads; the key is released right after, from a
+        greenlet that :meth:`stop` waits for.
+        """
         if not self._leading or self._stopped:
             return
         self._resigning = True
@@ -154,20 +173,28 @@ class Candidate:
             self._not_leading.wait(timeout=self.ttl)
 
     def stop(self) -> None:
-        """Stop campaigning, release the key and end both queues. Idempotent."""
+        """Stop campaigning, step down, release the key and end both queues. Idempotent.
+
+        Waits (bounded) until the release has finished. Called from this candidate's own
+        event subscriber or duty-teardown path it cannot wait for itself: it then returns at
+        once and the step-down and release complete in the background.
+        """
         if self._stopped:
             return
         self._stopped = True
+        self._stopping.set()
         self._wake.set()
         greenlet = self._greenlet
-        if greenlet is None or greenlet is gevent.getcurrent():
+        if greenlet is None:
             return
-        if not self._holding:
-            greenlet.kill(block=False)  # withdraw from a campaign that is still waiting
-        greenlet.join(timeout=self.ttl)
+        current = gevent.getcurrent()
+        if current is greenlet or current in self._teardowns or self._publisher.is_current():
+            return
+        greenlet.join(timeout=STOP_TIMEOUT)
         if not greenlet.dead:
-            log.warning("%r: releasing took over %gs; abandoning it", self, self.ttl)
+            log.warning("%r: the campaign did not end within %gs; killing it", self, STOP_TIMEOUT)
             greenlet.kill(block=True, timeout=1)
+        gevent.joinall(list(self._teardowns), timeout=RELEASE_TIMEOUT + STEP_DOWN_GRACE)
         if self._channels is not None:
             self._channels.close()  # in case the greenlet was killed before it ever ran
         self._publisher.join(timeout=1)
@@ -182,26 +209,24 @@ class Candidate:
         try:
             while not self._stopped:
                 try:
-                    self._lease = self._acquire()
+                    lease = self._acquire()
+                    if lease is None:
+                        break  # stopped while waiting
                     if self.retry:
                         delays = self.retry.delays()
-                    self._hold(self._lease)
+                    reason = self._hold(lease)
                 except StoreError as exc:
                     if delays is None or isinstance(exc, PermissionDeniedError):
                         raise
-                    self._step_down(LossReason.STORE_ERROR)
                     delay = next(delays)
                     log.warning("%r: store error, campaigning again in %.1fs: %s", self, delay, exc)
                     self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
-                    gevent.sleep(delay)
+                    self._stopping.wait(delay)
                     continue
-                finally:
-                    self._lease = None
-                if self._resigning and not self._stopped:
-                    self._resigning = False
-                    gevent.sleep(self.resign_holdoff)
+                if reason is LossReason.RESIGNED:
+                    self._stopping.wait(self.resign_holdoff)
         except GreenletExit:
-            pass
+            self._stopped = True  # killed from outside: the campaign is over
         except GreenleaderError as exc:
             error = exc
         except Exception as exc:
@@ -209,77 +234,103 @@ class Candidate:
             error = StoreError(f"unexpected error from the {self.store.backend} store: {exc!r}")
             error.__cause__ = exc
         finally:
-            self._step_down(LossReason.STORE_ERROR if error else LossReason.STOPPED)
-            if error is not None:
-                log.error("%r: campaign ended: %s", self, error)
-                channels.fail(error)
-                self._publisher.publish(ElectionError(self, self.key, error))
-            channels.close()
+            if not self._inert:
+                if error is not None:
+                    log.error("%r: campaign ended: %s", self, error)
+                    channels.fail(error)
+                    self._publisher.publish(ElectionError(self, self.key, error))
+                channels.close()
 
-    def _acquire(self) -> Lease:
-        """Wait for the key in a greenlet of its own, so that a stop() landing just as the store
-        hands over a lease cannot lose it: the won lease is then released, not leaked."""
-        acquiring = gevent.spawn(_outcome, self.store.acquire, self.key, self.node, self.ttl)
+    def _acquire(self) -> Lease | None:
+        """Wait for the key, or for stop(); None when stopped first.
+
+        The store's ``acquire`` runs in a greenlet of its own, so that a stop() or a kill
+        landing just as the store hands over a lease cannot lose it: a lease won by then is
+        released, not leaked.
+        """
+        self._acquiring = acquiring = gevent.spawn(_outcome, self.store.acquire, self.key, self.node, self.ttl)
         try:
-            outcome = acquiring.get()
+            gevent.wait([acquiring, self._stopping], count=1)
         except BaseException:
-            acquiring.kill()
-            if acquiring.successful() and isinstance(acquiring.value, Lease):
-                self._release(acquiring.value)
+            self._withdraw(acquiring)
             raise
+        if self._stopped:
+            self._withdraw(acquiring)
+            return None
+        self._acquiring = None
+        outcome = acquiring.value
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def _hold(self, lease: Lease) -> None:
-        """Keep ``lease`` alive until resign, stop or loss; raise StoreError past the deadline.
+    def _withdraw(self, acquiring: Greenlet) -> None:
+        """Stop waiting for the key; release it if it was won meanwhile."""
+        if not acquiring.ready():
+            acquiring.kill()
+        self._acquiring = None
+        won = acquiring.value if acquiring.successful() else None
+        if isinstance(won, Lease):
+            self._end_tenure(won, LossReason.STOPPED)
 
-        The key is released on every way out, even a loss: the store may still hold it.
+    def _hold(self, lease: Lease) -> LossReason:
+        """Lead with ``lease`` until resign, stop, loss or the deadline; return why it ended.
+
+        Every way out, an exception or a kill included, goes through :meth:`_end_tenure`:
+        step down first, release after.
         """
-        self._holding = True
+        self._lease = lease
         self._lost = False
+        self._resigning = False
         lease.on_lost = self._on_lost
+        reason = LossReason.STOPPED
         try:
-            self._deadline = lease.confirmed_at + self.renew_deadline
-            if now() >= self._deadline:
-                return  # the win is already stale; campaign again
-            self._step_up(lease)
-            next_renewal = lease.confirmed_at + self.renew_interval
-            while True:
-                self._wake.wait(timeout=max(0.0, next_renewal - now()))
-                self._wake.clear()
-                if now() >= self._deadline:  # checked first: after a blocked hub, nothing else may run
-                    self._step_down(LossReason.DEADLINE)
-                    return
-                if self._stopped or self._resigning:
-                    self._step_down(LossReason.STOPPED if self._stopped else LossReason.RESIGNED)
-                    return
-                if self._lost:
-                    self._step_down(LossReason.EXPIRED)
-                    return
-                if now() < next_renewal:
-                    continue
-                started = now()
-                try:
-                    with gevent.Timeout(self._deadline - started, StoreError("renewal timed out")):
-                        lease.renew()
-                except LeadershipLostError as exc:
-                    log.info("%r: lost the key: %s", self, exc)
-                    self._step_down(LossReason.EXPIRED)
-                    return
-                except StoreError as exc:
-                    retry_at = now() + self.renew_interval / 4
-                    if retry_at >= self._deadline:
-                        self._step_down(LossReason.STORE_ERROR)
-                        raise
-                    log.warning("%r: renewal failed, retrying until the deadline: %s", self, exc)
-                    next_renewal = retry_at
-                    continue
-                self._deadline = lease.confirmed_at + self.renew_deadline
-                next_renewal = started + self.renew_interval
+            reason = self._keep_alive(lease)
+        except GreenletExit:
+            reason = LossReason.STOPPED
+            raise
+        except BaseException:
+            reason = LossReason.STORE_ERROR
+            raise
         finally:
-            self._holding = False
-            self._release(lease)
+            self._end_tenure(lease, reason)
+        return reason
+
+    def _keep_alive(self, lease: Lease) -> LossReason:
+        """Renew ``lease`` on schedule while leading; raise StoreError past the deadline."""
+        self._deadline = lease.confirmed_at + self.renew_deadline
+        if now() >= self._deadline:
+            return LossReason.DEADLINE  # the win is already stale; campaign again
+        self._step_up(lease)
+        next_renewal = lease.confirmed_at + self.renew_interval
+        while True:
+            self._wake.wait(timeout=max(0.0, next_renewal - now()))
+            self._wake.clear()
+            if now() >= self._deadline:  # checked first: after a blocked hub, nothing else may run
+                return LossReason.DEADLINE
+            if self._stopped:
+                return LossReason.STOPPED
+            if self._resigning:
+                return LossReason.RESIGNED
+            if self._lost:
+                return LossReason.EXPIRED
+            if now() < next_renewal:
+                continue
+            started = now()
+            try:
+                with gevent.Timeout(self._deadline - started, StoreError("renewal timed out")):
+                    lease.renew()
+            except LeadershipLostError as exc:
+                log.info("%r: lost the key: %s", self, exc)
+                return LossReason.EXPIRED
+            except StoreError as exc:
+                retry_at = now() + self.renew_interval / 4
+                if retry_at >= self._deadline:
+                    raise
+                log.warning("%r: renewal failed, retrying until the deadline: %s", self, exc)
+                next_renewal = retry_at
+                continue
+            self._deadline = lease.confirmed_at + self.renew_deadline
+            next_renewal = started + self.renew_interval
 
     def _on_lost(self) -> None:
         self._lost = True
@@ -293,28 +344,78 @@ class Candidate:
         self._channels.put(True)
         self._publisher.publish(LeadershipAcquired(self, self.key, self.node, lease.term))
 
-    def _step_down(self, reason: LossReason) -> None:
-        if not self._leading:
+    def _end_tenure(self, lease: Lease, reason: LossReason) -> None:
+        """Step down, then release ``lease`` from a greenlet that nothing kills half-way.
+
+        The step-down never yields to other greenlets, so no kill can land in its middle:
+        when it returns, ``is_leader()`` is False, False is on ``elected`` and
+        ``LeadershipLost`` is queued. The teardown greenlet then stops the duties and waits
+        for the event's subscribers (both bounded), and only then releases the key.
+        """
+        self._resigning = False
+        if self._inert:
             return
+        delivered = self._step_down(lease, reason)
+        teardown = gevent.spawn(self._teardown, lease, delivered)
+        self._teardowns.add(teardown)
+        teardown.link(self._teardowns.discard)
+        teardown.join()
+
+    def _step_down(self, lease: Lease, reason: LossReason) -> Event | None:
+        """Stop leading at once (no greenlet switch); return the LeadershipLost delivery."""
+        self._lease = None
+        if not self._leading:
+            return None
         self._leading = False
-        term = self._lease.term if self._lease is not None else 0
-        log.info("%r: stepped down from term %d: %s", self, term, reason.value)
+        self._deadline = 0.0
+        log.info("%r: stepped down from term %d: %s", self, lease.term, reason.value)
         assert self._channels is not None
         self._channels.put(False)
-        self._publisher.publish(LeadershipLost(self, self.key, self.node, term, reason))
+        delivered = self._publisher.publish(LeadershipLost(self, self.key, self.node, lease.term, reason))
         self._not_leading.set()
+        return delivered
+
+    def _teardown(self, lease: Lease, lost_delivered: Event | None) -> None:
+        if lost_delivered is not None:
+            for hook in list(self._step_down_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%r: step-down hook %r failed", self, hook)
+            if not lost_delivered.wait(timeout=STEP_DOWN_GRACE):
+                log.error("%r: LeadershipLost subscribers still running after %gs; releasing anyway",
+                          self, STEP_DOWN_GRACE)
+        if not self._inert:
+            self._release(lease)
 
     def _release(self, lease: Lease) -> None:
         """Give the key up, bounded in time; a failure only delays the next winner by the TTL."""
         try:
-            with gevent.Timeout(min(self.ttl, 10.0), StoreError("release timed out")):
+            with gevent.Timeout(min(self.ttl, RELEASE_TIMEOUT), StoreError("release timed out")):
                 lease.release()
         except (StoreError, GreenleaderError) as exc:
             log.warning("%r: could not release the key: %s", self, exc)
-        except GreenletExit:
-            raise
         except Exception:
             log.exception("%r: unexpected error releasing the key", self)
+
+    # -- fork ---------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: lead nothing, report nothing, renew and release nothing."""
+        self._inert = True
+        self._stopped = True
+        self._leading = False
+        self._deadline = 0.0
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.abandon()
+        self._publisher.discard()
+        for greenlet in (self._greenlet, self._acquiring, *self._teardowns):
+            if greenlet is not None:
+                greenlet.kill(block=False)
+        if self._channels is not None:
+            self._channels.close()
+        self._not_leading.set()
 
 
 def _outcome(func: Callable[..., Lease], *args: object) -> Lease | Exception:

@@ -9,12 +9,13 @@
 
 Each registered duty is started in a greenlet of its own on every win, called with the
 tenure's fencing term, and killed with :class:`gevent.GreenletExit` when the tenure ends
-(loss, resign or stop). When the candidate steps down on its own (a renew deadline, an expired
-key), the duties are killed as soon as the hub runs them, which is well within the TTL margin
-(``ttl - renew_deadline``) that keeps the next leader from starting; a duty whose side effects
-must never outlive the tenure checks :meth:`DutyRunner.leads` (or fences with the term) right
-before each of them. When this process steps down deliberately (:meth:`DutyRunner.stop`,
-:meth:`DutyRunner.resign`), the duties are killed *before* the key is released.
+(loss, deadline, store error, resign or stop). Every step-down, whatever its cause, kills the
+duties *before* the key is released (DESIGN.md §2, rule 9): the candidate stops leading at once,
+then waits up to ``STEP_DOWN_GRACE`` (5 s) for the duties to die, and only then lets a waiting
+candidate in. A duty that ignores ``GreenletExit`` longer than that is logged as stuck and the key
+is released anyway; a duty whose side effects must never outlive the tenure checks
+:meth:`DutyRunner.leads` (or fences with the term) right before each of them, since a tenure can
+also end by the renew deadline while the hub was blocked.
 
 Error policy (``on_error``), for a duty that raises anything but ``GreenletExit``; the error is
 always logged with its traceback and never reaches the candidate or the process:
@@ -42,6 +43,7 @@ import gevent
 from gevent import Greenlet, GreenletExit
 from gevent.lock import Semaphore
 
+from . import _fork
 from .candidate import Candidate
 from .errors import InvalidArgumentError
 from .retry import Backoff
@@ -185,11 +187,24 @@ class DutyRunner:
                 self._reader.join(timeout=KILL_GRACE)
             if self in self.duties._runners:
                 self.duties._runners.remove(self)
+            if self._end_tenure in self.candidate._step_down_hooks:
+                self.candidate._step_down_hooks.remove(self._end_tenure)
             self._stopped = True
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the inherited duties never run there."""
+        self._stopping = self._stopped = True
+        self._term = None
+        running, self._running = list(self._running), {}
+        for greenlet in [*running, self._reader]:
+            if greenlet is not None:
+                greenlet.kill(block=False)
 
     # -- internals ----------------------------------------------------------------------
 
     def _start(self) -> None:
+        self.candidate._step_down_hooks.append(self._end_tenure)
+        _fork.register(self)
         elected, _ = self.candidate.run_for_election()
         self._reader = gevent.spawn(self._read, elected)
 

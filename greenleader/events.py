@@ -14,6 +14,7 @@ from typing import Any
 
 import gevent
 import zope.event
+from gevent.event import Event
 from gevent.queue import Queue
 
 __all__ = [
@@ -65,10 +66,12 @@ class LeadershipLost(LeadershipEvent):
 
 @dataclass(frozen=True)
 class LeaderChanged(LeadershipEvent):
-    """A follower saw a new ``leader`` (``None`` when the key is vacant)."""
+    """A follower saw a new ``leader``: ``None`` when the key is vacant, or, with ``known``
+    False, when the follower could not confirm any leader for its ``unknown_after`` seconds."""
 
     leader: str | None
     term: int | None
+    known: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,22 +89,40 @@ class EventPublisher:
         self._pending: Queue = Queue()
         self._greenlet: gevent.Greenlet | None = None
 
-    def publish(self, event: LeadershipEvent) -> None:
-        self._pending.put(event)
+    def publish(self, event: LeadershipEvent) -> Event:
+        """Queue ``event`` for every subscriber; the returned Event is set once they all ran."""
+        delivered = Event()
+        self._pending.put((event, delivered))
         if self._greenlet is None or self._greenlet.dead:
             self._greenlet = gevent.spawn(self._drain)
+        return delivered
 
     def _drain(self) -> None:
         while not self._pending.empty():
-            event = self._pending.get()
+            event, delivered = self._pending.get()
             # zope.event.notify() would skip the remaining subscribers after one raises.
             for subscriber in list(zope.event.subscribers):
                 try:
                     subscriber(event)
                 except Exception:
                     log.exception("event subscriber %r raised on %r", subscriber, event)
+            delivered.set()
+
+    def is_current(self) -> bool:
+        """True when called from a subscriber, i.e. from this publisher's own greenlet."""
+        return self._greenlet is not None and self._greenlet is gevent.getcurrent()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until every published event has been delivered (or ``timeout``)."""
-        if self._greenlet is not None:
+        """Wait until every published event has been delivered (or ``timeout``).
+
+        From a subscriber it returns at once: the publisher cannot wait for itself.
+        """
+        if self._greenlet is not None and not self.is_current():
             self._greenlet.join(timeout)
+
+    def discard(self) -> None:
+        """Drop undelivered events and stop delivering (a forked child's copy publishes nothing)."""
+        self._pending = Queue()
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None

@@ -1,24 +1,48 @@
-"""Follow an election: report each new leader of a key, without running for it."""
+"""Follow an election: report each new leader of a key, without running for it.
+
+A follower believes what the store's watch last told it only while it can confirm it: each
+value the watch yields confirms the leader, and a watch that stays quiet is checked with a
+read of the leader. Once nothing has been confirmed for ``unknown_after`` seconds (a store
+outage, a silent partition, a blocked hub), the follower says it does not know: ``None`` on
+the channel, :meth:`Follower.leader` ``None`` and :attr:`Follower.known` ``False``, since the
+last leader seen may have stepped down meanwhile (DESIGN.md §2, rule 12).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import gevent
 from gevent import Greenlet, GreenletExit
+from gevent.event import Event
 from gevent.queue import Queue
 
+from . import _fork
 from ._channels import Channels
 from .errors import GreenleaderError, InvalidArgumentError, PermissionDeniedError, StoppedError, StoreError
 from .events import ElectionError, EventPublisher, LeaderChanged
 from .retry import Backoff, as_backoff
-from .stores.base import LeaderInfo, Store
+from .stores.base import LeaderInfo, Store, check_float, now
 
 __all__ = ["Follower"]
 
 log = logging.getLogger(__name__)
 
-_UNSEEN = object()
+#: Seconds without a confirmed leader after which a follower reports "unknown": the renew
+#: deadline of a default candidate (two thirds of the default 15 s TTL), past which a leader
+#: that could not reach the store has stepped down.
+UNKNOWN_AFTER = 10.0
+#: Longest pause between checks of an unreachable store: after an outage, the follower
+#: catches up within this plus one round trip, whatever its retry backoff says.
+RECHECK_MAX = 1.0
+
+_UNSEEN = object()  # nothing reported yet
+_UNKNOWN = object()  # reported as unknown
+
+
+class _Resync(BaseException):
+    """Raised into the watch to restart it: a check found a leader the watch did not show."""
 
 
 class Follower:
@@ -28,19 +52,39 @@ class Follower:
         :class:`~greenleader.events.ElectionError`, wait a jittered exponential backoff
         (``True`` for the default :class:`~greenleader.retry.Backoff`), watch again and report
         the leader found if it changed. Without it, the first store error ends the watch.
+        A retrying follower checks the store at least every ``RECHECK_MAX`` seconds while it
+        is unreachable, so it catches up soon after the store returns.
+    :param unknown_after: seconds without confirming the leader after which the follower
+        reports that it does not know who leads (``None``, with :attr:`known` False). Set it
+        to the candidates' ``renew_deadline``; the default suits the default TTL.
     """
 
-    def __init__(self, store: Store, key: str, *, retry: Backoff | bool | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        *,
+        retry: Backoff | bool | None = None,
+        unknown_after: float = UNKNOWN_AFTER,
+    ) -> None:
         if not isinstance(store, Store):
             raise InvalidArgumentError(f"store must be a greenleader Store, not {type(store).__name__}")
         self.store = store
         self.key = store.validate_key(key)
         self.retry = as_backoff(retry)
+        self.unknown_after = check_float("unknown_after", unknown_after, minimum=0.0, maximum=86400.0,
+                                         inclusive=False)
         self._channels: Channels | None = None
         self._greenlet: Greenlet | None = None
+        self._guard: Greenlet | None = None
         self._publisher = EventPublisher()
         self._current: LeaderInfo | object | None = _UNSEEN
+        self._confirmed_at = 0.0
+        self._watching = False  # True while _Resync may be raised into the watch
+        self._reachable = Event()  # set by a successful check: ends a retry backoff early
         self._stopped = False
+        self._inert = False  # a forked child's copy
+        _fork.register(self)
 
     def __repr__(self) -> str:
         return f"<Follower key={self.key!r}>"
@@ -56,17 +100,29 @@ class Follower:
 
         ``leaders`` gets the current leader's node name first (``None`` if the key is vacant
         or does not exist yet), then each different leader as it changes, ``None`` for each
-        vacancy. Both queues end when the watch ends; ``errors`` gets the error that ended it.
+        vacancy and ``None`` when the leader becomes unknown (tell the two apart with
+        :attr:`known`). Both queues end when the watch ends; ``errors`` gets the error that
+        ended it.
         """
         if self._stopped:
             raise StoppedError(f"{self!r} was stopped; make a new Follower")
         if self._channels is None:
             self._channels = Channels()
+            self._confirmed_at = now()
             self._greenlet = gevent.spawn(self._follow)
+            self._guard = gevent.spawn(self._check_quiet_watch)
         return self._channels.results, self._channels.errors
 
+    @property
+    def known(self) -> bool:
+        """False while following without a leader confirmed in the last ``unknown_after`` seconds
+        (then :meth:`leader` is None although the key may have a leader). True otherwise."""
+        if self._channels is None or self._stopped:
+            return True
+        return self._current is not _UNKNOWN and now() - self._confirmed_at <= self.unknown_after
+
     def leader(self) -> str | None:
-        """The current leader's node name, or None when vacant.
+        """The current leader's node name, or None when vacant or unknown (see :attr:`known`).
 
         While following, this is the last leader the watch reported; otherwise the store is read.
         """
@@ -76,6 +132,8 @@ class Follower:
     def leader_info(self) -> LeaderInfo | None:
         """Like :meth:`leader`, with the leader's fencing term."""
         if self._current is not _UNSEEN and not self._stopped:
+            if not self.known:
+                return None
             return self._current  # type: ignore[return-value]
         try:
             return self.store.leader(self.key)
@@ -85,15 +143,19 @@ class Follower:
             raise StoreError(f"reading the leader from the {self.store.backend} store failed: {exc!r}") from exc
 
     def stop(self) -> None:
-        """Stop following and end both queues. Idempotent."""
+        """Stop following and end both queues. Idempotent; may be called from a subscriber."""
         if self._stopped:
             return
         self._stopped = True
-        if self._greenlet is not None and self._greenlet is not gevent.getcurrent():
-            self._greenlet.kill(block=True, timeout=5)
+        current = gevent.getcurrent()
+        for greenlet in (self._guard, self._greenlet):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=True, timeout=5)
         if self._channels is not None:
             self._channels.close()
         self._publisher.join(timeout=1)
+
+    # -- the watch greenlet ---------------------------------------------------------------
 
     def _follow(self) -> None:
         channels = self._channels
@@ -104,13 +166,17 @@ class Follower:
             while True:
                 try:
                     self._watch(channels)
+                except _Resync:
+                    continue
                 except StoreError as exc:
                     if delays is None or isinstance(exc, PermissionDeniedError):
                         raise
                     delay = next(delays)
                     log.warning("%r: store error, watching again in %.1fs: %s", self, delay, exc)
                     self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
-                    gevent.sleep(delay)
+                    self._reachable.clear()
+                    with contextlib.suppress(_Resync):
+                        self._reachable.wait(timeout=delay)
         except GreenletExit:
             pass
         except GreenleaderError as exc:
@@ -120,28 +186,102 @@ class Follower:
             error = StoreError(f"unexpected error from the {self.store.backend} store: {exc!r}")
             error.__cause__ = exc
         finally:
-            self._current = _UNSEEN
-            if error is not None:
-                log.error("%r: watch ended: %s", self, error)
-                channels.fail(error)
-                self._publisher.publish(ElectionError(self, self.key, error))
-            channels.close()
+            if self._guard is not None and self._guard is not gevent.getcurrent():
+                self._guard.kill(block=False)
+            if not self._inert:
+                self._current = _UNSEEN
+                if error is not None:
+                    log.error("%r: watch ended: %s", self, error)
+                    channels.fail(error)
+                    self._publisher.publish(ElectionError(self, self.key, error))
+                channels.close()
 
     def _watch(self, channels: Channels) -> None:
         """Report each change the store's watch shows, until it fails."""
         watch = self.store.watch(self.key)
+        self._watching = True
         try:
             for info in watch:
-                node = info.node if info is not None else None
-                if self._current is not _UNSEEN and self._current_node() == node:
-                    self._current = info  # same leader; keep the newest term
-                    continue
-                self._current = info
-                channels.put(node)
-                self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
+                self._confirmed_at = now()
+                self._report(info)
         finally:
+            self._watching = False
             watch.close()
+
+    def _report(self, info: LeaderInfo | None) -> None:
+        node = info.node if info is not None else None
+        if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
+            self._current = info  # same leader; keep the newest term
+            return
+        self._current = info
+        assert self._channels is not None
+        self._channels.put(node)
+        self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
 
     def _current_node(self) -> str | None:
         current = self._current
         return current.node if isinstance(current, LeaderInfo) else None
+
+    # -- the guard greenlet: confirm a quiet watch, report "unknown" ------------------------
+
+    def _check_quiet_watch(self) -> None:
+        """Read the leader whenever the watch has been quiet for half of ``unknown_after``
+        (every ``RECHECK_MAX`` at most while that fails), and report "unknown" when nothing
+        confirmed the leader in time."""
+        quiet = self.unknown_after / 2
+        recheck = min(quiet, RECHECK_MAX)
+        while True:
+            if self._current is not _UNKNOWN:
+                if now() > self._confirmed_at + self.unknown_after:
+                    self._report_unknown()
+                    continue
+                due = self._confirmed_at + quiet
+                if now() < due:
+                    gevent.sleep(due - now())
+                    continue
+            if self._check():
+                continue
+            wake = now() + recheck
+            if self._current is not _UNKNOWN:
+                wake = min(wake, self._confirmed_at + self.unknown_after + 0.001)
+            gevent.sleep(max(0.0, wake - now()))
+
+    def _check(self) -> bool:
+        """Read the leader; True if it confirms what the follower reported."""
+        try:
+            with gevent.Timeout(min(self.unknown_after / 2, 10.0), StoreError("check timed out")):
+                info = self.store.leader(self.key)
+        except GreenletExit:
+            raise
+        except Exception as exc:
+            log.debug("%r: could not confirm the leader: %s", self, exc)
+            return False
+        self._reachable.set()  # a retry backoff ends: watch again now
+        node = info.node if info is not None else None
+        if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
+            self._confirmed_at = now()
+            return True
+        if self._watching and self._greenlet is not None:
+            self._greenlet.kill(_Resync, block=False)  # watch again from what the store holds now
+        return False
+
+    def _report_unknown(self) -> None:
+        log.warning("%r: leader unconfirmed for over %gs; reporting it unknown", self, self.unknown_after)
+        self._current = _UNKNOWN
+        assert self._channels is not None
+        self._channels.put(None)
+        self._publisher.publish(LeaderChanged(self, self.key, None, None, known=False))
+
+    # -- fork ---------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: follow nothing and report nothing."""
+        self._inert = True
+        self._stopped = True
+        self._current = _UNSEEN
+        self._publisher.discard()
+        for greenlet in (self._guard, self._greenlet):
+            if greenlet is not None:
+                greenlet.kill(block=False)
+        if self._channels is not None:
+            self._channels.close()

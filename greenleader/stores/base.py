@@ -66,6 +66,15 @@ class Lease(abc.ABC):
     def release(self) -> None:
         """Give the key up at once so a waiter can win. Idempotent; raises only StoreError."""
 
+    def abandon(self) -> None:
+        """Forget the hold without telling the store: a forked child's copy of the lease.
+
+        Called right after ``fork()`` in the child; it must not switch greenlets or do network
+        I/O. Close local resources that would otherwise keep the parent's hold alive after the
+        parent is gone (a lock file's descriptor); the parent's own copy is untouched.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} key={self.key!r} node={self.node!r} term={self.term}>"
 
