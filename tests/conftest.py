@@ -74,3 +74,20 @@ def _no_greenlet_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """Let stray greenlets from one test not leak into the next (failures show in logs)."""
     yield
     gevent.sleep(0)
+
+
+# Hypothesis profiles for the stateful property tests (tests/test_properties.py). "ci" is bounded
+# and derandomized (the same examples on every run); "dev", the default outside CI, has the same
+# bounds but new random examples each run, and replays saved failures first; "long" is the run to
+# do by hand: pytest tests/test_properties.py --hypothesis-profile=long
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_bounded = dict(max_examples=10, stateful_step_count=25, deadline=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, database=None, **_bounded)
+settings.register_profile("dev", **_bounded)
+settings.register_profile("long", max_examples=2000, stateful_step_count=60, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
