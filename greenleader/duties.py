@@ -150,6 +150,7 @@ class DutyRunner:
         self.candidate = candidate
         self._term: int | None = None  # the tenure the duties run for, or None
         self._running: dict[Greenlet, Duty] = {}
+        self._dying: set[Greenlet] = set()  # killed, not yet dead
         self._reader: Greenlet | None = None
         self._stopping = False
         self._stopped = False
@@ -241,16 +242,22 @@ class DutyRunner:
         greenlet.start()
 
     def _end_tenure(self) -> None:
-        """Kill the running duties and wait (bounded) for them to die."""
+        """Kill the running duties and wait (bounded) until they, and any duty another caller
+        is killing at the same time, are dead."""
         self._term = None
+        current = gevent.getcurrent()
         running, self._running = list(self._running), {}
-        running = [g for g in running if not g.dead and g is not gevent.getcurrent()]
-        if not running:
-            return
-        gevent.killall(running, block=True, timeout=KILL_GRACE)
         for greenlet in running:
+            if not greenlet.dead and greenlet is not current:
+                greenlet.kill(block=False)
+                self._dying.add(greenlet)
+        dying = [g for g in self._dying if not g.dead and g is not current]
+        if dying:
+            gevent.joinall(dying, timeout=KILL_GRACE)
+        for greenlet in dying:
             if not greenlet.dead:
                 log.error("%s ignored GreenletExit for %gs and may still be running", greenlet.name, KILL_GRACE)
+        self._dying = {g for g in self._dying if not g.dead}
 
     def _run_duty(self, entry: Duty, term: int) -> None:
         delays = self.duties.backoff.delays()

@@ -1,0 +1,433 @@
+"""Safety of the election state machine (DESIGN.md §2, rules 9-12), on every store.
+
+Each test here reproduces one finding of the safety review (issue 10) and failed before its fix:
+
+- a release in flight is finished, not killed, by a stop() (finding 1);
+- every way out of a tenure steps down before the release request (finding 2);
+- a forked child inherits no leadership (finding 4);
+- a follower that cannot confirm the leader says it does not know (finding 7);
+- a resign that races a store error does not end the next tenure (finding 9);
+- stop() from an event subscriber does not wait for itself (finding 10).
+
+The stores are real; :class:`greenleader.testing.FaultyStore` wraps them to inject the faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import gevent
+import gevent.event
+import gevent.os
+import pytest
+import zope.event
+from gevent import GreenletExit
+
+from greenleader import Backoff, Candidate, Follower
+from greenleader.duties import Duties
+from greenleader.errors import InvalidArgumentError, StoreUnavailableError
+from greenleader.events import (
+    EventPublisher,
+    LeaderChanged,
+    LeadershipAcquired,
+    LeadershipEvent,
+    LeadershipLost,
+    LossReason,
+)
+from greenleader.testing import Call, FaultyStore
+from tests.waiting import next_item, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def events(key):
+    """Every greenleader event about this test's key, in delivery order."""
+    seen: list[LeadershipEvent] = []
+
+    def record(event: object) -> None:
+        if isinstance(event, LeadershipEvent) and event.key == key:
+            seen.append(event)
+
+    zope.event.subscribers.append(record)
+    yield seen
+    zope.event.subscribers.remove(record)
+
+
+@pytest.fixture
+def stopping():
+    """Candidates and followers to stop at the end of the test, whatever happened."""
+    made: list = []
+    yield made
+    for obj in reversed(made):
+        obj.stop()
+
+
+def wins(candidate: Candidate, timeout: float) -> None:
+    elected, _ = candidate.run_for_election()
+    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
+    assert next_item(elected, timeout, f"{candidate.node} to win") is True
+
+
+def holder(store, key: str) -> str | None:
+    info = store.leader(key)
+    return info.node if info is not None else None
+
+
+class OverlapSampler:
+    """Samples ``is_leader()`` of every candidate each millisecond; records any overlap."""
+
+    def __init__(self, candidates: list[Candidate]) -> None:
+        self.candidates = candidates
+        self.overlaps: list[tuple[float, list[str]]] = []
+        self.samples = 0
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            leaders = [c.node for c in self.candidates if c.is_leader()]
+            if len(leaders) > 1:
+                self.overlaps.append((time.monotonic(), leaders))
+            self.samples += 1
+            gevent.sleep(0.001)
+
+    def stop(self) -> None:
+        self._greenlet.kill()
+        assert self.samples > 0, "the sampler never ran"
+        assert not self.overlaps, f"two leaders at once: {self.overlaps[:5]}"
+
+
+# -- finding 1: a release in flight finishes -------------------------------------------------
+
+
+def test_stop_right_after_resign_waits_for_the_release(make_store, key, ttl, stopping) -> None:
+    """resign() returns at the step-down while the release is on the wire; a stop() right
+    after must let it finish: once stop() returns, the store no longer names the resigner."""
+    store = FaultyStore(make_store())
+    alice = Candidate(store, key, "alice", ttl=ttl)
+    stopping.append(alice)
+    wins(alice, 3 * ttl)
+    store.delay_next("release", 0.3)  # a slow round trip keeps the release in flight
+    alice.resign()
+    alice.stop()
+    releases = [call for call in store.history if call.primitive == "release"]
+    assert releases and all(call.forwarded for call in releases), f"a release was cut short: {releases}"
+    assert holder(make_store(), key) != "alice", "the store still names alice after stop() returned"
+
+
+def test_next_candidate_wins_after_resign_then_stop(make_store, key, ttl, stopping) -> None:
+    """The waiting candidate wins once alice resigns and stops, well before alice's hold
+    could have expired (the release, not the TTL, lets bob in)."""
+    alice = Candidate(FaultyStore(make_store()), key, "alice", ttl=ttl)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
+    stopping.extend([alice, bob])
+    wins(alice, 3 * ttl)
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, ttl, "bob's first item") is False
+    alice.store.delay_next("release", 0.3)
+    alice.resign()
+    alice.stop()
+    assert holder(make_store(), key) in (None, "bob")
+    # Consul's lock-delay does not apply to a released lock; a TTL expiry would take ≥ ttl.
+    assert next_item(bob_elected, 30, "bob to win after alice's release") is True
+
+
+# -- finding 2: step down before the release, whatever ends the tenure -----------------------
+
+
+class ReleaseWitness:
+    """Checks, at the instant a release request is entered, that its candidate has already
+    stepped down: is_leader() False, duties dead, False queued, LeadershipLost delivered."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.candidates: dict[str, Candidate] = {}
+        self.duty_alive: dict[str, bool] = {}
+        self.lost_delivered: dict[str, int] = {}
+        self.violations: list[str] = []
+        self.releases = 0
+
+    def on_call(self, call: Call) -> None:
+        if call.primitive != "release" or call.node not in self.candidates:
+            return
+        self.releases += 1
+        candidate = self.candidates[call.node]
+        if candidate.is_leader():
+            self.violations.append(f"{call.node} released term {call.term} while is_leader() was True")
+        if self.duty_alive.get(call.node):
+            self.violations.append(f"{call.node} released term {call.term} while its duty ran")
+        if self.lost_delivered.get(call.node) != call.term:
+            self.violations.append(f"{call.node} released term {call.term} before LeadershipLost was delivered")
+
+    def subscriber(self, event: object) -> None:
+        if isinstance(event, LeadershipLost) and event.key == self.key:
+            self.lost_delivered[event.node] = event.term
+
+    def duties_for(self, node: str) -> Duties:
+        registry = Duties()
+
+        @registry
+        def duty(term: int) -> None:
+            self.duty_alive[node] = True
+            try:
+                while True:
+                    gevent.sleep(0.01)
+            finally:
+                self.duty_alive[node] = False
+
+        return registry
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("a bug in the client"),
+    InvalidArgumentError("the server refused the request (HTTP 400)"),
+    OSError(5, "Input/output error"),
+    StoreUnavailableError("the store went away"),
+    GreenletExit(),
+], ids=lambda e: type(e).__name__)
+def test_a_failed_renewal_steps_down_before_it_releases(make_store, key, ttl, stopping, error) -> None:
+    """Whatever a renewal raises, alice stops leading (and her duty dies, and her step-down is
+    reported) before the release request leaves; bob, waiting, never leads at the same time."""
+    witness = ReleaseWitness(key)
+    zope.event.subscribers.append(witness.subscriber)
+    try:
+        store = FaultyStore(make_store(), on_call=witness.on_call)
+        alice = Candidate(store, key, "alice", ttl=ttl, renew_interval=min(0.2, ttl / 5))
+        bob = Candidate(make_store(), key, "bob", ttl=ttl)
+        witness.candidates["alice"] = alice
+        runner = witness.duties_for("alice").run(alice)
+        stopping.extend([bob, runner])
+        wait_until(alice.is_leader, 3 * ttl, "alice to lead")
+        wait_until(lambda: witness.duty_alive.get("alice"), 10, "alice's duty to start")
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, ttl, "bob's first item") is False
+        sampler = OverlapSampler([alice, bob])
+        store.delay_next("release", 0.2)
+        store.fail_next("renew", error)
+        if isinstance(error, StoreUnavailableError):  # transient: retried until the deadline
+            store.fail_when("renew", error, lambda call: True)
+        wait_until(lambda: witness.releases > 0, 3 * ttl, "alice's release")
+        assert next_item(bob_elected, 30, "bob to win") is True
+        sampler.stop()
+        assert not witness.violations, witness.violations
+    finally:
+        zope.event.subscribers.remove(witness.subscriber)
+
+
+def test_killing_the_campaign_greenlet_steps_down_before_it_releases(make_store, key, ttl, stopping) -> None:
+    witness = ReleaseWitness(key)
+    zope.event.subscribers.append(witness.subscriber)
+    try:
+        store = FaultyStore(make_store(), on_call=witness.on_call)
+        alice = Candidate(store, key, "alice", ttl=ttl)
+        witness.candidates["alice"] = alice
+        runner = witness.duties_for("alice").run(alice)
+        stopping.append(runner)
+        wait_until(lambda: witness.duty_alive.get("alice"), 3 * ttl, "alice's duty to start")
+        store.delay_next("release", 0.2)
+        alice._greenlet.kill(block=True, timeout=30)
+        assert not alice.is_leader()
+        assert witness.releases == 1, "the kill did not release the key"
+        assert not witness.violations, witness.violations
+        assert holder(make_store(), key) is None
+    finally:
+        zope.event.subscribers.remove(witness.subscriber)
+
+
+# -- finding 4: fork ------------------------------------------------------------------------
+
+
+def test_a_forked_child_inherits_no_leadership(kind, make_store, key, ttl, stopping) -> None:
+    """The child of a leading process never leads, renews or releases anything: the parent
+    keeps leading throughout, and once the parent stops, bob wins while the child still lives."""
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    follower = Follower(make_store(), key)
+    stopping.extend([alice, follower])
+    wins(alice, 3 * ttl)
+    leaders, _ = follower.follow_election()
+    assert next_item(leaders, 3 * ttl, "the follower to name alice") == "alice"
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: sample what the inherited objects say, until told to stop
+        code = 1
+        try:
+            os.close(to_parent_r)
+            os.close(to_child_w)
+            report = {"alice": []}
+            for _ in range(20):
+                report["alice"].append(alice.is_leader())
+                gevent.sleep(alice.renew_interval / 4)
+            report["term"] = alice.term
+            os.write(to_parent_w, json.dumps(report).encode() + b"\n")
+            _read_line(to_child_r)  # the parent stopped alice and bob won meanwhile
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    try:
+        parent_samples = []
+        reader = gevent.spawn(_read_line, to_parent_r)
+        while not reader.ready():
+            parent_samples.append(alice.is_leader())
+            gevent.sleep(0.005)
+        child = json.loads(reader.get(timeout=60))
+        assert not any(child["alice"]), "the forked child's copy of alice said it leads"
+        assert child["term"] is None
+        assert all(parent_samples) and alice.is_leader(), "the parent lost leadership to its child"
+        alice.stop()
+        bob = Candidate(make_store(), key, "bob", ttl=ttl)
+        stopping.append(bob)
+        wins(bob, 30)  # the child still lives: it must hold nothing that keeps the key
+    finally:
+        os.write(to_child_w, b"\n")
+        _, status = os.waitpid(pid, 0)
+        os.close(to_child_w)
+        os.close(to_parent_r)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _read_line(fd: int) -> str:
+    """Read up to a newline without blocking the hub."""
+    gevent.os.make_nonblocking(fd)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = gevent.os.nb_read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+# -- finding 7: unknown is not the last leader -----------------------------------------------
+
+
+def test_a_follower_that_cannot_confirm_the_leader_says_it_does_not_know(
+        make_store, key, ttl, stopping, events) -> None:
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    faulty = FaultyStore(make_store())
+    follower = Follower(faulty, key, retry=Backoff(initial=5.0, maximum=30.0), unknown_after=0.5)
+    stopping.extend([alice, follower])
+    wins(alice, 3 * ttl)
+    leaders, _ = follower.follow_election()
+    assert next_item(leaders, 3 * ttl, "the follower to name alice") == "alice"
+    assert follower.known
+
+    outage = faulty.fail_when("leader", StoreUnavailableError("partitioned"), lambda call: True)
+    watch_outage = faulty.fail_when("watch", StoreUnavailableError("partitioned"), lambda call: True)
+    assert next_item(leaders, 30, "the follower to report the leader unknown") is None
+    assert not follower.known
+    assert follower.leader() is None
+    assert follower.leader_info() is None
+    wait_until(lambda: any(isinstance(e, LeaderChanged) and e.source is follower and not e.known for e in events),
+               30, "a LeaderChanged event with known=False")
+
+    faulty.remove_fault(outage)
+    faulty.remove_fault(watch_outage)
+    # The backoff is 5 s or more; the follower catches up sooner, through its checks.
+    assert next_item(leaders, 4.0, "the follower to catch up once the store answers") == "alice"
+    assert follower.known and follower.leader() == "alice"
+
+
+def test_a_quiet_watch_is_not_unknown(make_store, key, ttl, stopping) -> None:
+    """A healthy store with nothing happening: the follower's checks keep confirming the leader."""
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    follower = Follower(make_store(), key, unknown_after=2.0)
+    stopping.extend([alice, follower])
+    wins(alice, 3 * ttl)
+    leaders, _ = follower.follow_election()
+    assert next_item(leaders, 3 * ttl, "the follower to name alice") == "alice"
+    deadline = time.monotonic() + 3 * follower.unknown_after
+    while time.monotonic() < deadline:
+        assert follower.known and follower.leader() == "alice", "a quiet, healthy watch was reported unknown"
+        gevent.sleep(0.05)
+    assert leaders.empty(), f"the follower reported more: {list(leaders.queue)}"
+
+
+# -- finding 9: a stale resign ---------------------------------------------------------------
+
+
+def test_a_resign_that_races_a_store_error_does_not_end_the_next_tenure(make_store, key, ttl, stopping, events) -> None:
+    store = FaultyStore(make_store())
+    alice = Candidate(store, key, "alice", ttl=ttl, retry=Backoff(initial=0.05, maximum=0.1), resign_holdoff=0)
+    stopping.append(alice)
+    wins(alice, 3 * ttl)
+    # The next renewal hangs until the deadline passes (a store error); resign meanwhile.
+    store.add_fault(_hang("renew"))
+    wait_until(lambda: any(c.primitive == "renew" and c.ended is None for c in store.history), 3 * ttl,
+               "a renewal to hang")
+    alice.resign()
+    wait_until(lambda: len([e for e in events if isinstance(e, LeadershipAcquired)]) >= 2, 10 * ttl,
+               "alice to win again after the store error")
+    alice.stop()
+    reasons = [e.reason for e in events if isinstance(e, LeadershipLost)]
+    assert LossReason.RESIGNED not in reasons, f"a later tenure was resigned by the stale request: {reasons}"
+    assert reasons[-1] is LossReason.STOPPED
+
+
+def _hang(primitive: str):
+    from greenleader.testing import Fault
+    return Fault(primitive, None, times=1, delay=3600.0)
+
+
+# -- finding 10: stop() from a subscriber -----------------------------------------------------
+
+
+def test_a_publisher_joined_from_its_own_subscriber_returns() -> None:
+    publisher = EventPublisher()
+    joined = gevent.event.Event()
+
+    def subscriber(event: object) -> None:
+        if getattr(event, "key", None) == "self-join":
+            publisher.join()  # no timeout: waiting for itself would hang
+            joined.set()
+
+    zope.event.subscribers.append(subscriber)
+    try:
+        publisher.publish(LeadershipEvent(None, "self-join"))
+        assert joined.wait(timeout=30), "a publisher joined from its subscriber waited for itself"
+    finally:
+        zope.event.subscribers.remove(subscriber)
+
+
+def test_stop_from_a_subscriber_returns_and_the_key_is_released(make_store, key, ttl, stopping) -> None:
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    stopping.append(alice)
+    stopped = gevent.event.Event()
+
+    def subscriber(event: object) -> None:
+        if isinstance(event, LeadershipAcquired) and event.source is alice:
+            alice.stop()
+            stopped.set()
+
+    zope.event.subscribers.append(subscriber)
+    try:
+        alice.run_for_election()
+        assert stopped.wait(timeout=3 * ttl + 10), "alice.stop() from her subscriber did not return"
+        wait_until(lambda: holder(make_store(), key) is None, 30, "alice's key to be released")
+    finally:
+        zope.event.subscribers.remove(subscriber)
+
+
+def test_follower_stop_from_a_subscriber_returns(make_store, key, ttl, stopping) -> None:
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    follower = Follower(make_store(), key)
+    stopping.extend([alice, follower])
+    stopped = gevent.event.Event()
+
+    def subscriber(event: object) -> None:
+        if isinstance(event, LeaderChanged) and event.source is follower and event.leader == "alice":
+            follower.stop()
+            stopped.set()
+
+    zope.event.subscribers.append(subscriber)
+    try:
+        wins(alice, 3 * ttl)
+        leaders, _ = follower.follow_election()
+        assert stopped.wait(timeout=30), "follower.stop() from its subscriber did not return"
+        assert list(leaders) == ["alice"]
+    finally:
+        zope.event.subscribers.remove(subscriber)
