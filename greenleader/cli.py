@@ -1,10 +1,34 @@
 """The ``greenleader`` command: demo, run a command as leader, show or watch the leader.
 
+``greenleader run`` never lets its command outlive its leadership (DESIGN.md §2 rule 13). The
+command runs in a process group of its own, led by a watchdog that SIGKILLs the group as soon as
+``greenleader run`` dies in any way, SIGKILL included (see ``greenleader._spawn``), and every way
+out of ``run`` ends the whole group first, then releases the key:
+
+- the command's exit: what it left running in its group gets SIGTERM, then SIGKILL after
+  ``--grace`` seconds;
+- loss of leadership, a store error, an internal error: the group gets SIGTERM, then SIGKILL after
+  ``--grace`` seconds;
+- the signals in ``FORWARDED`` (HUP, INT, QUIT, TERM, USR1, USR2, ALRM, VTALRM, PROF, XCPU, IO,
+  PWR, STKFLT: all that end a process by default, but faults): passed on to the whole group;
+  ``run`` ends when the command does (``--restart`` does not restart it), with its status. A
+  command that handles the signal and goes on (a reload on SIGHUP) keeps running, still as leader.
+  Before the command starts, they end ``run`` at once. A signal ignored when ``run`` started
+  (``nohup``, a background job) stays ignored, by ``run`` and by the command;
+- SIGTSTP (Ctrl-Z): the group is stopped, then ``run`` (as a shell job would be); on SIGCONT the
+  command continues only if ``run`` still leads, else it is ended as on a loss;
+- anything else that ends ``run`` (SIGKILL, a fault, a real-time signal): the watchdog SIGKILLs the
+  group. SIGPIPE and SIGXFSZ are ignored by ``run`` (as by any Python program).
+
+Limits: a process that leaves the group (``setsid``, a daemon that detaches) escapes it; a SIGSTOP
+of ``run`` (or a paused VM) freezes its renewals but not the command: that is what fencing terms are for.
+
 Exit codes of ``greenleader run``: the command's own exit status when it ran to its end
-(128+N when it died of signal N); 1 when the store failed; 2 for bad usage or arguments;
-3 when leadership was lost and the command was terminated; 128+N when signal N arrived
-before the command started. ``greenleader leader`` exits 0 when there is a leader, 1 when
-the key is vacant.
+(128+N when it died of signal N); 1 when the store failed or an internal error ended the
+command; 2 for bad usage or arguments; 3 when leadership was lost and the command was
+terminated; 126 when the command could not be executed, 127 when it was not found (as in
+shells); 128+N when signal N arrived before the command started. ``greenleader leader`` exits
+0 when there is a leader, 1 when the key is vacant.
 """
 
 from __future__ import annotations
@@ -33,6 +57,7 @@ from gevent import subprocess  # noqa: E402
 from gevent.queue import Queue  # noqa: E402
 
 from . import __version__  # noqa: E402
+from ._spawn import CommandGroup  # noqa: E402
 from .candidate import Candidate  # noqa: E402
 from .errors import GreenleaderError, InvalidArgumentError  # noqa: E402
 from .follower import Follower  # noqa: E402
@@ -44,6 +69,16 @@ log = logging.getLogger("greenleader.cli")
 EXIT_STORE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_LEADERSHIP_LOST = 3
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+#: Signals that ``greenleader run`` passes on to the command's process group, ending when it does.
+FORWARDED = tuple(
+    getattr(signal, name)
+    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+                 "SIGPROF", "SIGXCPU", "SIGIO", "SIGPWR", "SIGSTKFLT")
+    if hasattr(signal, name)
+)
 
 
 def _store(url: str | None) -> Store:
@@ -87,16 +122,11 @@ def _say(*parts: object) -> None:
 # -- greenleader run ----------------------------------------------------------------------
 
 
-def _terminate(child: subprocess.Popen, grace: float) -> None:
-    """SIGTERM, then SIGKILL if the child is still there after ``grace`` seconds."""
-    if child.poll() is not None:
-        return
-    child.terminate()
-    try:
-        child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        log.warning("command ignored SIGTERM for %gs; sending SIGKILL", grace)
-        child.kill()
+def _handle(signum: int, handler, *args) -> None:
+    """Handle ``signum`` unless it was ignored when this process started (``nohup``, a background
+    job): then it stays ignored, here and in the command."""
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+        gevent.signal_handler(signum, handler, *args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -105,54 +135,87 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args.store)
     node = args.node if args.node is not None else _default_node()
     candidate = Candidate(store, args.key, node, ttl=args.ttl, retry=args.retry)
-    inbox: Queue = Queue()  # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n)
+    # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n) | ("watchdog", group)
+    inbox: Queue = Queue()
 
     def pump_elections(elected: Queue) -> None:
         for is_leader in elected:
             inbox.put(("elected", is_leader))
         inbox.put(("ended", None))
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, inbox.put, ("signal", signum))
+    def new_group() -> CommandGroup:
+        """A group for the next run of the command; its watchdog starts now, off the path from
+        election to the command's start."""
+        made = CommandGroup()
+        made.watchdog_lost.rawlink(lambda _: inbox.put(("watchdog", made)))
+        return made
+
+    def suspend() -> None:
+        """SIGTSTP: stop the command, then this process; once continued, let the command go on
+        only while this process still leads (else the loss ends it)."""
+        if running:
+            group.pause()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        if running and candidate.is_leader():
+            group.signal(signal.SIGCONT)
+
+    group = new_group()
+    running = lost = stopping = False
+    for signum in FORWARDED:
+        _handle(signum, inbox.put, ("signal", signum))
+    _handle(signal.SIGTSTP, suspend)
     elected, errors = candidate.run_for_election()
     gevent.spawn(pump_elections, elected)
     log.info("campaigning for %r as %r", candidate.key, candidate.node)
-    child: subprocess.Popen | None = None
-    lost = stopping = False
     try:
         while True:
             kind, value = inbox.get()
-            if kind == "elected" and value and child is None and not stopping:
+            if kind == "elected" and value and not running and not stopping:
                 log.info("elected (term %s): starting %s", candidate.term, " ".join(args.command))
-                child = subprocess.Popen(args.command)
-                gevent.spawn(lambda c=child: inbox.put(("exit", c.wait())))
-            elif kind == "elected" and not value and child is not None:
+                try:
+                    group.start(args.command)
+                except OSError as exc:
+                    _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
+                    return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+                running = True
+                gevent.spawn(lambda g=group: inbox.put(("exit", g.wait())))
+            elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True
-                _terminate(child, args.grace)
+                group.end(args.grace)
             elif kind == "exit":
-                child = None
+                group.end(args.grace)  # what the command left running in its group
+                running = False
                 if lost and not args.restart:
                     return EXIT_LEADERSHIP_LOST
                 if args.restart and not stopping:
                     lost = False
+                    group = new_group()
                     candidate.resign()
                     continue
-                return _status(value)
+                return value
             elif kind == "signal":
                 stopping = True
-                if child is None:
+                if not running:
                     return 128 + value
-                child.send_signal(value)  # its exit ends the loop
+                group.signal(value)  # the command's exit ends the loop
+            elif kind == "watchdog" and value is group:
+                if not running:
+                    log.warning("the watchdog of the command's process group died; starting another")
+                    group = new_group()
+                    continue
+                _say_error("the watchdog of the command's process group died: ending the command")
+                return EXIT_STORE_ERROR
             elif kind == "ended":
                 for error in errors:
                     _say_error(f"store error: {error}")
-                if child is not None:
-                    _terminate(child, args.grace)
                 return EXIT_STORE_ERROR
     finally:
-        candidate.stop()
-        store.close()
+        try:
+            group.end(args.grace)  # whatever ends run ends the command first...
+        finally:
+            candidate.stop()  # ...and only then releases the key
+            store.close()
 
 
 # -- greenleader leader / watch -------------------------------------------------------------
@@ -281,6 +344,19 @@ def _say_error(message: str) -> None:
     print(f"greenleader: {message}", file=sys.stderr, flush=True)
 
 
+_RUN_EPILOG = """\
+The command never outlives the leadership: it runs in a process group of its own, which gets
+SIGTERM (then SIGKILL after --grace) when leadership is lost, on a store or internal error and
+after the command exits (for what it left running), and SIGKILL from a watchdog if greenleader
+itself dies (SIGKILL included). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and
+the other signals that end a process are passed on to the whole group, and greenleader then
+exits when the command does; signals ignored at start stay ignored. SIGTSTP stops the group too.
+
+exit status: the command's (128+N if it died of signal N); 1 store or internal error; 2 bad
+usage; 3 leadership lost; 126/127 command not executable/not found; 128+N signal N arrived
+before the command started."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greenleader", description="Leader election for gevent applications.")
     parser.add_argument("--version", action="version", version=f"greenleader {__version__}")
@@ -298,10 +374,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=_count, default=3, help="kill/stop rounds (default 3)")
     demo.set_defaults(func=cmd_demo)
 
-    run = with_store(commands.add_parser("run", help="wait to lead, then run a command while leading"))
+    run = with_store(commands.add_parser(
+        "run", help="wait to lead, then run a command while leading", epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ))
     run.add_argument("--node", help="this candidate's name (default: HOSTNAME-PID)")
     run.add_argument("--ttl", type=float, default=15.0, help="seconds before a crashed leader is replaced")
-    run.add_argument("--grace", type=_seconds, default=10.0, help="seconds between SIGTERM and SIGKILL on loss")
+    run.add_argument("--grace", type=_seconds, default=10.0,
+                     help="seconds between SIGTERM and SIGKILL to the command's process group when it must end")
     run.add_argument("--retry", action="store_true",
                      help="campaign through store outages with jittered backoff instead of exiting 1")
     run.add_argument("--restart", action="store_true", help="campaign again and rerun the command when it exits")

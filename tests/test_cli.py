@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import gevent
@@ -102,6 +103,101 @@ def test_run_restart_runs_the_command_again(url, tmp_path):
     runner.send_signal(signal.SIGTERM)
     code, _, err = finish(runner)
     assert code == 128 + signal.SIGTERM, err  # interrupted between runs, or its command was
+
+
+# -- the command's whole process tree never outlives `greenleader run` (DESIGN.md §2 rule 13) ----------
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds processes through /proc")
+
+#: A command that leaves grandchildren: two sleeps in the background, one in the foreground.
+TREE = "sleep 60 & sleep 60 & touch {started}; sleep 60; echo the command ran to its end"
+
+
+def marked(marker: str) -> set[int]:
+    """Live processes whose environment carries ``marker`` (a zombie's environment reads empty)."""
+    needle = f"GREENLEADER_TEST_TREE={marker}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                if entry.isdigit() and needle in file.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            pass  # not a process, or gone meanwhile
+    return found
+
+
+def start_marked(marker: str, *args: str) -> subprocess.Popen:
+    """``greenleader run`` whose whole tree carries ``marker``, with default signal dispositions (a
+    test runner started in the background or under nohup would pass on ignored SIGINT/SIGQUIT/SIGHUP),
+    and with the output discarded: a tree left behind must not hold the test's pipes open."""
+
+    def default_signals() -> None:
+        for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+
+    return subprocess.Popen(
+        [*GREENLEADER, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "GREENLEADER_TEST_TREE": marker},
+        preexec_fn=default_signals,
+    )
+
+
+def start_tree(url: str, tmp_path: Path, marker: str) -> subprocess.Popen:
+    """A runner whose command tree is up: the shell and its three sleeps."""
+    started = tmp_path / f"started-{marker}"
+    command = ["sh", "-c", TREE.format(started=started)]
+    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--node", "a", "--", *command)
+    wait_until(started.exists, 30, "the command to start")
+    wait_until(lambda: len(marked(marker) - {runner.pid}) >= 4, 30, "the shell and its three sleeps to run")
+    return runner
+
+
+def wait_for_no_tree(marker: str, what: str) -> None:
+    """Every process of the command's tree ends, within a generous bound."""
+    try:
+        wait_until(lambda: not marked(marker), 30, what)
+    except AssertionError:
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in marked(marker)}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"{what}: still running after 30 s: {left}") from None
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    "signum", [signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM], ids=lambda s: s.name
+)
+def test_run_ended_by_a_signal_leaves_no_process_of_the_command(url, tmp_path, signum):
+    marker = uuid.uuid4().hex
+    runner = start_tree(url, tmp_path, marker)
+    runner.send_signal(signum)
+    with gevent.Timeout(60, AssertionError(f"greenleader run did not end after {signum!r}")):
+        code = runner.wait()
+    wait_for_no_tree(marker, f"the command's tree to end after {signum!r} to greenleader run")
+    if signum != signal.SIGKILL:
+        assert code == 128 + signum, f"exit status {code}: the command should have died of the forwarded {signum!r}"
+
+
+@needs_proc
+def test_run_sighup_ends_the_command_tree_before_another_runner_starts_its_command(url, tmp_path):
+    marker = uuid.uuid4().hex
+    first = start_tree(url, tmp_path, marker)
+    survivors = tmp_path / "survivors"  # the first tree's processes alive when the second command starts
+    probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
+    second = start("-v", "run", "--store", url, "--key", "job", "--node", "b", "--", "sh", "-c", probe)
+    with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
+        while "campaigning" not in second.stderr.readline():
+            pass
+    first.send_signal(signal.SIGHUP)  # what systemd and supervisord send on reload
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after SIGHUP")):
+        code = first.wait()
+    assert finish(second)[0] == 0
+    assert survivors.read_text() == "", "the first command's tree was still running when the second started"
+    assert code == 128 + signal.SIGHUP, f"exit status {code}: the command should have died of the forwarded SIGHUP"
+    wait_for_no_tree(marker, "the first command's tree to end after SIGHUP")
 
 
 def test_leader_exit_status_says_whether_there_is_one(url):

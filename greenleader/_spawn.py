@@ -1,0 +1,227 @@
+"""Start a command whose whole process tree cannot outlive this process (DESIGN.md §2 rule 13).
+
+``greenleader run`` must never leave its command running once it stops leading, whatever ends
+it. "The command" is its whole process tree, so it runs in a process group of its own and is
+signalled as a group. The group's leader is not the command but a **watchdog**: a one-line
+``/bin/sh``, started before it is needed, which
+
+- ignores every catchable signal, so that signals sent to the group act on the command only;
+- blocks reading a pipe, the *lifeline*, whose only writer is this process. The pipe closes when
+  this process dies in any way (SIGKILL, a crash, an abort: the kernel closes its descriptors),
+  and the watchdog then sends SIGKILL to its whole group, itself included;
+- being the group's leader, keeps the group's id allocated while it lives, so no kill can reach
+  a recycled group.
+
+This covers the whole tree, which ``PR_SET_PDEATHSIG`` (direct child only) does not, and works on
+any POSIX system. It costs nothing at the command's start: the watchdog is spawned ahead of time,
+and the command is started with one ``os.posix_spawnp`` (vfork + exec in C) that joins the group
+(``setpgroup``): no ``preexec_fn``, no Python code in the child.
+
+Limits: a process that leaves the group (``setsid`` or ``setpgid``, as daemons that detach do)
+escapes it; run such commands in the foreground, or under a cgroup (systemd
+``KillMode=control-group``). The command is not in the terminal's foreground group, so if it
+reads the terminal it is stopped by SIGTTIN, as under ``timeout``. File descriptors that this
+process inherited as inheritable are passed on to the command, as ``exec`` would; greenleader's
+own descriptors are close-on-exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+
+import gevent
+import gevent.event
+import gevent.os
+
+from .errors import GreenleaderError
+
+log = logging.getLogger("greenleader.cli")
+
+SHELL = "/bin/sh"
+
+_UNTRAPPED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT}
+#: The watchdog: ignore every signal that can be ignored, say it is ready, wait for the lifeline to
+#: close, then SIGKILL the group. ``read`` returns at end of file (or on a line, never written).
+_WATCHDOG = (
+    f"trap '' {' '.join(str(int(s)) for s in sorted(signal.valid_signals()) if s not in _UNTRAPPED)}; "
+    "echo; read -r line; kill -s KILL 0"
+)
+#: Signals this process ignores that the command should get at their default (as CPython's
+#: ``restore_signals``); any other signal ignored when ``greenleader run`` started stays ignored.
+_RESTORED = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+_READY_TIMEOUT = 10.0  # seconds for a /bin/sh to start and run `trap`
+_KILL_TIMEOUT = 10.0  # seconds for SIGKILLed processes to be gone
+
+
+class CommandGroup:
+    """A process group guarded by a watchdog, for one run of one command.
+
+    Create it ahead of time (the watchdog starts at once), :meth:`start` the command when it is
+    needed, and :meth:`end` it, always: ``end`` leaves no process of the group behind.
+    ``watchdog_lost`` is set if the watchdog died while the group was in use: nothing then
+    guards the command against a SIGKILL of this process.
+    """
+
+    def __init__(self) -> None:
+        self.pid: int | None = None  # the command's own process, once started
+        self.watchdog_lost = gevent.event.Event()
+        self._exit: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self._ended = False
+        self._watchdog_gone = gevent.event.Event()
+        loop = gevent.get_hub().loop
+        loop.install_sigchld()
+        lifeline_read, self._lifeline = _pipe()
+        self._ready, ready_write = _pipe()
+        try:
+            self.pgid = os.posix_spawn(
+                SHELL,
+                [SHELL, "-c", _WATCHDOG, "greenleader-watchdog"],
+                os.environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, lifeline_read, 0), (os.POSIX_SPAWN_DUP2, ready_write, 1)],
+                setpgroup=0,
+                setsigmask=(),
+            )
+        except BaseException:
+            os.close(self._lifeline)
+            os.close(self._ready)
+            raise
+        finally:
+            os.close(lifeline_read)
+            os.close(ready_write)
+        self._watchers = [loop.child(self.pgid, False)]
+        self._watchers[0].start(self._on_watchdog_exit)
+
+    def _on_watchdog_exit(self) -> None:
+        self._watchdog_gone.set()
+        if not self._ended:
+            self.watchdog_lost.set()
+
+    def start(self, argv: list[str]) -> int:
+        """Start ``argv`` in the group once the watchdog is ready; its pid. ``OSError`` if the
+        command cannot be run (``FileNotFoundError``, ``PermissionError``...)."""
+        self._wait_ready()
+        self.pid = os.posix_spawnp(
+            argv[0], argv, os.environ, setpgroup=self.pgid, setsigdef=_RESTORED, setsigmask=()
+        )
+        watcher = gevent.get_hub().loop.child(self.pid, False)
+        watcher.start(lambda: self._exit.set(_exit_code(watcher.rstatus)))
+        self._watchers.append(watcher)
+        return self.pid
+
+    def _wait_ready(self) -> None:
+        if self._ready is None:
+            return
+        gevent.os.make_nonblocking(self._ready)
+        with gevent.Timeout(_READY_TIMEOUT, False):
+            if gevent.os.nb_read(self._ready, 1) == b"\n":
+                os.close(self._ready)
+                self._ready = None
+                return
+        raise GreenleaderError(f"the watchdog ({SHELL}) of the command's process group did not start")
+
+    def wait(self) -> int:
+        """Wait for the command's own process to exit; its status (128+N if signal N killed it)."""
+        return self._exit.get()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every process of the group (the watchdog ignores it)."""
+        if self._watchdog_gone.is_set() and self._exit.ready():
+            return  # neither the watchdog nor the command holds the group's id: it may be recycled
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signum)
+
+    def pause(self) -> None:
+        """Stop every process of the command (SIGSTOP), but not the watchdog."""
+        self.signal(signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pgid, signal.SIGCONT)
+
+    def end(self, grace: float) -> None:
+        """SIGTERM the group, SIGKILL it after ``grace`` seconds if anything of it is left, and
+        return once every process of it is gone. Idempotent; safe before :meth:`start`."""
+        if self._ended:
+            return
+        try:
+            if self.pid is not None and self._members() != set():
+                self.signal(signal.SIGTERM)
+                self.signal(signal.SIGCONT)  # a stopped process gets its SIGTERM
+                if not self._gone_within(grace):
+                    log.warning("the command ignored SIGTERM for %gs; sending SIGKILL", grace)
+        finally:
+            self._ended = True
+            self._kill()
+
+    def _gone_within(self, grace: float) -> bool:
+        """Whether the command, then every other process of the group, ended within ``grace``."""
+        deadline = time.monotonic() + grace
+        self._exit.wait(grace)
+        while self._exit.ready():
+            members = self._members()
+            if not members:  # None: no /proc, what is left of the group gets SIGKILL at once
+                return True
+            if time.monotonic() >= deadline:
+                break
+            gevent.sleep(0.05)  # nothing signals that the last process left a group: poll
+        return False
+
+    def _kill(self) -> None:
+        self.signal(signal.SIGKILL)  # the watchdog included
+        os.close(self._lifeline)  # were it alive still, the watchdog would SIGKILL the group
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+        if not self._watchdog_gone.wait(_KILL_TIMEOUT):
+            log.error("the watchdog (pid %d) of the command's process group did not end", self.pgid)
+        deadline = time.monotonic() + _KILL_TIMEOUT
+        while self._members() and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # SIGKILLed processes take a moment to exit
+        for watcher in self._watchers:
+            watcher.stop()
+
+    def _members(self) -> set[int] | None:
+        """Live processes of the group other than the watchdog; None if /proc cannot tell."""
+        members = _group_members(self.pgid)
+        return None if members is None else members - {self.pgid}
+
+
+def _group_members(pgid: int) -> set[int] | None:
+    """Processes of group ``pgid`` that have not exited (zombies excluded), from /proc (Linux)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    members = set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, group = stat[stat.rfind(b")") + 2 :].split(maxsplit=3)[:3]
+        if state != b"Z" and int(group) == pgid:
+            members.add(int(entry))
+    return members
+
+
+def _pipe() -> tuple[int, int]:
+    """A close-on-exec pipe whose ends are above 0-2 (a dup2 onto itself would keep close-on-exec)."""
+    return tuple(fd if fd > 2 else _moved_up(fd) for fd in os.pipe())  # type: ignore[return-value]
+
+
+def _moved_up(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
