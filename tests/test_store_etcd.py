@@ -11,9 +11,11 @@ import textwrap
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 
 import gevent
 import pytest
+import zope.event
 
 from greenleader import Candidate, Follower
 from greenleader.errors import (
@@ -23,9 +25,10 @@ from greenleader.errors import (
     PermissionDeniedError,
     StoreUnavailableError,
 )
+from greenleader.events import LeadershipAcquired
 from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.etcd import EtcdStore
-from tests import servers
+from tests import faults, servers
 from tests.candidate_process import FAILOVER_MARGIN, ProcessGroup
 from tests.support_etcd import FAST_TTL, closed_port, force_expire
 from tests.waiting import next_item, wait_until
@@ -68,6 +71,20 @@ def win(candidate: Candidate, timeout: float = FAST_TTL * 3):
     assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
     assert next_item(elected, timeout, f"{candidate.node} to be elected") is True
     return elected
+
+
+def next_leader(watch: Iterator[LeaderInfo | None]) -> LeaderInfo | None:
+    """The next leader a store watch names. A winner's key reads as vacant until the winner,
+    having stepped up, claims it, so the watch may say None first."""
+    info = next(watch)
+    return info if info is not None else next(watch)
+
+
+def next_named(leaders: gevent.queue.Queue, timeout: float, what: str) -> object:
+    """The next leader a Follower names, past the vacancy it reports while a winner has not
+    claimed its key yet."""
+    leader = next_item(leaders, timeout, what)
+    return leader if leader is not None else next_item(leaders, timeout, what)
 
 
 def keys_under(store: EtcdStore, key: str) -> list[tuple[str, int, int]]:
@@ -292,6 +309,176 @@ def test_a_waiter_whose_predecessor_withdraws_watches_the_one_before(stores, key
     won.release()
 
 
+
+class OverlapSampler:
+    """Samples ``is_leader()`` of candidates every millisecond (as often as the hub lets it)
+    and records each instant at which more than one believed it led. Nothing is asserted on
+    how often it ran: on a loaded machine that varies."""
+
+    def __init__(self, candidates: list[Candidate]) -> None:
+        self.candidates = candidates
+        self.overlaps: list[tuple[float, list[str]]] = []
+        self._greenlet = gevent.spawn(self._run)
+
+    def sample(self) -> None:
+        leaders = [c.node for c in self.candidates if c.is_leader()]
+        if len(leaders) > 1:
+            self.overlaps.append((time.monotonic(), leaders))
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            gevent.sleep(0.001)
+
+    def stop(self) -> list[tuple[float, list[str]]]:
+        assert not self._greenlet.dead, f"the sampler died: {self._greenlet.exception!r}"
+        self._greenlet.kill()
+        self.sample()
+        return self.overlaps
+
+
+@pytest.fixture
+def acquired():
+    """(node, term) of every LeadershipAcquired published during the test."""
+    seen: list[tuple[str, int]] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, LeadershipAcquired):
+            seen.append((event.node, event.term))
+
+    zope.event.subscribers.append(on_event)
+    yield seen
+    zope.event.subscribers.remove(on_event)
+
+
+def test_a_waiter_whose_key_was_deleted_never_wins(stores, cluster, key, acquired):
+    """An operator deletes waiter b's key (``etcdctl del``) while b's lease lives, then the
+    leader a stops. b must not win with its deleted key: its win has to prove, in the same
+    round trip, that its key still exists; it campaigns again with a new key, behind c.
+    (Before the fix, b and c both led for 30-77 ms, until b's key watch replayed the delete.)"""
+    ttl = 10  # no lease trouble during the test
+    admin = stores()
+    a, b, c = (Candidate(stores(), key, node, ttl) for node in "abc")
+    win(a)
+    b_elected, _ = b.run_for_election()
+    assert next_item(b_elected, 10, "b's first item") is False
+    wait_until(lambda: len(keys_under(admin, key)) == 2, 10, "b's key")
+    c_elected, _ = c.run_for_election()
+    assert next_item(c_elected, 10, "c's first item") is False
+    wait_until(lambda: len(keys_under(admin, key)) == 3, 10, "c's key")
+    _, (b_key, b_term, _), (c_key, _, _) = keys_under(admin, key)
+    deleted = subprocess.run(["etcdctl", "--endpoints", cluster.addrs[0], "del", b_key], capture_output=True,
+                             text=True, timeout=30, env=dict(os.environ, ETCDCTL_API="3"))
+    assert deleted.stdout.strip() == "1", deleted.stdout + deleted.stderr
+    sampler = OverlapSampler([a, b, c])
+    try:
+        a.stop()
+        assert next_item(c_elected, 10, "c to take over") is True
+        try:  # a generous window for b to (wrongly) win too: the overlap used to last 30-77 ms
+            b_item = b_elected.get(timeout=2)
+        except gevent.queue.Empty:
+            b_item = None
+        overlaps = sampler.stop()
+        assert not overlaps, (f"two candidates believed they led at once, for at least "
+                              f"{(overlaps[-1][0] - overlaps[0][0]) * 1000:.0f} ms: {overlaps[:3]}")
+        assert ("b", b_term) not in acquired, f"b won with its deleted key (term {b_term}): {acquired}"
+        assert b_item is None, f"b's elected channel said {b_item!r} while c led"
+        wait_until(lambda: len(keys_under(admin, key)) == 2, 10, "b to campaign again with a new key")
+        first, b_new_key = (k for k, _, _ in keys_under(admin, key))
+        assert first == c_key and b_new_key != b_key
+        assert c.is_leader() and not b.is_leader()
+    finally:
+        for candidate in (a, b, c):
+            candidate.stop()
+    assert keys_under(admin, key) == []
+
+
+def test_a_follower_never_names_a_winner_before_it_can_know_it_leads(stores, cluster, key, tmp_path):
+    """Waiter b is frozen (SIGSTOP) when leader a hands over: b's key is now first, but b
+    cannot know it won. A follower must not name b until b has stepped up (rule 10). (Before
+    the fix the follower named b for the whole time b was stopped.)"""
+    ttl = 8  # b's lease outlives its 2 s stop by far
+    admin = stores()
+    follower = Follower(stores(), key)
+    leaders, _ = follower.follow_election()
+    seen: list[tuple[float, str | None]] = []
+
+    def record() -> None:
+        for leader in leaders:
+            seen.append((time.monotonic(), leader))
+
+    recorder = gevent.spawn(record)
+    with ProcessGroup(cluster.url, key, ttl, tmp_path) as group:
+        a = group.start("a")
+        group.wait_line(a, "elected", 30)
+        wait_until(lambda: any(node == "a" for _, node in seen), 10, "the follower to name a")
+        b = group.start("b")
+        group.wait_line(b, "campaigning", 30)
+        wait_until(lambda: len(keys_under(admin, key)) == 2, 10, "b's key")
+        faults.pause(b.popen.pid)
+        try:
+            stopped_at = time.monotonic()
+            a.terminate()
+            assert a.wait_exit(30) == 0
+            wait_until(lambda: len(keys_under(admin, key)) == 1, 10, "a's key to go")
+            gevent.sleep(2.0)  # the fault: b stays frozen, first in line, for 2 s
+            named_while_stopped = [(t - stopped_at, node) for t, node in seen if t > stopped_at and node == "b"]
+        finally:
+            faults.resume(b.popen.pid)
+        elected = group.wait_line(b, "elected", 30)
+        wait_until(lambda: any(node == "b" for _, node in seen), 10, "the follower to name b")
+        named_at = next(t for t, node in seen if node == "b")
+        assert group.unexpected_errors() == []
+    follower.stop()
+    recorder.join(timeout=5)
+    assert not named_while_stopped, (
+        f"the follower named b while b was stopped and could not know it led: {named_while_stopped}")
+    assert named_at >= elected.t, f"the follower named b {elected.t - named_at:.3f}s before b learnt it won"
+
+
+
+def test_a_winner_claims_its_key_only_after_stepping_up(stores, key, monkeypatch):
+    """The claim that lets followers name a winner goes out after the candidate stepped up,
+    never before (rule 10): observed at the store boundary, over a few handovers."""
+    from greenleader.stores import etcd
+
+    candidates: dict[str, Candidate] = {}
+    at_claim: list[tuple[str, bool]] = []
+    claim = etcd._EtcdLease._claim
+
+    def observed_claim(lease: etcd._EtcdLease) -> bool:
+        at_claim.append((lease.node, candidates[lease.node].is_leader()))
+        return claim(lease)
+
+    monkeypatch.setattr(etcd._EtcdLease, "_claim", observed_claim)
+    admin = stores()
+    alice = Candidate(stores(), key, "alice", ttl=10, resign_holdoff=0.05)
+    bob = Candidate(stores(), key, "bob", ttl=10, resign_holdoff=0.05)
+    candidates.update(alice=alice, bob=bob)
+    try:
+        win(alice)
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, 10, "bob's first item") is False
+        leader = alice
+        for _ in range(4):
+            wait_until(lambda: len(keys_under(admin, key)) == 2, 10, "both candidates in line")
+            wait_until(lambda n=leader.node: store_leader_is(admin, key, n), 10, f"{leader.node}'s claim")
+            leader.resign()
+            leader = bob if leader is alice else alice
+            wait_until(leader.is_leader, 10, f"{leader.node} to take over")
+        wait_until(lambda n=leader.node: store_leader_is(admin, key, n), 10, f"{leader.node}'s claim")
+    finally:
+        alice.stop()
+        bob.stop()
+    assert len(at_claim) >= 5 and all(leading for _, leading in at_claim), (
+        f"a claim went out before its candidate stepped up: {at_claim}")
+
+
+def store_leader_is(store: EtcdStore, key: str, node: str) -> bool:
+    info = store.leader(key)
+    return info is not None and info.node == node
+
+
 # -- endpoints, failures --------------------------------------------------------------------
 
 
@@ -302,7 +489,7 @@ def test_dead_first_endpoint_is_skipped(stores, cluster, key):
         assert store.leader(key) is None
         lease = store.acquire(key, f"n{i}", FAST_TTL)
         watch = store.watch(key)
-        assert next(watch) == LeaderInfo(f"n{i}", lease.term)
+        assert next_leader(watch) == LeaderInfo(f"n{i}", lease.term)
         lease.renew()
         lease.release()
         assert next(watch) is None
@@ -363,7 +550,7 @@ def test_hub_keeps_ticking_while_waiting_and_watching(stores, key):
         assert next_item(leaders, 5, "the vacancy") is None
         win(alice)
         bob_elected, _ = bob.run_for_election()
-        assert next_item(leaders, 5, "alice") == "alice"
+        assert next_named(leaders, 5, "alice") == "alice"
         assert next_item(bob_elected, 5, "bob's first item") is False
         ticks = len(gaps)
         with pytest.raises(gevent.queue.Empty):  # bob waits on a watch, the follower too
@@ -371,7 +558,7 @@ def test_hub_keeps_ticking_while_waiting_and_watching(stores, key):
         assert len(gaps) - ticks > FAST_TTL * 1.5 / 0.01 / 2, "the ticker hardly ran while others waited"
         alice.stop()
         assert next_item(bob_elected, 5, "bob to take over") is True
-        assert next_item(leaders, 5, "bob") == "bob"
+        assert next_named(leaders, 5, "bob") == "bob"
         bob.stop()
         follower.stop()
     finally:
@@ -526,7 +713,7 @@ def test_tls_with_client_certificates(tls_etcd, key):
         assert "tls" in repr(store)
         lease = store.acquire(key, "alice", FAST_TTL)
         watch = store.watch(key)
-        assert next(watch) == LeaderInfo("alice", lease.term)
+        assert next_leader(watch) == LeaderInfo("alice", lease.term)
         lease.renew()
         lease.release()
         assert next(watch) is None

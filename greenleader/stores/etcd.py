@@ -7,6 +7,18 @@ other candidate watches only the deletion of its predecessor (the key created ju
 its own), so a release wakes exactly one waiter. Releasing deletes the key and revokes the
 lease; a crashed holder's lease expires after the TTL and takes its key with it.
 
+A win proves itself (DESIGN.md rule 10): the round trip that makes a candidate leader is a
+transaction that compares its own key's create revision, so a waiter whose key was deleted
+(say, by an operator's ``etcdctl del``) while its lease lived never wins with it: it
+campaigns again with a new key. The same transaction lists the older candidates still there.
+
+A winner then *claims* its key by writing the same value again, on the same lease, which
+takes the key's version from 1 to 2 (the create revision, the term, is unchanged). The claim
+is sent only once the candidate has stepped up, so followers, which name only a claimed
+first key (an unclaimed one reads as vacant), never name a candidate before it can know
+that it leads: not a winner frozen just as it won, nor a waiter that is first only for the
+moment it takes to notice its own loss.
+
 The client is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of ``etcd3`` with
 current protobuf stubs; ``etcd3`` is used if it is what the environment has. It speaks
 gRPC, which only cooperates with gevent after ``grpc.experimental.gevent.init_gevent()``:
@@ -97,6 +109,9 @@ _UNAVAILABLE_CODES = {
     grpc.StatusCode.CANCELLED,
 }
 _AUTH_DETAILS = ("permission denied", "user name is empty", "authentication failed", "invalid auth token")
+
+#: A candidate key's version once its winner has claimed it (created: 1; claimed: 2).
+_CLAIMED = 2
 
 _grpc_gevent_ready = False
 #: Clients inherited across fork(): their channels belong to the parent and are never touched.
@@ -217,12 +232,37 @@ def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
     return kv_key.startswith(prefix) and b"/" not in kv_key[len(prefix):]
 
 
-def _leader_of(candidates: dict[bytes, tuple[int, bytes]]) -> LeaderInfo | None:
-    """The candidate with the lowest create revision, or None."""
+#: A candidate's key as a follower sees it: (create revision, version, value).
+_Seen = tuple[int, int, bytes]
+
+
+def _candidates_in(kvs: Any, prefix: bytes) -> dict[bytes, _Seen]:
+    """The election's own candidates among the ``kvs`` of a range under ``prefix``."""
+    return {kv.key: (kv.create_revision, kv.version, kv.value) for kv in kvs if _is_direct_child(kv.key, prefix)}
+
+
+def _first_unclaimed(candidates: dict[bytes, _Seen]) -> bytes | None:
+    """The key of the first candidate if its winner has not claimed it yet, else None."""
     if not candidates:
         return None
-    revision, value = min(candidates.values())
+    first = min(candidates, key=candidates.__getitem__)
+    return first if candidates[first][1] < _CLAIMED else None
+
+
+def _leader_of(candidates: dict[bytes, _Seen]) -> LeaderInfo | None:
+    """The candidate with the lowest create revision once it has claimed its win, else None."""
+    if not candidates:
+        return None
+    revision, version, value = min(candidates.values())
+    if version < _CLAIMED:  # it has not stepped up yet (or not won: frozen, withdrawing)
+        return None
     return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
+
+
+def _owns(key: bytes, create_revision: int) -> Any:
+    """A transaction comparison: ``key`` exists with this create revision (is still ours)."""
+    return etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                           create_revision=create_revision)
 
 
 class _WatchStream:
@@ -312,8 +352,10 @@ class _EtcdLease(Lease):
         self.lease_id = lease_id
         self.own_key = own_key
         self._store = store
+        self._pid = os.getpid()
         self._released = False
         self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
+        self._claimer = gevent.spawn(self._claim_once_stepped_up)
 
     def __repr__(self) -> str:
         return f"<EtcdLease key={self.key!r} node={self.node!r} term={self.term} lease={self.lease_id:x}>"
@@ -329,7 +371,10 @@ class _EtcdLease(Lease):
     def release(self) -> None:
         if self._released:
             return
-        self._released = True  # from here on, the guard reports nothing
+        self._released = True  # from here on, the guard reports nothing and nothing is claimed
+        self._claimer.kill(block=True, timeout=1)
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the lease is the parent's to release
         error: StoreError | None = None
         try:  # deleting the key first wakes the next candidate one round trip sooner
             self._store._call("delete", lambda client: client.delete(self.own_key))
@@ -344,10 +389,46 @@ class _EtcdLease(Lease):
         if error is not None:
             raise error
 
+    def _claim_once_stepped_up(self) -> None:
+        """Claim the key for followers, retrying until claimed, released or lost.
+
+        This greenlet is spawned as the lease is made, in the greenlet that runs ``acquire``;
+        it first lets every greenlet already due to run go first. Among them is the
+        candidate, woken by ``acquire`` returning, which steps up without yielding: so the
+        claim goes out after the step-up, and a winner stopped just as it won (SIGSTOP, a
+        blocked hub) is not named by followers until it knows that it leads.
+        """
+        gevent.sleep(0)
+        failures = 0
+        while not self._released and self._pid == os.getpid():
+            try:
+                if self._claim():
+                    return
+                self._notify_lost_once()  # the key is gone; the guard reports it too
+                return
+            except (StoreError, InvalidArgumentError) as exc:
+                failures += 1
+                log.warning("etcd: %r could not claim %r yet (followers see no leader): %s",
+                            self.node, self.own_key, exc)
+                gevent.sleep(min(2.0, 0.05 * 2**failures))
+
+    def _claim(self) -> bool:
+        """Rewrite our value on our lease if our key is still ours: version 1 -> 2. False if it
+        is gone."""
+        request = etcdrpc.TxnRequest(
+            compare=[_owns(self.own_key, self.term)],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+                key=self.own_key, value=self.node.encode(), lease=self.lease_id))],
+        )
+        claimed = bool(self._store._txn("claim", request).succeeded)
+        if claimed:
+            log.debug("etcd: %r claimed %r (term %d)", self.node, self.own_key, self.term)
+        return claimed
+
     def _guard_own_key(self, revision: int) -> None:
         """Tell the candidate at once when its key disappears (lease revoked or key deleted)."""
         store, failures = self._store, 0
-        while not self._released:
+        while not self._released and self._pid == os.getpid():
             try:
                 if revision == 0:
                     response = store._call("check own key", lambda client: client.get_response(self.own_key))
@@ -358,7 +439,7 @@ class _EtcdLease(Lease):
                 try:
                     for response in stream:
                         failures = 0
-                        if response.events:
+                        if response.events:  # a deletion (NOPUT: not our claim)
                             self._notify_lost_once()
                             return
                 finally:
@@ -372,7 +453,7 @@ class _EtcdLease(Lease):
             self._notify_lost_once()
 
     def _notify_lost_once(self) -> None:
-        if not self._released:
+        if not self._released and self._pid == os.getpid():
             log.info("etcd: %r lost key %r", self.node, self.own_key)
             self.notify_lost()
 
@@ -393,6 +474,7 @@ class _Candidacy:
         self.lease_id = random.SystemRandom().getrandbits(62) | 1 << 61  # chosen here: a grant
         self.own_key = self.prefix + f"{self.lease_id:x}".encode()  # cut short leaves no orphan
         self.node = node
+        self.pid = os.getpid()
         self.lost = False
         self.term = 0
         self.confirmed_at = 0.0
@@ -439,6 +521,8 @@ class _Candidacy:
         interval = self.ttl / 8
         while True:
             gevent.sleep(interval)
+            if self.pid != os.getpid():
+                return  # a forked child's copy: the lease is the parent's
             started = now()
             try:
                 remaining = self.store._keepalive(self.lease_id)
@@ -467,6 +551,8 @@ class _Candidacy:
     def withdraw(self) -> None:
         """Stop keeping the lease and revoke it, which deletes the key: leaves nothing behind."""
         self.stop_keepalive()
+        if self.pid != os.getpid():
+            return  # a forked child's copy: the parent withdraws (or wins) on its own
         try:
             self.store._revoke(self.lease_id)
         except (StoreError, InvalidArgumentError) as exc:
@@ -476,23 +562,27 @@ class _Candidacy:
     def wait_turn(self, revision: int, keys: list[tuple[int, bytes]]) -> _EtcdLease | None:
         """Block until this candidate's key is the oldest; None if the candidacy was lost.
 
-        ``keys`` are the candidates at ``revision``, oldest first; None means "read them".
+        ``keys`` are the candidates at ``revision``, oldest first, as the transaction that
+        created our key read them; after that, each wake-up asks :meth:`_prove` afresh.
         """
         store, failures = self.store, 0
         snapshot: tuple[int, list[tuple[int, bytes]]] | None = (revision, keys)
         while not self.lost:
             try:
                 if snapshot is None:
-                    response = store._range_prefix(self.prefix)
-                    snapshot = response.header.revision, sorted(
-                        (kv.create_revision, kv.key) for kv in response.kvs if _is_direct_child(kv.key, self.prefix))
+                    if not self._fresh_lease():
+                        return None
+                    snapshot = self._prove()  # the last request before a win: nothing yields after it
+                    if snapshot is None:
+                        log.info("etcd: candidate key %r of %r was deleted; campaigning anew", self.own_key, self.node)
+                        return None
                 revision, keys = snapshot
                 snapshot = None
                 position = next((i for i, (_, kv_key) in enumerate(keys) if kv_key == self.own_key), None)
                 if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
-                if position == 0:
+                if position == 0:  # the read that says so also showed our key
                     return self._won()
                 predecessor = keys[position - 1][1]
                 # Watching from "now" rather than from the snapshot: etcd syncs a watch that
@@ -502,14 +592,10 @@ class _Candidacy:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
                         if not found.kvs:
-                            if position == 1:
-                                return self._won()
                             continue
                     for response in self.stream:
                         failures = 0
-                        if response.events:
-                            if position == 1:  # the leader went, and only it was older than us
-                                return self._won()
+                        if response.events:  # the predecessor went: prove our turn, or wait on
                             break
                 finally:
                     self.stream.close()
@@ -522,13 +608,39 @@ class _Candidacy:
                 gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
         return None
 
-    def _won(self) -> _EtcdLease | None:
-        if now() - self.confirmed_at > self.ttl / 6:  # the last renewal is old: confirm afresh
+    def _prove(self) -> tuple[int, list[tuple[int, bytes]]] | None:
+        """One transaction: is our key still ours, and which candidates are older?
+
+        None when our key is gone (deleted from outside, or expired with the lease): the
+        candidacy is lost and must never win. Otherwise the revision and the (create
+        revision, key) of every older candidate and of ours, oldest first; ours first is a
+        win proven by the same round trip.
+        """
+        request = etcdrpc.TxnRequest(
+            compare=[_owns(self.own_key, self.term)],
+            success=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+                key=self.prefix, range_end=etcd_client.utils.prefix_range_end(self.prefix),
+                keys_only=True, max_create_revision=self.term - 1))],
+        )
+        response = self.store._txn("prove", request)
+        if not response.succeeded:
+            return None
+        older = sorted((kv.create_revision, kv.key) for kv in response.responses[0].response_range.kvs
+                       if _is_direct_child(kv.key, self.prefix))
+        return response.header.revision, [*older, (self.term, self.own_key)]
+
+    def _fresh_lease(self) -> bool:
+        """Renew the lease now if its last renewal is old, so that a win leaves the candidate
+        most of its renew deadline; False if the lease is gone."""
+        if now() - self.confirmed_at > self.ttl / 6:
             started = now()
             if self.store._keepalive(self.lease_id) <= 0:
                 self.lost = True
-                return None
+                return False
             self.confirmed_at = started
+        return True
+
+    def _won(self) -> _EtcdLease:
         self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
         return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key)
 
@@ -718,6 +830,11 @@ class EtcdStore(Store):
     def transactions(self) -> Any:
         return self._client().transactions
 
+    def _txn(self, what: str, request: Any) -> Any:
+        """Send a raw ``TxnRequest`` (the client's own builder drops range filters)."""
+        return self._call(what, lambda client: client.kvstub.Txn(
+            request, self.timeout, credentials=client.call_credentials, metadata=client.metadata))
+
     def _range_prefix(self, prefix: bytes) -> Any:
         return self._call("range", lambda client: client.get_prefix_response(
             prefix, sort_order="ascend", sort_target="create"))
@@ -774,9 +891,16 @@ class EtcdStore(Store):
 
     def leader(self, key: str) -> LeaderInfo | None:
         prefix = (self.validate_key(key) + "/").encode()
-        response = self._range_prefix(prefix)
-        return _leader_of({kv.key: (kv.create_revision, kv.value) for kv in response.kvs
-                           if _is_direct_child(kv.key, prefix)})
+        deadline, delay = now() + self.timeout, 0.005
+        while True:
+            candidates = _candidates_in(self._range_prefix(prefix).kvs, prefix)
+            if _first_unclaimed(candidates) is None or now() >= deadline:
+                return _leader_of(candidates)
+            # A winner claims its key one round trip after it learnt it won: wait for that
+            # (bounded: the first may be a waiter that is frozen, or lost) rather than report
+            # a vacancy. Polled rather than watched: it also runs where gevent has not patched.
+            gevent.sleep(min(delay, max(0.0, deadline - now())))
+            delay = min(delay * 2, 0.25)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         prefix = (self.validate_key(key) + "/").encode()
@@ -785,8 +909,7 @@ class EtcdStore(Store):
         failures = 0
         while True:
             response = self._range_prefix(prefix)  # a failure here ends the watch
-            candidates = {kv.key: (kv.create_revision, kv.value) for kv in response.kvs
-                          if _is_direct_child(kv.key, prefix)}
+            candidates = _candidates_in(response.kvs, prefix)
             current = _leader_of(candidates)
             if current != last:
                 last = current
@@ -801,8 +924,9 @@ class EtcdStore(Store):
                                 continue
                             if event.type == kv_pb2.Event.DELETE:
                                 candidates.pop(event.kv.key, None)
-                            else:
-                                candidates[event.kv.key] = (event.kv.create_revision, event.kv.value)
+                            else:  # a new candidate, or a winner's claim
+                                candidates[event.kv.key] = (event.kv.create_revision, event.kv.version,
+                                                            event.kv.value)
                         current = _leader_of(candidates)
                         if current != last:
                             last = current
