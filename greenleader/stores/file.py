@@ -3,11 +3,48 @@
 Each key is a lock file in a directory. The holder keeps an OS file lock (``flock``) on
 it, so the kernel releases the lock the instant a holder process dies, however it dies:
 crash failover takes one poll interval, not a TTL. The file also records the last term
-and the holder's node name, for followers and for the next term. Terms are the previous
-term plus one, floored at the wall clock in milliseconds, so they keep increasing even
-when the lock file is removed (a holder whose file was removed steps down at its next renewal).
+and the holder's node name, for followers and for the next term.
 
-Local filesystems only: ``flock`` is not reliable over NFS or other network filesystems.
+**A lock file removed while held.** ``flock`` guards an inode, not a name. Once the file is
+deleted (``rm``, a temporary-file cleaner, ``rm -rf`` of the directory) or another file is
+moved over it, a new candidate would lock a new inode at once and lead beside the holder
+until the holder's next renewal notices (3.1 s at TTL 15). Files cannot be made
+undeletable, so a win also needs a lock that no file operation can remove:
+
+- On Linux, the holder also binds two *abstract* unix socket names made from the key and
+  the directory: one from the directory's path (it survives ``rm -rf`` and re-creation of
+  the directory), one from its device and inode (it covers one directory reached by two
+  paths, e.g. bind mounts of one volume in two containers). Binding a bound name fails, no
+  file cleaner can remove one, and the kernel drops it the instant the holder's process
+  dies, so crash failover stays one poll interval. A holder whose file went away keeps its
+  names until its next renewal reports the loss and the candidate steps down; only then
+  can anyone else win. The path name is qualified by the mount namespace, so containers
+  that share the host's network but not their files do not block each other's keys.
+- Elsewhere (no abstract names), a candidate that locks a file whose record was not written
+  into that very file, for that key, by greenleader (a new file, or one moved or copied
+  there) waits one TTL before it claims the win: a holder of a removed file reports the
+  loss within its renew deadline, which is shorter than its TTL, the argument the server
+  stores rest on. This costs one TTL on the first election of a key in a fresh directory,
+  and assumes that the candidates of a key use the same TTL.
+
+Limits, stated in the README: abstract names belong to a network namespace, so candidates
+in different network namespaces that share one directory (containers that share a volume
+but not the network) are kept apart by ``flock`` alone, and deleting a held lock file can
+still give two leaders there until the holder's next renewal. Any local process in the
+same network namespace that binds a key's name can block that key (never take it). Local
+filesystems only: ``flock`` is not reliable over NFS or other network filesystems.
+
+A holder touches its file at every renewal, so age-based cleaners (systemd-tmpfiles,
+tmpreaper) never find it old. The default directory, when it falls back to the shared
+temporary directory, must belong to this user and be writable by nobody else.
+
+Terms are the previous term plus one, floored at the wall clock in milliseconds, so they
+keep increasing even when the lock file is removed and the count starts over (unless the
+wall clock steps back past the last term at that moment).
+
+Every ``OSError`` of the store's I/O becomes a :class:`StoreUnavailableError`, which a
+retrying campaign or watch outlives (ENOSPC, EIO, a file removed mid-call, ...), except
+EACCES/EPERM: a :class:`PermissionDeniedError`, which retrying cannot fix.
 """
 
 from __future__ import annotations
@@ -18,16 +55,25 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import gevent
 
-from ..errors import InvalidArgumentError, LeadershipLostError, StoreUnavailableError
+from ..errors import (
+    InvalidArgumentError,
+    LeadershipLostError,
+    PermissionDeniedError,
+    StoreError,
+    StoreUnavailableError,
+)
 from .base import LeaderInfo, Lease, Store, check_float, check_text, now
 
 __all__ = ["FileStore", "default_directory"]
@@ -35,6 +81,9 @@ __all__ = ["FileStore", "default_directory"]
 log = logging.getLogger(__name__)
 
 _MAX_NAME = 200  # stays well under the usual 255-byte file name limit
+_MAX_RECORD = 65536  # a record with the longest key and node names, JSON-escaped, fits
+#: Whether wins also take the key's abstract unix socket names (Linux only; see above).
+ABSTRACT_NAMES = sys.platform.startswith("linux")
 
 
 def default_directory() -> Path:
@@ -54,58 +103,137 @@ def _file_name(key: str) -> str:
     return name + ".lock"
 
 
-def _read_record(fd: int) -> tuple[int, str | None] | None:
-    """The (term, node) record in a lock file, or None while it is being rewritten."""
-    data = os.pread(fd, 4096, 0)
+def _store_error(what: str, exc: OSError) -> StoreError:
+    """The store error for ``exc``: permission errors cannot be retried away, the rest can."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDeniedError(f"{what}: {exc}")
+    return StoreUnavailableError(f"{what}: {exc}")
+
+
+def _abstract_name(*parts: object) -> bytes:
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
+    return b"\0greenleader/" + digest.encode()
+
+
+def _bind(name: bytes) -> int | None:
+    """A socket descriptor bound to abstract ``name``, or None if another socket holds it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(name)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+    return sock.detach()
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    """``flock`` without blocking the hub: False if another holder has a conflicting lock."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    """The record in a lock file (``{}`` if empty), or None if it is not a whole record
+    (being rewritten, or not a lock file at all)."""
+    data = os.pread(fd, _MAX_RECORD, 0)
     if not data:
-        return 0, None
+        return {}
     line, newline, _ = data.partition(b"\n")
     if not newline:
         return None
     try:
         record = json.loads(line)
-        return int(record["term"]), record["node"]
+        if isinstance(record["term"], int) and isinstance(record["node"], (str, type(None))):
+            return record
     except (ValueError, KeyError, TypeError):
-        return None
+        pass
+    return None
 
 
-def _write_record(fd: int, term: int, node: str | None) -> None:
-    data = json.dumps({"term": term, "node": node}).encode() + b"\n"
+def _write_record(fd: int, record: dict[str, Any]) -> None:
+    data = json.dumps(record).encode() + b"\n"
     os.pwrite(fd, data, 0)
     os.ftruncate(fd, len(data))
 
 
+_all_held: weakref.WeakSet[_Held] = weakref.WeakSet()
+
+
+class _Held:
+    """The descriptors of one hold: the locked file and the bound socket names."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.sockets: list[int] = []
+        _all_held.add(self)
+
+    def close(self) -> None:
+        """Close every descriptor: the kernel drops the flock and unbinds the names."""
+        fds, self.sockets = [*self.sockets, self.fd], []
+        self.fd = None
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    log.warning("could not close a lock descriptor: %s", exc)
+
+
+def _forget_holds_in_child() -> None:
+    """A forked child closes its copies of every hold's descriptors: the parent's locks stay
+    (they belong to the shared open files), but they no longer outlive the parent."""
+    for held in list(_all_held):
+        held.close()
+
+
+os.register_at_fork(after_in_child=_forget_holds_in_child)
+
+
 class _FileLease(Lease):
-    def __init__(self, store: FileStore, key: str, node: str, term: int, fd: int, path: Path) -> None:
+    def __init__(self, key: str, node: str, term: int, held: _Held, path: Path, inode: int) -> None:
         super().__init__(key, node, term, now())
-        self._store = store
-        self._fd: int | None = fd
+        self._held = held
         self._path = path
+        self._inode = inode
 
     def renew(self) -> None:
         started = now()
-        if self._fd is None:
+        fd = self._held.fd
+        if fd is None:
             raise LeadershipLostError(f"{self.node!r} released {self.key!r}")
         try:
-            same_file = os.fstat(self._fd).st_ino == os.stat(self._path).st_ino
-        except FileNotFoundError:
-            same_file = False
+            if not _same_file(fd, self._path):
+                raise LeadershipLostError(f"lock file {self._path} was removed or replaced")
+            os.utime(fd)  # a fresh file is never old enough for a temporary-file cleaner
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot check lock file {self._path}: {exc}") from exc
-        if not same_file:
-            raise LeadershipLostError(f"lock file {self._path} was removed or replaced")
+            raise _store_error(f"cannot check lock file {self._path}", exc) from exc
         self.confirmed_at = started
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
+        fd = self._held.fd
         if fd is None:
             return
         try:
-            _write_record(fd, self.term, None)
+            _write_record(fd, {"term": self.term, "node": None, "key": self.key, "inode": self._inode})
         except OSError as exc:
             log.warning("could not clear the leader record in %s: %s", self._path, exc)
         finally:
-            os.close(fd)  # closing the descriptor drops the flock
+            self._held.close()
 
 
 class FileStore(Store):
@@ -125,17 +253,25 @@ class FileStore(Store):
                 raise InvalidArgumentError("the file store takes one directory")
             directory = addrs[0]
         self.poll_interval = check_float("poll_interval", poll_interval, minimum=0.001, maximum=10.0)
+        chosen = directory is None
         if directory is None:
             directory = default_directory()
         elif not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
             raise InvalidArgumentError(f"directory must be a path, not {directory!r}")
         self.directory = Path(directory)
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._make_directory()
+            if chosen:
+                self._check_owner()
+            self._real_directory = os.path.realpath(self.directory)
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot create the file store directory {self.directory}: {exc}") from exc
+            raise _store_error(f"cannot create the file store directory {self.directory}", exc) from exc
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise StoreUnavailableError(f"the file store directory {self.directory} is not writable")
+        try:
+            self._namespace = os.stat("/proc/self/ns/mnt").st_ino if ABSTRACT_NAMES else 0
+        except OSError:
+            self._namespace = 0
 
     @classmethod
     def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> FileStore:
@@ -150,64 +286,131 @@ class FileStore(Store):
         """The lock file that holds ``key``."""
         return self.directory / _file_name(key)
 
+    def _make_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _check_owner(self) -> None:
+        """A directory we did not choose could be someone else's (a squatted /tmp name)."""
+        info = os.stat(self.directory)
+        if info.st_uid != os.geteuid():
+            raise PermissionDeniedError(f"the file store directory {self.directory} belongs to uid "
+                                        f"{info.st_uid}, not to this user: remove it or pass a directory")
+        if info.st_mode & 0o022:
+            raise PermissionDeniedError(f"the file store directory {self.directory} is writable by others "
+                                        f"(mode {info.st_mode & 0o777:o}): chmod 700 it or pass a directory")
+
+    # -- acquire ----------------------------------------------------------------------------
+
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
         node = check_text("node", node)
         path = self.path_for(key)
         while True:
-            fd = self._open(path, os.O_RDWR | os.O_CREAT)
             try:
-                self._lock_exclusive(fd)
-                if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    os.close(fd)  # the file was replaced while we waited: lock the new one
+                held = self._try_hold(key, path)
+                if held is None:
+                    gevent.sleep(self.poll_interval)
                     continue
-                previous = _read_record(fd)
-                # The wall-clock floor keeps terms increasing even if the file was deleted
-                # (e.g. by a temporary-file cleaner) and the count started over.
-                term = max((previous[0] if previous else 0) + 1, time.time_ns() // 1_000_000)
-                _write_record(fd, term, node)
-            except BaseException:
-                os.close(fd)
-                raise
-            return _FileLease(self, key, node, term, fd, path)
+                try:
+                    lease = self._claim(held, key, node, ttl, path)
+                except BaseException:
+                    held.close()
+                    raise
+            except OSError as exc:
+                raise _store_error(f"cannot lock {path}", exc) from exc
+            if lease is not None:
+                return lease
+            held.close()  # replaced while we waited: lock the new one
 
-    def _open(self, path: Path, flags: int) -> int:
+    def _names(self, key: str) -> list[bytes] | None:
+        """The key's abstract socket names (none where there are no abstract names), or
+        None if the directory had gone (it is made again: try again)."""
+        if not ABSTRACT_NAMES:
+            return []
         try:
-            return os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreUnavailableError(f"cannot open lock file {path}: {exc}") from exc
+            info = os.stat(self.directory)
+        except FileNotFoundError:  # removed (rm -rf)
+            self._make_directory()
+            return None
+        return [_abstract_name("path", self._namespace, self._real_directory, key),
+                _abstract_name("inode", info.st_dev, info.st_ino, key)]
 
-    def _lock_exclusive(self, fd: int) -> None:
-        # flock() without LOCK_NB would block the hub, so poll cooperatively.
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                gevent.sleep(self.poll_interval)
+    def _try_hold(self, key: str, path: Path) -> _Held | None:
+        """Everything a win needs, at once and without waiting, or None (all let go)."""
+        names = self._names(key)
+        if names is None:
+            return None
+        held = _Held()
+        try:
+            for name in names:
+                fd = _bind(name)
+                if fd is None:
+                    held.close()
+                    return None
+                held.sockets.append(fd)
+            held.fd = self._open_lock_file(path)
+            if _try_flock(held.fd, fcntl.LOCK_EX) and _same_file(held.fd, path):
+                return held
+        except BaseException:
+            held.close()
+            raise
+        held.close()
+        return None
+
+    def _open_lock_file(self, path: Path) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            self._make_directory()
+            return os.open(path, flags, 0o600)
+
+    def _claim(self, held: _Held, key: str, node: str, ttl: float, path: Path) -> _FileLease | None:
+        """Write this tenure's record into the held file; None if the file was replaced
+        during the fallback's wait."""
+        assert held.fd is not None
+        record = _read_record(held.fd) or {}
+        inode = os.fstat(held.fd).st_ino
+        previous = record.get("term", 0)
+        if not ABSTRACT_NAMES and (record.get("key"), record.get("inode")) != (key, inode):
+            # No proof that nobody leads through a removed file: outwait its holder's TTL.
+            # Meanwhile the record names nobody and is not trusted by the next candidate.
+            _write_record(held.fd, {"term": previous, "node": None})
+            log.info("%s is new to greenleader: waiting %gs before the first win", path, ttl)
+            gevent.sleep(ttl)
+            if not _same_file(held.fd, path):
+                return None
+        # The wall-clock floor keeps terms increasing even if the file was deleted
+        # (e.g. by a temporary-file cleaner) and the count started over.
+        term = max(previous + 1, time.time_ns() // 1_000_000)
+        _write_record(held.fd, {"term": term, "node": node, "key": key, "inode": inode})
+        return _FileLease(key, node, term, held, path, inode)
+
+    # -- leader and watch -------------------------------------------------------------------
 
     def leader(self, key: str) -> LeaderInfo | None:
         path = self.path_for(key)
-        while True:
+        try:
+            return self._leader(path)
+        except OSError as exc:
+            raise _store_error(f"cannot read lock file {path}", exc) from exc
+
+    def _leader(self, path: Path) -> LeaderInfo | None:
+        for _ in range(10):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
-            except OSError as exc:
-                raise StoreUnavailableError(f"cannot open lock file {path}: {exc}") from exc
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise StoreUnavailableError(f"cannot lock {path}: {exc}") from exc
-                else:
+                if _try_flock(fd, fcntl.LOCK_SH):
                     return None  # nobody holds the lock: vacant, whatever the file says
                 record = _read_record(fd)
             finally:
                 os.close(fd)
-            if record is not None and record[1] is not None:
-                return LeaderInfo(record[1], record[0])
+            if record is not None:
+                node = record.get("node")
+                return LeaderInfo(node, record["term"]) if node is not None else None
             gevent.sleep(self.poll_interval)  # a new holder is writing its record
+        raise StoreUnavailableError(f"{path} is held but holds no leader record")
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         last: object = object()
