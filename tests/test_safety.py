@@ -240,12 +240,16 @@ def test_killing_the_campaign_greenlet_steps_down_before_it_releases(make_store,
 
 
 def test_a_forked_child_inherits_no_leadership(kind, make_store, key, ttl, stopping) -> None:
-    """The child of a leading process never leads, renews or releases anything: the parent
-    keeps leading throughout, and once the parent stops, bob wins while the child still lives."""
+    """The child of a process where alice leads and bob waits never leads, renews, withdraws or
+    releases anything: alice keeps leading throughout, and once she stops, bob (in the parent)
+    wins while the child still lives."""
     alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
     follower = Follower(make_store(), key)
-    stopping.extend([alice, follower])
+    stopping.extend([alice, bob, follower])
     wins(alice, 3 * ttl)
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, 3 * ttl, "bob's first item") is False
     leaders, _ = follower.follow_election()
     assert next_item(leaders, 3 * ttl, "the follower to name alice") == "alice"
     to_parent_r, to_parent_w = os.pipe()
@@ -256,11 +260,11 @@ def test_a_forked_child_inherits_no_leadership(kind, make_store, key, ttl, stopp
         try:
             os.close(to_parent_r)
             os.close(to_child_w)
-            report = {"alice": []}
+            report = {"leads": []}
             for _ in range(20):
-                report["alice"].append(alice.is_leader())
+                report["leads"].append(alice.is_leader() or bob.is_leader())
                 gevent.sleep(alice.renew_interval / 4)
-            report["term"] = alice.term
+            report["terms"] = [alice.term, bob.term]
             os.write(to_parent_w, json.dumps(report).encode() + b"\n")
             _read_line(to_child_r)  # the parent stopped alice and bob won meanwhile
             code = 0
@@ -275,13 +279,13 @@ def test_a_forked_child_inherits_no_leadership(kind, make_store, key, ttl, stopp
             parent_samples.append(alice.is_leader())
             gevent.sleep(0.005)
         child = json.loads(reader.get(timeout=60))
-        assert not any(child["alice"]), "the forked child's copy of alice said it leads"
-        assert child["term"] is None
+        assert not any(child["leads"]), "an inherited candidate said it leads in the forked child"
+        assert child["terms"] == [None, None]
         assert all(parent_samples) and alice.is_leader(), "the parent lost leadership to its child"
         alice.stop()
-        bob = Candidate(make_store(), key, "bob", ttl=ttl)
-        stopping.append(bob)
-        wins(bob, 30)  # the child still lives: it must hold nothing that keeps the key
+        # The child still lives: it must hold nothing that keeps the key, nor have withdrawn bob.
+        assert next_item(bob_elected, 30, "bob to win in the parent") is True
+        assert next_item(leaders, 30, "the follower to see the handover") in (None, "bob")
     finally:
         os.write(to_child_w, b"\n")
         _, status = os.waitpid(pid, 0)

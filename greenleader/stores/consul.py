@@ -78,6 +78,7 @@ import requests
 from gevent import monkey
 from requests.adapters import HTTPAdapter
 
+from .. import _fork
 from ..errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -239,6 +240,12 @@ class _Endpoint:
     def close(self) -> None:
         self.client.http.session.close()
 
+    def reconnect_after_fork(self, store: ConsulStore) -> None:
+        """Use new connections: the pooled ones are shared with the parent. Dropping them only
+        closes this process's descriptors, which sends nothing while the parent has its own."""
+        old = self.client.http.session
+        self.client.http.session = _HTTPSession(store.timeout, store.timeout, old.headers.get("X-Consul-Token"))
+
 
 class _Session:
     """A Consul session of one candidacy, and when it was last confirmed alive."""
@@ -250,9 +257,17 @@ class _Session:
         self.ttl = ttl
         self.confirmed_at = confirmed_at
         self.lost = False
+        self.pid = os.getpid()
+
+    @property
+    def inherited(self) -> bool:
+        """True in a forked child: the session is the parent's, to be left alone."""
+        return self.pid != os.getpid()
 
     def renew(self) -> None:
         """Extend the session by its TTL; LeadershipLostError if Consul no longer has it."""
+        if self.inherited:
+            raise LeadershipLostError(f"the Consul session of {self.node!r} belongs to the parent process")
         started = now()
         try:
             self.store._call("renew the session", lambda c: c.session.renew(self.id))
@@ -278,6 +293,8 @@ class _Session:
                 retry = min(retry * 2, _ERROR_RETRY[1])
 
     def destroy(self) -> None:
+        if self.inherited:
+            return
         self.store._call("destroy the session", lambda c: c.session.destroy(self.id))
 
 
@@ -288,6 +305,11 @@ class _ConsulLease(Lease):
         self._session = session
         self._released = False
         self._watcher = gevent.spawn(self._watch_for_loss)
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._released = True  # the parent's hold: renew nothing, release nothing
+        self._watcher.kill(block=False)
 
     def renew(self) -> None:
         if self._released:
@@ -339,6 +361,10 @@ class _Campaign:
         self.session = store._open_session(node, ttl)
         self.keeper = gevent.spawn(self.session.keep_alive)
         self.won = False
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self.keeper.kill(block=False)  # the session is the parent's: its cleanup skips it
 
     def close(self) -> None:
         """Stop the keepalive; destroy the session unless a lease now owns it."""
@@ -486,6 +512,7 @@ class ConsulStore(Store):
         self.token_source: str | None = None
         self._token = self._resolve_token(token, token_file)
         self._endpoints = [_Endpoint(addr, self, self._token, tls_verify, cert) for addr in addrs]
+        _fork.register(self)
         self._current = 0
         if self._token and not self.tls.enabled:
             warn_plaintext_secret("consul", "ACL token", [e.addr.rpartition(":")[0] for e in self._endpoints])
@@ -619,6 +646,10 @@ class ConsulStore(Store):
     def close(self) -> None:
         for endpoint in self._endpoints:
             endpoint.close()
+
+    def _after_fork_in_child(self) -> None:
+        for endpoint in self._endpoints:
+            endpoint.reconnect_after_fork(self)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
+from .. import _fork
 from ..errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -191,8 +192,11 @@ class _WakeSocket:
         self._sock = sock
         self._owed = 0
         self._payer: gevent.Greenlet | None = None
+        self.pid = os.getpid()
 
     def send(self, data: bytes) -> int:
+        if self.pid != os.getpid():
+            return len(data)  # a forked child's copy: the socketpair wakes the parent's kazoo
         if not self._owed:
             try:
                 return os.write(self._sock.fileno(), data)
@@ -247,6 +251,15 @@ class _Session:
         connection = self.client._connection
         if connection._write_sock is not None:  # made by start_async (kazoo >= 2.10 internals)
             connection._write_sock = _WakeSocket(connection._write_sock)
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The session is the parent's: stop this copy of kazoo's connection loop before it
+        reads the parent's replies (killing it only closes this process's descriptors)."""
+        self.connected.clear()
+        routine = getattr(self.client._connection, "_connection_routine", None)
+        if routine is not None:
+            routine.kill(block=False)
 
     def __repr__(self) -> str:
         return f"<ZooKeeper session {self.session_id or 0:#x} timeout={self.negotiated_ms or self.requested_ms}ms>"
@@ -342,6 +355,8 @@ class _Session:
         kazoo's own exceptions for node states (NoNodeError, ...) pass through; connection
         trouble, timeouts and permission refusals become greenleader errors.
         """
+        if self.pid != os.getpid():
+            raise StoreUnavailableError("this ZooKeeper session belongs to the parent process")
         return self.result(method(*args, **kwargs))
 
     def result(self, async_result: Any, timeout: float | None = None) -> Any:
@@ -380,6 +395,8 @@ class _Session:
         so a caller killed or timed out meanwhile cannot leave it in the queue for good:
         an orphan is deleted on the next (re)connection, or at the next acquire().
         """
+        if self.pid != os.getpid():
+            return  # a forked child's copy: the node is the parent's
         self.orphans.add((parent, prefix))
         if not self.connected.is_set():
             raise StoreUnavailableError(f"cannot delete {parent}/{prefix} now; it goes when the session reconnects")
