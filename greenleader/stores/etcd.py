@@ -16,8 +16,10 @@ A winner then *claims* its key by writing the same value again, on the same leas
 takes the key's version from 1 to 2 (the create revision, the term, is unchanged). The claim
 is sent only once the candidate has stepped up, so followers, which name only a claimed
 first key (an unclaimed one reads as vacant), never name a candidate before it can know
-that it leads: not a winner frozen just as it won, nor a waiter that is first only for the
-moment it takes to notice its own loss.
+that it leads: not a winner frozen just as it won, nor a waiter that comes first while it
+withdraws. So during a handover a follower reports a vacancy for about one round trip.
+Candidates of ``etcdctl elect`` on the same key exclude greenleader's and are excluded by
+them (same keys, same order), but followers name them only once they proclaim a value.
 
 The client is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of ``etcd3`` with
 current protobuf stubs; ``etcd3`` is used if it is what the environment has. It speaks
