@@ -24,6 +24,21 @@ as an ``error`` line with ``"fatal": false``. With ``--history FILE`` a candidat
 its tenures to FILE for the split-brain checker (``tests.history``), and with ``--block-hub S``
 it blocks its gevent hub for S seconds on SIGUSR1 (``tests.faults``).
 
+The nemesis's other controls, all by signal (see ``tests.faults`` for the senders):
+
+- ``RESIGN_SIGNAL`` (SIGUSR2): the candidate resigns (if it leads).
+- ``--inject-rate P``: the store is wrapped in :class:`greenleader.testing.FaultyStore`;
+  between ``INJECT_ON_SIGNAL`` and ``INJECT_OFF_SIGNAL`` each call of a store primitive
+  raises an injected exception with probability P (a random class among
+  ``INJECTED_ERRORS``, before the call reaches the store or after it did its work, as a lost
+  reply would); an ``injected`` line names each one.
+- ``--fork-for S`` (with ``--history``): on ``FORK_SIGNAL`` the process forks. The child, a
+  copy of a process whose candidate may be leading, must stay inert: for S seconds it
+  records every ``is_leader()`` that says True into a history file of its own (any is a
+  violation: the checker finds no tenure of the child's), then stops its inherited
+  candidate and closes its store, as a worker shutting down would, and exits. The parent
+  prints a ``forked`` line.
+
 :class:`ProcessGroup` is the parent side: it starts such processes, collects their lines and
 waits for them with bounded timeouts.
 """
@@ -57,6 +72,20 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 _ANY = object()
 EXIT_ERROR = 3  # the campaign (or watch) ended with an error
+RESIGN_SIGNAL = signal.SIGUSR2
+FORK_SIGNAL = signal.SIGRTMIN
+INJECT_ON_SIGNAL = signal.SIGRTMIN + 1
+INJECT_OFF_SIGNAL = signal.SIGRTMIN + 2
+#: Exception classes ``--inject-rate`` raises, and their weights: mostly the store errors a
+#: candidate must outlive, sometimes what only a bug would raise (which may end a campaign).
+INJECTED_ERRORS = {
+    "StoreUnavailableError": 6, "StoreError": 3, "LeadershipLostError": 2, "InvalidArgumentError": 1,
+    "OSError": 1, "RuntimeError": 1, "GreenletExit": 1,
+}
+#: Seconds between two samples of ``is_leader()`` in a forked child.
+FORK_SAMPLE = 0.005
+#: In a forked child, the greenlet that checks it and then ends the process.
+_fork_child: list[Any] = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +159,88 @@ def _report(node: str, source: Any, tenures: list[_Tenure] | None = None) -> Non
     zope.event.subscribers.append(on_event)
 
 
+def _error_class(name: str) -> type[BaseException]:
+    import builtins
+
+    import greenleader.errors
+
+    if name == "GreenletExit":
+        return gevent.GreenletExit
+    return getattr(greenleader.errors, name, None) or getattr(builtins, name)
+
+
+def _faulty(store: Any, node: str, rate: float) -> Any:
+    """``store`` in a FaultyStore that, while switched on by INJECT_ON_SIGNAL (until
+    INJECT_OFF_SIGNAL), fails each call with probability ``rate``."""
+    import random
+    from dataclasses import dataclass
+
+    from greenleader.testing import PRIMITIVES, Call, Fault, FaultyStore
+
+    rng = random.Random()
+    on = [False]
+    names, weights = list(INJECTED_ERRORS), list(INJECTED_ERRORS.values())
+
+    @dataclass
+    class RandomError(Fault):
+        def exception(self, call: Call) -> BaseException:
+            name = rng.choices(names, weights)[0]
+            _emit("injected", node, call.term, error=name, primitive=call.primitive, after=self.after)
+            return _error_class(name)(f"injected into {call.primitive} of {call.key!r}")
+
+    def hit(_call: Call) -> bool:
+        return on[0] and rng.random() < rate / 2
+
+    faulty = FaultyStore(store, history_size=1000)
+    for primitive in PRIMITIVES:
+        for after in (False, True):
+            faulty.add_fault(RandomError(primitive, RuntimeError, hit, times=None, after=after))
+
+    def switch(value: bool) -> None:
+        on[0] = value
+        _emit("inject", node, on=value)
+
+    gevent.signal_handler(INJECT_ON_SIGNAL, switch, True)
+    gevent.signal_handler(INJECT_OFF_SIGNAL, switch, False)
+    return faulty
+
+
+def _fork(candidate: Any, store: Any, recorder: Any, node: str, seconds: float) -> None:
+    """FORK_SIGNAL: fork; the child checks that it inherited no leadership (see the module doc)."""
+    pid = os.fork()
+    if pid:
+        _emit("forked", node, child=pid)
+        _, status = os.waitpid(pid, 0)  # gevent's waitpid: only this greenlet waits
+        _emit("fork-reaped", node, child=pid, status=os.waitstatus_to_exitcode(status))
+        return
+    _fork_child.append(gevent.getcurrent())  # main() waits for it: the child ends here
+    try:  # the child: nothing of the parent's may print, release or renew from here on
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        recorder.become_fork_child()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            recorder.observe()
+            gevent.sleep(FORK_SAMPLE)
+        with gevent.Timeout(10):
+            candidate.stop()
+            recorder.observe()
+            store.close()
+        recorder.write("fork-exit", t=time.monotonic())
+    except BaseException as exc:  # report anything, then leave without any cleanup
+        with contextlib.suppress(BaseException):
+            recorder.write("fork-error", error=repr(exc), t=time.monotonic())
+    finally:
+        os._exit(0)
+
+
 def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: list[Any]) -> bool:
     """Run the candidate until stopped; True if its campaign ended because of an error."""
     from greenleader import Candidate
 
     candidate = Candidate(store, args.key, args.node, args.ttl, retry=args.retry)
+    gevent.signal_handler(RESIGN_SIGNAL, candidate.resign)
     if args.history:  # tests.history: tenures with their deadlines, for the split-brain checker
         from tests.faults import install_hub_blocker
         from tests.history import Recorder
@@ -143,6 +249,8 @@ def _campaign(store: Any, args: argparse.Namespace, stopping: Event, current: li
         recorder.attach(candidate, store)
         if args.block_hub:
             install_hub_blocker(args.block_hub, recorder.observe, recorder.blocked)
+        if args.fork_for:
+            gevent.signal_handler(FORK_SIGNAL, _fork, candidate, store, recorder, args.node, args.fork_for)
     tenures: list[_Tenure] = []
     _instrument(store, args.node, tenures, candidate.is_leader)
     current[:] = [candidate]
@@ -193,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", metavar="FILE", help="append tenures to FILE (tests.history.Recorder)")
     parser.add_argument("--block-hub", type=float, default=0.0, metavar="SECONDS",
                         help="with --history: on SIGUSR1, block the gevent hub for SECONDS (tests.faults)")
+    parser.add_argument("--inject-rate", type=float, default=0.0, metavar="P",
+                        help="wrap the store in FaultyStore; while switched on, fail calls with probability P")
+    parser.add_argument("--fork-for", type=float, default=0.0, metavar="SECONDS",
+                        help="with --history: on FORK_SIGNAL, fork a child that must stay inert for SECONDS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
@@ -216,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     store = None
     try:
         store = from_url(args.url)
+        if args.inject_rate:
+            store = _faulty(store, args.node, args.inject_rate)
         failed = (_follow if args.follower else _campaign)(store, args, stopping, current)
     except GreenleaderError as exc:  # the store could not be made, or refused the key
         _emit("error", args.node, error=f"{type(exc).__name__}: {exc}", fatal=True)
@@ -223,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if store is not None:
             store.close()
+        if _fork_child:  # a forked child: its inherited campaign ended at once (inert); the
+            _fork_child[0].join()  # checks go on until that greenlet ends the process
     return EXIT_ERROR if failed and not stopping.is_set() else 0
 
 

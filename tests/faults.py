@@ -16,17 +16,23 @@ Everything here runs on the test machine itself (no external service):
   code that never yields, blocking its gevent hub (see :func:`install_hub_blocker`).
 - :func:`kill_node`, :func:`restart_node`, :func:`kill_cluster`, :func:`restart_cluster`
   crash and restart store servers of a :class:`tests.servers.Cluster`.
+- :func:`registrations` and :func:`delete_registration` find and delete a candidate's
+  registration for a key from outside, as an operator or a cleaner would (Consul: the key or
+  the session; etcd: the candidate's key; ZooKeeper: its node; file store: the lock file).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import struct
 import time
+import urllib.error
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,12 +41,14 @@ from gevent.event import Event
 from gevent.queue import Queue
 from gevent.server import StreamServer
 
+from tests import servers
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ClientProxies", "Direction", "Proxy",
-    "block_hub", "install_hub_blocker", "kill_cluster", "kill_node", "pause",
-    "restart_cluster", "restart_node", "resume",
+    "block_hub", "delete_registration", "install_hub_blocker", "kill_cluster", "kill_node", "pause",
+    "registrations", "restart_cluster", "restart_node", "resume",
 ]
 
 _CHUNK = 65536
@@ -330,3 +338,86 @@ def restart_cluster(cluster: Any, timeout: float = 60.0) -> None:
     for node in cluster.nodes:
         node.wait_answers(timeout)
     cluster.wait_ready(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# a candidate's registration, deleted from outside
+
+
+def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
+    """``(node, handle)`` of every candidate registered for ``key``, the holder first (Consul:
+    the holder, then the other sessions named for greenleader, in no order). ``where``: the
+    store's addresses, or the file store's directory. Asks the store directly, not through a
+    greenleader store (no proxy, no fault of the candidates' own)."""
+    if backend == "consul":
+        base = f"http://{where[0]}/v1"
+        try:
+            entry = json.loads(servers.http("GET", f"{base}/kv/{key}"))
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+            entry = None  # nobody holds the key
+        holder = entry[0].get("Session") if entry else None
+        sessions = json.loads(servers.http("GET", f"{base}/session/list"))
+        named = {s["ID"]: s["Name"].removeprefix("greenleader ") for s in sessions
+                 if s["Name"].startswith("greenleader ")}
+        found = [(named.get(holder, "?"), f"session:{holder}")] if holder else []
+        return found + [(node, f"session:{sid}") for sid, node in named.items() if sid != holder]
+    if backend == "etcd":
+        prefix = (key + "/").encode()
+        body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + bytes([prefix[-1] + 1]))}
+        kvs = json.loads(servers.http("POST", f"http://{where[0]}/v3/kv/range", json.dumps(body).encode()))
+        children = [kv for kv in kvs.get("kvs", []) if b"/" not in base64.b64decode(kv["key"])[len(prefix):]]
+        children.sort(key=lambda kv: int(kv["create_revision"]))
+        return [(base64.b64decode(kv.get("value", "")).decode(), base64.b64decode(kv["key"]).decode())
+                for kv in children]
+    if backend == "zookeeper":
+        from greenleader.stores.zookeeper import ZooKeeperStore
+        from tests.support_zookeeper import admin_client, contenders
+
+        path = ZooKeeperStore(where).path_for(key)
+        with admin_client(where, timeout=5) as zk:
+            found = []
+            for name in contenders(zk, path):
+                with contextlib.suppress(Exception):
+                    found.append((zk.get(f"{path}/{name}")[0].decode(), f"{path}/{name}"))
+            return found
+    if backend == "file":
+        from greenleader.stores.file import FileStore
+
+        path = FileStore(directory=where).path_for(key)
+        return [("?", path)] if os.path.exists(path) else []
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def delete_registration(backend: str, where: Any, key: str, handle: str, *, whole_key: bool = False) -> str:
+    """Delete one registration found by :func:`registrations`; return what was done.
+    ``whole_key`` (Consul): delete the key itself rather than the holder's session."""
+    if backend == "consul":
+        base = f"http://{where[0]}/v1"
+        if whole_key:
+            servers.http("DELETE", f"{base}/kv/{key}")
+            return "consul kv delete of the key"
+        servers.http("PUT", f"{base}/session/destroy/{handle.removeprefix('session:')}")
+        return "consul session destroy"
+    if backend == "etcd":
+        body = {"key": _b64(handle.encode())}
+        servers.http("POST", f"http://{where[0]}/v3/kv/deleterange", json.dumps(body).encode())
+        return "etcd delete of the candidate's key"
+    if backend == "zookeeper":
+        from kazoo.exceptions import NoNodeError
+
+        from tests.support_zookeeper import admin_client
+
+        with admin_client(where, timeout=5) as zk, contextlib.suppress(NoNodeError):
+            zk.delete(handle)
+        return "zookeeper delete of the candidate's node"
+    if backend == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle)
+        return "file store lock file removed"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -17,14 +17,22 @@ to the process's own file with a single ``write(2)`` each, on the host's ``CLOCK
   an instant between ``t0`` and ``t1``. Taken every 0.1 s by a greenlet, and every few
   milliseconds while a hub-blocking fault runs CPU-bound code.
 - ``blocked``: the hub was blocked from ``t0`` to ``t1``.
+- ``release``: the candidate sent the release of a won lease; ``leading`` is what
+  ``is_leader()`` said then (it must say False: every way out of a tenure steps down before
+  it releases, DESIGN.md rule 9).
+
+A forked child of a candidate process (``tests.candidate_process --fork-for``) records into a
+file of its own, as process ``<proc>/fork<pid>``: its ``lead`` samples (there must be none,
+rule 11), and ``fork-violation`` if its inherited candidate won, renewed or released anything.
 
 **Checking** (in the test, :func:`load` and :func:`check`): a tenure runs from ``won`` to
 ``end``, or, for a process killed while leading, to its last recorded deadline. Every bound is
 conservative (a tenure is recorded no shorter than it really was), so the checks can only err
 towards reporting an overlap. It fails on two tenures that overlap, on a term that does not
-increase from one tenure to the next, and on a ``lead`` sample outside its own tenure (a
-duty told it leads when the history says it did not). It reports, for each instant a fault
-healed, how long the key then stayed without a leader.
+increase from one tenure to the next, on a ``lead`` sample outside its own tenure (a
+duty told it leads when the history says it did not), on a release sent while the candidate
+still said it led, and on a forked child that led or touched the store. It reports, for each
+instant a fault healed, how long the key then stayed without a leader.
 """
 
 from __future__ import annotations
@@ -63,10 +71,23 @@ class Recorder:
 
     def __init__(self, path: str | os.PathLike[str], proc: str) -> None:
         self.proc = proc
+        self.path = Path(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._tenures: list[_Open] = []
         self.candidate: Any = None
+        self.forked = False
         self.write("start", pid=os.getpid(), t=time.monotonic())
+
+    def become_fork_child(self) -> None:
+        """In a forked child: record into a file of its own, as ``<proc>/fork<pid>``; from now
+        on a win, renewal or release by the inherited candidate is a ``fork-violation``."""
+        pid = os.getpid()
+        os.close(self._fd)
+        self._fd = os.open(self.path.with_name(f"{self.path.stem}.fork{pid}.jsonl"),
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.proc = f"{self.proc}/fork{pid}"
+        self.forked = True
+        self.write("start", pid=pid, t=time.monotonic())
 
     def write(self, event: str, **fields: Any) -> None:
         line = json.dumps({"ev": event, "proc": self.proc, **fields}) + "\n"
@@ -85,18 +106,26 @@ class Recorder:
         def recorded_acquire(key: str, node: str, ttl: float) -> Any:
             lease = acquire(key, node, ttl)
             won_at = time.monotonic()
+            if self.forked:
+                self.write("fork-violation", what="won", term=lease.term, t=won_at)
             tenure = _Open(lease.term, lease.confirmed_at + candidate.renew_deadline)
             self._tenures.append(tenure)
             self.write("won", term=lease.term, t=won_at, deadline=tenure.deadline)
             renew, release = lease.renew, lease.release
 
             def recorded_renew() -> None:
+                if self.forked:
+                    self.write("fork-violation", what="renewed", term=lease.term, t=time.monotonic())
                 renew()
                 tenure.deadline = lease.confirmed_at + candidate.renew_deadline
                 self.write("renewed", term=lease.term, deadline=tenure.deadline)
 
             def recorded_release() -> None:
-                self._end(tenure, time.monotonic())
+                at = time.monotonic()
+                if self.forked:
+                    self.write("fork-violation", what="released", term=lease.term, t=at)
+                self.write("release", term=lease.term, t=at, leading=candidate.is_leader())
+                self._end(tenure, at)
                 release()
 
             lease.renew, lease.release = recorded_renew, recorded_release
@@ -171,6 +200,11 @@ class History:
     tenures: list[Tenure] = field(default_factory=list)  # sorted by start
     observations: list[Observation] = field(default_factory=list)
     blocks: list[tuple[str, float, float]] = field(default_factory=list)
+    #: (proc, term, t) of each release sent while ``is_leader()`` still said True
+    early_releases: list[tuple[str, int, float]] = field(default_factory=list)
+    #: (proc, what, t): a forked child's inherited candidate won, renewed or released
+    fork_violations: list[tuple[str, str, float]] = field(default_factory=list)
+    forks: int = 0  # forked children that recorded a history
 
 
 def load(paths: Iterable[str | os.PathLike[str]]) -> History:
@@ -198,6 +232,12 @@ def load(paths: Iterable[str | os.PathLike[str]]) -> History:
                 history.observations.append(Observation(proc, record["term"], record["t0"], record["t1"]))
             elif event == "blocked":
                 history.blocks.append((proc, record["t0"], record["t1"]))
+            elif event == "release" and record.get("leading"):
+                history.early_releases.append((proc, record["term"], record["t"]))
+            elif event == "fork-violation":
+                history.fork_violations.append((proc, record["what"], record["t"]))
+            elif event == "start" and "/fork" in str(proc):
+                history.forks += 1
         for won in open_tenures.values():
             history.tenures.append(Tenure(won["proc"], won["term"], won["start"], won["deadline"], False))
     history.tenures.sort(key=lambda tenure: tenure.start)
@@ -212,10 +252,16 @@ class Verdict:
     stray_observations: list[Observation]
     #: (label, healed at, seconds without a leader after it; None if no leader came by ``until``)
     gaps: list[tuple[str, float, float | None]]
+    early_releases: list[tuple[str, int, float]] = field(default_factory=list)
+    #: ``lead`` samples taken in forked children (each one a child that believed it led)
+    fork_leads: list[Observation] = field(default_factory=list)
+    fork_violations: list[tuple[str, str, float]] = field(default_factory=list)
+    forks: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.overlaps or self.term_errors or self.stray_observations)
+        return not (self.overlaps or self.term_errors or self.stray_observations or self.early_releases
+                    or self.fork_leads or self.fork_violations)
 
     @property
     def leadership_changes(self) -> int:
@@ -234,6 +280,11 @@ class Verdict:
         lines += [f"fencing term did not increase: {a} then {b}" for a, b in self.term_errors]
         lines += [f"{o.proc} was told it leads with term {o.term} at [{o.t0:.3f}, {o.t1:.3f}], outside its tenure"
                   for o in self.stray_observations[:20]]
+        lines += [f"{proc} released term {term} at {t:.3f} while is_leader() still said True"
+                  for proc, term, t in self.early_releases[:20]]
+        lines += [f"forked child {o.proc} was told it leads with term {o.term} at {o.t0:.3f}"
+                  for o in self.fork_leads[:20]]
+        lines += [f"forked child {proc} {what} at {t:.3f}" for proc, what, t in self.fork_violations[:20]]
         return "\n".join(lines)
 
 
@@ -251,7 +302,10 @@ def check(history: History, heals: Iterable[tuple[str, float]] = (), until: floa
     term_errors = [(a, b) for a, b in itertools.pairwise(tenures) if b.term <= a.term]
     by_proc_term = {(t.proc, t.term): t for t in history.tenures}
     stray = []
+    fork_leads = [obs for obs in history.observations if "/fork" in obs.proc]
     for obs in history.observations:
+        if "/fork" in obs.proc:
+            continue
         tenure = by_proc_term.get((obs.proc, obs.term))
         if tenure is None or not (tenure.start <= obs.t1 and obs.t0 < tenure.end):
             stray.append(obs)
@@ -262,7 +316,8 @@ def check(history: History, heals: Iterable[tuple[str, float]] = (), until: floa
             continue
         after = [t.start for t in tenures if t.start >= healed and (until is None or t.start <= until)]
         gaps.append((label, healed, min(after) - healed if after else None))
-    return Verdict(tenures, overlaps, term_errors, stray, gaps)
+    return Verdict(tenures, overlaps, term_errors, stray, gaps, history.early_releases, fork_leads,
+                   history.fork_violations, history.forks)
 
 
 def leader_at(history: History, instant: float) -> Tenure | None:
