@@ -29,6 +29,7 @@ from .errors import (
     PermissionDeniedError,
     StoppedError,
     StoreError,
+    StoreUnavailableError,
 )
 from .events import ElectionError, EventPublisher, LeadershipAcquired, LeadershipLost, LossReason
 from .retry import Backoff, as_backoff
@@ -175,12 +176,10 @@ class Candidate:
     def stop(self) -> None:
         """Stop campaigning, step down, release the key and end both queues. Idempotent.
 
-        Waits (bounded) until the release has finished. Called from this candidate's own
+        Waits (bounded) until the release has finished; so does every concurrent call. Called from this candidate's own
         event subscriber or duty-teardown path it cannot wait for itself: it then returns at
         once and the step-down and release complete in the background.
         """
-        if self._stopped:
-            return
         self._stopped = True
         self._stopping.set()
         self._wake.set()
@@ -259,9 +258,12 @@ class Candidate:
             return None
         self._acquiring = None
         outcome = acquiring.value
+        if isinstance(outcome, Lease):
+            return outcome
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        # The store let a GreenletExit (or the like) out without being stopped: a lost wait.
+        raise StoreUnavailableError(f"waiting for the key was interrupted: {outcome!r}")
 
     def _withdraw(self, acquiring: Greenlet) -> None:
         """Stop waiting for the key; release it if it was won meanwhile."""
@@ -281,7 +283,7 @@ class Candidate:
         self._lease = lease
         self._lost = False
         self._resigning = False
-        lease.on_lost = self._on_lost
+        lease.on_lost = lambda: self._on_lost(lease)
         reason = LossReason.STOPPED
         try:
             reason = self._keep_alive(lease)
@@ -305,20 +307,20 @@ class Candidate:
         while True:
             self._wake.wait(timeout=max(0.0, next_renewal - now()))
             self._wake.clear()
+            if self._lost:  # (the loss also zeroed the deadline)
+                return LossReason.EXPIRED
             if now() >= self._deadline:  # checked first: after a blocked hub, nothing else may run
                 return LossReason.DEADLINE
             if self._stopped:
                 return LossReason.STOPPED
             if self._resigning:
                 return LossReason.RESIGNED
-            if self._lost:
-                return LossReason.EXPIRED
             if now() < next_renewal:
                 continue
             started = now()
             try:
-                with gevent.Timeout(self._deadline - started, StoreError("renewal timed out")):
-                    lease.renew()
+                if not self._renew(lease, self._deadline - started):
+                    continue  # woken during the renewal: stop, resign or loss comes first
             except LeadershipLostError as exc:
                 log.info("%r: lost the key: %s", self, exc)
                 return LossReason.EXPIRED
@@ -329,11 +331,42 @@ class Candidate:
                 log.warning("%r: renewal failed, retrying until the deadline: %s", self, exc)
                 next_renewal = retry_at
                 continue
+            if self._lost:
+                continue
             self._deadline = lease.confirmed_at + self.renew_deadline
             next_renewal = started + self.renew_interval
 
-    def _on_lost(self) -> None:
+    def _renew(self, lease: Lease, timeout: float) -> bool:
+        """Renew ``lease`` within ``timeout``; False if woken first (the renewal is abandoned).
+
+        The renewal runs in a greenlet of its own so that a loss reported meanwhile, a stop or
+        a resign does not wait for its round trip."""
+        renewal = gevent.spawn(_outcome, lease.renew)
+        try:
+            gevent.wait([renewal, self._wake], timeout=max(0.0, timeout), count=1)
+        finally:
+            finished = renewal.ready()
+            if not finished:
+                renewal.kill()
+        if not finished:
+            if self._wake.is_set():
+                return False
+            raise StoreError("renewal timed out")
+        if not renewal.successful():
+            raise renewal.exception  # a BaseException that is not a GreenletExit (a Timeout)
+        if isinstance(renewal.value, BaseException):
+            raise renewal.value
+        return True
+
+    def _on_lost(self, lease: Lease) -> None:
+        """The store says ``lease`` is gone: stop leading at once, without a greenlet switch.
+
+        ``is_leader()`` turns False here; the step-down (events, duties) follows as soon as the
+        campaign greenlet runs, even if a renewal is on the wire."""
+        if lease is not self._lease:
+            return  # news of an earlier tenure
         self._lost = True
+        self._deadline = 0.0
         self._wake.set()
 
     def _step_up(self, lease: Lease) -> None:
@@ -418,10 +451,11 @@ class Candidate:
         self._not_leading.set()
 
 
-def _outcome(func: Callable[..., Lease], *args: object) -> Lease | Exception:
+def _outcome(func: Callable[..., Lease | None], *args: object) -> Lease | BaseException | None:
     """``func(*args)``, or the exception it raised: a greenlet dying of an exception would have
-    gevent print its traceback, though the caller handles it."""
+    gevent print its traceback, though the caller handles it. A GreenletExit raised by ``func``
+    is returned too (a kill of this greenlet leaves one as its value as well)."""
     try:
         return func(*args)
-    except Exception as exc:
+    except (Exception, GreenletExit) as exc:
         return exc

@@ -169,28 +169,43 @@ class DutyRunner:
         return [d.name for g, d in self._running.items() if not g.dead]
 
     def resign(self) -> None:
-        """Stop the duties, then resign, so that another candidate takes over."""
+        """Stop the duties, then resign, so that another candidate takes over.
+
+        Called from one of the duties, it ends that duty too: the resign goes on in a greenlet
+        of its own and the call does not return (GreenletExit)."""
         if self._stopping:
             return
+        self._leave_duty(self.resign)
         self._end_tenure()
         self.candidate.resign()
 
     def stop(self) -> None:
         """Stop the duties, then the candidate (which releases the key). Idempotent; a
-        concurrent call waits for the first one to finish."""
+        concurrent call waits for the first one to finish. Called from one of the duties, it
+        ends that duty too (see :meth:`resign`)."""
+        self._leave_duty(self.stop)
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopping = True
             self._end_tenure()
             self.candidate.stop()
-            if self._reader is not None and self._reader is not gevent.getcurrent():
+            # From an event subscriber, the reader waits for the very event being delivered.
+            if (self._reader is not None and self._reader is not gevent.getcurrent()
+                    and not self.candidate._publisher.is_current()):
                 self._reader.join(timeout=KILL_GRACE)
             if self in self.duties._runners:
                 self.duties._runners.remove(self)
             if self._end_tenure in self.candidate._step_down_hooks:
                 self.candidate._step_down_hooks.remove(self._end_tenure)
             self._stopped = True
+
+    def _leave_duty(self, then: Callable[[], None]) -> None:
+        """From a duty's own greenlet: run ``then`` elsewhere and end this duty, since a step-down
+        cannot kill the greenlet that asked for it and wait for it at the same time."""
+        if gevent.getcurrent() in self._running:
+            gevent.spawn(then)
+            raise GreenletExit
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: the inherited duties never run there."""

@@ -100,13 +100,15 @@ class EventPublisher:
     def _drain(self) -> None:
         while not self._pending.empty():
             event, delivered = self._pending.get()
-            # zope.event.notify() would skip the remaining subscribers after one raises.
-            for subscriber in list(zope.event.subscribers):
-                try:
-                    subscriber(event)
-                except Exception:
-                    log.exception("event subscriber %r raised on %r", subscriber, event)
-            delivered.set()
+            try:
+                # zope.event.notify() would skip the remaining subscribers after one raises.
+                for subscriber in list(zope.event.subscribers):
+                    try:
+                        subscriber(event)
+                    except (Exception, gevent.Timeout):  # a Timeout is no reason to stop publishing
+                        log.exception("event subscriber %r raised on %r", subscriber, event)
+            finally:
+                delivered.set()
 
     def is_current(self) -> bool:
         """True when called from a subscriber, i.e. from this publisher's own greenlet."""

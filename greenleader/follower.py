@@ -80,7 +80,7 @@ class Follower:
         self._publisher = EventPublisher()
         self._current: LeaderInfo | object | None = _UNSEEN
         self._confirmed_at = 0.0
-        self._watching = False  # True while _Resync may be raised into the watch
+        self._watch_yielded = False  # True once the running watch gave a value: it may be resynced
         self._reachable = Event()  # set by a successful check: ends a retry backoff early
         self._stopped = False
         self._inert = False  # a forked child's copy
@@ -199,13 +199,13 @@ class Follower:
     def _watch(self, channels: Channels) -> None:
         """Report each change the store's watch shows, until it fails."""
         watch = self.store.watch(self.key)
-        self._watching = True
         try:
             for info in watch:
                 self._confirmed_at = now()
+                self._watch_yielded = True
                 self._report(info)
         finally:
-            self._watching = False
+            self._watch_yielded = False
             watch.close()
 
     def _report(self, info: LeaderInfo | None) -> None:
@@ -248,6 +248,7 @@ class Follower:
 
     def _check(self) -> bool:
         """Read the leader; True if it confirms what the follower reported."""
+        started = now()
         try:
             with gevent.Timeout(min(self.unknown_after / 2, 10.0), StoreError("check timed out")):
                 info = self.store.leader(self.key)
@@ -259,10 +260,12 @@ class Follower:
         self._reachable.set()  # a retry backoff ends: watch again now
         node = info.node if info is not None else None
         if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
-            self._confirmed_at = now()
+            self._confirmed_at = max(self._confirmed_at, started)  # as of the read, not the reply
             return True
-        if self._watching and self._greenlet is not None:
-            self._greenlet.kill(_Resync, block=False)  # watch again from what the store holds now
+        if self._watch_yielded and self._greenlet is not None:
+            # The watch went quiet on a stale value: watch again from what the store holds now.
+            # (A watch still setting up is left alone: its first value is on its way.)
+            self._greenlet.kill(_Resync, block=False)
         return False
 
     def _report_unknown(self) -> None:
