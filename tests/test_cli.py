@@ -200,6 +200,106 @@ def test_run_sighup_ends_the_command_tree_before_another_runner_starts_its_comma
     wait_for_no_tree(marker, "the first command's tree to end after SIGHUP")
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def state(pid: int) -> str:
+    """The process's state letter (S sleeping, T stopped, Z zombie...), '' once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2]
+
+
+@needs_proc
+def test_run_ends_what_the_command_left_running_when_it_exits(url, tmp_path):
+    marker = uuid.uuid4().hex
+    command = ["sh", "-c", "sleep 60 & sleep 60 & exit 5"]
+    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--", *command)
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after its command exited")):
+        code = runner.wait()
+    assert code == 5
+    wait_for_no_tree(marker, "the processes the command left behind to end")
+
+
+@needs_proc
+def test_run_ends_the_command_tree_when_leadership_is_lost(url, tmp_path):
+    marker = uuid.uuid4().hex
+    started = tmp_path / "started"
+    command = ["sh", "-c", TREE.format(started=started)]
+    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--ttl", "1", "--grace", "1", "--", *command)
+    wait_until(started.exists, 30, "the command to start")
+    os.unlink(FileStore(directory=url[len("file://"):]).path_for("job"))  # the lock file vanishes
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after losing leadership")):
+        assert runner.wait() == 3
+    wait_for_no_tree(marker, "the command's tree to end after the loss")
+
+
+@needs_proc
+def test_run_ends_the_command_when_its_watchdog_dies(url, tmp_path):
+    """Without its watchdog nothing would end the command if run were SIGKILLed: an internal error."""
+    marker = uuid.uuid4().hex
+    runner = start_tree(url, tmp_path, marker)
+    (watchdog,) = [pid for pid in marked(marker) if "greenleader-watchdog" in cmdline(pid)]
+    os.kill(watchdog, signal.SIGKILL)
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after its watchdog died")):
+        assert runner.wait() == 1
+    wait_for_no_tree(marker, "the command's tree to end after its watchdog died")
+
+
+@needs_proc
+def test_run_sigtstp_stops_the_command_and_sigcont_resumes_it(url, tmp_path):
+    marker = uuid.uuid4().hex
+    runner = start_tree(url, tmp_path, marker)
+    (watchdog,) = [pid for pid in marked(marker) if "greenleader-watchdog" in cmdline(pid)]
+    command = marked(marker) - {runner.pid, watchdog}
+    runner.send_signal(signal.SIGTSTP)
+    wait_until(lambda: {state(pid) for pid in command | {runner.pid}} == {"T"}, 30, "run and its command to stop")
+    assert state(watchdog) != "T", "the watchdog must stay awake while the command is stopped"
+    runner.send_signal(signal.SIGCONT)
+    wait_until(lambda: "T" not in {state(pid) for pid in command | {runner.pid}}, 30, "run and its command to go on")
+    runner.send_signal(signal.SIGTERM)
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after SIGTERM")):
+        assert runner.wait() == 128 + signal.SIGTERM
+    wait_for_no_tree(marker, "the command's tree to end after SIGTERM")
+
+
+@needs_proc
+def test_run_leaves_a_signal_ignored_at_start_ignored_by_itself_and_its_command(url, tmp_path):
+    """As under ``nohup``: SIGHUP ignored when run starts stays ignored, in run and in the command."""
+    started = tmp_path / "started"
+    runner = subprocess.Popen(
+        [*GREENLEADER, "run", "--store", url, "--key", "job", "--", "sh", "-c", f"touch {started}; exec sleep 60"],
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    wait_until(started.exists, 30, "the command to start")
+
+    def ignores_sighup(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        return bool(ignored & (1 << (signal.SIGHUP - 1)))
+
+    (command,) = [int(pid) for pid in Path(f"/proc/{runner.pid}/task/{runner.pid}/children").read_text().split()
+                  if "greenleader-watchdog" not in cmdline(int(pid))]
+    assert ignores_sighup(runner.pid) and ignores_sighup(command)
+    runner.send_signal(signal.SIGTERM)
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after SIGTERM")):
+        assert runner.wait() == 128 + signal.SIGTERM
+
+
+def test_run_reports_a_command_it_cannot_run(url, tmp_path):
+    code, _, err = finish(start("run", "--store", url, "--key", "job", "--", str(tmp_path / "no-such-command")))
+    assert code == 127 and "cannot run" in err and "Traceback" not in err, err
+    (tmp_path / "not-executable").write_text("")
+    code, _, err = finish(start("run", "--store", url, "--key", "job", "--", str(tmp_path / "not-executable")))
+    assert code == 126 and "cannot run" in err and "Traceback" not in err, err
+
+
 def test_leader_exit_status_says_whether_there_is_one(url):
     code, out, _ = finish(start("leader", "--store", url, "--key", "nobody", "--json"))
     assert code == 1 and '"leader": null' in out
