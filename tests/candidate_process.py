@@ -386,6 +386,15 @@ def crash_bound(env: Any, ttl: float) -> float:
     return ttl + FAILOVER_MARGIN
 
 
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T, Z...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
 @dataclass
 class Line:
     """One JSON line printed by a process, with the name of the process that printed it."""
@@ -409,6 +418,7 @@ class ElectionProcess:
         self.lines: list[Line] = []
         self.stderr_path = group.workdir / f"{name}.stderr"
         self.killed_at: float | None = None  # SIGKILL sent
+        self.frozen_at: float | None = None  # seen stopped, by freeze_and_kill()
         self.terminated_at: float | None = None  # SIGTERM sent
         argv = [
             sys.executable, "-m", "tests.candidate_process", "--url", url or group.url, "--key", group.key,
@@ -462,6 +472,23 @@ class ElectionProcess:
         self.killed_at = time.monotonic()
         self.popen.kill()
         return self.killed_at
+
+    def freeze_and_kill(self) -> float:
+        """Crash the process in a way whose instant is known: SIGSTOP it, wait until the kernel
+        reports it stopped (it runs no more code after that), then SIGKILL it. Returns the
+        instant it was seen stopped: it can have believed it led no later than that, which a
+        checker may use as the end of its last tenure (a SIGKILL alone takes effect some time
+        after ``kill()`` returns, while another candidate may win at once, as on the file
+        store, where the kernel drops a dead holder's lock)."""
+        self.killed_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _state(self.popen.pid) not in ("T", "Z", "X", None):
+            gevent.sleep(0.001)
+        self.frozen_at = time.monotonic()
+        self.popen.kill()
+        return self.frozen_at
 
     def wait_exit(self, timeout: float) -> int:
         """The exit status, waiting up to ``timeout`` seconds (AssertionError after)."""

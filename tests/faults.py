@@ -382,17 +382,22 @@ def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
                 with contextlib.suppress(Exception):
                     found.append((zk.get(f"{path}/{name}")[0].decode(), f"{path}/{name}"))
             return found
-    if backend == "file":
+    if backend == "file":  # only the holder has a registration: the lock file names it
         from greenleader.stores.file import FileStore
 
         path = FileStore(directory=where).path_for(key)
-        return [("?", path)] if os.path.exists(path) else []
+        try:
+            node = json.loads(path.read_text() or "{}").get("node")
+        except (OSError, ValueError):
+            return []
+        return [(node, str(path))] if node else []
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def delete_registration(backend: str, where: Any, key: str, handle: str, *, whole_key: bool = False) -> str:
     """Delete one registration found by :func:`registrations`; return what was done.
-    ``whole_key`` (Consul): delete the key itself rather than the holder's session."""
+    ``whole_key``: Consul: delete the key itself rather than the holder's session; file store:
+    move a copy over the lock file rather than remove it."""
     if backend == "consul":
         base = f"http://{where[0]}/v1"
         if whole_key:
@@ -413,6 +418,13 @@ def delete_registration(backend: str, where: Any, key: str, handle: str, *, whol
             zk.delete(handle)
         return "zookeeper delete of the candidate's node"
     if backend == "file":
+        if whole_key:  # a copy moved over it: same name and content, another inode
+            with contextlib.suppress(FileNotFoundError):
+                copy = f"{handle}.nemesis"
+                with open(handle, "rb") as original, open(copy, "wb") as replacement:
+                    replacement.write(original.read())
+                os.replace(copy, handle)
+            return "file store lock file replaced"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle)
         return "file store lock file removed"

@@ -26,7 +26,8 @@ file of its own, as process ``<proc>/fork<pid>``: its ``lead`` samples (there mu
 rule 11), and ``fork-violation`` if its inherited candidate won, renewed or released anything.
 
 **Checking** (in the test, :func:`load` and :func:`check`): a tenure runs from ``won`` to
-``end``, or, for a process killed while leading, to its last recorded deadline. Every bound is
+``end``, or, for a process killed while leading, to its last recorded deadline (or to the
+instant it was seen frozen before the kill, if earlier: it ran no code after that). Every bound is
 conservative (a tenure is recorded no shorter than it really was), so the checks can only err
 towards reporting an overlap. It fails on two tenures that overlap, on a term that does not
 increase from one tenure to the next, on a ``lead`` sample outside its own tenure (a
@@ -207,8 +208,11 @@ class History:
     forks: int = 0  # forked children that recorded a history
 
 
-def load(paths: Iterable[str | os.PathLike[str]]) -> History:
-    """Read the history files of every process."""
+def load(paths: Iterable[str | os.PathLike[str]], frozen: dict[str, float] | None = None) -> History:
+    """Read the history files of every process. ``frozen``: process -> an instant after which
+    it ran no more code (seen stopped before it was killed); a tenure it died in ends then,
+    if that comes before its last recorded deadline."""
+    frozen = frozen or {}
     history = History()
     for path in paths:
         text = Path(path).read_text()
@@ -239,7 +243,8 @@ def load(paths: Iterable[str | os.PathLike[str]]) -> History:
             elif event == "start" and "/fork" in str(proc):
                 history.forks += 1
         for won in open_tenures.values():
-            history.tenures.append(Tenure(won["proc"], won["term"], won["start"], won["deadline"], False))
+            end = min(won["deadline"], frozen.get(won["proc"], won["deadline"]))
+            history.tenures.append(Tenure(won["proc"], won["term"], won["start"], end, False))
     history.tenures.sort(key=lambda tenure: tenure.start)
     return history
 

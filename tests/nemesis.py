@@ -34,6 +34,9 @@ TTLs apart, at most two lasting ones at a time (at most one of them on the store
 - ``resign``: the leader resigns (a graceful handover);
 - ``hup-run``, ``quit-run``, ``kill-run``: SIGHUP, SIGQUIT or SIGKILL to the leading runner.
 
+``--backend file`` runs the same on the file store (one host's directory): without network
+or store faults, and ``delete-key`` removes the lock file or moves a copy over it.
+
 Most client faults target whoever leads when the fault starts (targets are named when the
 schedule runs, so a replay with the same seed injects the same faults at the same times,
 though the processes they hit may differ if the leadership went differently).
@@ -88,8 +91,11 @@ from tests.history import Verdict, check, load
 log = logging.getLogger(__name__)
 
 BACKENDS = ("consul", "etcd", "zookeeper")
+#: The file store runs too, on one host's directory: no network and no store server, so no
+#: network or store faults (the others apply; delete-key removes or replaces the lock file).
+ALL_BACKENDS = (*BACKENDS, "file")
 #: TTL per backend: Consul's minimum; 2 s elsewhere (many renewals per TTL on a loaded machine).
-DEFAULT_TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0}
+DEFAULT_TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0, "file": 1.0}
 #: First retry delay of the candidates' and follower's Backoff (up to 4 times as much).
 RETRY = 0.25
 STARTUP = 60.0  # seconds for the processes to start and elect a first leader
@@ -110,6 +116,7 @@ PROFILES = {"mixed": WEIGHTS, "resign-heavy": RESIGN_HEAVY}
 #: Seconds between two fault starts, as fractions of the TTL (drawn uniformly).
 SPACING = (0.3, 1.0)
 STORE_FAULTS = ("kill-node", "outage")
+NETWORK_FAULTS = ("partition", "partition-node", "delay", "reset")
 #: Faults that signal a candidate process, which must have installed its handlers (it has
 #: once it printed ``campaigning``): their default action would kill it.
 SIGNALLED = ("block", "fork", "inject", "resign")
@@ -177,10 +184,12 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
     The first faults are one of each kind in a random order, aimed at the leader, so that
     even a short run tries them all; the rest are drawn by ``weights`` (default WEIGHTS).
     Faults start ``spacing`` TTLs apart; at most two lasting faults act at once (at most one
-    on the store). Without runners there are no runner faults.
+    on the store). Without runners there are no runner faults; without store nodes (the file
+    store) no network or store faults.
     """
     rng = random.Random(seed)
-    weights = {k: w for k, w in (weights or WEIGHTS).items() if w > 0 and (runners or k not in RUN_FAULTS)}
+    weights = {k: w for k, w in (weights or WEIGHTS).items()
+               if w > 0 and (runners or k not in RUN_FAULTS) and (nodes or k not in (*STORE_FAULTS, *NETWORK_FAULTS))}
     kinds, values = list(weights), list(weights.values())
     first_round = rng.sample(kinds, len(kinds))
     schedule: list[Fault] = []
@@ -384,6 +393,26 @@ class Result:
         return "\n".join(lines)
 
 
+class _Direct:
+    """What stands for :class:`tests.faults.ClientProxies` where there is no network (the
+    file store): every client uses the store's own URL."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def url(self, client: str) -> str:
+        return self._url
+
+    def of(self, client: str) -> list[Any]:
+        return []
+
+    def heal_all(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Runner:
     """A ``greenleader run`` slot: the process of its current generation, restarted by
     :meth:`Nemesis.supervise_runner` whenever it exits (as systemd's ``Restart=always``)."""
@@ -405,25 +434,25 @@ class Nemesis:
                  candidates: int = 5, nodes: int = 3, runners: int = 3, weights: dict[str, float] | None = None,
                  spacing: tuple[float, float] = SPACING, inject_rate: float = INJECT_RATE, options: str = "",
                  say: Callable[[str], None] = print) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}")
+        if backend not in ALL_BACKENDS:
+            raise ValueError(f"backend must be one of {ALL_BACKENDS}")
         self.backend = backend
         self.seed = seed
         self.duration = duration
         self.workdir = Path(workdir)
         self.ttl = ttl or DEFAULT_TTL[backend]
         self.candidates = candidates
-        self.nodes = nodes
+        self.nodes = 0 if backend == "file" else nodes
         self.inject_rate = inject_rate
         self.options = options
         self.say = say
-        self.schedule = make_schedule(seed, duration, self.ttl, candidates, nodes, runners=runners, weights=weights,
-                                      spacing=spacing)
+        self.schedule = make_schedule(seed, duration, self.ttl, candidates, self.nodes, runners=runners,
+                                      weights=weights, spacing=spacing)
         self.rng = random.Random(f"{seed}-targets")
         self.key = f"nemesis/{seed}"
         self.run_key = f"nemesis/{seed}-run"  # not under the candidates' key: etcd ranges would nest
         self.cluster: Any = None
-        self.proxies: faults.ClientProxies | None = None
+        self.proxies: faults.ClientProxies | _Direct | None = None
         self.group: ProcessGroup | None = None
         self.slots: dict[str, ElectionProcess] = {}  # "c1".. -> its current process
         self.runners = {f"r{i}": Runner(f"r{i}") for i in range(1, runners + 1)}
@@ -650,7 +679,7 @@ class Nemesis:
             gevent.sleep(fault.duration)
         elif fault.kind == "crash":
             assert proc is not None
-            proc.kill()
+            proc.freeze_and_kill()
             gevent.sleep(fault.duration)
             self.start_candidate(slot)
         elif fault.kind == "fork":
@@ -682,17 +711,19 @@ class Nemesis:
         """Delete ``slot``'s registration from outside, through a live store node."""
         runner = self.runners.get(slot)
         key, name = (self.run_key, runner.name) if runner else (self.key, self.slots[slot].name)
-        for node in self.cluster.running():
+        places = ([(str(self.workdir / "elections"), "the directory")] if self.cluster is None
+                  else [([node.client_addr], node.name) for node in self.cluster.running()])
+        for where, through in places:
             try:
-                found = [handle for node_name, handle in faults.registrations(self.backend, [node.client_addr], key)
+                found = [handle for node_name, handle in faults.registrations(self.backend, where, key)
                          if node_name == name]
                 if not found:
                     return f"{name} has no registration now"
-                holder = faults.registrations(self.backend, [node.client_addr], key)[0][1] == found[0]
-                how = faults.delete_registration(self.backend, [node.client_addr], key, found[0],
+                holder = faults.registrations(self.backend, where, key)[0][1] == found[0]
+                how = faults.delete_registration(self.backend, where, key, found[0],
                                                  whole_key=fault.whole_key and holder)
             except OSError as exc:  # that node is down or refuses: try another
-                log.info("deleting %s's registration through %s failed: %s", name, node.name, exc)
+                log.info("deleting %s's registration through %s failed: %s", name, through, exc)
                 continue
             record.detail = f"{how} ({'holder' if holder else 'waiter'})"
             return ""
@@ -746,13 +777,18 @@ class Nemesis:
             self.say(f"  #{index:<3} {fault}")
         (self.workdir / "history").mkdir(parents=True, exist_ok=True)
         (self.workdir / "procs").mkdir(parents=True, exist_ok=True)
-        self.cluster = servers.start(self.backend, self.workdir / "server", self.nodes)
+        if self.backend == "file":
+            url = f"file://{self.workdir / 'elections'}?poll_interval=0.01"
+        else:
+            self.cluster = servers.start(self.backend, self.workdir / "server", self.nodes)
+            url = self.cluster.url
         recovery: float | None = None
         follower_ok = False
         supervisors: list[gevent.Greenlet] = []
         try:
-            self.proxies = faults.ClientProxies(self.backend, self.cluster.addrs)
-            with ProcessGroup(self.cluster.url, self.key, self.ttl, self.workdir / "procs") as group:
+            self.proxies = (_Direct(url) if self.cluster is None
+                            else faults.ClientProxies(self.backend, self.cluster.addrs))
+            with ProcessGroup(url, self.key, self.ttl, self.workdir / "procs") as group:
                 self.group = group
                 follower = group.start("follower", follower=True, retry=RETRY, url=self.proxies.url("follower"))
                 for number in range(1, self.candidates + 1):
@@ -797,7 +833,8 @@ class Nemesis:
                     runner.popen.kill()
             if self.proxies is not None:
                 self.proxies.close()
-            self.cluster.stop()
+            if self.cluster is not None:
+                self.cluster.stop()
         result = Result(self.backend, self.seed, self.duration, self.ttl, self.schedule, self.injected, verdict,
                         recovery, follower_ok, time.monotonic() - started, self.workdir, self.errors, self.runs,
                         injected_errors, self.exits, self.options)
@@ -831,7 +868,8 @@ class Nemesis:
     def judge(self, healed: float, until: float) -> Verdict:
         paths = sorted(p for p in (self.workdir / "history").glob("*.jsonl") if p != self.witness_log)
         heals = [(i.label, i.healed) for i in self.injected if i.healed is not None]
-        return check(load(paths), [*heals, (LAST_HEAL, healed)], until=until)
+        frozen = {proc.name: proc.frozen_at for proc in self.group.procs.values() if proc.frozen_at is not None}
+        return check(load(paths, frozen), [*heals, (LAST_HEAL, healed)], until=until)
 
     def judge_runs(self) -> None:
         records = self.witness_records()
@@ -856,7 +894,8 @@ def _weights(text: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.nemesis", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", choices=[*BACKENDS, "all"], default="all")
+    parser.add_argument("--backend", choices=[*ALL_BACKENDS, "all"], default="all",
+                        help="all: the three server stores, one after the other")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds during which faults start")
     parser.add_argument("--seed", type=int, default=None, help="schedule seed (default: random, printed)")
     parser.add_argument("--ttl", type=float, default=None, help="candidate TTL (default: per backend)")
