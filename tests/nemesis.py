@@ -184,7 +184,8 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
     The first faults are one of each kind in a random order, aimed at the leader, so that
     even a short run tries them all; the rest are drawn by ``weights`` (default WEIGHTS).
     Faults start ``spacing`` TTLs apart; at most two lasting faults act at once (at most one
-    on the store). Without runners there are no runner faults; without store nodes (the file
+    on the store): a lasting fault drawn when two act is replaced by an instant one (one of the
+    first round waits instead). Without runners there are no runner faults; without store nodes (the file
     store) no network or store faults.
     """
     rng = random.Random(seed)
@@ -198,12 +199,6 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
     at = 0.0
     while True:
         at += rng.uniform(*spacing) * ttl
-        active = [end for end in active if end > at]
-        if len(active) >= 2:
-            at = min(active)
-            active = [end for end in active if end > at]
-        if at >= duration:
-            return schedule
         store_ok = at >= store_free_at
         pending = [kind for kind in first_round if store_ok or kind not in STORE_FAULTS]
         if pending:
@@ -211,6 +206,16 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
             first_round.remove(kind)
         else:
             kind = rng.choices(kinds, values)[0]
+        active = [end for end in active if end > at]
+        if kind not in INSTANT and len(active) >= 2:
+            instant = [k for k in kinds if k in INSTANT]
+            if pending or not instant:  # a lasting fault of the first round waits for a free place
+                at = min(active)
+                active = [end for end in active if end > at]
+            else:  # else an instant fault takes its turn
+                kind = rng.choices(instant, [weights[k] for k in instant])[0]
+        if at >= duration:
+            return schedule
         if kind in STORE_FAULTS and (not store_ok or (nodes < 3 and kind == "kill-node")):
             kind = "partition"
         target = "leader" if pending or rng.random() < 0.7 else f"c{rng.randint(1, candidates)}"
