@@ -208,11 +208,15 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
             kind = rng.choices(kinds, values)[0]
         active = [end for end in active if end > at]
         if kind not in INSTANT and len(active) >= 2:
-            instant = [k for k in kinds if k in INSTANT]
-            if pending or not instant:  # a lasting fault of the first round waits for a free place
+            instant = [k for k in (pending or kinds) if k in INSTANT]
+            if not instant:  # a lasting fault waits for a free place
                 at = min(active)
                 active = [end for end in active if end > at]
-            else:  # else an instant fault takes its turn
+            elif pending:  # the first round's next instant kind takes its turn
+                first_round.append(kind)
+                kind = instant[0]
+                first_round.remove(kind)
+            else:  # an instant fault takes its turn
                 kind = rng.choices(instant, [weights[k] for k in instant])[0]
         if at >= duration:
             return schedule

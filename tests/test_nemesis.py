@@ -31,7 +31,7 @@ from tests.history import check, load
 
 #: Seconds during which faults start, per backend: every fault kind at least once (Consul's
 #: 10 s minimum TTL makes its faults five times longer, so they start closer together).
-CI_DURATION = {"consul": 110.0, "etcd": 30.0, "zookeeper": 30.0, "file": 30.0}
+CI_DURATION = {"consul": 90.0, "etcd": 30.0, "zookeeper": 30.0, "file": 30.0}
 CI_SPACING = {"consul": (0.15, 0.5), "etcd": nemesis.SPACING, "zookeeper": nemesis.SPACING, "file": nemesis.SPACING}
 
 
