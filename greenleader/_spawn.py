@@ -101,13 +101,11 @@ class CommandGroup:
         if not self._ended:
             self.watchdog_lost.set()
 
-    def start(self, argv: list[str]) -> int:
+    def start(self, argv: list[str], env: dict[str, str]) -> int:
         """Start ``argv`` in the group once the watchdog is ready; its pid. ``OSError`` if the
         command cannot be run (``FileNotFoundError``, ``PermissionError``...)."""
         self._wait_ready()
-        self.pid = os.posix_spawnp(
-            argv[0], argv, os.environ, setpgroup=self.pgid, setsigdef=_RESTORED, setsigmask=()
-        )
+        self.pid = os.posix_spawnp(argv[0], argv, env, setpgroup=self.pgid, setsigdef=_RESTORED, setsigmask=())
         watcher = gevent.get_hub().loop.child(self.pid, False)
         watcher.start(lambda: self._exit.set(_exit_code(watcher.rstatus)))
         self._watchers.append(watcher)

@@ -20,8 +20,10 @@ out of ``run`` ends the whole group first, then releases the key:
 - anything else that ends ``run`` (SIGKILL, a fault, a real-time signal): the watchdog SIGKILLs the
   group. SIGPIPE and SIGXFSZ are ignored by ``run`` (as by any Python program).
 
-Limits: a process that leaves the group (``setsid``, a daemon that detaches) escapes it; a SIGSTOP
-of ``run`` (or a paused VM) freezes its renewals but not the command: that is what fencing terms are for.
+The command's environment gets ``GREENLEADER_KEY``, ``GREENLEADER_NODE`` and ``GREENLEADER_TERM``
+(the fencing term of this tenure). Limits: a process that leaves the group (``setsid``, a daemon
+that detaches) escapes it; a SIGSTOP of ``run`` (or a paused VM) freezes its renewals but not the
+command: that is what the fencing term is for.
 
 Exit codes of ``greenleader run``: the command's own exit status when it ran to its end
 (128+N when it died of signal N); 1 when the store failed or an internal error ended the
@@ -129,6 +131,12 @@ def _handle(signum: int, handler, *args) -> None:
         gevent.signal_handler(signum, handler, *args)
 
 
+def _command_env(candidate: Candidate) -> dict[str, str]:
+    """The command's environment: this one, plus the key, node and fencing term it leads with."""
+    return {**os.environ, "GREENLEADER_KEY": candidate.key, "GREENLEADER_NODE": candidate.node,
+            "GREENLEADER_TERM": str(candidate.term)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise InvalidArgumentError("no command given: greenleader run --key K -- CMD ...")
@@ -173,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if kind == "elected" and value and not running and not stopping:
                 log.info("elected (term %s): starting %s", candidate.term, " ".join(args.command))
                 try:
-                    group.start(args.command)
+                    group.start(args.command, _command_env(candidate))
                 except OSError as exc:
                     _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
                     return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
@@ -351,6 +359,9 @@ after the command exits (for what it left running), and SIGKILL from a watchdog 
 itself dies (SIGKILL included). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and
 the other signals that end a process are passed on to the whole group, and greenleader then
 exits when the command does; signals ignored at start stay ignored. SIGTSTP stops the group too.
+
+The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
+fencing term to pass to the systems it writes to.
 
 exit status: the command's (128+N if it died of signal N); 1 store or internal error; 2 bad
 usage; 3 leadership lost; 126/127 command not executable/not found; 128+N signal N arrived

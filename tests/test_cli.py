@@ -45,6 +45,13 @@ def test_run_passes_the_command_exit_status_through(url):
     assert (code, out) == (7, "ran\n")
 
 
+def test_run_gives_the_command_its_key_node_and_fencing_term(url):
+    command = ["sh", "-c", 'echo "$GREENLEADER_KEY $GREENLEADER_NODE $GREENLEADER_TERM"']
+    code, out, err = finish(start("run", "--store", url, "--key", "job", "--node", "a", "--", *command))
+    key, node, term = out.split()
+    assert (code, key, node) == (0, "job", "a") and int(term) > 0, err
+
+
 def test_run_lets_one_command_run_at_a_time(url, tmp_path):
     log = tmp_path / "log"
     release = tmp_path / "release"
