@@ -175,6 +175,9 @@ class CommandGroup:
             self._ready = None
         if not self._watchdog_gone.wait(_KILL_TIMEOUT):
             log.error("the watchdog (pid %d) of the command's process group did not end", self.pgid)
+        if self.pid is not None and not self._exit.wait(_KILL_TIMEOUT) and not self._exit.ready():
+            log.error("the command (pid %d) did not end after SIGKILL", self.pid)
+            self._exit.set(128 + signal.SIGKILL)  # so that nothing waits for it forever
         deadline = time.monotonic() + _KILL_TIMEOUT
         while self._members() and time.monotonic() < deadline:
             gevent.sleep(0.01)  # SIGKILLed processes take a moment to exit
