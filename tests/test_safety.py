@@ -494,18 +494,26 @@ def test_a_duty_that_resigns_is_dead_before_the_release(make_store, key, ttl, st
 
 
 def test_a_subscriber_that_lets_a_timeout_escape_does_not_stop_the_events(
-        make_store, key, ttl, stopping, events) -> None:
+        make_store, key, ttl, stopping, events, monkeypatch) -> None:
+    """A subscriber lets a gevent.Timeout out: the others still get every event, and the release
+    does not wait for a delivery that would never be confirmed."""
+    from greenleader import candidate as candidate_module
+    monkeypatch.setattr(candidate_module, "STEP_DOWN_GRACE", 60.0)  # a stall would be obvious
     alice = Candidate(make_store(), key, "alice", ttl=ttl)
-    stopping.append(alice)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
+    stopping.extend([alice, bob])
 
     def rude(event: object) -> None:
-        if isinstance(event, LeadershipAcquired) and event.source is alice:
+        if isinstance(event, (LeadershipAcquired, LeadershipLost)) and event.source is alice:
             raise gevent.Timeout(1)
 
     zope.event.subscribers.insert(0, rude)
     try:
         wins(alice, 3 * ttl)
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, ttl, "bob's first item") is False
         alice.resign()
+        assert next_item(bob_elected, 30, "bob to win without waiting out the step-down grace") is True
         wait_until(lambda: any(isinstance(e, LeadershipLost) and e.source is alice for e in events), 30,
                    "LeadershipLost to reach the subscribers after the rude one")
     finally:
@@ -514,25 +522,31 @@ def test_a_subscriber_that_lets_a_timeout_escape_does_not_stop_the_events(
 
 def test_runner_stop_from_a_subscriber_does_not_wait_for_its_own_event(
         make_store, key, ttl, stopping, monkeypatch) -> None:
+    """alice's own LeadershipAcquired subscriber stops her duty runner: the stop must not wait
+    for the delivery of the very event it runs in, so bob takes over at once."""
     from greenleader import candidate as candidate_module
+    from greenleader import duties as duties_module
     monkeypatch.setattr(candidate_module, "STEP_DOWN_GRACE", 60.0)  # a stall would be obvious
+    monkeypatch.setattr(duties_module, "KILL_GRACE", 60.0)
     alice = Candidate(make_store(), key, "alice", ttl=ttl)
     bob = Candidate(make_store(), key, "bob", ttl=ttl)
-    runner = Duties().run(alice)
-    stopping.extend([runner, bob])
-    wait_until(alice.is_leader, 3 * ttl, "alice to lead")
-    bob_elected, _ = bob.run_for_election()
-    assert next_item(bob_elected, ttl, "bob's first item") is False
+    bob_waits = gevent.event.Event()
+    runners: list = []
+    stopping.append(bob)
 
     def stopper(event: object) -> None:
-        if isinstance(event, LeaderChanged) and event.key == key and event.leader == "alice":
-            runner.stop()
+        if isinstance(event, LeadershipAcquired) and event.source is alice:
+            assert bob_waits.wait(timeout=30)
+            runners[0].stop()
 
-    follower = Follower(make_store(), key)
-    stopping.append(follower)
     zope.event.subscribers.append(stopper)
     try:
-        follower.follow_election()
+        runners.append(Duties().run(alice))
+        stopping.append(runners[0])
+        wait_until(alice.is_leader, 3 * ttl, "alice to lead")
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, ttl, "bob's first item") is False
+        bob_waits.set()
         assert next_item(bob_elected, 30, "bob to win after alice's runner stopped") is True
     finally:
         zope.event.subscribers.remove(stopper)
