@@ -158,13 +158,15 @@ class CommandGroup:
         """Whether the command, then every other process of the group, ended within ``grace``."""
         deadline = time.monotonic() + grace
         self._exit.wait(grace)
+        interval = 0.005
         while self._exit.ready():
             members = self._members()
             if not members:  # None: no /proc, what is left of the group gets SIGKILL at once
                 return True
             if time.monotonic() >= deadline:
                 break
-            gevent.sleep(0.05)  # nothing signals that the last process left a group: poll
+            gevent.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 2, 0.1)  # nothing signals that the last process left a group: poll
         return False
 
     def _kill(self) -> None:
