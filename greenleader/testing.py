@@ -254,3 +254,7 @@ class FaultyLease(Lease):
     def release(self) -> None:
         call = self._store._enter("release", self.key, self.node, self.term)
         self._store._run(call, self.inner.release)
+
+    def abandon(self) -> None:
+        """A forked child's copy: forgotten without telling the store (no fault applies)."""
+        self.inner.abandon()
