@@ -178,15 +178,16 @@ class Fault:
 
 def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, nodes: int = 3, *,
                   runners: int = 3, weights: dict[str, float] | None = None,
-                  spacing: tuple[float, float] = SPACING) -> list[Fault]:
+                  spacing: tuple[float, float] = SPACING, delete_holders: bool = True) -> list[Fault]:
     """A random schedule of faults starting in ``[0, duration)``, drawn from ``seed`` alone.
 
     The first faults are one of each kind in a random order, aimed at the leader, so that
     even a short run tries them all; the rest are drawn by ``weights`` (default WEIGHTS).
     Faults start ``spacing`` TTLs apart; at most two lasting faults act at once (at most one
     on the store): a lasting fault drawn when two act is replaced by an instant one (one of the
-    first round waits instead). Without runners there are no runner faults; without store nodes (the file
-    store) no network or store faults.
+    first round waits instead). Without ``delete_holders``, ``delete-key`` hits waiters only.
+    Without runners there are no runner faults; without store nodes (the file store) no
+    network or store faults.
     """
     rng = random.Random(seed)
     weights = {k: w for k, w in (weights or WEIGHTS).items()
@@ -250,6 +251,8 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
         elif kind == "delete-key":
             roll = rng.random()
             target = "leader" if pending or roll < 0.5 else "waiter" if roll < 0.8 or not runners else "run-leader"
+            if not delete_holders:
+                target = "waiter"
             fault = Fault(at, kind, target, 0.0, whole_key=rng.random() < 0.5)
         elif kind == "inject":
             fault = Fault(at, kind, target, rng.uniform(1.0, 3.0) * ttl)
@@ -441,8 +444,8 @@ class Nemesis:
 
     def __init__(self, backend: str, seed: int, duration: float, workdir: Path, *, ttl: float | None = None,
                  candidates: int = 5, nodes: int = 3, runners: int = 3, weights: dict[str, float] | None = None,
-                 spacing: tuple[float, float] = SPACING, inject_rate: float = INJECT_RATE, options: str = "",
-                 say: Callable[[str], None] = print) -> None:
+                 spacing: tuple[float, float] = SPACING, inject_rate: float = INJECT_RATE, delete_holders: bool = True,
+                 options: str = "", say: Callable[[str], None] = print) -> None:
         if backend not in ALL_BACKENDS:
             raise ValueError(f"backend must be one of {ALL_BACKENDS}")
         self.backend = backend
@@ -456,7 +459,7 @@ class Nemesis:
         self.options = options
         self.say = say
         self.schedule = make_schedule(seed, duration, self.ttl, candidates, self.nodes, runners=runners,
-                                      weights=weights, spacing=spacing)
+                                      weights=weights, spacing=spacing, delete_holders=delete_holders)
         self.rng = random.Random(f"{seed}-targets")
         self.key = f"nemesis/{seed}"
         self.run_key = f"nemesis/{seed}-run"  # not under the candidates' key: etcd ranges would nest
@@ -918,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds between fault starts, in TTLs (default {SPACING[0]:g} {SPACING[1]:g})")
     parser.add_argument("--inject-rate", type=float, default=INJECT_RATE,
                         help="probability that a store call fails while an inject fault is on")
+    parser.add_argument("--no-holder-deletion", dest="delete_holders", action="store_false",
+                        help="delete-key hits waiters only (deleting the leader's registration from outside "
+                             "gives two leaders on the server stores: docs/safety.md)")
     parser.add_argument("--workdir", type=Path, default=None, help="kept after the run (default: a temp dir, "
                         "removed if the run passes)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -934,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
         f" --weights {','.join(f'{k}={v:g}' for k, v in args.weights.items())}" if args.weights else "",
         f" --spacing {args.spacing[0]:g} {args.spacing[1]:g}" if tuple(args.spacing) != SPACING else "",
         f" --inject-rate {args.inject_rate:g}" if args.inject_rate != INJECT_RATE else "",
+        "" if args.delete_holders else " --no-holder-deletion",
     ])
     failed = False
     results = []
@@ -941,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir / backend if args.workdir else Path(tempfile.mkdtemp(prefix=f"nemesis-{backend}-"))
         result = run(backend, seed, args.duration, workdir, ttl=args.ttl, candidates=args.candidates,
                      runners=args.runners, weights=weights, spacing=tuple(args.spacing), inject_rate=args.inject_rate,
-                     options=options, say=lambda text: print(text, flush=True))
+                     delete_holders=args.delete_holders, options=options, say=lambda text: print(text, flush=True))
         results.append(result)
         if result.ok and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
