@@ -66,6 +66,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import gevent
+import gevent.monkey
 
 from ..errors import (
     InvalidArgumentError,
@@ -82,6 +83,11 @@ log = logging.getLogger(__name__)
 
 _MAX_NAME = 200  # stays well under the usual 255-byte file name limit
 _MAX_RECORD = 65536  # a record with the longest key and node names, JSON-escaped, fits
+# The standard functions even where gevent patched them: gevent's os.close() defers closing
+# a socket to the next loop iteration, and a name must be free the moment we let it go (nothing
+# here ever waits on these descriptors, which is what gevent's deferral protects).
+_Socket = gevent.monkey.get_original("socket", "socket")
+_close = gevent.monkey.get_original("os", "close")
 #: Whether wins also take the key's abstract unix socket names (Linux only; see above).
 ABSTRACT_NAMES = sys.platform.startswith("linux")
 
@@ -117,7 +123,7 @@ def _abstract_name(*parts: object) -> bytes:
 
 def _bind(name: bytes) -> int | None:
     """A socket descriptor bound to abstract ``name``, or None if another socket holds it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock = _Socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(name)
     except OSError as exc:
@@ -189,7 +195,7 @@ class _Held:
         for fd in fds:
             if fd is not None:
                 try:
-                    os.close(fd)
+                    _close(fd)
                 except OSError as exc:
                     log.warning("could not close a lock descriptor: %s", exc)
 
@@ -405,7 +411,7 @@ class FileStore(Store):
                     return None  # nobody holds the lock: vacant, whatever the file says
                 record = _read_record(fd)
             finally:
-                os.close(fd)
+                _close(fd)
             if record is not None:
                 node = record.get("node")
                 return LeaderInfo(node, record["term"]) if node is not None else None
