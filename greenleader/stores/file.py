@@ -12,14 +12,13 @@ until the holder's next renewal notices (3.1 s at TTL 15). Files cannot be made
 undeletable, so a win also needs a lock that no file operation can remove:
 
 - On Linux, the holder also binds two *abstract* unix socket names made from the key and
-  the directory: one from the directory's path (it survives ``rm -rf`` and re-creation of
-  the directory), one from its device and inode (it covers one directory reached by two
-  paths, e.g. bind mounts of one volume in two containers). Binding a bound name fails, no
-  file cleaner can remove one, and the kernel drops it the instant the holder's process
-  dies, so crash failover stays one poll interval. A holder whose file went away keeps its
-  names until its next renewal reports the loss and the candidate steps down; only then
-  can anyone else win. The path name is qualified by the mount namespace, so containers
-  that share the host's network but not their files do not block each other's keys.
+  the directory: one from the directory's device and inode (one directory reached by two
+  paths, e.g. one volume mounted in two containers, gets one name), one from its parent's
+  device and inode and its name (it survives ``rm -rf`` and re-creation of the directory).
+  Binding a bound name fails, no file cleaner can remove one, and the kernel drops it the
+  instant the holder's process dies, so crash failover stays one poll interval. A holder
+  whose file went away keeps its names until its next renewal reports the loss and the
+  candidate steps down; only then can anyone else win.
 - Elsewhere (no abstract names), a candidate that locks a file whose record was not written
   into that very file, for that key, by greenleader (a new file, or one moved or copied
   there) waits one TTL before it claims the win: a holder of a removed file reports the
@@ -27,16 +26,21 @@ undeletable, so a win also needs a lock that no file operation can remove:
   stores rest on. This costs one TTL on the first election of a key in a fresh directory,
   and assumes that the candidates of a key use the same TTL.
 
+Abstract names are preferred to that wait everywhere because the wait would delay every
+first election (each boot, for a directory on a tmpfs) by a TTL; watching the file with
+inotify only narrows the window, since the newcomer cannot know that a holder exists.
+
 Limits, stated in the README: abstract names belong to a network namespace, so candidates
 in different network namespaces that share one directory (containers that share a volume
 but not the network) are kept apart by ``flock`` alone, and deleting a held lock file can
-still give two leaders there until the holder's next renewal. Any local process in the
+still give two leaders there until the holder's next renewal (as it can after ``rm -rf``
+of the directory's parent too, which changes both names). Any local process in the
 same network namespace that binds a key's name can block that key (never take it). Local
 filesystems only: ``flock`` is not reliable over NFS or other network filesystems.
 
 A holder touches its file at every renewal, so age-based cleaners (systemd-tmpfiles,
-tmpreaper) never find it old. The default directory, when it falls back to the shared
-temporary directory, must belong to this user and be writable by nobody else.
+tmpreaper) never find it old. The default directory (it may fall back to the shared
+temporary directory) must belong to this user and be writable by nobody else.
 
 Terms are the previous term plus one, floored at the wall clock in milliseconds, so they
 keep increasing even when the lock file is removed and the count starts over (unless the
@@ -274,10 +278,6 @@ class FileStore(Store):
             raise _store_error(f"cannot create the file store directory {self.directory}", exc) from exc
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise StoreUnavailableError(f"the file store directory {self.directory} is not writable")
-        try:
-            self._namespace = os.stat("/proc/self/ns/mnt").st_ino if ABSTRACT_NAMES else 0
-        except OSError:
-            self._namespace = 0
 
     @classmethod
     def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> FileStore:
@@ -329,16 +329,23 @@ class FileStore(Store):
 
     def _names(self, key: str) -> list[bytes] | None:
         """The key's abstract socket names (none where there are no abstract names), or
-        None if the directory had gone (it is made again: try again)."""
+        None if the directory had gone (it is made again: try again).
+
+        One name comes from the directory's device and inode: the same whatever path or
+        mount namespace reaches it. The other from its parent's device and inode and its
+        name: the same after ``rm -rf`` and re-creation of the directory, yet different
+        for look-alike paths in containers that have their own file systems.
+        """
         if not ABSTRACT_NAMES:
             return []
         try:
-            info = os.stat(self.directory)
+            directory = os.stat(self._real_directory)
+            parent = os.stat(os.path.dirname(self._real_directory))
         except FileNotFoundError:  # removed (rm -rf)
             self._make_directory()
             return None
-        return [_abstract_name("path", self._namespace, self._real_directory, key),
-                _abstract_name("inode", info.st_dev, info.st_ino, key)]
+        return [_abstract_name("directory", directory.st_dev, directory.st_ino, key),
+                _abstract_name("entry", parent.st_dev, parent.st_ino, os.path.basename(self._real_directory), key)]
 
     def _try_hold(self, key: str, path: Path) -> _Held | None:
         """Everything a win needs, at once and without waiting, or None (all let go)."""
