@@ -158,8 +158,15 @@ def start_tree(url: str, tmp_path: Path, marker: str) -> subprocess.Popen:
     command = ["sh", "-c", TREE.format(started=started)]
     runner = start_marked(marker, "run", "--store", url, "--key", "job", "--node", "a", "--", *command)
     wait_until(started.exists, 30, "the command to start")
-    wait_until(lambda: len(marked(marker) - {runner.pid}) >= 4, 30, "the shell and its three sleeps to run")
+    programs = ["sh", "sleep", "sleep", "sleep"]  # and no `touch` on its way out
+    wait_until(lambda: sorted(cmdline(pid).split(" ")[0] for pid in tree(runner, marker)) == programs, 30,
+               "the shell and its three sleeps to run")
     return runner
+
+
+def tree(runner: subprocess.Popen, marker: str) -> set[int]:
+    """The processes of the runner's command: marked, but neither the runner nor its watchdog."""
+    return {pid for pid in marked(marker) - {runner.pid} if "greenleader-watchdog" not in cmdline(pid)}
 
 
 def wait_for_no_tree(marker: str, what: str) -> None:
@@ -278,7 +285,7 @@ def test_run_sigtstp_stops_the_command_and_sigcont_resumes_it(url, tmp_path):
     marker = uuid.uuid4().hex
     runner = start_tree(url, tmp_path, marker)
     (watchdog,) = [pid for pid in marked(marker) if "greenleader-watchdog" in cmdline(pid)]
-    command = marked(marker) - {runner.pid, watchdog}
+    command = tree(runner, marker)
     runner.send_signal(signal.SIGTSTP)
     wait_until(lambda: {state(pid) for pid in command | {runner.pid}} == {"T"}, 30, "run and its command to stop")
     assert state(watchdog) != "T", "the watchdog must stay awake while the command is stopped"
