@@ -128,7 +128,7 @@ class CommandGroup:
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to every process of the group (the watchdog ignores it)."""
-        if self._watchdog_gone.is_set() and self._exit.ready():
+        if self._watchdog_gone.is_set() and (self.pid is None or self._exit.ready()):
             return  # neither the watchdog nor the command holds the group's id: it may be recycled
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signum)

@@ -210,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif kind == "watchdog" and value is group:
                 if not running:
                     log.warning("the watchdog of the command's process group died; starting another")
+                    group.end(args.grace)
                     group = new_group()
                     continue
                 _say_error("the watchdog of the command's process group died: ending the command")

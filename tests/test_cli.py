@@ -281,6 +281,27 @@ def test_run_ends_the_command_when_its_watchdog_dies(url, tmp_path):
 
 
 @needs_proc
+def test_run_replaces_a_watchdog_that_dies_while_it_waits_to_lead(url, tmp_path):
+    holder = start_tree(url, tmp_path, uuid.uuid4().hex)
+    marker = uuid.uuid4().hex
+    ran = tmp_path / "ran"
+    waiter = start_marked(marker, "run", "--store", url, "--key", "job", "--node", "b", "--", "touch", str(ran))
+
+    def watchdogs() -> set[int]:
+        return {pid for pid in marked(marker) if "greenleader-watchdog" in cmdline(pid)}
+
+    wait_until(watchdogs, 30, "the waiter's watchdog to start")
+    (first,) = watchdogs()
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: watchdogs() - {first}, 30, "another watchdog to replace the one killed")
+    holder.send_signal(signal.SIGTERM)
+    with gevent.Timeout(60, AssertionError("the runners did not end")):
+        assert (holder.wait(), waiter.wait()) == (128 + signal.SIGTERM, 0)
+    assert ran.exists()
+    wait_for_no_tree(marker, "the waiter's processes to end")
+
+
+@needs_proc
 def test_run_sigtstp_stops_the_command_and_sigcont_resumes_it(url, tmp_path):
     marker = uuid.uuid4().hex
     runner = start_tree(url, tmp_path, marker)
