@@ -194,14 +194,22 @@ class _Held:
 
     def close(self) -> None:
         """Close every descriptor: the kernel drops the flock and unbinds the names."""
-        fds, self.sockets = [*self.sockets, self.fd], []
-        self.fd = None
-        for fd in fds:
-            if fd is not None:
-                try:
-                    _close(fd)
-                except OSError as exc:
-                    log.warning("could not close a lock descriptor: %s", exc)
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _close_quietly(fd)
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        for fd in sockets:
+            _close_quietly(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        _close(fd)
+    except OSError as exc:
+        log.warning("could not close a lock descriptor: %s", exc)
 
 
 def _forget_holds_in_child() -> None:
@@ -310,22 +318,22 @@ class FileStore(Store):
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
         node = check_text("node", node)
         path = self.path_for(key)
-        while True:
-            try:
-                held = self._try_hold(key, path)
-                if held is None:
-                    gevent.sleep(self.poll_interval)
-                    continue
+        held = _Held()
+        try:
+            while True:
                 try:
-                    lease = self._claim(held, key, node, ttl, path)
-                except BaseException:
-                    held.close()
-                    raise
-            except OSError as exc:
-                raise _store_error(f"cannot lock {path}", exc) from exc
-            if lease is not None:
-                return lease
-            held.close()  # replaced while we waited: lock the new one
+                    if self._try_hold(held, key, path):
+                        lease = self._claim(held, key, node, ttl, path)
+                        if lease is not None:
+                            return lease
+                        held.close()  # replaced during the fallback's wait: lock the new one
+                        continue
+                except OSError as exc:
+                    raise _store_error(f"cannot lock {path}", exc) from exc
+                gevent.sleep(self.poll_interval)
+        except BaseException:
+            held.close()
+            raise
 
     def _names(self, key: str) -> list[bytes] | None:
         """The key's abstract socket names (none where there are no abstract names), or
@@ -347,27 +355,32 @@ class FileStore(Store):
         return [_abstract_name("directory", directory.st_dev, directory.st_ino, key),
                 _abstract_name("entry", parent.st_dev, parent.st_ino, os.path.basename(self._real_directory), key)]
 
-    def _try_hold(self, key: str, path: Path) -> _Held | None:
-        """Everything a win needs, at once and without waiting, or None (all let go)."""
-        names = self._names(key)
-        if names is None:
-            return None
-        held = _Held()
-        try:
-            for name in names:
-                fd = _bind(name)
-                if fd is None:
-                    held.close()
-                    return None
-                held.sockets.append(fd)
+    def _try_hold(self, held: _Held, key: str, path: Path) -> bool:
+        """Take everything a win needs, without waiting; False (keeping only the open file,
+        unlocked) if something is held by another candidate.
+
+        The lock file comes first: while its holder lives that is one cheap ``flock`` per
+        poll. The names only ever fail to bind while a holder of a removed file remains.
+        """
+        if held.fd is None:
             held.fd = self._open_lock_file(path)
-            if _try_flock(held.fd, fcntl.LOCK_EX) and _same_file(held.fd, path):
-                return held
-        except BaseException:
+        if not _try_flock(held.fd, fcntl.LOCK_EX):
+            return False
+        if not _same_file(held.fd, path):  # removed or replaced while we waited
             held.close()
-            raise
-        held.close()
-        return None
+            return False
+        names = self._names(key)
+        for name in names or []:
+            fd = _bind(name)
+            if fd is None:
+                names = None
+                break
+            held.sockets.append(fd)
+        if names is None:
+            held.close_sockets()
+            fcntl.flock(held.fd, fcntl.LOCK_UN)
+            return False
+        return True
 
     def _open_lock_file(self, path: Path) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
