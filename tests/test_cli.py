@@ -109,7 +109,9 @@ def test_run_restart_runs_the_command_again(url, tmp_path):
     wait_until(lambda: count.exists() and count.read_text().count("x") >= 3, 60, "the command to run three times")
     runner.send_signal(signal.SIGTERM)
     code, _, err = finish(runner)
-    assert code == 128 + signal.SIGTERM, err  # interrupted between runs, or its command was
+    # Interrupted between runs, or its command was; or the command ended on its own just before
+    # the forwarded SIGTERM reached it (its status is then 0), and run did not restart it.
+    assert code in (0, 128 + signal.SIGTERM), err
 
 
 # -- the command's whole process tree never outlives `greenleader run` (DESIGN.md §2 rule 13) ----------
