@@ -172,10 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for signum in FORWARDED:
         _handle(signum, inbox.put, ("signal", signum))
     _handle(signal.SIGTSTP, suspend)
-    elected, errors = candidate.run_for_election()
-    gevent.spawn(pump_elections, elected)
-    log.info("campaigning for %r as %r", candidate.key, candidate.node)
     try:
+        elected, errors = candidate.run_for_election()
+        gevent.spawn(pump_elections, elected)
+        log.info("campaigning for %r as %r", candidate.key, candidate.node)
         while True:
             kind, value = inbox.get()
             if kind == "elected" and value and not running and not stopping:
