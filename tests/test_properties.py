@@ -19,6 +19,8 @@ every millisecond in between:
   ``LeadershipLost`` was handed to the event publisher; and no release is killed half-way;
 - terms strictly increase across wins (rule 2); a follower names only a node that has won;
 - ``is_leader()`` is False right after the hub was blocked past the deadline, and after stop();
+- a follower that the store has not answered for longer than its ``unknown_after`` (the
+  candidates' renew deadline) does not claim to know who leads (rule 12);
 - ``stop()`` returns within ``2 x ttl + 5 s`` (rule 6);
 - a forked child inherits no leadership: its Candidates say they do not lead and nothing in it
   calls the store (rule 11);
@@ -180,22 +182,50 @@ class Contender:
 
 
 class Watcher:
-    """A Follower on a FaultyStore of its own, and a greenlet that reads what it reports."""
+    """A Follower on a FaultyStore of its own, and a greenlet that reads what it reports.
+
+    ``unknown_after`` is the candidates' renew deadline, as the Follower's docs advise.
+    """
 
     def __init__(self, machine: ElectionMachine, name: str, retry: bool) -> None:
         self.name = name
         self.store = FaultyStore(machine.inner)
-        self.follower = Follower(self.store, machine.key, retry=RETRY if retry else None)
+        self.follower = Follower(
+            self.store, machine.key, retry=RETRY if retry else None, unknown_after=machine.ttl * 2 / 3
+        )
+        self._answered = now()
+        self._seen = 0
+        self._running: list[Call] = []
+        self.following = True  # until its leaders queue ends
+        self.flagged = False  # reported once as claiming to know without an answer
+        self.stopped = False
         leaders, _ = self.follower.follow_election()
         self.reader = gevent.spawn(self._read, machine, leaders)
-        self.stopped = False
 
     def __repr__(self) -> str:
         return self.name
 
     def _read(self, machine: ElectionMachine, leaders: object) -> None:
-        for node in leaders:  # type: ignore[attr-defined]
-            machine.follower_reported(self, node)
+        try:
+            for node in leaders:  # type: ignore[attr-defined]
+                machine.follower_reported(self, node)
+        finally:
+            self.following = False
+
+    def last_answer(self) -> float:
+        """When the store last answered this follower (a watch value or a leader read).
+
+        Called every millisecond: it looks only at the calls made or still running since the
+        previous look (a watch step can wait long and answer after many reads).
+        """
+        new = len(self.store.history) - self._seen
+        self._seen = len(self.store.history)
+        self._running.extend(reversed(list(itertools.islice(reversed(self.store.history), new))))
+        for call in self._running:
+            if call.ended is not None and call.outcome == "returned":
+                self._answered = max(self._answered, call.ended)
+        self._running = [call for call in self._running if call.ended is None]
+        return self._answered
 
 
 class ElectionMachine(RuleBasedStateMachine):
@@ -249,6 +279,12 @@ class ElectionMachine(RuleBasedStateMachine):
 
     # Every rule can run at every step, whatever the timing did: Hypothesis needs the same
     # draws to lead to the same steps when it replays and shrinks an example.
+
+    @rule(seconds=st.sampled_from([0.001, 0.02, 0.1, 0.3, 0.6]))
+    def allow_time_to_pass(self, seconds: float) -> None:
+        """Named to sort first: Hypothesis shrinks toward the first rule by name, so the steps
+        that do not matter to a failure shrink to this harmless one."""
+        gevent.sleep(seconds)
 
     def _seat(self, seat: int) -> Contender:
         return self.seats[seat % len(self.seats)]
@@ -363,9 +399,17 @@ class ElectionMachine(RuleBasedStateMachine):
         """Make a candidate's next call of a primitive take longer (a slow round trip)."""
         self._seat(seat).store.delay_next(primitive, seconds)
 
-    @rule(index=st.integers(0, 1), error=st.sampled_from(sorted(ERRORS)), after=st.booleans())
-    def fail_watch(self, index: int, error: str, after: bool) -> None:
-        self.watchers[index % len(self.watchers)].store.fail_next("watch", self.inject(error), after=after)
+    @rule(
+        index=st.integers(0, 1),
+        primitive=st.sampled_from(["watch", "leader"]),
+        error=st.sampled_from(sorted(ERRORS)),
+        after=st.booleans(),
+        times=st.integers(1, 3),
+    )
+    def fail_follower_call(self, index: int, primitive: str, error: str, after: bool, times: int) -> None:
+        """Make a follower's next watch steps or leader reads (its checks of a quiet watch) raise."""
+        store = self.watchers[index % len(self.watchers)].store
+        store.fail_next(primitive, self.inject(error), times=times, after=after)
 
     def inject(self, name: str) -> BaseException:
         self.injected.append(ERRORS[name]())
@@ -377,9 +421,6 @@ class ElectionMachine(RuleBasedStateMachine):
         self.stop_watcher(self.watchers[index])
         self.watchers[index] = Watcher(self, f"f{next(self.names)}", retry)
 
-    @rule(seconds=st.sampled_from([0.001, 0.02, 0.1, 0.3, 0.6]))
-    def pass_time(self, seconds: float) -> None:
-        gevent.sleep(seconds)
 
     # -- invariants --------------------------------------------------------------------
 
@@ -415,6 +456,13 @@ class ElectionMachine(RuleBasedStateMachine):
             self.violation(f"duties of {sorted(running, key=str)} run at once")
         if leaders and running - {leaders[0]}:
             self.violation(f"a duty of {sorted(running - {leaders[0]}, key=str)} runs while {leaders[0]} leads")
+        for watcher in self.watchers:  # rule 12: no answer from the store, no claim to know
+            if watcher.following and not watcher.stopped and watcher.follower.known and not watcher.flagged:
+                quiet = now() - watcher.last_answer()
+                if quiet > watcher.follower.unknown_after + 0.05:
+                    watcher.flagged = True
+                    self.violation(f"{watcher} still claims to know who leads, {quiet:.2f}s after the "
+                                        f"store last answered it (unknown_after={watcher.follower.unknown_after:g}s)")
 
     def duty_started(self, run: DutyRun) -> None:
         contender, candidate = run.contender, run.contender.candidate

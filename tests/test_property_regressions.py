@@ -1,7 +1,7 @@
 """Failures that tests/test_properties.py found, each replayed as a plain test.
 
 Each test replays the shrunk example Hypothesis printed (the same steps of the same state
-machine, with the same checks: see tests/test_properties.py), with ``pass_time`` standing in
+machine, with the same checks: see tests/test_properties.py), with ``allow_time_to_pass`` standing in
 for steps that only let time pass. The docstring says which rule of DESIGN.md section 2 it broke
 and on which code.
 """
@@ -37,9 +37,9 @@ def test_a_renewal_raising_greenlet_exit_steps_down_before_the_release(kind):
     its duty still running, no False on elected, no LeadershipLost (finding 2)."""
     with election(kind) as state:
         state.setup(candidates=[False, False], followers=[False], ttl=0.6)
-        state.pass_time(0.3)  # c0 wins
+        state.allow_time_to_pass(0.3)  # c0 wins
         state.fail_candidate_call(after=False, error="GreenletExit", primitive="renew", seat=0, times=1)
-        state.pass_time(0.6)  # its next renewal raises
+        state.allow_time_to_pass(0.6)  # its next renewal raises
 
 
 @pytest.mark.parametrize("kind", MACHINES)
@@ -48,9 +48,9 @@ def test_a_renewal_raising_an_unexpected_error_steps_down_before_the_release(kin
     """Rule 9. On 130ad3a: the release came while c0 still led (finding 2)."""
     with election(kind) as state:
         state.setup(candidates=[False, True], followers=[True], ttl=0.6)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
         state.fail_candidate_call(after=False, error=error, primitive="renew", seat=0, times=1)
-        state.pass_time(0.6)
+        state.allow_time_to_pass(0.6)
 
 
 @pytest.mark.parametrize("kind", MACHINES)
@@ -59,9 +59,9 @@ def test_a_candidate_resigned_directly_kills_its_duties_before_the_release(kind)
     it only when it read False from the queue), and c1's tenure began beside it."""
     with election(kind) as state:
         state.setup(candidates=[False, False], followers=[False], ttl=0.8)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
         state.resign(seat=0, via_runner=False)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
 
 
 @pytest.mark.parametrize("kind", MACHINES)
@@ -69,9 +69,9 @@ def test_a_candidate_stopped_directly_kills_its_duties_before_the_release(kind):
     """Rule 9. On 130ad3a: c0 released term 1 while its duty still ran."""
     with election(kind) as state:
         state.setup(candidates=[False, False, True], followers=[False], ttl=0.8)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
         state.stop(seat=0, via_runner=False)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
 
 
 @pytest.mark.parametrize("kind", MACHINES)
@@ -79,7 +79,7 @@ def test_a_forked_child_inherits_no_leadership(kind):
     """Rule 11. On 130ad3a, in the child: c0 said it leads and renewed (finding 4)."""
     with election(kind) as state:
         state.setup(candidates=[False, False], followers=[False], ttl=0.6)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
         state.fork()
 
 
@@ -90,7 +90,7 @@ def test_a_forked_child_does_not_run_the_wake_ups_pending_at_the_fork():
     there and the follower read the change and watched again."""
     with election("memory") as state:
         state.setup(candidates=[False, False], followers=[False], ttl=0.6)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
         state.expire_key()
         state.fork()
 
@@ -103,4 +103,4 @@ def test_an_acquire_raising_greenlet_exit_is_not_taken_for_a_lease():
     with election("memory") as state:
         state.setup(candidates=[True, True], followers=[False], ttl=0.6)
         state.fail_candidate_call(after=False, error="GreenletExit", primitive="acquire", seat=0, times=1)
-        state.pass_time(0.3)
+        state.allow_time_to_pass(0.3)
