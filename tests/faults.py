@@ -344,9 +344,10 @@ def restart_cluster(cluster: Any, timeout: float = 60.0) -> None:
 # a candidate's registration, deleted from outside
 
 
-def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
-    """``(node, handle)`` of every candidate registered for ``key``, the holder first (Consul:
-    the holder, then the other sessions named for greenleader, in no order). ``where``: the
+def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str, bool]]:
+    """``(node, handle, holds)`` of every candidate registered for ``key``, in queue order
+    (Consul: the holder, then the other sessions named for greenleader, in no order); ``holds``:
+    the store counts it as the key's holder now. ``where``: the
     store's addresses, or the file store's directory. Asks the store directly, not through a
     greenleader store (no proxy, no fault of the candidates' own)."""
     if backend == "consul":
@@ -361,16 +362,16 @@ def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
         sessions = json.loads(servers.http("GET", f"{base}/session/list"))
         named = {s["ID"]: s["Name"].removeprefix("greenleader ") for s in sessions
                  if s["Name"].startswith("greenleader ")}
-        found = [(named.get(holder, "?"), f"session:{holder}")] if holder else []
-        return found + [(node, f"session:{sid}") for sid, node in named.items() if sid != holder]
+        found = [(named.get(holder, "?"), f"session:{holder}", True)] if holder else []
+        return found + [(node, f"session:{sid}", False) for sid, node in named.items() if sid != holder]
     if backend == "etcd":
         prefix = (key + "/").encode()
         body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + bytes([prefix[-1] + 1]))}
         kvs = json.loads(servers.http("POST", f"http://{where[0]}/v3/kv/range", json.dumps(body).encode()))
         children = [kv for kv in kvs.get("kvs", []) if b"/" not in base64.b64decode(kv["key"])[len(prefix):]]
         children.sort(key=lambda kv: int(kv["create_revision"]))
-        return [(base64.b64decode(kv.get("value", "")).decode(), base64.b64decode(kv["key"]).decode())
-                for kv in children]
+        return [(base64.b64decode(kv.get("value", "")).decode(), base64.b64decode(kv["key"]).decode(), i == 0)
+                for i, kv in enumerate(children)]
     if backend == "zookeeper":
         from greenleader.stores.zookeeper import ZooKeeperStore
         from tests.support_zookeeper import admin_client, contenders
@@ -380,7 +381,7 @@ def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
             found = []
             for name in contenders(zk, path):
                 with contextlib.suppress(Exception):
-                    found.append((zk.get(f"{path}/{name}")[0].decode(), f"{path}/{name}"))
+                    found.append((zk.get(f"{path}/{name}")[0].decode(), f"{path}/{name}", not found))
             return found
     if backend == "file":  # only the holder has a registration: the lock file names it
         from greenleader.stores.file import FileStore
@@ -390,14 +391,17 @@ def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str]]:
             node = json.loads(path.read_text() or "{}").get("node")
         except (OSError, ValueError):
             return []
-        return [(node, str(path))] if node else []
+        return [(node, str(path), True)] if node else []
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def delete_registration(backend: str, where: Any, key: str, handle: str, *, whole_key: bool = False) -> str:
+def delete_registration(backend: str, where: Any, key: str, handle: str, *, whole_key: bool = False,
+                        behind: str | None = None) -> str:
     """Delete one registration found by :func:`registrations`; return what was done.
     ``whole_key``: Consul: delete the key itself rather than the holder's session; file store:
-    move a copy over the lock file rather than remove it."""
+    move a copy over the lock file rather than remove it. ``behind``: the registration just
+    before it in the queue (etcd, ZooKeeper): delete only while that one still exists, in one
+    transaction, so a waiter is never deleted just as it becomes the holder (LookupError)."""
     if backend == "consul":
         base = f"http://{where[0]}/v1"
         if whole_key:
@@ -406,16 +410,31 @@ def delete_registration(backend: str, where: Any, key: str, handle: str, *, whol
         servers.http("PUT", f"{base}/session/destroy/{handle.removeprefix('session:')}")
         return "consul session destroy"
     if backend == "etcd":
-        body = {"key": _b64(handle.encode())}
-        servers.http("POST", f"http://{where[0]}/v3/kv/deleterange", json.dumps(body).encode())
+        delete = {"request_delete_range": {"key": _b64(handle.encode())}}
+        compare = [] if behind is None else [
+            {"key": _b64(behind.encode()), "target": "CREATE", "result": "GREATER", "create_revision": "0"}]
+        body = {"compare": compare, "success": [delete]}
+        answer = json.loads(servers.http("POST", f"http://{where[0]}/v3/kv/txn", json.dumps(body).encode()))
+        if not answer.get("succeeded"):
+            raise LookupError("it leads now")
         return "etcd delete of the candidate's key"
     if backend == "zookeeper":
         from kazoo.exceptions import NoNodeError
 
         from tests.support_zookeeper import admin_client
 
-        with admin_client(where, timeout=5) as zk, contextlib.suppress(NoNodeError):
-            zk.delete(handle)
+        with admin_client(where, timeout=5) as zk:
+            if behind is None:
+                with contextlib.suppress(NoNodeError):
+                    zk.delete(handle)
+            else:
+                ahead = zk.exists(behind)
+                transaction = zk.transaction()
+                if ahead is not None:
+                    transaction.check(behind, ahead.version)
+                transaction.delete(handle)
+                if ahead is None or any(isinstance(result, Exception) for result in transaction.commit()):
+                    raise LookupError("it leads now")
         return "zookeeper delete of the candidate's node"
     if backend == "file":
         if whole_key:  # a copy moved over it: same name and content, another inode

@@ -456,6 +456,7 @@ class Nemesis:
         self.candidates = candidates
         self.nodes = 0 if backend == "file" else nodes
         self.inject_rate = inject_rate
+        self.delete_holders = delete_holders
         self.options = options
         self.say = say
         self.schedule = make_schedule(seed, duration, self.ttl, candidates, self.nodes, runners=runners,
@@ -727,13 +728,20 @@ class Nemesis:
                   else [([node.client_addr], node.name) for node in self.cluster.running()])
         for where, through in places:
             try:
-                found = [handle for node_name, handle in faults.registrations(self.backend, where, key)
-                         if node_name == name]
-                if not found:
+                queue = faults.registrations(self.backend, where, key)
+                position = next((i for i, (node_name, _, _) in enumerate(queue) if node_name == name), None)
+                if position is None:
                     return f"{name} has no registration now"
-                holder = faults.registrations(self.backend, where, key)[0][1] == found[0]
-                how = faults.delete_registration(self.backend, where, key, found[0],
-                                                 whole_key=fault.whole_key and holder)
+                holder = queue[position][2]
+                if holder and not self.delete_holders:
+                    return f"{name} leads now (--no-holder-deletion)"
+                # a waiter is deleted only while its predecessor lives (etcd, ZooKeeper: in one
+                # transaction), never just as it becomes the holder
+                behind = None if holder or self.backend not in ("etcd", "zookeeper") else queue[position - 1][1]
+                how = faults.delete_registration(self.backend, where, key, queue[position][1],
+                                                 whole_key=fault.whole_key and holder, behind=behind)
+            except LookupError as exc:
+                return f"{name} {exc}"
             except OSError as exc:  # that node is down or refuses: try another
                 log.info("deleting %s's registration through %s failed: %s", name, through, exc)
                 continue
