@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
+import zope.event  # noqa: E402
 
+from greenleader.events import LeadershipEvent  # noqa: E402
 from greenleader.stores import Store  # noqa: E402
 from tests.backends import KINDS, REAL_KINDS, BackendEnv, support  # noqa: E402
 
@@ -67,6 +69,21 @@ def key() -> str:
 @pytest.fixture
 def ttl(backend) -> float:
     return backend.FAST_TTL
+
+
+@pytest.fixture
+def events(key: str) -> Iterator[list[LeadershipEvent]]:
+    """Every greenleader event about this test's key, in delivery order (late events of earlier
+    tests are not)."""
+    seen: list[LeadershipEvent] = []
+
+    def record(event: object) -> None:
+        if isinstance(event, LeadershipEvent) and event.key == key:
+            seen.append(event)
+
+    zope.event.subscribers.append(record)
+    yield seen
+    zope.event.subscribers.remove(record)
 
 
 @pytest.fixture(autouse=True)

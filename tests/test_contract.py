@@ -14,7 +14,6 @@ from greenleader.events import (
     ElectionError,
     LeaderChanged,
     LeadershipAcquired,
-    LeadershipEvent,
     LeadershipLost,
     LossReason,
 )
@@ -22,19 +21,6 @@ from tests.waiting import drain, next_item, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-
-@pytest.fixture
-def events(key):
-    """Every greenleader event about this test's key (late events of earlier tests are not)."""
-    seen: list[LeadershipEvent] = []
-
-    def record(event: object) -> None:
-        if isinstance(event, LeadershipEvent) and event.key == key:
-            seen.append(event)
-
-    zope.event.subscribers.append(record)
-    yield seen
-    zope.event.subscribers.remove(record)
 
 
 @pytest.fixture

@@ -42,19 +42,6 @@ from tests.waiting import next_item, wait_until
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def events(key):
-    """Every greenleader event about this test's key, in delivery order."""
-    seen: list[LeadershipEvent] = []
-
-    def record(event: object) -> None:
-        if isinstance(event, LeadershipEvent) and event.key == key:
-            seen.append(event)
-
-    zope.event.subscribers.append(record)
-    yield seen
-    zope.event.subscribers.remove(record)
-
 
 @pytest.fixture
 def stopping():

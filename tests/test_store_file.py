@@ -16,13 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import gevent
 import pytest
-import zope.event
 
 import greenleader.stores.file as file_store
 from greenleader import Backoff, Candidate, Follower
@@ -291,18 +290,6 @@ ACQUIRE_FAULTS = [
     ("fcntl", "flock", errno.ENOLCK),
 ]
 
-
-@pytest.fixture
-def events(key: str) -> Iterator[list[LeadershipEvent]]:
-    seen: list[LeadershipEvent] = []
-
-    def record(event: object) -> None:
-        if isinstance(event, LeadershipEvent) and event.key == key:
-            seen.append(event)
-
-    zope.event.subscribers.append(record)
-    yield seen
-    zope.event.subscribers.remove(record)
 
 
 @pytest.mark.parametrize(("module", "func", "code"), ACQUIRE_FAULTS, ids=[f[1] for f in ACQUIRE_FAULTS])
