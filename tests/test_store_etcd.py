@@ -393,6 +393,42 @@ def test_a_waiter_whose_key_was_deleted_never_wins(stores, cluster, key, acquire
     assert keys_under(admin, key) == []
 
 
+def test_a_waiter_never_wins_while_the_lease_of_a_deleted_predecessor_lives(stores, key):
+    """An operator deletes leader a's key while a's lease lives: a leads on until it hears of
+    it, so no waiter may win before a's lease is gone. Here the queue is a, x, b; a's key is
+    deleted (x waits for a's lease), then b's key too, then x withdraws. b wakes, finds its
+    own key gone and campaigns anew with a key that no older key precedes: it must still wait
+    for a's lease, which it saw before. Once a releases (revokes its lease), b wins. (Before
+    the fix, a deleted leader's key gave two leaders for up to 886 ms in the nemesis long run.)"""
+    ttl = 10  # no lease trouble during the test
+    admin = stores()
+    a_lease = stores().acquire(key, "a", ttl)
+    x_store, b_store = stores(), stores()
+    x = gevent.spawn(x_store.acquire, key, "x", ttl)
+    wait_until(lambda: x_store.requests["watch"] == 1, 10, "x to watch a's key")
+    b = gevent.spawn(b_store.acquire, key, "b", ttl)
+    try:
+        wait_until(lambda: b_store.requests["watch"] == 1, 10, "b to watch x's key")
+        assert admin._client().delete(a_lease.own_key)
+        wait_until(lambda: x_store.requests["lease info"] >= 2, 10, "x to find a's lease alive")
+        _, (b_key, _, b_lease) = keys_under(admin, key)
+        assert admin._client().delete(b_key.encode())
+        x.kill()  # x withdraws: its lease is revoked, which wakes b
+        wait_until(lambda: b_store.requests["transaction"] == 2, 10, "b to campaign anew")
+        asked = b_store.requests["lease info"]
+        wait_until(lambda: b_store.requests["lease info"] > asked + 1, 10, "b to find a's lease alive")
+        assert not b.ready(), f"b won while a's lease lived: {b.value or b.exception!r}"
+        assert lease_alive(admin, a_lease.lease_id) and not lease_alive(admin, b_lease)
+        a_lease.release()
+        b_won = b.get(timeout=10)
+        assert b_won.node == "b" and b_won.term > a_lease.term
+        b_won.release()
+    finally:
+        b.kill()
+        x.kill()
+        a_lease.release()
+
+
 def test_a_follower_never_names_a_winner_before_it_can_know_it_leads(stores, cluster, key, tmp_path):
     """Waiter b is frozen (SIGSTOP) when leader a hands over: b's key is now first, but b
     cannot know it won. A follower must not name b until b has stepped up (rule 10). (Before
@@ -653,6 +689,30 @@ def test_authentication(auth_cluster, caplog):
         assert SECRET not in str(error.value) and SECRET not in repr(refused)
         refused.close()
     assert SECRET not in caplog.text
+
+
+def test_a_waiter_under_authentication_checks_its_predecessors_lease(auth_cluster):
+    """With authentication on, a user with readwrite on the prefix may ask for the lease of its
+    predecessor: when root deletes the holder's key, the waiter waits for the holder's lease,
+    and wins once the holder releases (revokes) it."""
+    addr = auth_cluster.addrs[0]
+    holder, waiter = (EtcdStore([addr], user="alice", password=SECRET, timeout=5) for _ in range(2))
+    lease = holder.acquire("el/leader", "a", FAST_TTL)
+    waiting = gevent.spawn(waiter.acquire, "el/leader", "b", FAST_TTL)
+    try:
+        wait_until(lambda: len(keys_under(holder, "el/leader")) == 2, 10, "b's key")
+        subprocess.run(["etcdctl", "--endpoints", addr, "--user", "root:root-pw", "del", lease.own_key],
+                       check=True, capture_output=True, timeout=30, env=dict(os.environ, ETCDCTL_API="3"))
+        waiting.join(timeout=FAST_TTL / 4)
+        assert not waiting.ready(), f"b won while a's lease lived: {waiting.value or waiting.exception!r}"
+        lease.release()
+        won = waiting.get(timeout=10)
+        assert won.node == "b"
+        won.release()
+    finally:
+        waiting.kill()
+        holder.close()
+        waiter.close()
 
 
 def make_certificates(directory) -> dict[str, str]:

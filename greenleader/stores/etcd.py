@@ -4,8 +4,19 @@ Each candidate grants a lease and creates the key ``<key>/<lease id in hex>`` (v
 node name) in a transaction, if absent. The candidate whose key has the lowest create
 revision under ``<key>/`` leads; the create revision of its key is its fencing term. Every
 other candidate watches only the deletion of its predecessor (the key created just before
-its own), so a release wakes exactly one waiter. Releasing deletes the key and revokes the
-lease; a crashed holder's lease expires after the TTL and takes its key with it.
+its own), so a release wakes exactly one waiter. Releasing revokes the lease, which deletes
+the key in the same step; a crashed holder's lease expires after the TTL and takes its key with it.
+
+**A key deleted from outside is not a release.** An operator's ``etcdctl del`` of the leader's
+key (``<key>/<lease hex>``) leaves its lease alive, and its holder leads on until its own key
+watch reports the deletion. So a candidate never wins while the lease of an older candidate
+that it saw lives on: when such a key is gone, it asks etcd for the lease (LeaseTimeToLive)
+and, while that lease lives, waits for its holder to notice and revoke it (or for it to
+expire), polling with a backoff. A release revokes the lease, so the check finds it gone at
+once: a handover costs that one extra round trip. (The nemesis found two leaders for 2-886 ms
+after such deletions before this check.) A candidate that starts *after* the deletion, while
+no waiter saw the deleted key, cannot know of it: for one notification (the old holder's key
+watch) the two can overlap; that window is the one limit left, stated in docs/safety.md.
 
 A win proves itself (DESIGN.md rule 10): the round trip that makes a candidate leader is a
 transaction that compares its own key's create revision, so a waiter whose key was deleted
@@ -114,6 +125,8 @@ _AUTH_DETAILS = ("permission denied", "user name is empty", "authentication fail
 
 #: A candidate key's version once its winner has claimed it (created: 1; claimed: 2).
 _CLAIMED = 2
+#: First and longest pause between two checks of a lease whose key was deleted from outside.
+_GONE_POLL = (0.005, 0.25)
 
 _grpc_gevent_ready = False
 #: Clients inherited across fork(): their channels belong to the parent and are never touched.
@@ -236,6 +249,8 @@ def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
 
 #: A candidate's key as a follower sees it: (create revision, version, value).
 _Seen = tuple[int, int, bytes]
+#: A candidate's key as a waiter sees it: (create revision, key, lease).
+_Candidate = tuple[int, bytes, int]
 
 
 def _candidates_in(kvs: Any, prefix: bytes) -> dict[bytes, _Seen]:
@@ -377,19 +392,10 @@ class _EtcdLease(Lease):
         self._claimer.kill(block=True, timeout=1)
         if self._pid != os.getpid():
             return  # a forked child's copy: the lease is the parent's to release
-        error: StoreError | None = None
-        try:  # deleting the key first wakes the next candidate one round trip sooner
-            self._store._call("delete", lambda client: client.delete(self.own_key))
-        except StoreError as exc:
-            error = exc
+        try:  # the key goes with the lease, in one step: the next candidate finds both gone
+            self._store._revoke(self.lease_id)
         finally:
             self._guard.kill(block=True, timeout=1)
-        try:
-            self._store._revoke(self.lease_id)
-        except StoreError as exc:
-            error = exc
-        if error is not None:
-            raise error
 
     def _claim_once_stepped_up(self) -> None:
         """Claim the key for followers, retrying until claimed, released or lost.
@@ -466,10 +472,15 @@ class _Candidacy:
     The lease is renewed every ``ttl / 8`` while waiting, so that a win can usually be taken
     on the last renewal (no further round trip) and still leave the candidate most of its
     renew deadline.
+
+    ``older`` maps the lease of every older candidate seen by this ``acquire()`` (its
+    candidacies share it) to its key, until that lease is known to be gone: see the module
+    docstring on keys deleted from outside.
     """
 
-    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float) -> None:
+    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float, older: dict[int, bytes]) -> None:
         self.store = store
+        self.older = older
         self.key = key
         self.ttl = ttl
         self.prefix = (key + "/").encode()
@@ -483,10 +494,10 @@ class _Candidacy:
         self.stream: _WatchStream | None = None
         self._keeper: gevent.Greenlet | None = None
 
-    def start(self) -> tuple[int, list[tuple[int, bytes]]]:
+    def start(self) -> tuple[int, list[_Candidate]]:
         """Grant the lease, keep it alive, create the key if absent (learning the term).
 
-        Returns the revision and the (create revision, key) of every candidate, oldest first.
+        Returns the revision and the (create revision, key, lease) of every candidate, oldest first.
         """
         store, seconds = self.store, max(1, math.ceil(self.ttl))
         attempts = 0
@@ -517,7 +528,8 @@ class _Candidacy:
         self.term = mine[0].create_revision
         log.debug("etcd: %r campaigns with %r (revision %d)", self.node, self.own_key, self.term)
         return mine[0].response_header.revision, sorted(
-            (meta.create_revision, meta.key) for _, meta in found if _is_direct_child(meta.key, self.prefix))
+            (meta.create_revision, meta.key, meta.lease_id) for _, meta in found
+            if _is_direct_child(meta.key, self.prefix))
 
     def _keep_alive(self) -> None:
         interval = self.ttl / 8
@@ -561,18 +573,21 @@ class _Candidacy:
             log.warning("etcd: could not revoke lease %x of %r (it expires in %gs): %s",
                         self.lease_id, self.node, self.ttl, exc)
 
-    def wait_turn(self, revision: int, keys: list[tuple[int, bytes]]) -> _EtcdLease | None:
+    def wait_turn(self, revision: int, keys: list[_Candidate]) -> _EtcdLease | None:
         """Block until this candidate's key is the oldest; None if the candidacy was lost.
 
         ``keys`` are the candidates at ``revision``, oldest first, as the transaction that
-        created our key read them; after that, each wake-up asks :meth:`_prove` afresh.
+        created our key read them; after that, each wake-up asks :meth:`_prove` afresh. A win
+        also needs every older candidate's lease gone (:meth:`_await_gone`), checked before
+        the proof, which stays the last request before a win.
         """
         store, failures = self.store, 0
-        snapshot: tuple[int, list[tuple[int, bytes]]] | None = (revision, keys)
+        snapshot: tuple[int, list[_Candidate]] | None = (revision, keys)
+        gone: set[int] = set()  # leases of older candidates whose keys are gone
         while not self.lost:
             try:
                 if snapshot is None:
-                    if not self._fresh_lease():
+                    if not self._await_gone(gone) or not self._fresh_lease():
                         return None
                     snapshot = self._prove()  # the last request before a win: nothing yields after it
                     if snapshot is None:
@@ -580,13 +595,17 @@ class _Candidacy:
                         return None
                 revision, keys = snapshot
                 snapshot = None
-                position = next((i for i, (_, kv_key) in enumerate(keys) if kv_key == self.own_key), None)
+                position = next((i for i, (_, kv_key, _) in enumerate(keys) if kv_key == self.own_key), None)
                 if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
+                self.older.update((lease, kv_key) for _, kv_key, lease in keys[:position])
                 if position == 0:  # the read that says so also showed our key
-                    return self._won()
-                predecessor = keys[position - 1][1]
+                    if not self.older:
+                        return self._won()
+                    gone.update(self.older)  # every older key is gone: are their leases too?
+                    continue
+                _, predecessor, predecessor_lease = keys[position - 1]
                 # Watching from "now" rather than from the snapshot: etcd syncs a watch that
                 # starts in the past only every 100 ms, which would delay a handover.
                 self.stream = _WatchStream(store, predecessor, None, 0, [etcdrpc.WatchCreateRequest.NOPUT])
@@ -594,10 +613,12 @@ class _Candidacy:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
                         if not found.kvs:
+                            gone.add(predecessor_lease)
                             continue
                     for response in self.stream:
                         failures = 0
                         if response.events:  # the predecessor went: prove our turn, or wait on
+                            gone.add(predecessor_lease)
                             break
                 finally:
                     self.stream.close()
@@ -610,13 +631,40 @@ class _Candidacy:
                 gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
         return None
 
-    def _prove(self) -> tuple[int, list[tuple[int, bytes]]] | None:
+    def _await_gone(self, leases: set[int]) -> bool:
+        """Return once etcd has none of ``leases`` (older candidates' whose keys are gone);
+        False if our own lease is lost meanwhile.
+
+        A key deleted from outside leaves its lease, and its holder may lead until it hears
+        of the deletion and revokes the lease (or the lease expires): wait for that, polling
+        with a backoff bounded by what is left of the lease. A released key's lease is gone
+        already: one round trip.
+        """
+        delay = _GONE_POLL[0]
+        while leases:
+            remaining = {lease: self.store._lease_ttl(lease) for lease in sorted(leases)}
+            for lease, ttl in remaining.items():
+                if ttl < 0:
+                    leases.discard(lease)
+                    self.older.pop(lease, None)
+            if not leases:
+                break
+            if delay == _GONE_POLL[0]:
+                log.info("etcd: %r waits for lease(s) %s of older candidates whose keys were deleted: their "
+                         "holders may still lead", self.node, ", ".join(f"{lease:x}" for lease in leases))
+            if self.lost:
+                return False
+            gevent.sleep(min(delay, max(_GONE_POLL[0], min(remaining[lease] for lease in leases))))
+            delay = min(delay * 2, _GONE_POLL[1])
+        return not self.lost
+
+    def _prove(self) -> tuple[int, list[_Candidate]] | None:
         """One transaction: is our key still ours, and which candidates are older?
 
         None when our key is gone (deleted from outside, or expired with the lease): the
         candidacy is lost and must never win. Otherwise the revision and the (create
-        revision, key) of every older candidate and of ours, oldest first; ours first is a
-        win proven by the same round trip.
+        revision, key, lease) of every older candidate and of ours, oldest first; ours first
+        is a win proven by the same round trip.
         """
         request = etcdrpc.TxnRequest(
             compare=[_owns(self.own_key, self.term)],
@@ -627,9 +675,9 @@ class _Candidacy:
         response = self.store._txn("prove", request)
         if not response.succeeded:
             return None
-        older = sorted((kv.create_revision, kv.key) for kv in response.responses[0].response_range.kvs
+        older = sorted((kv.create_revision, kv.key, kv.lease) for kv in response.responses[0].response_range.kvs
                        if _is_direct_child(kv.key, self.prefix))
-        return response.header.revision, [*older, (self.term, self.own_key)]
+        return response.header.revision, [*older, (self.term, self.own_key, self.lease_id)]
 
     def _fresh_lease(self) -> bool:
         """Renew the lease now if its last renewal is old, so that a win leaves the candidate
@@ -846,6 +894,14 @@ class EtcdStore(Store):
         responses = self._call("keepalive", lambda client: list(client.refresh_lease(lease_id)))
         return responses[0].TTL if responses else 0
 
+    def _lease_ttl(self, lease_id: int) -> int:
+        """The lease's remaining TTL in whole seconds (it may read 0 while it lives); -1 once
+        etcd no longer has it (revoked, or expired and collected)."""
+        request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id)
+        response = self._call("lease info", lambda client: client.leasestub.LeaseTimeToLive(
+            request, self.timeout, credentials=client.call_credentials, metadata=client.metadata))
+        return int(response.TTL)
+
     def _revoke(self, lease_id: int) -> None:
         try:
             self._call("revoke", lambda client: client.revoke_lease(lease_id))
@@ -879,8 +935,9 @@ class EtcdStore(Store):
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
         node = check_text("node", node)
         key = self.validate_key(key)
+        older: dict[int, bytes] = {}  # kept across candidacies: a new key must not forget them
         while True:
-            candidacy = _Candidacy(self, key, node, ttl)
+            candidacy = _Candidacy(self, key, node, ttl, older)
             try:
                 lease = candidacy.wait_turn(*candidacy.start())
             except BaseException:

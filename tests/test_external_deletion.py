@@ -1,0 +1,222 @@
+"""The leader's own registration deleted from outside, on the real stores (DESIGN.md §2, rules 1
+and 10).
+
+An operator deletes the leader's registration while its session or lease lives: etcd's
+``etcdctl del <key>/<lease hex>``, Consul's ``consul kv delete <key>`` (and, separately, the
+destruction of its session), ZooKeeper's ``delete`` of its ephemeral node. The holder learns
+of it one notification later; the next candidate must not win before the holder has stepped
+down, or two candidates lead at once. (The nemesis long run found 19 overlaps of 2-886 ms on
+etcd in 600 s, each right after such a deletion.)
+
+Each round: alice leads, bob waits behind her; the registration goes; both are sampled every
+millisecond until alice has stepped down and one of them leads again. The overlap is a race,
+so there are several rounds. In the "slow holder" variant alice talks to the store through a
+proxy that delays what the store sends her by 50 ms (a holder on a slow link, or a busy one):
+she hears of the deletion 50 ms after bob does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import gevent
+import gevent.event
+import pytest
+
+from greenleader import Candidate
+from greenleader.stores import Store
+from greenleader.stores.consul import ConsulStore
+from greenleader.stores.etcd import EtcdStore
+from greenleader.stores.zookeeper import ZooKeeperStore
+from tests import support_consul, support_zookeeper
+from tests.backends import REAL_KINDS
+from tests.faults import Proxy
+from tests.waiting import next_item, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+log = logging.getLogger(__name__)
+
+#: Rounds per case: the overlap is a race (Consul's are slower: a lock-delay, a 10 s minimum TTL).
+ROUNDS = {"etcd": 10, "consul": 5, "zookeeper": 10}
+
+#: How the registration goes, per store: (kind, how).
+CASES = [
+    ("etcd", "delete the candidate key"),
+    ("consul", "delete the key"),
+    ("consul", "destroy the session"),
+    ("zookeeper", "delete the node"),
+]
+assert {kind for kind, _ in CASES} == set(REAL_KINDS)
+
+
+@pytest.fixture(params=CASES, ids=[f"{kind}-{how.replace(' ', '_')}" for kind, how in CASES])
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param
+
+
+@pytest.fixture(params=[0.0, 0.05], ids=["prompt_holder", "slow_holder"])
+def holder_delay(request: pytest.FixtureRequest) -> float:
+    """Seconds by which what the store sends alice arrives late."""
+    return request.param
+
+
+@pytest.fixture
+def kind(case: tuple[str, str]) -> str:
+    """Only the real stores (overrides conftest's ``kind``, which every store fixture uses)."""
+    return case[0]
+
+
+class Sampler:
+    """Samples alice's and bob's ``is_leader()`` every millisecond; keeps the overlapping samples."""
+
+    def __init__(self, alice: Candidate, bob: Candidate) -> None:
+        self.alice, self.bob = alice, bob
+        self.both: list[float] = []
+        self.samples = 0
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            both = self.alice.is_leader() and self.bob.is_leader()
+            if both:
+                self.both.append(time.monotonic())
+            self.samples += 1
+            gevent.sleep(0.001)
+
+    def stop(self) -> float:
+        """The overlap in ms (first to last sample with two leaders; 0 if none)."""
+        self._greenlet.kill()
+        assert self.samples > 0, "the sampler never ran"
+        return (self.both[-1] - self.both[0]) * 1000 + 1 if self.both else 0.0
+
+
+# -- the deletion from outside, and how to tell that bob waits behind alice, per store --------
+
+
+def _etcd_keys(admin: Store, key: str) -> list[str]:
+    """The candidate keys ``<key>/<id>``, oldest (the leader's) first."""
+    prefix = (key + "/").encode()
+    response = admin._range_prefix(prefix)  # sorted by create revision
+    return [kv.key.decode() for kv in response.kvs if b"/" not in kv.key[len(prefix):]]
+
+
+def _zookeeper_contenders(store: Store, key: str) -> list[str]:
+    with support_zookeeper.admin_client(store.hosts) as client:
+        return support_zookeeper.contenders(client, store.path_for(key))
+
+
+def waiting_behind(kind: str, admin: Store, key: str, bob_store: Store) -> Callable[[], bool]:
+    """A predicate: bob has registered behind alice and seen her hold the key."""
+    if kind == "etcd":
+        return lambda: len(_etcd_keys(admin, key)) == 2
+    if kind == "zookeeper":
+        return lambda: len(_zookeeper_contenders(admin, key)) == 2
+    # Consul keeps no queue: bob waits in a blocking query on the key, made once he read it held.
+    blocking = gevent.event.Event()
+    read = bob_store._get
+
+    def get(key_: str, *, index: int | None = None, wait: float | None = None):
+        if index is not None:
+            blocking.set()
+        return read(key_, index=index, wait=wait)
+
+    bob_store._get = get  # type: ignore[method-assign]
+    return blocking.is_set
+
+
+def deleter(kind: str, how: str, admin: Store, key: str) -> Callable[[], None]:
+    """A function that deletes the leader's registration, as an operator would, through a
+    client of its own that is connected beforehand (so the figures time the deletion only)."""
+    if kind == "etcd":
+        client = admin._client()
+
+        def delete() -> None:  # what ``etcdctl del <key>/<lease hex>`` sends
+            leader_key = _etcd_keys(admin, key)[0]
+            assert client.delete(leader_key.encode()), f"{leader_key} was not there to delete"
+        return delete
+    if kind == "zookeeper":
+        path = admin.path_for(key)
+
+        def delete() -> None:
+            with support_zookeeper.admin_client(admin.hosts) as client:
+                node = f"{path}/{support_zookeeper.contenders(client, path)[0]}"
+                client.delete(node)
+        return delete
+    client = support_consul.consul_client(admin.addrs[0])
+
+    def delete() -> None:
+        _, entry = client.kv.get(key)
+        assert entry is not None and entry.get("Session"), f"nobody holds {key!r}"
+        if how == "delete the key":  # consul kv delete <key>
+            assert client.kv.delete(key)
+        else:  # consul's session destroy: the key goes with it (behavior=delete)
+            assert client.session.destroy(entry["Session"])
+    return delete
+
+
+_STORES = {"consul": ConsulStore, "etcd": EtcdStore, "zookeeper": ZooKeeperStore}
+
+
+# -- the test -----------------------------------------------------------------------------------
+
+
+def one_round(kind: str, how: str, make_store, admin: Store, proxies: list[Proxy], holder_delay: float,
+              key: str, ttl: float) -> tuple[float, float]:
+    """Alice leads, bob waits, alice's registration goes: (overlap, time to a new leader) in ms."""
+    alice_store = _STORES[kind]([proxy.addr for proxy in proxies], timeout=5.0)
+    bob_store = make_store()
+    alice = Candidate(alice_store, key, "alice", ttl=ttl)
+    bob = Candidate(bob_store, key, "bob", ttl=ttl)
+    try:
+        alice_elected, _ = alice.run_for_election()
+        assert next_item(alice_elected, 3 * ttl, "alice's first item") is False
+        assert next_item(alice_elected, 3 * ttl, "alice to win") is True
+        bob_waits = waiting_behind(kind, admin, key, bob_store)
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, 3 * ttl, "bob's first item") is False
+        wait_until(bob_waits, 3 * ttl, "bob to wait behind alice")
+        delete = deleter(kind, how, admin, key)
+        for proxy in proxies:
+            proxy.delay(holder_delay, "down")
+        sampler = Sampler(alice, bob)
+        started = time.monotonic()
+        delete()
+        try:
+            assert next_item(alice_elected, 3 * ttl, f"alice to step down after: {how}") is False
+            # Generous: bob may have to wait for alice's session or lease to run out. On Consul
+            # (no queue) alice, campaigning again, may win the key back instead.
+            wait_until(lambda: bob.is_leader() or alice.is_leader(), 3 * ttl + 10,
+                       f"a new leader after: {how}", interval=0.001)
+        finally:
+            overlap = sampler.stop()
+        return overlap, (time.monotonic() - started) * 1000
+    finally:
+        for proxy in proxies:
+            proxy.heal()
+        bob.stop()
+        alice.stop()
+        alice_store.close()
+
+
+def test_deleting_the_leaders_registration_never_gives_two_leaders(
+        case, holder_delay, backend_env, make_store, key, ttl, record_property):
+    """Never both leaders: bob may win only once alice has stepped down (she notices the
+    deletion and releases, or her session or lease runs out)."""
+    kind, how = case
+    admin = make_store()
+    proxies = [Proxy(addr, f"alice->{addr}") for addr in backend_env.cluster.addrs]
+    try:
+        rounds = [one_round(kind, how, make_store, admin, proxies, holder_delay, key, ttl)
+                  for _ in range(ROUNDS[kind])]
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    figures = (f"{kind}, {how}, holder delay {holder_delay * 1000:g} ms: overlaps "
+               f"{[round(o) for o, _ in rounds]} ms; a new leader {[round(h) for _, h in rounds]} ms "
+               f"after the deletion")
+    log.warning("%s", figures)
+    record_property("figures", figures)
+    assert not any(o for o, _ in rounds), f"two leaders at once ({figures})"
