@@ -15,6 +15,7 @@ import uuid
 import warnings
 
 import gevent
+import gevent.event
 import pytest
 
 from greenleader import Candidate, Follower
@@ -204,6 +205,39 @@ def test_stop_and_release_leave_no_session_and_no_key(stores, key, tag, cluster)
     alice.stop()
     assert sessions_named(addr, tag) == []
     assert raw_entry(addr, key) is None
+
+
+def test_a_waiter_never_locks_a_key_deleted_from_outside_while_its_holders_session_lives(stores, key, tag, cluster):
+    """``consul kv delete`` of the held key leaves alice's session alive, and alice leads until
+    she hears of it: bob, who saw her hold the key, must not lock it until her session is gone.
+    Once she releases (destroys her session), he wins. (Before the fix he locked it at once:
+    with alice 50 ms slower to hear of it, two leaders for 17-35 ms.)"""
+    client = consul_client(cluster.addrs[0])
+    alice = stores().acquire(key, f"{tag}-alice", FAST_TTL)
+    bob_store = stores()
+    blocking = gevent.event.Event()
+    read = bob_store._get
+
+    def get(key_, *, index=None, wait=None):
+        if index is not None:
+            blocking.set()  # bob read the key held by alice, and now waits for it to change
+        return read(key_, index=index, wait=wait)
+
+    bob_store._get = get
+    bob = gevent.spawn(bob_store.acquire, key, f"{tag}-bob", FAST_TTL)
+    try:
+        assert blocking.wait(FAST_TTL), "bob never waited on the key"
+        assert client.kv.delete(key)
+        bob.join(timeout=1.0)
+        assert not bob.ready(), f"bob locked the key while alice's session lived: {bob.value or bob.exception!r}"
+        assert client.session.info(alice._session.id)[1] is not None
+        alice.release()
+        won = bob.get(timeout=FAST_TTL)
+        assert won.node == f"{tag}-bob" and won.term > alice.term
+        won.release()
+    finally:
+        bob.kill()
+        alice.release()
 
 
 def test_killing_an_acquiring_greenlet_leaves_nothing(stores, key, tag, cluster):

@@ -34,6 +34,20 @@ can win. One second covers both with a wide margin while adding only 1 s to cras
 Consul's 15 s default would dominate failover for no extra safety. Set ``lock_delay=0`` to trade
 that margin for speed, or more for slower networks (Consul caps it at 60 s).
 
+**A key deleted from outside is not a release.** ``consul kv delete`` of a held key leaves the
+holder's session alive, and the holder leads on until its blocking query on the key reports the
+deletion. So a waiter remembers every session it saw hold the key and, finding the key vacant,
+locks it only once Consul no longer knows those sessions (a blocking query on the session):
+the holder has stepped down and destroyed its session, or the session expired. A release
+deletes the key and then destroys the session at once, so a handover waits for that second
+request. (Before this check, a holder that heard of the deletion 50 ms late led beside the
+next one for 17-35 ms.) A destroyed session is safe already: Consul deletes its key and enforces
+the lock-delay. A candidate that finds the key vacant without having seen who held it (it
+started after the deletion, or the deletion fell between its refused lock and its read) cannot
+know of it: for one blocking-query round trip of the old holder the two can overlap. Reading
+a session needs ``session:read`` on the agent node that made it; Consul hides a session the
+token may not read, and then it counts as gone.
+
 **Waiters**: Consul keeps no queue of lock waiters, so every waiter wakes when the key is
 released and one of them wins (N waiters cost N lock attempts per handover; no FIFO order).
 While Consul enforces a lock-delay nothing changes that a blocking query could wait for, so
@@ -361,6 +375,8 @@ class _Campaign:
         self.session = store._open_session(node, ttl)
         self.keeper = gevent.spawn(self.session.keep_alive)
         self.won = False
+        #: Sessions seen holding the key and not yet known to be gone (see the module docstring).
+        self.holders: set[str] = set()
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -404,6 +420,8 @@ class _Campaign:
     def _try_to_win(self) -> Lease | None:
         """Try to lock the key; if it is held, block until it changes. A lease if won."""
         store, key, session = self.store, self.key, self.session
+        if not self._await_holders_gone():
+            return None
         # Renew alongside the lock attempt, so that a win comes with a fresh confirmation
         # (the hold dates from the session's renewal) without another round trip.
         renewal = gevent.spawn(_outcome, session.renew)
@@ -422,22 +440,54 @@ class _Campaign:
                 self.won = True
                 return _ConsulLease(store, key, self.node, int(entry["ModifyIndex"]), session)
             return None
-        index, entry = store._get(key)
+        index, entry = self._read(key)
         if entry is None or not entry.get("Session"):
-            # Vacant yet refused: Consul enforces the lock-delay of an invalidated holder. No
-            # event marks its end, so retry after short pauses (as Consul's own lock does).
+            # Vacant yet refused: Consul enforces the lock-delay of an invalidated holder (or
+            # the holder's key was deleted from outside meanwhile). No event marks the end of
+            # a lock-delay, so retry after short pauses (as Consul's own lock does).
             pause = _LOCK_DELAY_RETRY[0]
             while True:
                 gevent.sleep(pause)
+                if not self._await_holders_gone():
+                    return None
                 if store._call("lock the key", lambda c: c.kv.put(key, self.node, acquire=session.id)):
                     return self._try_to_win()  # confirms the win (the re-lock is idempotent)
-                index, entry = store._get(key)
+                index, entry = self._read(key)
                 if entry is not None and entry.get("Session"):
                     break
                 pause = min(pause * 2, _LOCK_DELAY_RETRY[1])
         while entry is not None and entry.get("Session") and not session.lost:
-            index, entry = store._get(key, index=index, wait=store.wait)
+            index, entry = self._read(key, index=index)
         return None
+
+    def _read(self, key: str, index: int | None = None) -> tuple[int, Any]:
+        """Read the key (blocking when ``index`` is given), noting who holds it."""
+        index, entry = self.store._get(key, index=index, wait=self.store.wait if index is not None else None)
+        holder = entry.get("Session") if entry is not None else None
+        if holder and holder != self.session.id:
+            self.holders.add(holder)
+        return index, entry
+
+    def _await_holders_gone(self) -> bool:
+        """Return once Consul knows none of the sessions seen holding the key; False if our
+        own session is lost meanwhile.
+
+        A key deleted from outside leaves its holder's session, and the holder may lead until
+        it hears of the deletion and destroys its session (or the session expires): a blocking
+        query on each such session waits for that. A released key's session is destroyed by
+        the release's next request.
+        """
+        for holder in sorted(self.holders):
+            index, info = self.store._read_session(holder)
+            if info is not None:
+                log.info("consul: %r waits for session %s, which held %r, to end: its holder may still lead",
+                         self.node, holder, self.key)
+            while info is not None:
+                if self.session.lost:
+                    return False
+                index, info = self.store._read_session(holder, index=index)
+            self.holders.discard(holder)
+        return not self.session.lost
 
 
 class ConsulStore(Store):
@@ -666,6 +716,18 @@ class ConsulStore(Store):
         if index is not None and new_index < index:
             new_index = 0  # the index went backwards (a restored snapshot): start over
         return new_index, found[1]
+
+    def _read_session(self, session_id: str, *, index: int | None = None) -> tuple[int, Any]:
+        """Read a session: ``(index, its info or None once it is gone)``; with ``index``, a
+        blocking query that returns when the sessions change (or after ``wait``)."""
+        if index is None:
+            found = self._call("read a session", lambda c: c.session.info(session_id))
+        else:
+            params = {"index": str(max(index, 1)), "wait": f"{math.ceil(self.wait * 1000)}ms"}
+            blocking = _blocking_time("?index=1&wait=" + params["wait"])
+            found = self._call("wait for a session to end", lambda c: c.session.info(session_id, **params),
+                               blocking=blocking)
+        return int(found[0]), found[1]
 
     def _open_session(self, node: str, ttl: float) -> _Session:
         """Create a session; if the caller is killed meanwhile, destroy it once created."""
