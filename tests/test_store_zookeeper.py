@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
@@ -353,8 +354,8 @@ def test_stop_and_release_leave_no_node(stores, key) -> None:
 
 
 def test_waiters_queue_in_order_and_each_watches_only_its_predecessor(stores, key) -> None:
-    """Five candidates queue up; each watches its predecessor's node and its own, nobody
-    watches the key's children (no thundering herd); releasing the leader wakes only the
+    """Five candidates queue up; each watches its predecessor's node and its own (and its own
+    twin), nobody watches the key's children (no thundering herd); releasing the leader wakes only the
     next one, so the winners come in queue order."""
     store = stores()
     path = store.path_for(key)
@@ -373,6 +374,8 @@ def test_waiters_queue_in_order_and_each_watches_only_its_predecessor(stores, ke
             f"{path}/{name}": {owners[i]} | ({owners[i + 1]} if i + 1 < len(queue) else set())
             for i, name in enumerate(queue)
         }
+        expected.update({f"{path}/{name.partition('__lock__')[0]}__live__": {owners[i]}  # its twin: by itself
+                         for i, name in enumerate(queue)})
         seen: dict[str, set[int]] = {}
 
         def watched_as_expected() -> bool:
@@ -513,6 +516,99 @@ def test_expired_session_reports_the_loss_at_once(stores, key, events) -> None:
         assert session.session_id not in (None, old_session)
     finally:
         alice.stop()
+
+
+def _twin(name: str) -> str:
+    """The twin ``<uuid>__live__`` of a candidate's node ``<uuid>__lock__<sequence>``."""
+    return name.partition("__lock__")[0] + "__live__"
+
+
+def test_a_waiter_never_wins_while_a_deleted_leaders_twin_lives(stores, key) -> None:
+    """An operator deletes leader a's node while a's session lives: a leads until it hears of
+    it, so waiter b must not win while a's twin node (deleted by a's release, or with its
+    session) is there. Once a releases, b wins. (Before the twin, b won at once: with a 50 ms
+    slower to hear of it, two leaders for 20-186 ms.)"""
+    store = stores()
+    path = store.path_for(key)
+    a = store.acquire(key, "a", TTL * 5)
+    lost = gevent.event.Event()
+    a.on_lost = lost.set
+    b = gevent.spawn(stores().acquire, key, "b", TTL * 5)
+    try:
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "b to queue up")
+            a_node, b_node = contenders(zk, path)
+            assert zk.exists(f"{path}/{_twin(a_node)}") and zk.exists(f"{path}/{_twin(b_node)}")
+            zk.delete(f"{path}/{a_node}")
+            assert lost.wait(WAIT), "a never heard that its node was deleted"
+            b.join(timeout=1.0)
+            assert not b.ready(), f"b won while a's twin lived: {b.value or b.exception!r}"
+            assert zk.exists(f"{path}/{_twin(a_node)}")
+            a.release()
+            won = b.get(timeout=WAIT)
+            assert won.node == "b" and won.term > a.term
+            won.release()
+            assert zk.get_children(path) == []
+    finally:
+        b.kill()
+        a.release()
+
+
+@pytest.mark.parametrize("which", ["node", "twin"])
+def test_deleting_either_node_of_a_leader_ends_its_tenure(stores, key, which) -> None:
+    """Either of the leader's two nodes deleted from outside ends the lease at once; its
+    release then deletes the other, and the next candidate wins."""
+    store = stores()
+    path = store.path_for(key)
+    alice = Candidate(store, key, "alice", ttl=TTL * 5)
+    bob = Candidate(stores(), key, "bob", ttl=TTL * 5)
+    try:
+        elected, _ = alice.run_for_election()
+        assert next_item(elected, WAIT, "alice's first item") is False
+        assert next_item(elected, WAIT, "alice to win") is True
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, WAIT, "bob's first item") is False
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "bob to queue up")
+            node = contenders(zk, path)[0]
+            zk.delete(f"{path}/{node if which == 'node' else _twin(node)}")
+            assert next_item(elected, WAIT, "alice to step down") is False
+            assert next_item(bob_elected, WAIT, "bob to win") is True
+            assert not zk.exists(f"{path}/{node}") and not zk.exists(f"{path}/{_twin(node)}")
+    finally:
+        bob.stop()
+        alice.stop()
+
+
+def test_a_waiter_whose_twin_was_deleted_queues_anew(stores, key) -> None:
+    """A waiter whose twin node is deleted from outside never wins with its node: it deletes
+    it and queues anew, behind the candidates that came after it."""
+    store = stores()
+    path = store.path_for(key)
+    a = store.acquire(key, "a", TTL * 5)
+    b = gevent.spawn(stores().acquire, key, "b", TTL * 5)
+    c = None
+    try:
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "b to queue up")
+            b_node = contenders(zk, path)[1]
+            c = gevent.spawn(stores().acquire, key, "c", TTL * 5)
+            wait_until(lambda: len(contenders(zk, path)) == 3, WAIT, "c to queue up")
+            zk.delete(f"{path}/{_twin(b_node)}")
+            wait_until(lambda: b_node not in contenders(zk, path) and len(contenders(zk, path)) == 3, WAIT,
+                       "b to queue anew")
+            a.release()
+            won = c.get(timeout=WAIT)
+            assert won.node == "c"
+            won.release()
+            b_won = b.get(timeout=WAIT)
+            assert b_won.node == "b"
+            b_won.release()
+    finally:
+        b.kill()
+        if c is not None:
+            c.kill()
+        a.release()
 
 
 def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:

@@ -8,6 +8,22 @@ order they queued up. The fencing term is the winner node's ``czxid``: later win
 were created later. The node names follow kazoo's Lock recipe, so kazoo ``Lock`` holders on
 the same path and greenleader candidates exclude each other.
 
+**Each candidate has a twin node** ``<key>/<uuid>__live__``, ephemeral too, created and deleted
+with its node in one transaction (so nobody ever sees one without the other), and invisible to
+kazoo's Lock recipe. It is there for a node deleted from outside: an operator's ``delete`` of the
+leader's node leaves its session alive, and the leader leads on until its watch on the node
+reports the deletion. Its twin stays until then: the holder, hearing of it, steps down and its
+release deletes the twin (or the twin goes when the session expires). A candidate that comes
+first in the queue wins only when no twin of an older candidate is left without its node
+(one more request, only when there is such a twin, to learn its age), so no one wins beside a
+leader whose node was deleted (before the twin: two leaders for up to 186 ms when the holder
+heard of it 50 ms late). Deleting either of a candidate's nodes ends its tenure, or sends it to
+the back of the queue. A graceful release deletes both at once: handover costs nothing more. The
+limit: deleting *both* nodes of a live leader (say, ``deleteall`` of the key) looks to everyone
+else exactly like its session's expiry, and ZooKeeper offers no way to ask whether another
+session lives, so the next candidate can then win before the old leader hears of it (one
+watch notification).
+
 A winner *claims* its node by writing the same data again (version 0 -> 1), queued as it
 returns from :meth:`ZooKeeperStore.acquire`, so sent only after the candidate stepped up.
 Followers name only a claimed first node: never a candidate that has not learnt it leads
@@ -32,9 +48,9 @@ reports every live lease of that session lost at once. A watch on the leader's o
 reports its deletion (say, by an operator evicting a stuck holder) the
 same way. Listener and watch callbacks only set flags or spawn.
 
-Release deletes the candidate's node (one round trip; the next waiter's watch fires). When
-the connection is down the node is remembered and deleted as soon as the session
-reconnects (or vanishes with it). The key's persistent parent nodes are left in place:
+Release deletes the candidate's node and its twin (one round trip; the next waiter's watch
+fires). When the connection is down the nodes are remembered and deleted as soon as the
+session reconnects (or vanish with it). The key's persistent parent nodes are left in place:
 they hold no data, so they never show a stale leader, and never deleting them means a
 concurrent candidate's create never races a delete.
 
@@ -97,6 +113,7 @@ try:
         NodeExistsError,
         NoNodeError,
         OperationTimeoutError,
+        RolledBackError,
         SessionExpiredError,
     )
     from kazoo.handlers.gevent import SequentialGeventHandler
@@ -114,6 +131,7 @@ log = logging.getLogger(__name__)
 
 _CONTENDER = "__lock__"  # kazoo's Lock recipe names its nodes <uuid>__lock__<sequence>
 _CONTENDER_RE = re.compile(r"__lock__(-?\d{10})$")
+_LIVE = "__live__"  # <uuid>__live__: the twin of a candidate's node <uuid>__lock__<sequence>
 _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
@@ -135,6 +153,12 @@ def _contenders(children: list[str]) -> list[str]:
     """Contender node names (kazoo Lock format), lowest sequence first."""
     found = [(m.group(1), c) for c in children if (m := _CONTENDER_RE.search(c))]
     return [name for _, name in sorted(found, key=lambda pair: int(pair[0]))]
+
+
+def _orphaned_twins(children: list[str], contenders: list[str]) -> list[str]:
+    """The twin nodes ``<uuid>__live__`` among ``children`` whose ``<uuid>__lock__<n>`` is gone."""
+    queued = {name.partition(_CONTENDER)[0] for name in contenders}
+    return [name for name in children if name.endswith(_LIVE) and name[:-len(_LIVE)] not in queued]
 
 
 def _ttl_ms(ttl: float) -> int:
@@ -366,20 +390,38 @@ class _Session:
             raise StoreUnavailableError(f"ZooKeeper at {self.store.hosts} did not answer within {timeout:g}s")
         try:
             return async_result.get(block=False)
-        except (NoAuthError, AuthFailedError) as exc:
+        except KazooException as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: KazooException) -> Exception:
+        """The exception to raise for a kazoo one: NoNodeError and NodeExistsError as they are."""
+        if isinstance(exc, (NoAuthError, AuthFailedError)):
             who = f"digest user {self.store.user!r}" if self.store.user else "a client without digest auth (no user)"
-            raise PermissionDeniedError(
+            return PermissionDeniedError(
                 f"ZooKeeper refused the request ({type(exc).__name__}): the node's ACL does not allow {who}; "
                 "see the ACL in greenleader's docs/security.md"
-            ) from exc
-        except ConnectionClosedError as exc:
-            raise StoreUnavailableError("the ZooKeeper connection is closed") from exc
-        except _CONNECTION_ERRORS as exc:
-            raise _ConnectionLost(f"ZooKeeper connection lost ({type(exc).__name__})") from exc
-        except (NoNodeError, NodeExistsError):
-            raise
-        except KazooException as exc:
-            raise StoreError(f"ZooKeeper request failed: {exc!r}") from exc
+            )
+        if isinstance(exc, ConnectionClosedError):
+            return StoreUnavailableError("the ZooKeeper connection is closed")
+        if isinstance(exc, _CONNECTION_ERRORS):
+            return _ConnectionLost(f"ZooKeeper connection lost ({type(exc).__name__})")
+        if isinstance(exc, (NoNodeError, NodeExistsError)):
+            return exc
+        return StoreError(f"ZooKeeper request failed: {exc!r}")
+
+    def multi(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run a transaction that ``build`` fills in: all its operations or none. Its results,
+        or the error of the operation that failed (as :meth:`call` raises them)."""
+        if self.pid != os.getpid():
+            raise StoreUnavailableError("this ZooKeeper session belongs to the parent process")
+        transaction = self.client.transaction()
+        build(transaction)
+        results = self.result(transaction.commit_async())
+        failed = next((r for r in results if isinstance(r, KazooException) and not isinstance(r, RolledBackError)),
+                      None)
+        if failed is not None:
+            raise self._error(failed)
+        return results
 
     def children(self, path: str) -> list[str]:
         """The children of ``path`` ([] if it does not exist)."""
@@ -388,38 +430,44 @@ class _Session:
         except NoNodeError:
             return []
 
-    def discard(self, parent: str, prefix: str, *, exact: bool = False) -> None:
-        """Delete our node ``parent/prefix*`` (``parent/prefix`` itself if ``exact``).
+    def discard(self, parent: str, prefix: str, names: tuple[str, ...] = ()) -> None:
+        """Delete our nodes under ``parent``: ``names`` if given, else every ``prefix*``.
 
-        The node is first recorded as an orphan, and deleted by a greenlet of the store's,
-        so a caller killed or timed out meanwhile cannot leave it in the queue for good:
-        an orphan is deleted on the next (re)connection, or at the next acquire().
+        The nodes are first recorded as orphans (``parent/prefix*``), and deleted by a greenlet
+        of the store's, so a caller killed or timed out meanwhile cannot leave them in the
+        queue for good: orphans are deleted on the next (re)connection, or at the next acquire().
         """
         if self.pid != os.getpid():
             return  # a forked child's copy: the node is the parent's
         self.orphans.add((parent, prefix))
         if not self.connected.is_set():
-            raise StoreUnavailableError(f"cannot delete {parent}/{prefix} now; it goes when the session reconnects")
-        error = self.store._spawn(self._removal, parent, prefix, exact).get()
+            raise StoreUnavailableError(f"cannot delete {parent}/{prefix}* now; they go when the session reconnects")
+        error = self.store._spawn(self._removal, parent, prefix, names).get()
         if error is not None:
             raise error
 
-    def _removal(self, parent: str, prefix: str, exact: bool) -> StoreError | None:
+    def _removal(self, parent: str, prefix: str, names: tuple[str, ...]) -> StoreError | None:
         """:meth:`_remove` for a greenlet: the error is returned, as a greenlet that dies of
         it gets its traceback printed by the hub."""
         try:
-            self._remove(parent, prefix, exact)
+            self._remove(parent, prefix, names)
         except StoreError as exc:
             return exc
         return None
 
-    def _remove(self, parent: str, prefix: str, exact: bool = False) -> None:
-        # Requests of one session are served in order, so the listing sees the node of any
+    def _remove(self, parent: str, prefix: str, names: tuple[str, ...] = ()) -> None:
+        # Requests of one session are served in order, so the listing sees the nodes of any
         # create this session sent before, even one whose answer was lost.
-        names = [prefix] if exact else [c for c in self.children(parent) if c.startswith(prefix)]
-        for name in names:
-            with contextlib.suppress(NoNodeError):
-                self.call(self.client.delete_async, f"{parent}/{name}")
+        found = list(names) or [c for c in self.children(parent) if c.startswith(prefix)]
+        if not found:
+            self.orphans.discard((parent, prefix))
+            return
+        try:  # a candidate's node and its twin go together: no waiter sees one without the other
+            self.multi(lambda transaction: [transaction.delete(f"{parent}/{name}") for name in found])
+        except NoNodeError:  # one was gone already (deleted from outside): delete the others
+            for name in found:
+                with contextlib.suppress(NoNodeError):
+                    self.call(self.client.delete_async, f"{parent}/{name}")
         self.orphans.discard((parent, prefix))
 
     def close(self) -> None:
@@ -435,11 +483,13 @@ class _Session:
 
 
 class _ZooKeeperLease(Lease):
-    """A candidate's node: its place in the queue while it waits, its lease once it leads."""
+    """A candidate's node and its twin: its place in the queue while it waits, its lease once
+    it leads."""
 
-    def __init__(self, session: _Session, key: str, node: str, path: str) -> None:
+    def __init__(self, session: _Session, key: str, node: str, path: str, twin: str) -> None:
         super().__init__(key, node, 0, 0.0)
         self.path = path
+        self.twin = twin
         self.woken = Event()  # set by the watches acquire() waits on
         self._session = session
         self._session_id: int | None = None  # set once it leads
@@ -467,7 +517,8 @@ class _ZooKeeperLease(Lease):
     def lost(self, why: str, *, gone: bool = True) -> None:
         """The hold is lost (session expired, node deleted): tell the candidate at once.
 
-        ``gone``: the node no longer exists, so release() has nothing to delete.
+        ``gone``: none of its nodes exists any more (the session ended), so release() has
+        nothing to delete.
         """
         if self._released or self._lost:
             return
@@ -478,11 +529,12 @@ class _ZooKeeperLease(Lease):
         self.notify_lost()
 
     def on_node_event(self, event: WatchedEvent) -> None:
-        """kazoo watch on our own node: its deletion ends the lease (or the wait) at once."""
+        """kazoo watch on our own node and its twin: the deletion of either ends the lease (or
+        the wait) at once."""
         if event.type == EventType.DELETED:
             self.woken.set()
             if self._session_id is not None:
-                self.lost("its node was deleted")
+                self.lost(f"its node {event.path} was deleted", gone=False)
         elif event.type == EventType.CHANGED and not self._released:  # our claim: watch on
             self._session.client.exists_async(self.path, self.on_node_event)
 
@@ -501,14 +553,16 @@ class _ZooKeeperLease(Lease):
         # sees any deletion committed before; both are pipelined in one round trip.
         synced = session.client.sync_async(self.path)
         exists = session.client.exists_async(self.path, self.on_node_event)
+        twin = session.client.exists_async(self.twin, self.on_node_event)
         try:
             session.result(synced)
             stat = session.result(exists, max(0.0, session.store.timeout - (now() - started)))
+            twin_stat = session.result(twin, max(0.0, session.store.timeout - (now() - started)))
         except _ConnectionLost as exc:
             raise StoreUnavailableError(f"renewal failed: {exc}") from exc
-        if stat is None or stat.ephemeralOwner != self._session_id:
-            self.lost("its node was deleted")
-            raise LeadershipLostError(f"{self.node!r} no longer holds {self.key!r}: its node is gone")
+        if stat is None or twin_stat is None or stat.ephemeralOwner != self._session_id:
+            self.lost("its node or its twin was deleted", gone=False)
+            raise LeadershipLostError(f"{self.node!r} no longer holds {self.key!r}: its node or its twin is gone")
         if stat.version == 0:
             self.claim()
         self.confirmed_at = started
@@ -520,9 +574,10 @@ class _ZooKeeperLease(Lease):
         session = self._session
         session.leases.discard(self)
         if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
-            return  # the node was deleted, or its session has ended and the node with it
+            return  # its session has ended and the nodes with it
         parent, name = self.path.rsplit("/", 1)
-        session.discard(parent, name, exact=True)
+        twin = self.twin.rsplit("/", 1)[1]
+        session.discard(parent, twin.removesuffix(_LIVE), (name, twin))
 
 
 class ZooKeeperStore(Store):
@@ -751,44 +806,52 @@ class ZooKeeperStore(Store):
         if session.orphans:  # left by a release or withdrawal that was cut short
             session.delete_orphans()
         client = session.client
-        prefix = uuid.uuid4().hex + _CONTENDER
-        lease: _ZooKeeperLease | None = None  # our node, once created
-        sent = False  # a create request went out, so a node of ours may exist
+        uid = uuid.uuid4().hex  # our nodes: <uid>__lock__<sequence> and its twin <uid>__live__
+        lease: _ZooKeeperLease | None = None  # our nodes, once created
+        sent = False  # a create request went out, so nodes of ours may exist
         try:
             while True:
                 try:
                     session.wait_connected(self.timeout)
                     if lease is None and sent:  # a create whose answer was lost may have worked
-                        name = next((c for c in session.children(path) if c.startswith(prefix)), None)
-                        lease = _ZooKeeperLease(session, key, node, f"{path}/{name}") if name else None
+                        name = next((c for c in session.children(path) if c.startswith(uid + _CONTENDER)), None)
+                        lease = _ZooKeeperLease(session, key, node, f"{path}/{name}", f"{path}/{uid}{_LIVE}") \
+                            if name else None
                     if lease is None:
                         sent = True
                         try:
-                            created = session.call(
-                                client.create_async, f"{path}/{prefix}", node.encode(), ephemeral=True, sequence=True
-                            )
+                            created = self._register(session, path, uid, node)
                         except NoNodeError:
                             self._ensure_key(session, path)
                             continue
-                        lease = _ZooKeeperLease(session, key, node, created)
+                        lease = _ZooKeeperLease(session, key, node, created, f"{path}/{uid}{_LIVE}")
                     lease.woken.clear()
-                    # One round trip: the queue, and a watch on our own node (re-armed on each
+                    # One round trip: the queue, and watches on our own nodes (re-armed on each
                     # pass, as kazoo drops watches when the connection drops), so a win needs
-                    # no further request and a deletion of our node wakes us up.
+                    # no further request and a deletion of our nodes wakes us up.
                     started = now()
-                    children = client.get_children_async(path)
+                    listing = client.get_children_async(path)
                     own = client.exists_async(lease.path, lease.on_node_event)
+                    own_twin = client.exists_async(lease.twin, lease.on_node_event)
                     try:
-                        contenders = _contenders(session.result(children))
+                        children = session.result(listing)
                     except NoNodeError:
-                        contenders = []
-                    stat = session.result(own)
+                        children = []
+                    contenders = _contenders(children)
+                    stat, twin_stat = session.result(own), session.result(own_twin)
                     name = lease.path.rsplit("/", 1)[1]
-                    if stat is None or name not in contenders:  # deleted, or gone with its session
-                        lease, sent = None, False
+                    if stat is None or twin_stat is None or name not in contenders:
+                        # deleted from outside, or gone with its session: never win with it
+                        log.info("%s: its node or its twin in %s is gone; queueing anew", node, path)
+                        session.discard(path, uid)
+                        uid, lease, sent = uuid.uuid4().hex, None, False
                         continue
                     position = contenders.index(name)
                     if position == 0:
+                        if self._older_orphans(session, path, _orphaned_twins(children, contenders), stat.czxid,
+                                               lease.woken):
+                            lease.woken.wait()
+                            continue
                         lease.won(stat, started)
                         lease.claim()
                         log.debug("%s won %s with term %d", node, key, lease.term)
@@ -801,8 +864,32 @@ class ZooKeeperStore(Store):
                     continue  # wait_connected bounds how long a dead connection is retried
         except BaseException:
             if sent:
-                self._withdraw(session, path, lease.path.rsplit("/", 1)[1] if lease else None, prefix)
+                self._withdraw(session, path, uid, lease)
             raise
+
+    @staticmethod
+    def _register(session: _Session, path: str, uid: str, node: str) -> str:
+        """Create our node and its twin, in one transaction; the node's path."""
+        def build(transaction: Any) -> None:
+            transaction.create(f"{path}/{uid}{_CONTENDER}", node.encode(), ephemeral=True, sequence=True)
+            transaction.create(f"{path}/{uid}{_LIVE}", b"", ephemeral=True)
+
+        return str(session.multi(build)[0])
+
+    @staticmethod
+    def _older_orphans(session: _Session, path: str, orphans: list[str], czxid: int,
+                       watch: Event) -> list[str]:
+        """The twins among ``orphans`` created before our node (``czxid``), watched: their
+        candidates' nodes were deleted from outside while their sessions live, and the first
+        of them may still lead until it hears of it and deletes its twin (or its session
+        expires). Younger ones were never first: they do not matter."""
+        pending = [(twin, session.client.exists_async(f"{path}/{twin}", _waker(watch))) for twin in orphans]
+        older = [twin for twin, request in pending
+                 if (stat := session.result(request)) is not None and stat.czxid < czxid]
+        if older:
+            log.info("ZooKeeper: a candidate waits for %s in %s to go: their nodes were deleted from outside, "
+                     "and the first may still lead", ", ".join(older), path)
+        return older
 
     def _ensure_key(self, session: _Session, path: str) -> None:
         """Create the key's node and its missing ancestors, all with the store's ACL: with a
@@ -815,10 +902,11 @@ class ZooKeeperStore(Store):
         with contextlib.suppress(NodeExistsError):
             session.call(session.client.create_async, path, b"")
 
-    def _withdraw(self, session: _Session, path: str, name: str | None, prefix: str) -> None:
-        """Delete our node after a cancelled or failed acquire (or leave it to reconnection)."""
+    def _withdraw(self, session: _Session, path: str, uid: str, lease: _ZooKeeperLease | None) -> None:
+        """Delete our nodes after a cancelled or failed acquire (or leave them to reconnection)."""
+        names = (lease.path.rsplit("/", 1)[1], f"{uid}{_LIVE}") if lease is not None else ()
         try:
-            session.discard(path, name or prefix, exact=name is not None)
+            session.discard(path, uid, names)
         except StoreError as exc:
             log.info("could not withdraw from %s now (%s); retrying on reconnection", path, exc)
 
