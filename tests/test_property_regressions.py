@@ -104,3 +104,16 @@ def test_an_acquire_raising_greenlet_exit_is_not_taken_for_a_lease():
         state.setup(candidates=[True, True], followers=[False], ttl=0.6)
         state.fail_candidate_call(after=False, error="GreenletExit", primitive="acquire", seat=0, times=1)
         state.allow_time_to_pass(0.3)
+
+
+def test_a_follower_whose_leader_read_raises_greenlet_exit_still_reports_unknown():
+    """Rule 12. Found on 55394d1: the follower's guard greenlet (which reads the leader when the
+    watch is quiet) re-raised a GreenletExit that came out of ``store.leader()`` and died, as if it
+    had been killed. ``known`` still turned False on time (it reads the clock), but the queue
+    kept saying the old leader: "f4 has not known who leads for 0.5s but its queue still says
+    c0.1", and a stale watch was never resynced again."""
+    with election("memory") as state:
+        state.setup(candidates=[False, False], followers=[False], ttl=0.6)
+        state.fail_follower_call(after=False, error="GreenletExit", index=0, primitive="leader", times=1)
+        state.allow_time_to_pass(0.6)  # the guard's read raises at unknown_after / 2 = 0.2 s
+        state.allow_time_to_pass(0.6)  # unknown from 0.4 s on: None is due on the queue
