@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 
 import gevent
+import gevent.event
 import pytest
 import zope.event
 
@@ -87,10 +88,13 @@ def next_named(leaders: gevent.queue.Queue, timeout: float, what: str) -> object
     return leader if leader is not None else next_item(leaders, timeout, what)
 
 
-def keys_under(store: EtcdStore, key: str) -> list[tuple[str, int, int]]:
-    """(key, create revision, lease id) of every etcd key under ``key/``, oldest first."""
-    response = store._range_prefix((key + "/").encode())
-    return [(kv.key.decode(), kv.create_revision, kv.lease) for kv in response.kvs]
+def keys_under(store: EtcdStore, key: str, *, twins: bool = False) -> list[tuple[str, int, int]]:
+    """(key, create revision, lease id) of every candidate key ``key/<id>`` (with ``twins``,
+    of every etcd key under ``key/``), oldest first."""
+    prefix = (key + "/").encode()
+    response = store._range_prefix(prefix)
+    return [(kv.key.decode(), kv.create_revision, kv.lease) for kv in response.kvs
+            if twins or b"/" not in kv.key[len(prefix):]]
 
 
 def lease_alive(store: EtcdStore, lease_id: int) -> bool:
@@ -227,13 +231,13 @@ def test_stop_and_release_leave_no_lease_and_no_key(stores, cluster, key):
     assert set(leases) <= etcdctl_leases(cluster.addrs[0])
     bob.stop()  # while waiting
     alice.stop()  # while leading
-    assert keys_under(store, key) == []
+    assert keys_under(store, key, twins=True) == []
     assert not any(lease_alive(store, lease) for lease in leases)
     assert not set(leases) & etcdctl_leases(cluster.addrs[0])
     lease = store.acquire(key, "carol", FAST_TTL)
     lease.release()
     lease.release()  # idempotent
-    assert keys_under(store, key) == [] and not lease_alive(store, lease.lease_id)
+    assert keys_under(store, key, twins=True) == [] and not lease_alive(store, lease.lease_id)
 
 
 def test_killed_acquire_leaves_nothing(stores, key):
@@ -390,16 +394,17 @@ def test_a_waiter_whose_key_was_deleted_never_wins(stores, cluster, key, acquire
     finally:
         for candidate in (a, b, c):
             candidate.stop()
-    assert keys_under(admin, key) == []
+    assert keys_under(admin, key, twins=True) == []
 
 
 def test_a_waiter_never_wins_while_the_lease_of_a_deleted_predecessor_lives(stores, key):
-    """An operator deletes leader a's key while a's lease lives: a leads on until it hears of
-    it, so no waiter may win before a's lease is gone. Here the queue is a, x, b; a's key is
-    deleted (x waits for a's lease), then b's key too, then x withdraws. b wakes, finds its
-    own key gone and campaigns anew with a key that no older key precedes: it must still wait
-    for a's lease, which it saw before. Once a releases (revokes its lease), b wins. (Before
-    the fix, a deleted leader's key gave two leaders for up to 886 ms in the nemesis long run.)"""
+    """An operator deletes leader a's key and its twin (``etcdctl del --prefix <key>/<a's id>``)
+    while a's lease lives: a leads on until it hears of it, so no waiter may win before a's
+    lease is gone. Here the queue is a, x, b; a's keys are deleted (x waits for a's lease),
+    then b's key too, then x withdraws. b wakes, finds its own key gone and campaigns anew
+    with a key that no older key precedes: it must still wait for a's lease, which it saw
+    before. Once a releases (revokes its lease), b wins. (Before the fix, a deleted leader's
+    key gave two leaders for up to 886 ms in the nemesis long run.)"""
     ttl = 10  # no lease trouble during the test
     admin = stores()
     a_lease = stores().acquire(key, "a", ttl)
@@ -409,7 +414,7 @@ def test_a_waiter_never_wins_while_the_lease_of_a_deleted_predecessor_lives(stor
     b = gevent.spawn(b_store.acquire, key, "b", ttl)
     try:
         wait_until(lambda: b_store.requests["watch"] == 1, 10, "b to watch x's key")
-        assert admin._client().delete(a_lease.own_key)
+        assert admin._client().delete_prefix(a_lease.own_key).deleted == 2  # a's key and its twin
         wait_until(lambda: x_store.requests["lease info"] >= 2, 10, "x to find a's lease alive")
         _, (b_key, _, b_lease) = keys_under(admin, key)
         assert admin._client().delete(b_key.encode())
@@ -427,6 +432,35 @@ def test_a_waiter_never_wins_while_the_lease_of_a_deleted_predecessor_lives(stor
         b.kill()
         x.kill()
         a_lease.release()
+
+
+@pytest.mark.parametrize("which", ["key", "twin"])
+def test_deleting_either_key_of_a_leader_ends_its_tenure_and_a_newcomer_waits(stores, key, which):
+    """Either of the leader's keys (its candidate key, or its twin) deleted from outside ends
+    its tenure at once. A candidate that starts just after the deletion, with no waiter
+    before it, must not win until the leader's lease is gone (before the twin it won at once:
+    two leaders for 5-107 ms)."""
+    ttl = 10  # no lease trouble during the test
+    admin = stores()
+    alice_store = stores()
+    lease = alice_store.acquire(key, "alice", ttl)
+    lost = gevent.event.Event()
+    lease.on_lost = lost.set
+    (own, twin), = ((k, k + "/live") for k, _, _ in keys_under(admin, key))
+    assert [k for k, _, _ in keys_under(admin, key, twins=True)] == [own, twin]
+    assert admin._client().delete((own if which == "key" else twin).encode())
+    bob = gevent.spawn(stores().acquire, key, "bob", ttl)
+    try:
+        assert lost.wait(10), f"alice never heard that her {which} was deleted"
+        bob.join(timeout=1.0)
+        assert not bob.ready(), f"bob won while alice's lease lived: {bob.value or bob.exception!r}"
+        lease.release()
+        won = bob.get(timeout=10)
+        assert won.node == "bob"
+        won.release()
+    finally:
+        bob.kill()
+        lease.release()
 
 
 def test_a_follower_never_names_a_winner_before_it_can_know_it_leads(stores, cluster, key, tmp_path):
@@ -707,7 +741,7 @@ def test_a_waiter_under_authentication_checks_its_predecessors_lease(auth_cluste
         assert not waiting.ready(), f"b won while a's lease lived: {waiting.value or waiting.exception!r}"
         lease.release()
         won = waiting.get(timeout=10)
-        assert won.node == "b"
+        assert won.node == "b" and waiter.requests["lease info"] >= 1  # it asked for a's lease
         won.release()
     finally:
         waiting.kill()
@@ -863,7 +897,7 @@ def test_leftover_support_listing(stores, key):
     store = stores()
     lease = store.acquire(key, "alice", FAST_TTL)
     env = type("Env", (), {"cluster": type("C", (), {"addrs": store.addrs})()})()
-    assert leftovers(env, key) == [f"{key}/{lease.lease_id:x}"]
+    assert leftovers(env, key) == [f"{key}/{lease.lease_id:x}", f"{key}/{lease.lease_id:x}/live"]
     lease.release()
     assert leftovers(env, key) == []
 

@@ -5,23 +5,34 @@ node name) in a transaction, if absent. The candidate whose key has the lowest c
 revision under ``<key>/`` leads; the create revision of its key is its fencing term. Every
 other candidate watches only the deletion of its predecessor (the key created just before
 its own), so a release wakes exactly one waiter. Releasing revokes the lease, which deletes
-the key in the same step; a crashed holder's lease expires after the TTL and takes its key with it.
+the key (and its twin, below) in the same step; a crashed holder's lease expires after the
+TTL and takes its keys with it.
 
 **A key deleted from outside is not a release.** An operator's ``etcdctl del`` of the leader's
 key (``<key>/<lease hex>``) leaves its lease alive, and its holder leads on until its own key
-watch reports the deletion. So a candidate never wins while the lease of an older candidate
-that it saw lives on: when such a key is gone, it asks etcd for the lease (LeaseTimeToLive)
-and, while that lease lives, waits for its holder to notice and revoke it (or for it to
-expire), polling with a backoff. A release revokes the lease, so the check finds it gone at
-once: a handover costs that one extra round trip. (The nemesis found two leaders for 2-886 ms
-after such deletions before this check.) A candidate that starts *after* the deletion, while
-no waiter saw the deleted key, cannot know of it: for one notification (the old holder's key
-watch) the two can overlap; that window is the one limit left, stated in docs/safety.md.
+watch reports the deletion (before the two rules below, the nemesis found two leaders for
+2-886 ms after such deletions). So:
+
+- Each candidate key has a *twin* ``<key>/<lease hex>/live`` on the same lease, created in the
+  same transaction and gone with the lease. A candidate queues behind every older key *or
+  twin*, so a twin whose key was deleted keeps everyone, newcomers included, from winning
+  until its holder has noticed and revoked its lease (or the lease expired). Deleting either
+  of a holder's keys ends its tenure; a waiter whose key or twin is gone campaigns anew.
+- A candidate never wins while the lease of an older candidate that it saw lives on: when
+  such a key is gone, it asks etcd for the lease (LeaseTimeToLive) and, while that lease
+  lives, waits for it to go, polling with a backoff. This covers a key deleted with its twin
+  (``etcdctl del --prefix``), and ``etcdctl elect`` holders, which have no twin. A release
+  revokes the lease, so the check finds it gone at once: a handover costs that one extra
+  round trip. The leases seen are remembered across a candidate's campaigns.
+
+The limit: a candidate that starts after *both* keys of a live leader were deleted cannot know
+of that leader, and wins; the two lead together until the old leader's key watch reports the
+deletion.
 
 A win proves itself (DESIGN.md rule 10): the round trip that makes a candidate leader is a
-transaction that compares its own key's create revision, so a waiter whose key was deleted
-(say, by an operator's ``etcdctl del``) while its lease lived never wins with it: it
-campaigns again with a new key. The same transaction lists the older candidates still there.
+transaction that compares its own key's (and twin's) create revision, so a waiter whose key
+was deleted (say, by an operator's ``etcdctl del``) while its lease lived never wins with it:
+it campaigns again with a new key. The same transaction lists the older candidates still there.
 
 A winner then *claims* its key by writing the same value again, on the same lease, which
 takes the key's version from 1 to 2 (the create revision, the term, is unchanged). The claim
@@ -127,6 +138,8 @@ _AUTH_DETAILS = ("permission denied", "user name is empty", "authentication fail
 _CLAIMED = 2
 #: First and longest pause between two checks of a lease whose key was deleted from outside.
 _GONE_POLL = (0.005, 0.25)
+#: Suffix of a candidate key's twin, which shares its lease: ``<key>/<id>/live``.
+_TWIN = b"/live"
 
 _grpc_gevent_ready = False
 #: Clients inherited across fork(): their channels belong to the parent and are never touched.
@@ -245,6 +258,18 @@ def _hint(details: str) -> str:
 def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
     """True for ``<key>/<id>``, False for the keys of a nested election ``<key>/<x>/<id>``."""
     return kv_key.startswith(prefix) and b"/" not in kv_key[len(prefix):]
+
+
+def _twin_of(kv_key: bytes) -> bytes:
+    """The twin ``<key>/<id>/live`` of a candidate key ``<key>/<id>`` (see the module docstring)."""
+    return kv_key + _TWIN
+
+
+def _is_registration(kv_key: bytes, prefix: bytes) -> bool:
+    """True for a candidate key ``<key>/<id>`` or its twin ``<key>/<id>/live`` (ids are hex:
+    never ``live``, so no nested election's key looks like a twin)."""
+    rest = kv_key[len(prefix):] if kv_key.startswith(prefix) else b"/"
+    return b"/" not in rest or (rest.endswith(_TWIN) and rest.count(b"/") == 1)
 
 
 #: A candidate's key as a follower sees it: (create revision, version, value).
@@ -368,6 +393,7 @@ class _EtcdLease(Lease):
         super().__init__(key, node, term, confirmed_at)
         self.lease_id = lease_id
         self.own_key = own_key
+        self.twin = _twin_of(own_key)
         self._store = store
         self._pid = os.getpid()
         self._released = False
@@ -434,16 +460,21 @@ class _EtcdLease(Lease):
         return claimed
 
     def _guard_own_key(self, revision: int) -> None:
-        """Tell the candidate at once when its key disappears (lease revoked or key deleted)."""
+        """Tell the candidate at once when its key or its twin disappears (lease revoked, or
+        deleted from outside). One watch covers both: the range from the key to its twin."""
         store, failures = self._store, 0
+        range_end = self.twin + b"\0"
         while not self._released and self._pid == os.getpid():
             try:
                 if revision == 0:
-                    response = store._call("check own key", lambda client: client.get_response(self.own_key))
-                    if not response.kvs:
+                    response = store._call("check own key", lambda client: client.kvstub.Range(
+                        etcdrpc.RangeRequest(key=self.own_key, range_end=range_end, keys_only=True), store.timeout,
+                        credentials=client.call_credentials, metadata=client.metadata))
+                    if not {self.own_key, self.twin} <= {kv.key for kv in response.kvs}:
                         break
                     revision = response.header.revision
-                stream = _WatchStream(store, self.own_key, None, revision + 1, [etcdrpc.WatchCreateRequest.NOPUT])
+                stream = _WatchStream(store, self.own_key, range_end, revision + 1,
+                                      [etcdrpc.WatchCreateRequest.NOPUT])
                 try:
                     for response in stream:
                         failures = 0
@@ -518,7 +549,8 @@ class _Candidacy:
         txn, range_end = store.transactions, etcd_client.utils.prefix_range_end(self.prefix)
         _, responses = store._call("transaction", lambda client: client.transaction(
             compare=[txn.create(self.own_key) == 0],
-            success=[txn.put(self.own_key, self.node, lease=self.lease_id), txn.get(self.prefix, range_end)],
+            success=[txn.put(self.own_key, self.node, lease=self.lease_id),
+                     txn.put(_twin_of(self.own_key), self.node, lease=self.lease_id), txn.get(self.prefix, range_end)],
             failure=[txn.get(self.prefix, range_end)],
         ))
         found = responses[-1]
@@ -529,7 +561,7 @@ class _Candidacy:
         log.debug("etcd: %r campaigns with %r (revision %d)", self.node, self.own_key, self.term)
         return mine[0].response_header.revision, sorted(
             (meta.create_revision, meta.key, meta.lease_id) for _, meta in found
-            if _is_direct_child(meta.key, self.prefix))
+            if _is_registration(meta.key, self.prefix))
 
     def _keep_alive(self) -> None:
         interval = self.ttl / 8
@@ -667,7 +699,7 @@ class _Candidacy:
         is a win proven by the same round trip.
         """
         request = etcdrpc.TxnRequest(
-            compare=[_owns(self.own_key, self.term)],
+            compare=[_owns(self.own_key, self.term), _owns(_twin_of(self.own_key), self.term)],
             success=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
                 key=self.prefix, range_end=etcd_client.utils.prefix_range_end(self.prefix),
                 keys_only=True, max_create_revision=self.term - 1))],
@@ -676,7 +708,7 @@ class _Candidacy:
         if not response.succeeded:
             return None
         older = sorted((kv.create_revision, kv.key, kv.lease) for kv in response.responses[0].response_range.kvs
-                       if _is_direct_child(kv.key, self.prefix))
+                       if _is_registration(kv.key, self.prefix))
         return response.header.revision, [*older, (self.term, self.own_key, self.lease_id)]
 
     def _fresh_lease(self) -> bool:
