@@ -117,3 +117,20 @@ def test_a_follower_whose_leader_read_raises_greenlet_exit_still_reports_unknown
         state.fail_follower_call(after=False, error="GreenletExit", index=0, primitive="leader", times=1)
         state.allow_time_to_pass(0.6)  # the guard's read raises at unknown_after / 2 = 0.2 s
         state.allow_time_to_pass(0.6)  # unknown from 0.4 s on: None is due on the queue
+
+
+@pytest.mark.parametrize("outside", ["expire_key", "replace_lock_file"])
+def test_a_lock_file_removed_or_replaced_while_held_gives_no_second_leader(outside):
+    """Rule 1, finding 5 (file store). On 130ad3a: a candidate started after the holder's lock
+    file was deleted or replaced locked a fresh file and led beside the holder until the
+    holder's next renewal."""
+    with election("file") as state:
+        state.setup(candidates=[False, False, False], followers=[False], ttl=0.8)
+        state.allow_time_to_pass(0.3)  # c0 wins
+        state.stop(seat=2, via_runner=True)
+        if outside == "expire_key":
+            state.expire_key()
+        else:
+            state.replace_lock_file(content="")
+        state.start(seat=2, retry=False)  # a new candidate opens the new file
+        state.allow_time_to_pass(0.6)
