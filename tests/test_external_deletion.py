@@ -8,8 +8,9 @@ of it one notification later; the next candidate must not win before the holder 
 down, or two candidates lead at once. (The nemesis long run found 19 overlaps of 2-886 ms on
 etcd in 600 s, each right after such a deletion.)
 
-Each round: alice leads, bob waits behind her; the registration goes; both are sampled every
-millisecond until alice has stepped down and one of them leads again. The overlap is a race,
+Each round: alice leads, bob waits behind her (or starts just after the deletion); the
+registration goes; both are sampled every millisecond until alice has stepped down and one of
+them leads again. The overlap is a race,
 so there are several rounds. In the "slow holder" variant alice talks to the store through a
 proxy that delays what the store sends her by 50 ms (a holder on a slow link, or a busy one):
 she hears of the deletion 50 ms after bob does.
@@ -42,18 +43,25 @@ log = logging.getLogger(__name__)
 #: Rounds per case: the overlap is a race (Consul's are slower: a lock-delay, a 10 s minimum TTL).
 ROUNDS = {"etcd": 10, "consul": 5, "zookeeper": 10}
 
-#: How the registration goes, per store: (kind, how).
+#: How the registration goes, per store, and when bob comes: (kind, how, bob). "waits": bob
+#: queues (and sees alice hold the key) before the deletion; "arrives": bob starts just after it.
+#: Consul's "delete the key" with a newcomer is left out: a candidate that finds the key vacant
+#: cannot know that its holder's session lives (the limit in the Consul store's docstring: with
+#: alice 50 ms late, bob led beside her for 16-37 ms).
 CASES = [
-    ("etcd", "delete the candidate key"),
-    ("consul", "delete the key"),
-    ("consul", "destroy the session"),
-    ("zookeeper", "delete the node"),
+    ("etcd", "delete the candidate key", "waits"),
+    ("etcd", "delete the candidate key", "arrives"),
+    ("consul", "delete the key", "waits"),
+    ("consul", "destroy the session", "waits"),
+    ("consul", "destroy the session", "arrives"),
+    ("zookeeper", "delete the node", "waits"),
+    ("zookeeper", "delete the node", "arrives"),
 ]
-assert {kind for kind, _ in CASES} == set(REAL_KINDS)
+assert {kind for kind, _, _ in CASES} == set(REAL_KINDS)
 
 
-@pytest.fixture(params=CASES, ids=[f"{kind}-{how.replace(' ', '_')}" for kind, how in CASES])
-def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+@pytest.fixture(params=CASES, ids=["-".join(part.replace(" ", "_") for part in case) for case in CASES])
+def case(request: pytest.FixtureRequest) -> tuple[str, str, str]:
     return request.param
 
 
@@ -64,7 +72,7 @@ def holder_delay(request: pytest.FixtureRequest) -> float:
 
 
 @pytest.fixture
-def kind(case: tuple[str, str]) -> str:
+def kind(case: tuple[str, str, str]) -> str:
     """Only the real stores (overrides conftest's ``kind``, which every store fixture uses)."""
     return case[0]
 
@@ -163,9 +171,10 @@ _STORES = {"consul": ConsulStore, "etcd": EtcdStore, "zookeeper": ZooKeeperStore
 # -- the test -----------------------------------------------------------------------------------
 
 
-def one_round(kind: str, how: str, make_store, admin: Store, proxies: list[Proxy], holder_delay: float,
-              key: str, ttl: float) -> tuple[float, float]:
-    """Alice leads, bob waits, alice's registration goes: (overlap, time to a new leader) in ms."""
+def one_round(kind: str, how: str, bob_comes: str, make_store, admin: Store, proxies: list[Proxy],
+              holder_delay: float, key: str, ttl: float) -> tuple[float, float]:
+    """Alice leads, bob waits (or comes after), alice's registration goes: (overlap, time to a
+    new leader) in ms."""
     alice_store = _STORES[kind]([proxy.addr for proxy in proxies], timeout=5.0)
     bob_store = make_store()
     alice = Candidate(alice_store, key, "alice", ttl=ttl)
@@ -174,16 +183,18 @@ def one_round(kind: str, how: str, make_store, admin: Store, proxies: list[Proxy
         alice_elected, _ = alice.run_for_election()
         assert next_item(alice_elected, 3 * ttl, "alice's first item") is False
         assert next_item(alice_elected, 3 * ttl, "alice to win") is True
-        bob_waits = waiting_behind(kind, admin, key, bob_store)
-        bob_elected, _ = bob.run_for_election()
-        assert next_item(bob_elected, 3 * ttl, "bob's first item") is False
-        wait_until(bob_waits, 3 * ttl, "bob to wait behind alice")
+        if bob_comes == "waits":
+            bob_waits = waiting_behind(kind, admin, key, bob_store)
+            bob.run_for_election()
+            wait_until(bob_waits, 3 * ttl, "bob to wait behind alice")
         delete = deleter(kind, how, admin, key)
         for proxy in proxies:
             proxy.delay(holder_delay, "down")
         sampler = Sampler(alice, bob)
         started = time.monotonic()
         delete()
+        if bob_comes == "arrives":
+            bob.run_for_election()
         try:
             assert next_item(alice_elected, 3 * ttl, f"alice to step down after: {how}") is False
             # Generous: bob may have to wait for alice's session or lease to run out. On Consul
@@ -205,16 +216,16 @@ def test_deleting_the_leaders_registration_never_gives_two_leaders(
         case, holder_delay, backend_env, make_store, key, ttl, record_property):
     """Never both leaders: bob may win only once alice has stepped down (she notices the
     deletion and releases, or her session or lease runs out)."""
-    kind, how = case
+    kind, how, bob_comes = case
     admin = make_store()
     proxies = [Proxy(addr, f"alice->{addr}") for addr in backend_env.cluster.addrs]
     try:
-        rounds = [one_round(kind, how, make_store, admin, proxies, holder_delay, key, ttl)
+        rounds = [one_round(kind, how, bob_comes, make_store, admin, proxies, holder_delay, key, ttl)
                   for _ in range(ROUNDS[kind])]
     finally:
         for proxy in proxies:
             proxy.close()
-    figures = (f"{kind}, {how}, holder delay {holder_delay * 1000:g} ms: overlaps "
+    figures = (f"{kind}, {how}, bob {bob_comes}, holder delay {holder_delay * 1000:g} ms: overlaps "
                f"{[round(o) for o, _ in rounds]} ms; a new leader {[round(h) for _, h in rounds]} ms "
                f"after the deletion")
     log.warning("%s", figures)

@@ -496,6 +496,7 @@ class _ZooKeeperLease(Lease):
         self._released = False
         self._lost: str | None = None
         self._gone = False
+        self._deleted: set[str] = set()  # our nodes known to be deleted from outside
 
     def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
         self.term = stat.czxid
@@ -532,6 +533,7 @@ class _ZooKeeperLease(Lease):
         """kazoo watch on our own node and its twin: the deletion of either ends the lease (or
         the wait) at once."""
         if event.type == EventType.DELETED:
+            self._deleted.add(event.path)
             self.woken.set()
             if self._session_id is not None:
                 self.lost(f"its node {event.path} was deleted", gone=False)
@@ -561,6 +563,7 @@ class _ZooKeeperLease(Lease):
         except _ConnectionLost as exc:
             raise StoreUnavailableError(f"renewal failed: {exc}") from exc
         if stat is None or twin_stat is None or stat.ephemeralOwner != self._session_id:
+            self._deleted.update(path for path, found in ((self.path, stat), (self.twin, twin_stat)) if found is None)
             self.lost("its node or its twin was deleted", gone=False)
             raise LeadershipLostError(f"{self.node!r} no longer holds {self.key!r}: its node or its twin is gone")
         if stat.version == 0:
@@ -575,9 +578,11 @@ class _ZooKeeperLease(Lease):
         session.leases.discard(self)
         if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
             return  # its session has ended and the nodes with it
-        parent, name = self.path.rsplit("/", 1)
+        parent = self.path.rsplit("/", 1)[0]
         twin = self.twin.rsplit("/", 1)[1]
-        session.discard(parent, twin.removesuffix(_LIVE), (name, twin))
+        left = tuple(path.rsplit("/", 1)[1] for path in (self.path, self.twin) if path not in self._deleted)
+        if left:  # both, as a rule; only the other one when one was deleted from outside
+            session.discard(parent, twin.removesuffix(_LIVE), left)
 
 
 class ZooKeeperStore(Store):
