@@ -387,6 +387,7 @@ class Candidate:
         """
         self._resigning = False
         if self._inert:
+            lease.abandon()  # won in a forked child by a wake-up pending at the fork
             return
         delivered = self._step_down(lease, reason)
         teardown = gevent.spawn(self._teardown, lease, delivered)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import gevent
 from gevent import Greenlet, GreenletExit
@@ -163,7 +164,7 @@ class Follower:
         delays = self.retry.delays() if self.retry else None
         error: BaseException | None = None
         try:
-            while True:
+            while not self._inert:
                 try:
                     self._watch(channels)
                 except _Resync:
@@ -201,6 +202,8 @@ class Follower:
         watch = self.store.watch(self.key)
         try:
             for info in watch:
+                if self._inert:
+                    return  # a forked child's copy, woken by what was pending at the fork
                 self._confirmed_at = now()
                 self._watch_yielded = True
                 self._report(info)
@@ -249,13 +252,16 @@ class Follower:
     def _check(self) -> bool:
         """Read the leader; True if it confirms what the follower reported."""
         started = now()
+        # In a greenlet of its own: a GreenletExit out of the store is a failed read, not a kill.
+        reading = gevent.spawn(_outcome, self.store.leader, self.key)
         try:
-            with gevent.Timeout(min(self.unknown_after / 2, 10.0), StoreError("check timed out")):
-                info = self.store.leader(self.key)
-        except GreenletExit:
-            raise
-        except Exception as exc:
-            log.debug("%r: could not confirm the leader: %s", self, exc)
+            reading.join(timeout=min(self.unknown_after / 2, 10.0))
+        finally:
+            if not reading.ready():
+                reading.kill(block=False)
+        info = reading.value if reading.successful() else None
+        if not reading.ready() or isinstance(info, BaseException):
+            log.debug("%r: could not confirm the leader: %s", self, info or "no answer in time")
             return False
         self._reachable.set()  # a retry backoff ends: watch again now
         node = info.node if info is not None else None
@@ -288,3 +294,11 @@ class Follower:
                 greenlet.kill(block=False)
         if self._channels is not None:
             self._channels.close()
+
+
+def _outcome(func: Callable[..., LeaderInfo | None], *args: object) -> LeaderInfo | BaseException | None:
+    """``func(*args)``, or the exception it raised (GreenletExit included), as a value."""
+    try:
+        return func(*args)
+    except (Exception, GreenletExit) as exc:
+        return exc

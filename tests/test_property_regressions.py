@@ -87,7 +87,9 @@ def test_a_forked_child_does_not_run_the_wake_ups_pending_at_the_fork():
     """Rule 11. Found on 55394d1: the key expires (which wakes the waiting c1 and the follower)
     and the process forks before the hub runs. In the child, the inherited greenlets are killed
     with ``kill(block=False)``, which lands after the wake-ups already queued: c1 won the key
-    there and the follower read the change and watched again."""
+    there and the follower read the change and watched again. A queued wake-up still completes
+    the wait it was for; the inert owners now ignore the outcome (a lease won so is abandoned,
+    the follower asks nothing more)."""
     with election("memory") as state:
         state.setup(candidates=[False, False], followers=[False], ttl=0.6)
         state.allow_time_to_pass(0.3)
