@@ -101,10 +101,10 @@ import os  # noqa: E402
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-_bounded = dict(max_examples=10, stateful_step_count=25, deadline=None, print_blob=True,
+_bounded = dict(max_examples=20, stateful_step_count=25, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", derandomize=True, database=None, **_bounded)
 settings.register_profile("dev", **_bounded)
-settings.register_profile("long", max_examples=2000, stateful_step_count=60, deadline=None, print_blob=True,
+settings.register_profile("long", max_examples=500, stateful_step_count=50, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")

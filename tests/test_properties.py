@@ -72,7 +72,7 @@ from greenleader.errors import (
     StoreUnavailableError,
 )
 from greenleader.events import ElectionError, LeadershipAcquired, LeadershipEvent, LeadershipLost
-from greenleader.stores.base import Store, now
+from greenleader.stores.base import LeaderInfo, Store, now
 from greenleader.stores.file import FileStore
 from greenleader.stores.memory import MemoryStore
 from greenleader.testing import Call, FaultyStore
@@ -694,6 +694,70 @@ class FileElection(ElectionMachine):
 
 TestMemoryElection = MemoryElection.TestCase
 TestFileElection = FileElection.TestCase
+
+
+# -- the FaultyStore itself ---------------------------------------------------------------------
+
+
+def test_faulty_store_forwards_every_primitive_and_records_it():
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    assert (store.backend, store.min_ttl, store.validate_ttl(1)) == ("memory", inner.min_ttl, 1.0)
+    watch = store.watch("k")
+    assert next(watch) is None
+    lease = store.acquire("k", "a", 5)
+    assert inner.leader("k") == store.leader("k") == next(watch) == LeaderInfo("a", lease.term)
+    lease.renew()
+    lease.release()
+    assert next(watch) is None
+    watch.close()
+    assert inner.leader("k") is None
+    assert [(c.primitive, c.node, c.outcome, c.forwarded) for c in store.history] == [
+        ("watch", None, "returned", True),
+        ("acquire", "a", "returned", True),
+        ("leader", None, "returned", True),
+        ("watch", "a", "returned", True),
+        ("renew", "a", "returned", True),
+        ("release", "a", "returned", True),
+        ("watch", None, "returned", True),
+    ]
+    assert all(c.ended >= c.started for c in store.history)
+
+
+def test_faulty_store_fails_the_calls_it_is_told_to_before_or_after_the_inner_store():
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    lease = store.acquire("k", "a", 5)
+    store.fail_next("renew", StoreUnavailableError("down"), times=2)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailableError):
+            lease.renew()
+    lease.renew()  # the rule is used up
+    store.fail_next("release", OSError(errno.EIO, "lost reply"), after=True)
+    with pytest.raises(OSError):
+        lease.release()
+    assert inner.leader("k") is None  # released all the same: only the reply was lost
+    assert [(c.primitive, c.outcome, c.forwarded) for c in store.history][-4:] == [
+        ("renew", "injected", False), ("renew", "injected", False), ("renew", "returned", True),
+        ("release", "injected", True),
+    ]
+    store.fail_when("acquire", RuntimeError, lambda call: call.node == "b")
+    assert store.acquire("k", "a", 5).node == "a"
+    with pytest.raises(RuntimeError, match="injected into acquire"):
+        store.acquire("k", "b", 5)
+
+
+def test_faulty_store_slows_calls_and_tells_the_application_when_each_one_starts():
+    entered = []
+    store = FaultyStore(MemoryStore(), on_call=lambda call: entered.append((call.primitive, call.outcome)))
+    store.delay_next("leader", 0.2)
+    started = now()
+    assert store.leader("k") is None
+    assert now() - started >= 0.2
+    assert entered == [("leader", "running")]
+    store.fail_next("watch", GreenletExit(), after=True)
+    with pytest.raises(GreenletExit):
+        next(store.watch("k"))
 
 
 # -- helpers ----------------------------------------------------------------------------------
