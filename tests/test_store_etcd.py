@@ -293,6 +293,8 @@ def test_release_wakes_only_the_next_waiter_in_fifo_order(stores, key):
                 )
         # One read at most: none if its predecessor was the leader when it began to wait.
         assert store.requests["range"] - settled[name].get("range", 0) <= (0 if name == "w1" else 1)
+        # One lease lookup, its predecessor's: the older ones were checked by that winner.
+        assert store.requests["lease info"] - settled[name].get("lease info", 0) == 1
     assert winners == ["w1", "w2", "w3", "w4", "w5"]
     lease.release()
 

@@ -23,7 +23,9 @@ watch reports the deletion (before the two rules below, the nemesis found two le
   lives, waits for it to go, polling with a backoff. This covers a key deleted with its twin
   (``etcdctl del --prefix``), and ``etcdctl elect`` holders, which have no twin. A release
   revokes the lease, so the check finds it gone at once: a handover costs that one extra
-  round trip. The leases seen are remembered across a candidate's campaigns.
+  round trip. The leases seen are remembered across a candidate's campaigns, until they are
+  found gone or a predecessor that saw them is found to have won (the deletion of a claimed
+  key, below): that winner had checked them.
 
 The limit: a candidate that starts after *both* keys of a live leader were deleted cannot know
 of that leader, and wins; the two lead together until the old leader's key watch reports the
@@ -72,6 +74,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import gevent
+import gevent.pool
 from gevent import monkey
 from gevent.queue import Queue
 
@@ -311,7 +314,7 @@ class _WatchStream:
     """One gRPC watch stream of its own: created (or failed) within the timeout, closed once."""
 
     def __init__(self, store: EtcdStore, key: bytes, range_end: bytes | None, start_revision: int,
-                 filters: list[int] | None = None) -> None:
+                 filters: list[int] | None = None, prev_kv: bool = False) -> None:
         self._store = store
         client = store._client()
         try:
@@ -320,7 +323,8 @@ class _WatchStream:
             raise _translate(exc, "watch", "?") from exc
         self._endpoint = client.endpoint_in_use
         self.where = self._endpoint.netloc
-        create = etcdrpc.WatchCreateRequest(key=key, start_revision=start_revision, filters=filters or [])
+        create = etcdrpc.WatchCreateRequest(key=key, start_revision=start_revision, filters=filters or [],
+                                            prev_kv=prev_kv)
         if range_end is not None:
             create.range_end = range_end
         self._requests: Queue = Queue()
@@ -447,12 +451,13 @@ class _EtcdLease(Lease):
                 gevent.sleep(min(2.0, 0.05 * 2**failures))
 
     def _claim(self) -> bool:
-        """Rewrite our value on our lease if our key is still ours: version 1 -> 2. False if it
-        is gone."""
+        """Rewrite our value on our lease, on our key and its twin, if both are still ours:
+        version 1 -> 2. False if either is gone."""
         request = etcdrpc.TxnRequest(
-            compare=[_owns(self.own_key, self.term)],
-            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
-                key=self.own_key, value=self.node.encode(), lease=self.lease_id))],
+            compare=[_owns(self.own_key, self.term), _owns(self.twin, self.term)],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=kv_key, value=self.node.encode(),
+                                                                      lease=self.lease_id))
+                     for kv_key in (self.own_key, self.twin)],
         )
         claimed = bool(self._store._txn("claim", request).succeeded)
         if claimed:
@@ -505,13 +510,15 @@ class _Candidacy:
     renew deadline.
 
     ``older`` maps the lease of every older candidate seen by this ``acquire()`` (its
-    candidacies share it) to its key, until that lease is known to be gone: see the module
-    docstring on keys deleted from outside.
+    candidacies share it) to its create revision, until that lease is known to be gone, or a
+    younger candidate that saw it is known to have won (a winner has checked every older
+    lease it saw): see the module docstring on keys deleted from outside.
     """
 
-    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float, older: dict[int, bytes]) -> None:
+    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float, older: dict[int, int]) -> None:
         self.store = store
         self.older = older
+        self.listed: set[int] = set()  # leases of the older candidates this candidacy has listed
         self.key = key
         self.ttl = ttl
         self.prefix = (key + "/").encode()
@@ -631,16 +638,18 @@ class _Candidacy:
                 if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
-                self.older.update((lease, kv_key) for _, kv_key, lease in keys[:position])
+                self.older.update((lease, created) for created, _, lease in keys[:position])
+                self.listed.update(lease for _, _, lease in keys[:position])
                 if position == 0:  # the read that says so also showed our key
                     if not self.older:
                         return self._won()
                     gone.update(self.older)  # every older key is gone: are their leases too?
                     continue
-                _, predecessor, predecessor_lease = keys[position - 1]
+                created, predecessor, predecessor_lease = keys[position - 1]
                 # Watching from "now" rather than from the snapshot: etcd syncs a watch that
                 # starts in the past only every 100 ms, which would delay a handover.
-                self.stream = _WatchStream(store, predecessor, None, 0, [etcdrpc.WatchCreateRequest.NOPUT])
+                self.stream = _WatchStream(store, predecessor, None, 0, [etcdrpc.WatchCreateRequest.NOPUT],
+                                           prev_kv=True)
                 try:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
@@ -651,6 +660,8 @@ class _Candidacy:
                         failures = 0
                         if response.events:  # the predecessor went: prove our turn, or wait on
                             gone.add(predecessor_lease)
+                            if any(event.prev_kv.version >= _CLAIMED for event in response.events):
+                                self._forget_checked_by(created)
                             break
                 finally:
                     self.stream.close()
@@ -663,6 +674,14 @@ class _Candidacy:
                 gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
         return None
 
+    def _forget_checked_by(self, winner: int) -> None:
+        """Our predecessor, created at revision ``winner``, had won (it claimed its key): it
+        checked the leases of every older candidate it saw, and it saw every one that this
+        candidacy listed older than it (they were there before us, and so when it came)."""
+        for lease, created in list(self.older.items()):
+            if created < winner and lease in self.listed:
+                del self.older[lease]
+
     def _await_gone(self, leases: set[int]) -> bool:
         """Return once etcd has none of ``leases`` (older candidates' whose keys are gone);
         False if our own lease is lost meanwhile.
@@ -674,7 +693,7 @@ class _Candidacy:
         """
         delay = _GONE_POLL[0]
         while leases:
-            remaining = {lease: self.store._lease_ttl(lease) for lease in sorted(leases)}
+            remaining = self._lease_ttls(sorted(leases))
             for lease, ttl in remaining.items():
                 if ttl < 0:
                     leases.discard(lease)
@@ -689,6 +708,24 @@ class _Candidacy:
             gevent.sleep(min(delay, max(_GONE_POLL[0], min(remaining[lease] for lease in leases))))
             delay = min(delay * 2, _GONE_POLL[1])
         return not self.lost
+
+    def _lease_ttls(self, leases: list[int]) -> dict[int, int]:
+        """The remaining TTL of each lease (-1: gone), asked at once (at most 32 in flight)."""
+        def ask(lease: int) -> int | StoreError | InvalidArgumentError:
+            try:
+                return self.store._lease_ttl(lease)
+            except (StoreError, InvalidArgumentError) as exc:  # raised below, in the caller
+                return exc
+
+        pool = gevent.pool.Pool(32)
+        try:
+            answers = dict(zip(leases, pool.map(ask, leases), strict=True))
+        finally:
+            pool.kill(block=False)
+        for answer in answers.values():
+            if isinstance(answer, Exception):
+                raise answer
+        return answers  # type: ignore[return-value]
 
     def _prove(self) -> tuple[int, list[_Candidate]] | None:
         """One transaction: is our key still ours, and which candidates are older?
@@ -967,7 +1004,7 @@ class EtcdStore(Store):
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
         node = check_text("node", node)
         key = self.validate_key(key)
-        older: dict[int, bytes] = {}  # kept across candidacies: a new key must not forget them
+        older: dict[int, int] = {}  # kept across candidacies: a new key must not forget them
         while True:
             candidacy = _Candidacy(self, key, node, ttl, older)
             try:
