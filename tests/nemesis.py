@@ -31,7 +31,8 @@ TTLs apart, at most two lasting ones at a time (at most one of them on the store
   campaign ended by one (a bug-like exception) has its process restarted;
 - ``fork``: the leading process forks; the child must stay inert for 1.5 TTL (it must never
   say it leads, renew, release or win), then stops its candidate and exits;
-- ``resign``: the leader resigns (a graceful handover);
+- ``resign``: the leader resigns (a graceful handover; sent to every candidate, as the nemesis
+  learns of a new leader a moment late);
 - ``hup-run``, ``quit-run``, ``kill-run``: SIGHUP, SIGQUIT or SIGKILL to the leading runner.
 
 ``--backend file`` runs the same on the file store (one host's directory): without network
@@ -706,9 +707,12 @@ class Nemesis:
                 gevent.sleep(fault.duration)
             finally:
                 self._signal(pid, INJECT_OFF_SIGNAL)
-        elif fault.kind == "resign":
-            if not self._signal(pid, RESIGN_SIGNAL):
-                return "the process is gone"
+        elif fault.kind == "resign":  # to every candidate: whoever leads by now resigns, the others
+            # ignore it (the nemesis learns of a new leader from its output, a moment late)
+            sent = [other.name for other in self.slots.values()
+                    if other.running() and other.events("campaigning") and self._signal(other.popen.pid, RESIGN_SIGNAL)]
+            if not sent:
+                return "no candidate to resign"
         elif fault.kind in RUN_FAULTS:
             runner = self.runners[slot]
             if not self._signal(runner.popen.pid, RUN_FAULTS[fault.kind]):
