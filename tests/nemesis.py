@@ -746,7 +746,7 @@ class Nemesis:
                                                  whole_key=fault.whole_key and holder, behind=behind)
             except LookupError as exc:
                 return f"{name} {exc}"
-            except OSError as exc:  # that node is down or refuses: try another
+            except Exception as exc:  # that node is down or refuses (OSError, kazoo's timeouts): try another
                 log.info("deleting %s's registration through %s failed: %s", name, through, exc)
                 continue
             record.detail = f"{how} ({'holder' if holder else 'waiter'})"
