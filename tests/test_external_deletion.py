@@ -10,17 +10,17 @@ etcd in 600 s, each right after such a deletion.)
 
 Each round: alice leads, bob waits behind her (or starts just after the deletion); the
 registration goes; both are sampled every millisecond until alice has stepped down and one of
-them leads again. The overlap is a race,
-so there are several rounds. In the "slow holder" variant alice talks to the store through a
-proxy that delays what the store sends her by 50 ms (a holder on a slow link, or a busy one):
-she hears of the deletion 50 ms after bob does.
+them leads again. The overlap is a race, so there are several rounds. In the "slow holder"
+variant alice talks to the store through a proxy that delays what the store sends her by 50 ms
+(a holder on a slow link, or a busy one): she hears of the deletion 50 ms after bob does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gevent
 import gevent.event
@@ -135,7 +135,8 @@ def waiting_behind(kind: str, admin: Store, key: str, bob_store: Store) -> Calla
     return blocking.is_set
 
 
-def deleter(kind: str, how: str, admin: Store, key: str) -> Callable[[], None]:
+@contextlib.contextmanager
+def deleter(kind: str, how: str, admin: Store, key: str) -> Iterator[Callable[[], None]]:
     """A function that deletes the leader's registration, as an operator would, through a
     client of its own that is connected beforehand (so the figures time the deletion only)."""
     if kind == "etcd":
@@ -144,25 +145,22 @@ def deleter(kind: str, how: str, admin: Store, key: str) -> Callable[[], None]:
         def delete() -> None:  # what ``etcdctl del <key>/<lease hex>`` sends
             leader_key = _etcd_keys(admin, key)[0]
             assert client.delete(leader_key.encode()), f"{leader_key} was not there to delete"
-        return delete
-    if kind == "zookeeper":
+        yield delete
+    elif kind == "zookeeper":
         path = admin.path_for(key)
+        with support_zookeeper.admin_client(admin.hosts) as zk:
+            yield lambda: zk.delete(f"{path}/{support_zookeeper.contenders(zk, path)[0]}")
+    else:
+        consul = support_consul.consul_client(admin.addrs[0])
 
         def delete() -> None:
-            with support_zookeeper.admin_client(admin.hosts) as client:
-                node = f"{path}/{support_zookeeper.contenders(client, path)[0]}"
-                client.delete(node)
-        return delete
-    client = support_consul.consul_client(admin.addrs[0])
-
-    def delete() -> None:
-        _, entry = client.kv.get(key)
-        assert entry is not None and entry.get("Session"), f"nobody holds {key!r}"
-        if how == "delete the key":  # consul kv delete <key>
-            assert client.kv.delete(key)
-        else:  # consul's session destroy: the key goes with it (behavior=delete)
-            assert client.session.destroy(entry["Session"])
-    return delete
+            _, entry = consul.kv.get(key)
+            assert entry is not None and entry.get("Session"), f"nobody holds {key!r}"
+            if how == "delete the key":  # consul kv delete <key>
+                assert consul.kv.delete(key)
+            else:  # consul's session destroy: the key goes with it (behavior=delete)
+                assert consul.session.destroy(entry["Session"])
+        yield delete
 
 
 _STORES = {"consul": ConsulStore, "etcd": EtcdStore, "zookeeper": ZooKeeperStore}
@@ -187,14 +185,14 @@ def one_round(kind: str, how: str, bob_comes: str, make_store, admin: Store, pro
             bob_waits = waiting_behind(kind, admin, key, bob_store)
             bob.run_for_election()
             wait_until(bob_waits, 3 * ttl, "bob to wait behind alice")
-        delete = deleter(kind, how, admin, key)
-        for proxy in proxies:
-            proxy.delay(holder_delay, "down")
-        sampler = Sampler(alice, bob)
-        started = time.monotonic()
-        delete()
-        if bob_comes == "arrives":
-            bob.run_for_election()
+        with deleter(kind, how, admin, key) as delete:
+            for proxy in proxies:
+                proxy.delay(holder_delay, "down")
+            sampler = Sampler(alice, bob)
+            started = time.monotonic()
+            delete()
+            if bob_comes == "arrives":
+                bob.run_for_election()
         try:
             assert next_item(alice_elected, 3 * ttl, f"alice to step down after: {how}") is False
             # Generous: bob may have to wait for alice's session or lease to run out. On Consul
