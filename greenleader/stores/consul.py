@@ -479,9 +479,9 @@ class _Campaign:
         """
         for holder in sorted(self.holders):
             index, info = self.store._read_session(holder)
-            if info is not None:
-                log.info("consul: %r waits for session %s, which held %r, to end: its holder may still lead",
-                         self.node, holder, self.key)
+            if info is not None:  # as a rule, a release's destroy on its way: hence not INFO
+                log.debug("consul: %r waits for session %s, which held %r, to end: its holder may still lead",
+                          self.node, holder, self.key)
             while info is not None:
                 if self.session.lost:
                     return False
