@@ -23,6 +23,7 @@ from tests.backends import BackendEnv
 FAST_TTL = 1.0
 
 _CONTENDER_RE = re.compile(r"__lock__(-?\d{10})$")
+_TWIN_RE = re.compile(r"__live__$")  # the ephemeral twin beside each contender's node
 
 
 def make_store(env: BackendEnv) -> ZooKeeperStore:
@@ -103,5 +104,5 @@ def leftovers(env: BackendEnv, key: str) -> list[str]:
             if not client.exists(path):
                 continue
             for child in client.get_children(path):
-                (found if _CONTENDER_RE.search(child) else pending).append(f"{path}/{child}")
+                (found if _CONTENDER_RE.search(child) or _TWIN_RE.search(child) else pending).append(f"{path}/{child}")
     return found
