@@ -253,6 +253,10 @@ class _FileLease(Lease):
         finally:
             self._held.close()
 
+    def abandon(self) -> None:
+        """A forked child's copy: close this process's descriptors, write nothing."""
+        self._held.close()
+
 
 class FileStore(Store):
     """Elections between processes of one host, on lock files in ``directory``."""
