@@ -34,6 +34,7 @@ from typing import Any
 
 import gevent
 
+from .errors import InvalidArgumentError
 from .stores.base import LeaderInfo, Lease, Store, now
 
 __all__ = ["PRIMITIVES", "Call", "Fault", "FaultyLease", "FaultyStore"]
@@ -80,7 +81,7 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.primitive not in PRIMITIVES:
-            raise ValueError(f"primitive must be one of {', '.join(PRIMITIVES)}, not {self.primitive!r}")
+            raise InvalidArgumentError(f"primitive must be one of {', '.join(PRIMITIVES)}, not {self.primitive!r}")
 
     def exception(self, call: Call) -> BaseException | None:
         if isinstance(self.error, type):
