@@ -638,7 +638,10 @@ class _Candidacy:
                 if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
-                self.older.update((lease, created) for created, _, lease in keys[:position])
+                # Only greenleader candidates (they have a twin) are waited for by lease: one
+                # never keeps its lease after its candidacy, while a Go/etcdctl session does.
+                twinned = {lease for _, kv_key, lease in keys if kv_key.endswith(_TWIN)}
+                self.older.update((lease, created) for created, _, lease in keys[:position] if lease in twinned)
                 self.listed.update(lease for _, _, lease in keys[:position])
                 if position == 0:  # the read that says so also showed our key
                     if not self.older:
@@ -654,12 +657,14 @@ class _Candidacy:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
                         if not found.kvs:
-                            gone.add(predecessor_lease)
+                            if predecessor_lease in self.older:
+                                gone.add(predecessor_lease)
                             continue
                     for response in self.stream:
                         failures = 0
                         if response.events:  # the predecessor went: prove our turn, or wait on
-                            gone.add(predecessor_lease)
+                            if predecessor_lease in self.older:
+                                gone.add(predecessor_lease)
                             if any(event.prev_kv.version >= _CLAIMED for event in response.events):
                                 self._forget_checked_by(created)
                             break
