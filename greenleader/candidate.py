@@ -284,6 +284,8 @@ class Candidate:
         self._lost = False
         self._resigning = False
         lease.on_lost = lambda: self._on_lost(lease)
+        if lease.lost_reported:  # lost between the win and now
+            self._on_lost(lease)
         reason = LossReason.STOPPED
         try:
             reason = self._keep_alive(lease)
@@ -300,6 +302,8 @@ class Candidate:
     def _keep_alive(self, lease: Lease) -> LossReason:
         """Renew ``lease`` on schedule while leading; raise StoreError past the deadline."""
         self._deadline = lease.confirmed_at + self.renew_deadline
+        if self._lost:
+            return LossReason.EXPIRED  # lost between the win and now
         if now() >= self._deadline:
             return LossReason.DEADLINE  # the win is already stale; campaign again
         self._step_up(lease)

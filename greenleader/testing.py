@@ -239,6 +239,7 @@ class FaultyLease(Lease):
         super().__init__(inner.key, inner.node, inner.term, inner.confirmed_at)
         self._store = store
         inner.on_lost = self.notify_lost  # a loss the inner store learns of reaches the candidate
+        self.lost_reported = inner.lost_reported
 
     @property  # type: ignore[override]
     def confirmed_at(self) -> float:

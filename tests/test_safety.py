@@ -578,3 +578,26 @@ def test_a_greenlet_exit_out_of_acquire_is_retried(make_store, key, ttl, stoppin
     assert next_item(elected, ttl, "alice's first item") is False
     assert next_item(elected, 30, "alice to win on the next attempt") is True
     assert errors.empty()
+
+
+def test_a_loss_reported_between_the_win_and_the_hold_is_not_missed(stopping, events, key) -> None:
+    """The store drops the key right after acquire() returned, before the candidate listens for
+    losses: the candidate must not step up on the lost lease (review 2)."""
+    from greenleader.stores.memory import MemoryStore
+
+    class LosesTheFirstWin(FaultyStore):
+        armed = True
+
+        def acquire(self, key: str, node: str, ttl: float):
+            lease = super().acquire(key, node, ttl)
+            if self.armed:
+                self.armed = False
+                self.inner.expire(key)  # reported to a lease nobody listens to yet
+            return lease
+
+    alice = Candidate(LosesTheFirstWin(MemoryStore()), key, "alice", ttl=1.0)
+    stopping.append(alice)
+    wins(alice, 10)
+    wait_until(lambda: [e.term for e in events if isinstance(e, LeadershipAcquired)], 10, "LeadershipAcquired")
+    acquired = [e.term for e in events if isinstance(e, LeadershipAcquired)]
+    assert acquired == [2], f"stepped up on the lost first lease: terms {acquired}"

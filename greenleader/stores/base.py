@@ -47,9 +47,13 @@ class Lease(abc.ABC):
         #: Set by the candidate; a backend that learns of a loss asynchronously (a watch, a
         #: session event) calls it. It must not block and may be called from any greenlet.
         self.on_lost: Callable[[], None] | None = None
+        self.lost_reported = False
 
     def notify_lost(self) -> None:
-        """For backends: tell the candidate that the hold is gone, without waiting for a renewal."""
+        """For backends: tell the candidate that the hold is gone, without waiting for a renewal.
+
+        A loss reported before the candidate set ``on_lost`` is remembered (``lost_reported``)."""
+        self.lost_reported = True
         if self.on_lost is not None:
             self.on_lost()
 
