@@ -746,7 +746,8 @@ class Nemesis:
                                                  whole_key=fault.whole_key and holder, behind=behind)
             except LookupError as exc:
                 return f"{name} {exc}"
-            except Exception as exc:  # that node is down or refuses (OSError, kazoo's timeouts): try another
+            except (Exception, gevent.Timeout) as exc:  # that node is down or refuses (OSError; kazoo's
+                # connection time-out is a gevent.Timeout, not an Exception): try another
                 log.info("deleting %s's registration through %s failed: %s", name, through, exc)
                 continue
             record.detail = f"{how} ({'holder' if holder else 'waiter'})"
