@@ -245,24 +245,17 @@ def test_run_ends_what_the_command_left_running_when_it_exits(url, tmp_path):
 
 
 @needs_proc
-def test_run_ends_the_command_tree_when_leadership_is_lost(url, tmp_path):
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["tree", "tree-ignoring-sigterm"])
+def test_run_ends_the_command_tree_when_leadership_is_lost(url, tmp_path, ignores_term):
+    """On a loss the tree gets SIGTERM, and SIGKILL after --grace if it ignores SIGTERM."""
     marker = uuid.uuid4().hex
     started = tmp_path / "started"
-    command = ["sh", "-c", TREE.format(started=started)]
-    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--ttl", "1", "--grace", "1", "--", *command)
-    wait_until(started.exists, 30, "the command to start")
-    os.unlink(FileStore(directory=url[len("file://"):]).path_for("job"))  # the lock file vanishes
-    with gevent.Timeout(60, AssertionError("greenleader run did not end after losing leadership")):
-        assert runner.wait() == 3
-    wait_for_no_tree(marker, "the command's tree to end after the loss")
-
-
-@needs_proc
-def test_run_sigkills_a_command_tree_that_ignores_sigterm_after_the_grace(url, tmp_path):
-    marker = uuid.uuid4().hex
-    started = tmp_path / "started"
-    command = ["sh", "-c", f"trap '' TERM; sleep 60 & sleep 60 & touch {started}; sleep 60"]  # all ignore TERM
-    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--ttl", "1", "--grace", "1", "--", *command)
+    if ignores_term:
+        script = f"trap '' TERM; sleep 60 & sleep 60 & touch {started}; sleep 60"  # all ignore TERM
+    else:
+        script = TREE.format(started=started)
+    runner = start_marked(marker, "run", "--store", url, "--key", "job", "--ttl", "1", "--grace", "1",
+                          "--", "sh", "-c", script)
     wait_until(started.exists, 30, "the command to start")
     os.unlink(FileStore(directory=url[len("file://"):]).path_for("job"))  # the lock file vanishes
     with gevent.Timeout(60, AssertionError("greenleader run did not end after losing leadership")):
