@@ -656,7 +656,9 @@ class _Candidacy:
                 try:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store._call("recheck", lambda client, key=predecessor: client.get_response(key))
-                        if not found.kvs:
+                        # Gone, or made anew since (a session that resigned and campaigned again
+                        # under the same name): either way not the predecessor we listed.
+                        if not found.kvs or found.kvs[0].create_revision != created:
                             if predecessor_lease in self.older:
                                 gone.add(predecessor_lease)
                             continue

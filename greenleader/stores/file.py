@@ -184,6 +184,10 @@ def _write_record(fd: int, record: dict[str, Any]) -> None:
 _all_held: weakref.WeakSet[_Held] = weakref.WeakSet()
 
 
+#: The last term this process issued per lock file path (see _claim).
+_last_terms: dict[str, int] = {}
+
+
 class _Held:
     """The descriptors of one hold: the locked file and the bound socket names."""
 
@@ -411,7 +415,10 @@ class FileStore(Store):
                 return None
         # The wall-clock floor keeps terms increasing even if the file was deleted
         # (e.g. by a temporary-file cleaner) and the count started over.
-        term = max(previous + 1, time.time_ns() // 1_000_000)
+        # The wall-clock floor can repeat within a millisecond once the record is lost: the
+        # last term this process issued for the path keeps it increasing here at least.
+        term = max(previous + 1, time.time_ns() // 1_000_000, _last_terms.get(str(path), 0) + 1)
+        _last_terms[str(path)] = term
         _write_record(held.fd, {"term": term, "node": node, "key": key, "inode": inode})
         return _FileLease(key, node, term, held, path, inode)
 
