@@ -22,6 +22,7 @@ from gevent.queue import Queue
 
 from . import _fork
 from ._channels import Channels
+from ._outcome import outcome
 from .errors import (
     GreenleaderError,
     InvalidArgumentError,
@@ -247,7 +248,7 @@ class Candidate:
         landing just as the store hands over a lease cannot lose it: a lease won by then is
         released, not leaked.
         """
-        self._acquiring = acquiring = gevent.spawn(_outcome, self.store.acquire, self.key, self.node, self.ttl)
+        self._acquiring = acquiring = gevent.spawn(outcome, self.store.acquire, self.key, self.node, self.ttl)
         try:
             gevent.wait([acquiring, self._stopping], count=1)
         except BaseException:
@@ -257,13 +258,13 @@ class Candidate:
             self._withdraw(acquiring)
             return None
         self._acquiring = None
-        outcome = acquiring.value
-        if isinstance(outcome, Lease):
-            return outcome
-        if isinstance(outcome, Exception):
-            raise outcome
+        result = acquiring.value
+        if isinstance(result, Lease):
+            return result
+        if isinstance(result, Exception):
+            raise result
         # The store let a GreenletExit (or the like) out without being stopped: a lost wait.
-        raise StoreUnavailableError(f"waiting for the key was interrupted: {outcome!r}")
+        raise StoreUnavailableError(f"waiting for the key was interrupted: {result!r}")
 
     def _withdraw(self, acquiring: Greenlet) -> None:
         """Stop waiting for the key; release it if it was won meanwhile."""
@@ -345,7 +346,7 @@ class Candidate:
 
         The renewal runs in a greenlet of its own so that a loss reported meanwhile, a stop or
         a resign does not wait for its round trip."""
-        renewal = gevent.spawn(_outcome, lease.renew)
+        renewal = gevent.spawn(outcome, lease.renew)
         try:
             gevent.wait([renewal, self._wake], timeout=max(0.0, timeout), count=1)
         finally:
@@ -454,13 +455,3 @@ class Candidate:
         if self._channels is not None:
             self._channels.close()
         self._not_leading.set()
-
-
-def _outcome(func: Callable[..., Lease | None], *args: object) -> Lease | BaseException | None:
-    """``func(*args)``, or the exception it raised: a greenlet dying of an exception would have
-    gevent print its traceback, though the caller handles it. A GreenletExit raised by ``func``
-    is returned too (a kill of this greenlet leaves one as its value as well)."""
-    try:
-        return func(*args)
-    except (Exception, GreenletExit) as exc:
-        return exc

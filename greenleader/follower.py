@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 
 import gevent
 from gevent import Greenlet, GreenletExit
@@ -21,6 +20,7 @@ from gevent.queue import Queue
 
 from . import _fork
 from ._channels import Channels
+from ._outcome import outcome
 from .errors import GreenleaderError, InvalidArgumentError, PermissionDeniedError, StoppedError, StoreError
 from .events import ElectionError, EventPublisher, LeaderChanged
 from .retry import Backoff, as_backoff
@@ -253,7 +253,7 @@ class Follower:
         """Read the leader; True if it confirms what the follower reported."""
         started = now()
         # In a greenlet of its own: a GreenletExit out of the store is a failed read, not a kill.
-        reading = gevent.spawn(_outcome, self.store.leader, self.key)
+        reading = gevent.spawn(outcome, self.store.leader, self.key)
         try:
             reading.join(timeout=min(self.unknown_after / 2, 10.0))
         finally:
@@ -294,11 +294,3 @@ class Follower:
                 greenlet.kill(block=False)
         if self._channels is not None:
             self._channels.close()
-
-
-def _outcome(func: Callable[..., LeaderInfo | None], *args: object) -> LeaderInfo | BaseException | None:
-    """``func(*args)``, or the exception it raised (GreenletExit included), as a value."""
-    try:
-        return func(*args)
-    except (Exception, GreenletExit) as exc:
-        return exc
