@@ -14,6 +14,7 @@ The stores are real; :class:`greenleader.testing.FaultyStore` wraps them to inje
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -603,3 +604,34 @@ def test_a_loss_reported_between_the_win_and_the_hold_is_not_missed(stopping, ev
     wait_until(lambda: [e.term for e in events if isinstance(e, LeadershipAcquired)], 10, "LeadershipAcquired")
     acquired = [e.term for e in events if isinstance(e, LeadershipAcquired)]
     assert acquired == [2], f"stepped up on the lost first lease: terms {acquired}"
+
+
+def test_a_duty_that_ignores_its_kill_delays_the_release_only_by_the_grace(make_store, key, ttl, stopping,
+                                                                          monkeypatch, caplog) -> None:
+    """A duty that swallows GreenletExit must not keep the key forever: after the kill grace the
+    step-down logs it as stuck and releases anyway, so bob wins (rule 3 over a broken duty)."""
+    from greenleader import duties as duties_module
+    monkeypatch.setattr(duties_module, "KILL_GRACE", 0.5)
+    alice = Candidate(make_store(), key, "alice", ttl=ttl)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
+    registry = Duties()
+
+    stubborn_until_released = [True]
+
+    @registry
+    def stubborn(term: int) -> None:
+        while stubborn_until_released[0]:
+            with contextlib.suppress(GreenletExit):  # ignores its kill
+                gevent.sleep(3600)
+
+    runner = registry.run(alice)
+    stopping.extend([bob])
+    wait_until(alice.is_leader, 3 * ttl, "alice to lead")
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, ttl, "bob's first item") is False
+    alice.resign()
+    assert next_item(bob_elected, 30, "bob to win although alice's duty ignored its kill") is True
+    assert any("ignored GreenletExit" in record.getMessage() for record in caplog.records)
+    stubborn_until_released[0] = False  # end the stubborn duty for good
+    gevent.killall(list(runner._dying), timeout=10)
+    runner.stop()
