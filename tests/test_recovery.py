@@ -167,3 +167,34 @@ def test_partitioned_follower_catches_up_with_the_new_leader(
         assert follower.leader() == "bob"
     finally:
         proxy.close()
+
+
+def test_a_follower_confirming_often_still_notices_a_silent_partition(
+        real_kind: str, request: pytest.FixtureRequest, stores, runners, outlived, key: str) -> None:
+    """A follower whose guard confirms a quiet watch every second sends requests more often
+    than its client would ping. Through a silent partition those requests go unanswered; the
+    store must still give up on the connection (kazoo counts every request sent as a ping,
+    so the ZooKeeper store has to notice this itself), and after the heal name the leader."""
+    kind, ttl = real_kind, TTL[real_kind]
+    cluster = request.getfixturevalue(f"{kind}_cluster")
+    proxy = Proxy(cluster.addrs[0])
+    try:
+        alice = Candidate(stores(url(kind, cluster.addrs)), key, "alice", ttl=ttl, retry=RETRY)
+        follower = Follower(stores(url(kind, [proxy.addr])), key, retry=RETRY, unknown_after=2.0)
+        runners.extend([follower, alice])
+        elected, _ = alice.run_for_election()
+        assert next_item(elected, ttl, "alice's first item") is False
+        assert next_item(elected, 3 * ttl, "alice to win") is True
+        leaders, _ = follower.follow_election()
+        reports(leaders, "alice", 3 * ttl, "the follower to name alice")
+
+        proxy.partition()
+        reports(leaders, None, 30, "the follower to report the leader unknown")
+        assert not follower.known
+        wait_until(lambda: any(e.source is follower for e in outlived), 30,
+                   "the follower's store to give up on its silent connection")
+        proxy.heal(reset=False)
+        reports(leaders, "alice", 30, "the follower to name alice after the heal")
+        assert follower.known
+    finally:
+        proxy.close()

@@ -80,6 +80,7 @@ import logging
 import math
 import os
 import re
+import socket
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -261,6 +262,7 @@ class _Session:
         self.leases: set[_ZooKeeperLease] = set()
         self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
         self.log = _KazooLog()
+        self._answer_timer: Any = None  # see _expect_answer
         self.client = KazooClient(
             hosts=store.hosts,
             timeout=timeout_ms / 1000.0,
@@ -385,13 +387,45 @@ class _Session:
 
     def result(self, async_result: Any, timeout: float | None = None) -> Any:
         timeout = self.store.timeout if timeout is None else timeout
-        async_result.wait(timeout)  # gevent's AsyncResult.wait never raises
+        try:
+            async_result.wait(timeout)  # gevent's AsyncResult.wait never raises
+        finally:
+            if not async_result.ready():  # timed out, or the waiting greenlet was killed
+                self._expect_answer(async_result, waited=timeout)
         if not async_result.ready():
             raise StoreUnavailableError(f"ZooKeeper at {self.store.hosts} did not answer within {timeout:g}s")
         try:
             return async_result.get(block=False)
         except KazooException as exc:
             raise self._error(exc) from exc
+
+    def _expect_answer(self, async_result: Any, waited: float) -> None:
+        """Drop the connection if ``async_result`` stays unanswered as long as kazoo waits for
+        a ping's answer (two thirds of the session timeout).
+
+        kazoo counts every request it sends as a ping, so a client that sends more often than
+        kazoo would ping (a follower confirming a quiet watch every second does) never has a
+        ping outstanding, and a connection that stopped answering, silently partitioned, is
+        never noticed: kazoo neither reconnects nor moves to another server. Shutting the
+        socket down makes kazoo take its own dropped-connection path at once.
+        """
+        connection = self.client._connection
+        sock = connection._socket
+        if sock is None or self._answer_timer is not None:
+            return
+        limit = (self.negotiated_ms or self.requested_ms) / 1000.0 * 2 / 3
+        timer = self._answer_timer = gevent.get_hub().loop.timer(max(0.0, limit - waited))
+
+        def check() -> None:
+            timer.close()
+            self._answer_timer = None
+            if self.pid != os.getpid() or async_result.ready() or connection._socket is not sock:
+                return
+            log.warning("%r: no answer to a request for %.1fs; dropping the connection", self, limit)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        timer.start(check)
 
     def _error(self, exc: KazooException) -> Exception:
         """The exception to raise for a kazoo one: NoNodeError and NodeExistsError as they are."""
