@@ -387,11 +387,12 @@ class _Session:
 
     def result(self, async_result: Any, timeout: float | None = None) -> Any:
         timeout = self.store.timeout if timeout is None else timeout
+        started = now()
         try:
             async_result.wait(timeout)  # gevent's AsyncResult.wait never raises
         finally:
             if not async_result.ready():  # timed out, or the waiting greenlet was killed
-                self._expect_answer(async_result, waited=timeout)
+                self._expect_answer(async_result, waited=now() - started)
         if not async_result.ready():
             raise StoreUnavailableError(f"ZooKeeper at {self.store.hosts} did not answer within {timeout:g}s")
         try:
