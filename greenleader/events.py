@@ -2,7 +2,10 @@
 
 Subscribe with ``zope.event.classhandler.handler(LeadershipAcquired, func)``. Subscribers
 run in a dedicated greenlet per candidate or follower, never on the keepalive path: a
-slow subscriber delays only the events after it, and one that raises is logged.
+slow subscriber delays only the events after it, and one that raises is logged under its own
+qualified name while the others still run. That holds for plain ``zope.event.subscribers``
+and for each ``classhandler`` handler alike: zope's own ``classhandler.dispatch`` stops at the
+first handler that raises, so greenleader calls the class handlers one by one itself.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import gevent
 import zope.event
+import zope.event.classhandler
 from gevent.event import Event
 from gevent.queue import Queue
 
@@ -102,11 +106,11 @@ class EventPublisher:
             event, delivered = self._pending.get()
             try:
                 # zope.event.notify() would skip the remaining subscribers after one raises.
-                for subscriber in list(zope.event.subscribers):
+                for handler in _handlers(event):
                     try:
-                        subscriber(event)
+                        handler(event)
                     except (Exception, gevent.Timeout):  # a Timeout is no reason to stop publishing
-                        log.exception("event subscriber %r raised on %r", subscriber, event)
+                        log.exception("event handler %s raised on %r", _name(handler), event)
             finally:
                 delivered.set()
 
@@ -128,3 +132,26 @@ class EventPublisher:
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
             self._greenlet = None
+
+
+def _handlers(event: LeadershipEvent) -> list[Any]:
+    """Every subscriber of ``event``, in zope's order, with ``classhandler.dispatch`` expanded
+    into the class handlers it would call (in the event class's MRO, then registration order)."""
+    handlers: list[Any] = []
+    for subscriber in list(zope.event.subscribers):
+        if subscriber is zope.event.classhandler.dispatch:
+            registry = zope.event.classhandler.registry
+            for event_class in type(event).__mro__:
+                handlers.extend(registry.get(event_class, ()))
+        else:
+            handlers.append(subscriber)
+    return handlers
+
+
+def _name(handler: Any) -> str:
+    """``module.QualifiedName`` of a handler, for the log; its repr if it has no name."""
+    qualname = getattr(handler, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return repr(handler)
+    module = getattr(handler, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
