@@ -135,7 +135,7 @@ class Candidate:
 
     # -- public API ---------------------------------------------------------------------
 
-    def run_for_election(self) -> tuple[Queue, Queue]:
+    def run_for_election(self) -> tuple[Queue[bool], Queue[BaseException]]:
         """Start campaigning; return the ``(elected, errors)`` queues.
 
         ``elected`` gets ``False`` first, then ``True`` on each win and ``False`` on each

@@ -96,7 +96,7 @@ class Follower:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def follow_election(self) -> tuple[Queue, Queue]:
+    def follow_election(self) -> tuple[Queue[str | None], Queue[BaseException]]:
         """Start following; return the ``(leaders, errors)`` queues.
 
         ``leaders`` gets the current leader's node name first (``None`` if the key is vacant
