@@ -34,6 +34,7 @@ from .errors import (
 )
 from .events import ElectionError, EventPublisher, LeadershipAcquired, LeadershipLost, LossReason
 from .retry import Backoff, as_backoff
+from .status import CandidateStatus, Record
 from .stores.base import Lease, Store, check_float, check_text, now
 
 __all__ = ["Candidate"]
@@ -121,6 +122,8 @@ class Candidate:
         self._resigning = False
         self._stopped = False
         self._inert = False  # a forked child's copy
+        #: Observations for status() and metrics only: nothing in the campaign reads them.
+        self._record = Record(store.backend, self.key, self.node)
         _fork.register(self)
 
     def __repr__(self) -> str:
@@ -160,6 +163,21 @@ class Candidate:
         """Fencing term of the current tenure (increases with every win on this key), or None."""
         lease = self._lease
         return lease.term if lease is not None and self.is_leader() else None
+
+    def status(self) -> CandidateStatus:
+        """What this candidate is doing: its state (see :mod:`greenleader.status`), tenure,
+        counters and the store's health as its own store calls saw it. Read-only; never blocks."""
+        record = self._record
+        if self._stopped or (self._greenlet is not None and self._greenlet.dead):
+            state = "stopped"
+        elif self._channels is None:
+            state = "waiting"
+        elif self.is_leader():
+            state = "leading"
+        else:
+            state = record.pause or "campaigning"
+        return CandidateStatus(self.key, self.node, state, self.is_leader(), self.term, record.transitions,
+                               dict(record.losses), record.health())
 
     def resign(self) -> None:
         """Step down now and campaign again after ``resign_holdoff``. Does nothing when not leading.
@@ -216,15 +234,20 @@ class Candidate:
                         delays = self.retry.delays()
                     reason = self._hold(lease)
                 except StoreError as exc:
+                    self._record.failed(exc)
                     if delays is None or isinstance(exc, PermissionDeniedError):
                         raise
                     delay = next(delays)
                     log.warning("%r: store error, campaigning again in %.1fs: %s", self, delay, exc)
                     self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
+                    self._record.paused("backing off")
                     self._stopping.wait(delay)
+                    self._record.paused(None)
                     continue
                 if reason is LossReason.RESIGNED:
+                    self._record.paused("waiting")
                     self._stopping.wait(self.resign_holdoff)
+                    self._record.paused(None)
         except GreenletExit:
             self._stopped = True  # killed from outside: the campaign is over
         except GreenleaderError as exc:
@@ -233,6 +256,7 @@ class Candidate:
             log.exception("%r: unexpected error", self)
             error = StoreError(f"unexpected error from the {self.store.backend} store: {exc!r}")
             error.__cause__ = exc
+            self._record.failed(error)
         finally:
             if not self._inert:
                 if error is not None:
@@ -260,6 +284,7 @@ class Candidate:
         self._acquiring = None
         result = acquiring.value
         if isinstance(result, Lease):
+            self._record.contact()
             return result
         if isinstance(result, Exception):
             raise result
@@ -327,15 +352,18 @@ class Candidate:
                 if not self._renew(lease, self._deadline - started):
                     continue  # woken during the renewal: stop, resign or loss comes first
             except LeadershipLostError as exc:
+                self._record.failed(exc)
                 log.info("%r: lost the key: %s", self, exc)
                 return LossReason.EXPIRED
             except StoreError as exc:
+                self._record.failed(exc)
                 retry_at = now() + self.renew_interval / 4
                 if retry_at >= self._deadline:
                     raise
                 log.warning("%r: renewal failed, retrying until the deadline: %s", self, exc)
                 next_renewal = retry_at
                 continue
+            self._record.renewed(now() - started)
             if self._lost:
                 continue
             self._deadline = lease.confirmed_at + self.renew_deadline
@@ -381,6 +409,7 @@ class Candidate:
         assert self._channels is not None
         self._channels.put(True)
         self._publisher.publish(LeadershipAcquired(self, self.key, self.node, lease.term))
+        self._record.stepped_up(lease.term)
 
     def _end_tenure(self, lease: Lease, reason: LossReason) -> None:
         """Step down, then release ``lease`` from a greenlet that nothing kills half-way.
@@ -412,6 +441,7 @@ class Candidate:
         self._channels.put(False)
         delivered = self._publisher.publish(LeadershipLost(self, self.key, self.node, lease.term, reason))
         self._not_leading.set()
+        self._record.stepped_down(lease.term, reason)
         return delivered
 
     def _teardown(self, lease: Lease, lost_delivered: Event | None) -> None:
@@ -433,9 +463,13 @@ class Candidate:
             with gevent.Timeout(min(self.ttl, RELEASE_TIMEOUT), StoreError("release timed out")):
                 lease.release()
         except (StoreError, GreenleaderError) as exc:
+            self._record.failed(exc)
             log.warning("%r: could not release the key: %s", self, exc)
-        except Exception:
+        except Exception as exc:
+            self._record.failed(exc)
             log.exception("%r: unexpected error releasing the key", self)
+        else:
+            self._record.contact()
 
     # -- fork ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ._outcome import outcome
 from .errors import GreenleaderError, InvalidArgumentError, PermissionDeniedError, StoppedError, StoreError
 from .events import ElectionError, EventPublisher, LeaderChanged
 from .retry import Backoff, as_backoff
+from .status import FollowerStatus, Record
 from .stores.base import LeaderInfo, Store, check_float, now
 
 __all__ = ["Follower"]
@@ -85,6 +86,8 @@ class Follower:
         self._reachable = Event()  # set by a successful check: ends a retry backoff early
         self._stopped = False
         self._inert = False  # a forked child's copy
+        #: Observations for status() and metrics only: nothing in the watch reads them.
+        self._record = Record(store.backend, self.key, role="follower")
         _fork.register(self)
 
     def __repr__(self) -> str:
@@ -143,6 +146,23 @@ class Follower:
         except Exception as exc:
             raise StoreError(f"reading the leader from the {self.store.backend} store failed: {exc!r}") from exc
 
+    def status(self) -> FollowerStatus:
+        """What this follower is doing: its state (``waiting`` before :meth:`follow_election`,
+        ``following``, ``backing off``, ``stopped``), the leader it reports, and the store's
+        health as its watch and checks saw it (silent for ``unknown_after``: unreachable).
+        Read-only: it never reads the store."""
+        record = self._record
+        if self._stopped or (self._greenlet is not None and self._greenlet.dead):
+            state = "stopped"
+        elif self._channels is None:
+            state = "waiting"
+        else:
+            state = record.pause or "following"
+        current = self._current
+        info = current if isinstance(current, LeaderInfo) and state != "stopped" and self.known else None
+        return FollowerStatus(self.key, state, info.node if info else None, info.term if info else None,
+                              self.known, record.leader_changes, record.health(self.unknown_after))
+
     def stop(self) -> None:
         """Stop following and end both queues. Idempotent; may be called from a subscriber."""
         if self._stopped:
@@ -170,14 +190,17 @@ class Follower:
                 except _Resync:
                     continue
                 except StoreError as exc:
+                    self._record.failed(exc)
                     if delays is None or isinstance(exc, PermissionDeniedError):
                         raise
                     delay = next(delays)
                     log.warning("%r: store error, watching again in %.1fs: %s", self, delay, exc)
                     self._publisher.publish(ElectionError(self, self.key, exc, fatal=False))
                     self._reachable.clear()
+                    self._record.paused("backing off")
                     with contextlib.suppress(_Resync):
                         self._reachable.wait(timeout=delay)
+                    self._record.paused(None)
         except GreenletExit:
             pass
         except GreenleaderError as exc:
@@ -186,6 +209,7 @@ class Follower:
             log.exception("%r: unexpected error", self)
             error = StoreError(f"unexpected error from the {self.store.backend} store: {exc!r}")
             error.__cause__ = exc
+            self._record.failed(error)
         finally:
             if self._guard is not None and self._guard is not gevent.getcurrent():
                 self._guard.kill(block=False)
@@ -205,6 +229,7 @@ class Follower:
                 if self._inert:
                     return  # a forked child's copy, woken by what was pending at the fork
                 self._confirmed_at = now()
+                self._record.contact()
                 self._watch_yielded = True
                 self._report(info)
         finally:
@@ -213,6 +238,7 @@ class Follower:
 
     def _report(self, info: LeaderInfo | None) -> None:
         node = info.node if info is not None else None
+        self._record.leader_seen(node)
         if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
             self._current = info  # same leader; keep the newest term
             return
@@ -262,7 +288,10 @@ class Follower:
         info = reading.value if reading.successful() else None
         if not reading.ready() or isinstance(info, BaseException):
             log.debug("%r: could not confirm the leader: %s", self, info or "no answer in time")
+            self._record.failed(info if isinstance(info, BaseException) else
+                                f"no answer from the {self.store.backend} store to a leader read in time")
             return False
+        self._record.contact()
         self._reachable.set()  # a retry backoff ends: watch again now
         node = info.node if info is not None else None
         if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
