@@ -8,6 +8,9 @@ The smallest ``gunicorn.conf.py``, with the store, key and TTL in ``GREENLEADER_
     from greenleader.gunicorn import post_fork, worker_exit  # noqa: F401
     worker_class = "gevent"
 
+(add ``child_exit`` to the import for Prometheus metrics in multiprocess mode: see
+:mod:`greenleader.metrics`.)
+
 The store URL carries TLS and credential options in its query (``ca_file``, ``cert_file``,
 ``key_file``, ``token_file``, ``user``, ``password_file``...; see docs/security.md); greenleader
 never logs it or shows it on the status endpoint. Or with arguments (which take precedence over
@@ -56,11 +59,13 @@ from .duties import duties as default_duties
 from .errors import GreenleaderError, InvalidArgumentError, StoreError
 from .follower import Follower
 from .retry import Backoff
+from .status import Record, combined_health
 from .stores import Store, _redacted, from_url
 from .stores.base import check_float, check_text
 
 __all__ = [
-    "ENV_KEY", "ENV_STORE", "ENV_TTL", "WorkerElection", "current", "duty", "election", "post_fork", "worker_exit",
+    "ENV_KEY", "ENV_STORE", "ENV_TTL", "WorkerElection", "child_exit", "current", "duty", "election", "post_fork",
+    "worker_exit",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,6 +146,8 @@ class WorkerElection:
         self._starter: Greenlet | None = None
         self._leaving = False
         self._stopped = False
+        #: Observations of making the store (before any candidate exists), for status().
+        self._boot: Record | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerElection key={self.key or self._key_arg!r} node={self.node!r}>"
@@ -187,6 +194,14 @@ class WorkerElection:
             return
         self.stop()
 
+    def child_exit(self, server: Any, worker: Any) -> None:
+        """gunicorn ``child_exit`` hook (in the master, after a worker died, however it died):
+        in Prometheus multiprocess mode, drop the dead worker's live gauges (``is_leader``...),
+        so that a killed leader's 1 does not stay in the fleet's sum."""
+        from . import metrics
+
+        metrics.mark_process_dead(worker.pid)
+
     # -- state, for the app and the status endpoint ------------------------------------------
 
     def is_leader(self) -> bool:
@@ -224,9 +239,41 @@ class WorkerElection:
         return leader is not None and self.node is not None and _master(leader) == _master(self.node)
 
     def status(self) -> dict[str, Any]:
-        """``{key, leader, node, is_leader, term}``; ``term`` is the leader's."""
+        """``{key, leader, node, is_leader, term}`` (``term`` is the leader's), and how the
+        election goes in this worker: ``state`` (see :mod:`greenleader.status`; a campaigning
+        worker that knows another leader is ``waiting``), ``transitions`` (its wins and
+        step-downs), ``losses`` (by reason), ``leader_changes`` (new leaders its follower saw)
+        and ``store``: ``backend``, ``reachable``, ``last_contact_age`` and ``last_error_age``
+        (seconds), ``last_error`` (redacted) and ``errors``, from every store call this worker
+        made (a follower's silence past its ``unknown_after`` counts as unreachable)."""
         leader, term = self.leader()
-        return {"key": self.key, "leader": leader, "node": self.node, "is_leader": self.is_leader(), "term": term}
+        candidate = self.candidate.status() if self.candidate is not None else None
+        follower = self.follower.status() if self.follower is not None else None
+        if self._stopped or (candidate is None and self._leaving):
+            state = "stopped"
+        elif candidate is None:
+            state = "backing off" if self._boot is not None and self._boot.error is not None else "waiting"
+        elif candidate.state == "campaigning" and leader is not None and leader != self.node:
+            state = "waiting"
+        else:
+            state = candidate.state
+        records = [r for r in (self._boot, getattr(self.candidate, "_record", None),
+                               getattr(self.follower, "_record", None)) if r is not None]
+        backend = self.store.backend if self.store is not None else _scheme(self.store_spec)
+        window = self.follower.unknown_after if self.follower is not None else None
+        health = combined_health(backend, records, window)
+        return {
+            "key": self.key, "leader": leader, "node": self.node, "is_leader": self.is_leader(), "term": term,
+            "state": state,
+            "transitions": candidate.transitions if candidate is not None else 0,
+            "losses": candidate.losses if candidate is not None else {},
+            "leader_changes": follower.leader_changes if follower is not None else None,
+            "store": {
+                "backend": health.backend, "reachable": health.reachable,
+                "last_contact_age": health.last_contact_age, "last_error": health.last_error,
+                "last_error_age": health.last_error_age, "errors": health.errors,
+            },
+        }
 
     def resign(self) -> None:
         """Stop the duties and let another worker lead; this one campaigns again later."""
@@ -289,11 +336,15 @@ class WorkerElection:
     def _start(self) -> None:
         """The starter greenlet: make the store (retrying through outages), then campaign."""
         delays = self.retry.delays()
+        assert self.key is not None
+        _install_metrics()
+        boot = self._boot = Record(_scheme(self.store_spec), self.key, self.node, role="worker")
         try:
             while self.store is None:
                 try:
                     self.store = self._make_store()
                 except StoreError as exc:
+                    boot.failed(exc)
                     delay = next(delays)
                     log.warning("%r: cannot make the store, trying again in %.1fs: %s", self, delay, exc)
                     gevent.sleep(delay)
@@ -301,6 +352,8 @@ class WorkerElection:
             candidate = Candidate(self.store, self.key, self.node, self.ttl, retry=self.retry,
                                   **self.candidate_options)
             follower = Follower(self.store, self.key, retry=self.retry) if self.follow else None
+            if follower is not None:
+                follower._record.node = self.node  # labels its metrics
         except GreenleaderError as exc:  # a configuration error: fail like an app that does not load
             log.critical("%r: %s", self, exc)
             raise SystemExit(WORKER_BOOT_ERROR) from exc
@@ -313,6 +366,19 @@ class WorkerElection:
         log.info("%r: campaigning on the %s store with ttl %gs", self, self.store.backend, self.ttl)
 
 
+def _scheme(spec: object) -> str:
+    """The backend named by a store URL, without anything else of it (``?`` for a function)."""
+    return spec.partition("://")[0] if isinstance(spec, str) else "?"
+
+
+def _install_metrics() -> None:
+    """Count this worker's election in Prometheus metrics when prometheus_client is installed."""
+    from . import metrics
+
+    if metrics.available():
+        metrics.install()
+
+
 def _master(node: str) -> str:
     """``host:master-pid`` of a node name ``host:master-pid:worker-pid``."""
     return node.rsplit(":", 1)[0]
@@ -322,3 +388,4 @@ def _master(node: str) -> str:
 election = WorkerElection()
 post_fork = election.post_fork
 worker_exit = election.worker_exit
+child_exit = election.child_exit

@@ -121,8 +121,8 @@ class FollowerStatus:
 
 
 #: Library observers (greenleader.metrics): ``observer(event, record, *args)``; they must not
-#: block or switch greenlets. Events: "contact", "error", "renewed" (seconds), "up" (term),
-#: "down" (term, LossReason).
+#: block or switch greenlets. Events: "new" (a record was made), "contact", "error",
+#: "renewed" (seconds), "up" (term), "down" (term, LossReason).
 OBSERVERS: list[Callable[..., None]] = []
 
 _NEVER = object()
@@ -148,6 +148,9 @@ class Record:
     leader_changes: int = 0
     pause: str | None = None  # "backing off" or "waiting" while the campaign or watch pauses
     last_leader: object = _NEVER
+
+    def __post_init__(self) -> None:
+        self._notify("new")
 
     def contact(self) -> None:
         """A store call succeeded now."""
