@@ -1,0 +1,54 @@
+"""The status endpoints as Django middleware; put it first in ``MIDDLEWARE``::
+
+    MIDDLEWARE = ["greenleader.contrib.django.middleware.StatusMiddleware", ...]
+
+It answers ``/_greenleader``, ``/_greenleader/leader`` and ``/_greenleader/leader-master``
+(``GREENLEADER["STATUS_PATH"]`` moves them) exactly as :mod:`greenleader.wsgi` does, before
+any other middleware runs: a load balancer's health check needs no session, no login and no
+allowed Host header. Point the load balancer at ``/_greenleader/leader-master``: it answers
+200 on every worker of the leader's master (``/leader`` answers 200 only in the one worker
+that leads, so it flaps when a master has several).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+
+from ...wsgi import MODES, status_app
+from .._election import current
+from .conf import status_path
+
+__all__ = ["StatusMiddleware"]
+
+
+class StatusMiddleware:
+    """Django middleware serving greenleader's status endpoints; every other path passes on."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        root = status_path()
+        self.routes = {root: "status", **{f"{root}/{mode}": mode for mode in MODES[1:]}}
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        mode = self.routes.get(request.path_info.rstrip("/"))
+        if mode is None:
+            return self.get_response(request)
+        return status_response(request, mode)
+
+
+def status_response(request: HttpRequest, mode: str = "status") -> HttpResponse:
+    """greenleader.wsgi's answer for ``mode``, as a Django response."""
+    started: list[Any] = []
+    body = b"".join(status_app(current(), mode)({"REQUEST_METHOD": request.method or "GET"},
+                                                lambda status, headers: started.append((status, headers))))
+    status, headers = started[0]
+    response = HttpResponse(body, status=int(status.split()[0]))
+    for name, value in headers:
+        response[name] = value
+    # A 503 here is an answer (not the leader), not a failure: keep it out of django.request's
+    # ERROR log, which a health check every few seconds would flood.
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    return response
