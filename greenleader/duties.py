@@ -30,6 +30,10 @@ A duty that returns is done for this tenure: it is not restarted until the next 
 
 In gunicorn, :mod:`greenleader.gunicorn` runs the default registry (``@duty``) in every worker;
 elsewhere, ``runner = duties.run(candidate)`` campaigns and runs them, ``runner.stop()`` ends both.
+
+A duty reaches its election with :func:`current_runner`, which never returns None (so a typed
+duty needs no ``Optional`` check): ``current_runner().leads(term)`` before each side effect,
+``current_runner().candidate.node`` for its name, ``current_runner().resign()`` to hand over.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import gevent
 from gevent import Greenlet, GreenletExit
@@ -48,7 +52,14 @@ from .candidate import Candidate
 from .errors import InvalidArgumentError
 from .retry import Backoff
 
-__all__ = ["ON_ERROR", "Duties", "Duty", "DutyRunner", "duties", "duty"]
+if TYPE_CHECKING:
+    from gevent.queue import Queue
+
+    _Greenlet = Greenlet[..., Any]  # generic in gevent's stubs only: not subscriptable at run time
+else:
+    _Greenlet = Greenlet
+
+__all__ = ["ON_ERROR", "Duties", "Duty", "DutyFunction", "DutyRunner", "current_runner", "duties", "duty"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +113,9 @@ class Duties:
         self, func: None = None, /, *, name: str | None = None, on_error: str | None = None
     ) -> Callable[[DutyFunction], DutyFunction]: ...
 
-    def __call__(self, func=None, /, *, name=None, on_error=None):
+    def __call__(
+        self, func: DutyFunction | None = None, /, *, name: str | None = None, on_error: str | None = None
+    ) -> DutyFunction | Callable[[DutyFunction], DutyFunction]:
         """Register ``func`` as a duty: ``@duty`` or ``@duty(name=..., on_error="resign")``."""
         if func is None:
             return lambda f: self.register(f, name=name, on_error=on_error)
@@ -116,7 +129,7 @@ class Duties:
         """
         if not callable(func):
             raise InvalidArgumentError(f"a duty must be callable, not {type(func).__name__}")
-        entry = Duty(func, name or getattr(func, "__qualname__", repr(func)),
+        entry = Duty(func, name or str(getattr(func, "__qualname__", repr(func))),
                      _check_policy(on_error or self.on_error))
         self._duties = [d for d in self._duties if d.func is not func] + [entry]
         for runner in list(self._runners):
@@ -128,6 +141,7 @@ class Duties:
         self._duties = [d for d in self._duties if d.func is not func]
 
     def clear(self) -> None:
+        """Forget every duty (running instances run on until their tenure ends)."""
         self._duties = []
 
     def run(self, candidate: Candidate) -> DutyRunner:
@@ -149,9 +163,9 @@ class DutyRunner:
         self.duties = duties
         self.candidate = candidate
         self._term: int | None = None  # the tenure the duties run for, or None
-        self._running: dict[Greenlet, Duty] = {}
-        self._dying: set[Greenlet] = set()  # killed, not yet dead
-        self._reader: Greenlet | None = None
+        self._running: dict[_Greenlet, Duty] = {}
+        self._dying: set[_Greenlet] = set()  # killed, not yet dead
+        self._reader: _Greenlet | None = None
         self._stopping = False
         self._stopped = False
         self._stop_lock = Semaphore()
@@ -224,7 +238,7 @@ class DutyRunner:
         elected, _ = self.candidate.run_for_election()
         self._reader = gevent.spawn(self._read, elected)
 
-    def _read(self, elected: Any) -> None:
+    def _read(self, elected: Queue[bool]) -> None:
         try:
             for is_elected in elected:
                 if is_elected:
@@ -251,7 +265,7 @@ class DutyRunner:
             self._spawn(entry, term)
 
     def _spawn(self, entry: Duty, term: int) -> None:
-        greenlet = Greenlet(self._run_duty, entry, term)
+        greenlet = _DutyGreenlet(self, self._run_duty, entry, term)
         greenlet.name = f"duty {entry.name} (term {term})"
         self._running[greenlet] = entry
         greenlet.start()
@@ -292,6 +306,31 @@ class DutyRunner:
                 gevent.spawn(self.resign)
                 return
             gevent.sleep(next(delays))
+
+
+class _DutyGreenlet(_Greenlet):
+    """A duty's greenlet, which knows its runner (for :func:`current_runner`)."""
+
+    def __init__(self, runner: DutyRunner, run: Callable[..., Any], *args: Any) -> None:
+        super().__init__(run, *args)
+        self.runner = runner
+
+
+def current_runner() -> DutyRunner:
+    """The :class:`DutyRunner` of the calling duty: its election, never None.
+
+    Works in a duty's greenlet and in the greenlets it spawned (gevent tracks who spawned
+    whom). Elsewhere (the master, a request handler, a thread) it raises
+    :class:`~greenleader.errors.InvalidArgumentError`: outside a duty there is no tenure to ask about.
+    """
+    greenlet: Any = gevent.getcurrent()
+    while greenlet is not None:
+        if isinstance(greenlet, _DutyGreenlet):
+            return greenlet.runner
+        spawned_by = getattr(greenlet, "spawning_greenlet", None)  # a weak reference, or None
+        greenlet = spawned_by() if spawned_by is not None else None
+    raise InvalidArgumentError("current_runner() is called from a leader duty (or a greenlet it spawned), "
+                               "not from here")
 
 
 #: The default registry; ``@duty`` registers into it (greenleader.gunicorn runs it).

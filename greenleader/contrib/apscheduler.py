@@ -254,7 +254,7 @@ class LeaderScheduler:
         if scheduler.state == STATE_RUNNING:
             scheduler.pause()  # does not yield: no job is submitted after this
         executors = [ex for ex in self._executors().values() if isinstance(ex, LeaderExecutor)]
-        stuck = []
+        stuck = [name for executor in executors for name in executor.stop_jobs(JOB_KILL_GRACE)]
         if stuck:
             log.error("%r: jobs %s ignored GreenletExit for %gs and may still be running",
                       self, ", ".join(stuck), JOB_KILL_GRACE)
