@@ -123,6 +123,7 @@ try:
     from kazoo.protocol.states import EventType, KazooState, KeeperState, WatchedEvent, ZnodeStat
     from kazoo.retry import KazooRetry
     from kazoo.security import ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE, make_digest_acl
+    from kazoo.security import Permissions as ACL_PERMS
 except ImportError as exc:  # new_store() turns this into MissingDependencyError
     raise ImportError(str(exc), name="kazoo") from exc
 
@@ -137,6 +138,15 @@ _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
 _CONNECTION_ERRORS = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
+# A TLS handshake the server's or the client's certificate decided against: an untrusted or
+# misnamed server certificate, a refused client certificate, TLS to a plain port. Retrying
+# the same handshake within the connect timeout cannot succeed (a dropped connection, an
+# EOF in the handshake, can: those are not matched).
+_TLS_REFUSAL = re.compile(r"(?i)certificate|hostname mismatch|unknown.ca|wrong.version.number|handshake.failure")
+_TLS_HINT = "; check ca_file, cert_file and key_file, and that the server's certificate names the host connected to"
+_ACL_DIAGNOSIS_TIMEOUT = 2.0  # seconds for each getACL explaining a refusal: a message, not worth more
+_PERMS = ((ACL_PERMS.CREATE, "c"), (ACL_PERMS.DELETE, "d"), (ACL_PERMS.READ, "r"), (ACL_PERMS.WRITE, "w"),
+          (ACL_PERMS.ADMIN, "a"))  # in zkCli's order: cdrwa
 
 
 @dataclass(frozen=True)
@@ -261,7 +271,8 @@ class _Session:
         self.error: StoreError | None = None
         self.leases: set[_ZooKeeperLease] = set()
         self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
-        self.log = _KazooLog()
+        self.tls_refused: set[str] = set()  # addresses whose TLS handshake failed before the first connection
+        self.log = _KazooLog(self._on_tls_refusal)
         self._answer_timer: Any = None  # see _expect_answer
         self.client = KazooClient(
             hosts=store.hosts,
@@ -269,7 +280,7 @@ class _Session:
             handler=SequentialGeventHandler(),
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=0.5, sleep_func=gevent.sleep),
             logger=self.log,
-            **store.client_options,
+            **store._client_options,
         )
         self._hook_negotiation()
         self.client.add_listener(self._on_state)
@@ -338,6 +349,24 @@ class _Session:
                 self.settled.set()
             self._lose_leases("the ZooKeeper session expired")
 
+    def _on_tls_refusal(self, address: str, error: str) -> None:
+        """kazoo failed a TLS handshake with ``address`` (from its connection greenlet: never blocks).
+
+        Before the session ever connected, a handshake refused by every server ends the
+        attempt at once with a StoreUnavailableError saying so, instead of kazoo retrying
+        until the connect timeout: a wrong CA or client certificate does not fix itself in
+        seconds, and callers that retry (a Candidate with ``retry=``) still pick up a
+        certificate rotated on the servers. Once connected, kazoo keeps retrying as for any
+        lost connection: the session may live on.
+        """
+        if self.settled.is_set():
+            return
+        self.tls_refused.add(address)
+        if len(self.tls_refused) >= self.store._address_count:
+            self.error = StoreUnavailableError(f"TLS failed with ZooKeeper at {self.store.hosts}: {error[:300]}"
+                                               f"{_TLS_HINT}")
+            self.settled.set()
+
     def _lose_leases(self, why: str, *, gone: bool = True) -> None:
         for lease in list(self.leases):
             lease.lost(why, gone=gone)
@@ -369,8 +398,7 @@ class _Session:
             return ""
         hint = ""
         if "SSL" in error:
-            hint = ("; check ca_file, cert_file and key_file, and that the server's certificate "
-                    "names the host connected to")
+            error, hint = f"TLS failed: {error}", _TLS_HINT
         elif "connection broken" in error and not self.store.tls.enabled:
             hint = "; does the server want TLS (tls=true, ca_file)?"
         return f" (last error: {error[:300]}{hint})"
@@ -383,9 +411,12 @@ class _Session:
         """
         if self.pid != os.getpid():
             raise StoreUnavailableError("this ZooKeeper session belongs to the parent process")
-        return self.result(method(*args, **kwargs))
+        path = args[0] if args and isinstance(args[0], str) else None
+        return self.result(method(*args, **kwargs), path=path)
 
-    def result(self, async_result: Any, timeout: float | None = None) -> Any:
+    def result(self, async_result: Any, timeout: float | None = None, path: str | None = None) -> Any:
+        """The result of a kazoo request, as :meth:`call` describes; ``path``, the node it
+        concerns, only explains a refusal."""
         timeout = self.store.timeout if timeout is None else timeout
         started = now()
         try:
@@ -398,7 +429,7 @@ class _Session:
         try:
             return async_result.get(block=False)
         except KazooException as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, path) from exc
 
     def _expect_answer(self, async_result: Any, waited: float) -> None:
         """Drop the connection if ``async_result`` stays unanswered as long as kazoo waits for
@@ -428,12 +459,12 @@ class _Session:
 
         timer.start(check)
 
-    def _error(self, exc: KazooException) -> Exception:
+    def _error(self, exc: KazooException, path: str | None = None) -> Exception:
         """The exception to raise for a kazoo one: NoNodeError and NodeExistsError as they are."""
         if isinstance(exc, (NoAuthError, AuthFailedError)):
-            who = f"digest user {self.store.user!r}" if self.store.user else "a client without digest auth (no user)"
+            where = f" on {path}" if path else ""
             return PermissionDeniedError(
-                f"ZooKeeper refused the request ({type(exc).__name__}): the node's ACL does not allow {who}; "
+                f"ZooKeeper refused the request{where} ({type(exc).__name__}): {self._diagnose(path)}; "
                 "see the ACL in greenleader's docs/security.md"
             )
         if isinstance(exc, ConnectionClosedError):
@@ -444,6 +475,43 @@ class _Session:
             return exc
         return StoreError(f"ZooKeeper request failed: {exc!r}")
 
+    def _diagnose(self, path: str | None) -> str:
+        """Why ZooKeeper refused a request on ``path``, as far as its readable ACLs tell.
+
+        ZooKeeper accepts any digest password when a client authenticates: it only derives
+        the identity ``user:hash(password)`` and compares it with the ACLs. So a wrong
+        password shows only as a refusal, like a missing right. The ACL of ``path`` and of
+        its parent (a create or a delete is checked on the parent), when readable, tell them
+        apart: an entry for the user with another hash means a wrong password.
+        """
+        user = self.store.user
+        if user is None:
+            return "the node's ACL does not allow a client without digest auth (no user)"
+        own = self.store._acl[0].id.id if self.store._acl else None
+        nodes = [path, path.rsplit("/", 1)[0] or "/"] if path and path != "/" else [path] if path else []
+        readable: list[tuple[str, list[ACL]]] = []
+        for node in nodes:
+            request = self.client.get_acls_async(node)
+            request.wait(_ACL_DIAGNOSIS_TIMEOUT)
+            if not request.ready() or not request.successful():
+                continue  # unanswered, unreadable or gone: it tells nothing
+            acls, _ = request.get(block=False)
+            readable.append((node, acls))
+        for node, acls in readable:
+            mine = [a for a in acls if a.id.scheme == "digest" and a.id.id.split(":", 1)[0] == user]
+            if any(a.id.id == own for a in mine):
+                return (f"digest user {user!r} has too few rights here (the ACL of {node} is "
+                        f"{_describe_acl(acls)})")
+            if mine:
+                return (f"wrong password for digest user {user!r}: the ACL of {node} names that user "
+                        "with another password")
+        if readable:
+            node, acls = readable[-1]
+            return f"the ACL of {node} ({_describe_acl(acls)}) has no entry for digest user {user!r}"
+        return (f"the ACL does not allow digest user {user!r} with this password (a wrong password looks "
+                "the same to ZooKeeper, which compares the password's hash with the ACLs only, and "
+                "these ACLs are not readable to tell)")
+
     def multi(self, build: Callable[[Any], None]) -> list[Any]:
         """Run a transaction that ``build`` fills in: all its operations or none. Its results,
         or the error of the operation that failed (as :meth:`call` raises them)."""
@@ -451,11 +519,12 @@ class _Session:
             raise StoreUnavailableError("this ZooKeeper session belongs to the parent process")
         transaction = self.client.transaction()
         build(transaction)
-        results = self.result(transaction.commit_async())
+        path = next((op.path for op in transaction.operations if hasattr(op, "path")), None)
+        results = self.result(transaction.commit_async(), path=path)
         failed = next((r for r in results if isinstance(r, KazooException) and not isinstance(r, RolledBackError)),
                       None)
         if failed is not None:
-            raise self._error(failed)
+            raise self._error(failed, path)
         return results
 
     def children(self, path: str) -> list[str]:
@@ -695,7 +764,8 @@ class ZooKeeperStore(Store):
             key_file=pick("key_file", key_file, "keyfile", keyfile),
             verify=pick("verify", verify, "verify_certs", verify_certs),
         )
-        self.client_options: dict[str, Any] = {
+        # Private: with ``user`` it carries the digest password (kazoo's auth_data).
+        self._client_options: dict[str, Any] = {
             "use_ssl": self.tls.enabled,
             "verify_certs": self.tls.verify,
             "check_hostname": self.tls.enabled and self.tls.verify,
@@ -709,14 +779,15 @@ class ZooKeeperStore(Store):
         self._acl: list[ACL] | None = None
         if self.user is not None:
             assert secret is not None
-            self.client_options["auth_data"] = [("digest", f"{self.user}:{secret}")]
+            self._client_options["auth_data"] = [("digest", f"{self.user}:{secret}")]
             # Named explicitly rather than "auth" (CREATOR_ALL_ACL): over TLS, ZooKeeper also
             # authenticates the client certificate, and "auth" would grant every client with
             # a certificate of the same name the right to delete a leader's node.
             self._acl = [make_digest_acl(self.user, secret, all=True), *READ_ACL_UNSAFE]
-            self.client_options["default_acl"] = self._acl
+            self._client_options["default_acl"] = self._acl
             if not self.tls.enabled:
                 warn_plaintext_secret("zookeeper", "digest password", [host for host, _ in parsed])
+        self._address_count = len(set(parsed))  # a TLS failure is final once each has refused
         self._sessions: dict[int, _Session] = {}
         self._greenlets: set[gevent.Greenlet] = set()
         self._root_ready = not self.root
@@ -1036,23 +1107,39 @@ def _digest_identity(user: object, password: str | None, auth: object) -> tuple[
     return name, password
 
 
+def _describe_acl(acls: list[ACL]) -> str:
+    """An ACL without its password hashes: ``digest:admin:cdrwa, world:anyone:r``."""
+    def rights(perms: int) -> str:
+        return "".join(letter for bit, letter in _PERMS if perms & bit) or "-"
+
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':', 1)[0]}:{rights(a.perms)}" for a in acls)
+
+
 class _KazooLog(logging.LoggerAdapter):
     """The logger kazoo gets for one session: ``kazoo.client``, minus secrets.
 
     At DEBUG level kazoo logs every request it sends, its Auth request (the digest password)
     and its Connect request (the session password) included, and the session password again
     below DEBUG; those values are replaced by ``***`` here. It also keeps the last connection
-    error, which kazoo only logs, for the store's error messages.
+    error, which kazoo only logs, for the store's error messages, and tells ``on_tls_refusal``
+    of each TLS handshake the certificates decided against, with the address tried.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_tls_refusal: Callable[[str, str], None]) -> None:
         super().__init__(logging.getLogger("kazoo.client"), {})
         self.last_error: str | None = None
+        self._on_tls_refusal = on_tls_refusal
+        self._address = ""  # the address kazoo last said it connects to
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         text = str(msg)
+        if text.startswith("Connecting to") and len(args) >= 3:
+            self._address = f"{args[0]}:{args[2]}"
         if text.startswith(("Connection dropped", "Connection time-out", "Cannot resolve")) and args:
             self.last_error = " ".join(str(args[-1]).split())
+            if text.startswith("Connection dropped") and "SSL" in self.last_error \
+                    and _TLS_REFUSAL.search(self.last_error):
+                self._on_tls_refusal(self._address, self.last_error)
         if "session_passwd" in text:
             args = tuple("***" if isinstance(arg, (bytes, str)) else arg for arg in args)
         args = tuple(_redacted(arg) for arg in args)
