@@ -107,7 +107,8 @@ def test_the_build_prints_no_deprecation_warning(built: Built) -> None:
 def test_the_wheel_holds_every_package_and_file_of_the_source_tree(built: Built) -> None:
     names = wheel_names(built)
     assert "greenleader/py.typed" in names
-    assert "greenleader/stores" in package_dirs()
+    for required in ("greenleader/stores", "greenleader/contrib"):
+        assert required in package_dirs(), f"{required} has no Python files in the source tree"
     missing_init = [d for d in package_dirs() if f"{d}/__init__.py" not in names]
     assert not missing_init, f"not packages in the wheel (an __init__.py missing?): {missing_init}"
     missing = [name for name in package_files() if name not in names]
