@@ -42,7 +42,7 @@ from .errors import MissingDependencyError
 try:
     import prometheus_client
 except ImportError:  # the metrics extra is not installed
-    prometheus_client = None
+    prometheus_client = None  # type: ignore[assignment]
 
 __all__ = ["MULTIPROC_ENV", "available", "exposition", "install", "mark_process_dead", "multiprocess"]
 
@@ -137,7 +137,7 @@ def exposition() -> tuple[str, bytes]:
         from prometheus_client import multiprocess as mp
 
         registry = CollectorRegistry()
-        mp.MultiProcessCollector(registry)
+        mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return CONTENT_TYPE_LATEST, generate_latest(registry)
     return CONTENT_TYPE_LATEST, generate_latest()
 
@@ -150,6 +150,6 @@ def mark_process_dead(pid: int) -> None:
     from prometheus_client import multiprocess as mp
 
     try:
-        mp.mark_process_dead(pid)
+        mp.mark_process_dead(pid)  # type: ignore[no-untyped-call]
     except OSError as exc:
         log.warning("could not drop the metrics of dead worker %d: %s", pid, exc)

@@ -38,7 +38,7 @@ from .errors import MissingDependencyError
 
 __all__ = ["MODES", "StatusMiddleware", "metrics_app", "status_app"]
 
-WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 _REASONS = {200: "200 OK", 405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
 
@@ -56,22 +56,23 @@ def status_app(election: Any = None, mode: str = "status") -> WSGIApp:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
 
-    def app(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return _respond(start_response, 405, {"error": "use GET or HEAD"}, method, [("Allow", "GET, HEAD")])
         current = election if election is not None else _gunicorn.current()
         if current is None:
-            body = {"key": None, "leader": None, "node": None, "is_leader": False, "term": None,
-                    "error": "no greenleader election runs in this process"}
+            body: dict[str, Any] = {"key": None, "leader": None, "node": None, "is_leader": False, "term": None,
+                                    "error": "no greenleader election runs in this process"}
             return _respond(start_response, 503, body, method)
         body = current.status()
+        healthy: bool
         if mode == "status":
             healthy = True
         elif mode == "leader":
-            healthy = body["is_leader"]
+            healthy = bool(body["is_leader"])
         elif mode == "leader-master":
-            healthy = current.leader_in_this_master()
+            healthy = bool(current.leader_in_this_master())
         else:
             healthy = body.get("store", {}).get("reachable") is True
         return _respond(start_response, 200 if healthy else 503, body, method)
@@ -83,7 +84,7 @@ def metrics_app() -> WSGIApp:
     """A WSGI app answering the Prometheus metrics of this process (or, in multiprocess mode, of
     every worker of the master); 503 with a one-line reason without prometheus_client."""
 
-    def app(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return _respond(start_response, 405, {"error": "use GET or HEAD"}, method, [("Allow", "GET, HEAD")])
@@ -115,14 +116,14 @@ class StatusMiddleware:
             self._routes[f"{root}/{mode}"] = status_app(election, mode)
         self._routes[f"{root}/metrics"] = metrics_app()
 
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         route = self._routes.get(environ.get("PATH_INFO", "").rstrip("/"))
         if route is not None:
             return route(environ, start_response)
         return self.app(environ, start_response)
 
 
-def _respond(start_response: Callable[..., Any], code: int, body: dict, method: str,
+def _respond(start_response: Callable[..., Any], code: int, body: dict[str, Any], method: str,
              headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     data = json.dumps(body).encode() + b"\n"
     start_response(_REASONS[code], [
