@@ -74,17 +74,22 @@ def test_one_beat_across_hosts(tmp_path: Path, signum: int) -> None:
     store = f"file://{tmp_path / 'elections'}?poll_interval=0.01"
     beats: list[Beat] = []
     try:
+        started = time.monotonic()
         a = Beat("a", store, tmp_path, env)
         beats.append(a)
         wait_until(lambda: len(ticks(log)) >= 2, SOON, f"the first beat to send\n{a.log()}")
+        startup = ticks(log)[0]["t"] - started  # from greenleader run's start to its beat's first tick
         b = Beat("b", store, tmp_path, env)
         beats.append(b)
-        wait_until(lambda: "campaigning" in b.log(), SOON, f"the second runner to campaign\n{b.log()}")
-        since = time.monotonic()
-        wait_until(lambda: sum(t["t"] > since for t in ticks(log)) >= 3, SOON, "more ticks")
+        # Had the second runner started its beat, that beat would have sent within about the
+        # first one's startup: watch the first one tick for twice as long.
+        watch_until = time.monotonic() + 2 * startup
+        wait_until(lambda: ticks(log)[-1]["t"] > watch_until, 2 * startup + SOON, "the first beat to go on")
+        assert "campaigning" in b.log(), f"the second runner did not campaign\n{b.log()}"
         before = ticks(log)
-        assert {(t["node"], t["pid"], t["term"]) for t in before} == {("a", before[0]["pid"], before[0]["term"])}, (
-            f"a beat other than the leader's sent ticks: {before}\n{b.log()}"
+        senders = {(t["node"], t["pid"], t["term"]) for t in before}
+        assert senders == {("a", before[0]["pid"], before[0]["term"])}, (
+            f"a beat other than the leader's sent ticks: {sorted(senders)}\n{b.log()}"
         )
         first = before[0]
 
