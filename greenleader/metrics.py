@@ -38,6 +38,7 @@ from typing import Any
 
 from . import status
 from .errors import MissingDependencyError
+from .events import LossReason
 
 try:
     import prometheus_client
@@ -107,9 +108,16 @@ def _observe(event: str, record: status.Record, *args: Any) -> None:
         return
     node = record.node or ""
     if event == "new":
+        # Every series of the key exists from the start, at 0 (Prometheus practice; in
+        # multiprocess mode this also grows the mmap'd files here, not on the keepalive path).
+        m["errors"].labels(record.key, record.role)
         if record.role == "candidate":
             m["is_leader"].labels(record.key, node).set(0)
             m["term"].labels(record.key, node).set(0)
+            m["transitions"].labels(record.key)
+            m["renewal"].labels(record.key)
+            for reason in LossReason:
+                m["losses"].labels(record.key, reason.value)
     elif event == "up":
         m["is_leader"].labels(record.key, node).set(1)
         m["term"].labels(record.key, node).set(args[0])
