@@ -10,9 +10,9 @@ GREENLEADER_* variables are blanked: the workers can only have them from setting
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,17 +21,11 @@ from greenleader.contrib import ElectionConfig
 from greenleader.errors import InvalidArgumentError
 from tests.backends import BackendEnv
 from tests.candidate_process import process_url
+from tests.contrib_apps.checks import COMMAND_TIMEOUT, CONF, STARTUP, app_env, deployment, run_command
 from tests.gunicorn_apps.harness import REPO, Fleet, Master
 
 SITE = REPO / "tests" / "contrib_apps" / "djsite"
-CONF = REPO / "tests" / "contrib_apps" / "conf.py"
 APP = "tests.contrib_apps.djsite.wsgi"
-#: Seconds for fresh masters to boot and elect someone on a loaded 2-core CI machine.
-STARTUP = 30.0
-#: SIGTERM to the leader's master -> the duty runs elsewhere; the plain hooks' bound (test_gunicorn).
-HANDOVER_BOUND = 1.0
-#: Seconds a manage.py command may take (Django and gevent import in a second or two; CI is slow).
-COMMAND_TIMEOUT = 60.0
 
 
 @pytest.fixture(params=["file", "etcd"])
@@ -40,34 +34,9 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def app_env(url: str, key: str, ttl: float, **extra: str) -> dict[str, str]:
-    return {"GREENLEADER_STORE": "", "GREENLEADER_KEY": "", "GREENLEADER_TTL": "",
-            "APP_STORE": url, "APP_KEY": key, "APP_TTL": str(ttl), **extra}
-
-
 def manage(fleet: Fleet, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SITE / "manage.py"), *args], cwd=REPO, env={**fleet.env, **env},
                           capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-
-
-def leader_only_answers(fleet: Fleet, node: str, timeout: float) -> None:
-    """GET /leader-only until the leader answered 200 with its node and another worker 503."""
-    seen: set[int] = set()
-
-    def check() -> bool:
-        for master in fleet.masters:
-            if not master.running():
-                continue
-            code, body = master.get("/leader-only")
-            assert code in (200, 503), f"{master!r}: /leader-only answered {code} {body!r}"
-            if code == 200:
-                assert body["node"] == node, f"/leader-only ran in {body}, the duty runs in {node}\n{fleet.report()}"
-            else:
-                assert body["is_leader"] is False and body["node"] != node, body
-            seen.add(code)
-        return seen == {200, 503}
-
-    fleet.wait_for("/leader-only answers from the leader (200) and from another worker (503)", check, timeout)
 
 
 @pytest.mark.slow
@@ -76,74 +45,39 @@ def test_django_under_gunicorn(kind: str, backend_env: BackendEnv, key: str, tmp
     """2 masters x 2 workers and a ``manage.py greenleader run`` worker process: one duty at a
     time fleet-wide; the middleware's and the view's answers; ``status``; handover on the leader
     master's SIGTERM, then to the worker process, which stops its duty on SIGTERM."""
-    ttl = 2.0
-    env = app_env(process_url(backend_env), key, ttl)
-    with Fleet(tmp_path / "fleet", "", "", ttl) as fleet:
-        for name in ("site-a", "site-b"):  # NODE names the host part: site-a:master-pid:worker-pid
-            fleet.start(workers=2, app=APP, conf=CONF, env={**env, "APP_NODE": name})
-        first = fleet.current(STARTUP)
-        assert first.node.startswith(("site-a:", "site-b:")), first
-        fleet.scan_status(first, STARTUP)  # /_greenleader/leader and /leader-master, from the middleware
-        leader_only_answers(fleet, first.node, STARTUP)
-
-        status = manage(fleet, env, "greenleader", "status")
-        assert status.returncode == 0, status.stderr
-        assert f"leader: {first.node}\n" in status.stdout and f"key:    {key}\n" in status.stdout, status.stdout
-        assert "duties: tick" in status.stdout, status.stdout
-
-        out = (tmp_path / "run.out").open("w")
-        worker = subprocess.Popen([sys.executable, str(SITE / "manage.py"), "greenleader", "run"], cwd=REPO,
-                                  env={**fleet.env, **env, "APP_NODE": "worker-process"}, stdout=out,
-                                  stderr=subprocess.STDOUT)
-        try:
-            fleet.wait_for("manage.py greenleader run to campaign",
-                           lambda: "campaigning for" in (tmp_path / "run.out").read_text(), STARTUP)
-            master = fleet.master_of(first.node)
-            sent = master.send(signal.SIGTERM)
-            second = fleet.wait_tenure(HANDOVER_BOUND + 10, after=sent, exclude=first.node)
-            handover = second.start - sent
-            assert master.wait_exit(20) == 0, master.tail()
-            for other in fleet.masters:  # then the worker process alone is left to lead
-                if other.running():
-                    other.send(signal.SIGTERM)
-                    assert other.wait_exit(20) == 0, other.tail()
-            last = fleet.current(STARTUP)
-            assert last.node == "worker-process", fleet.report()
-            status = manage(fleet, env, "greenleader", "status", "--json")
-            assert status.returncode == 0 and json.loads(status.stdout)["leader"] == "worker-process", status
-
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(20) == 0, (tmp_path / "run.out").read_text()
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-            out.close()
-        tenures = fleet.check_history()
-        assert tenures[-1].node == "worker-process" and tenures[-1].stopped, fleet.report()
-        status = manage(fleet, env, "greenleader", "status")
-        assert status.returncode == 1 and "leader: (none)" in status.stdout, status
-    print(f"\n[figures] {kind}: Django master SIGTERM handover {handover * 1000:.0f} ms")
-    assert handover <= HANDOVER_BOUND, f"handover took {handover:.3f}s, bound {HANDOVER_BOUND:g}s"
+    command = [sys.executable, str(SITE / "manage.py")]
+    handover = deployment(tmp_path, app_env(process_url(backend_env), key, 2.0), key, APP, command)
+    print(f"\n[figures] {kind}: Django, master SIGTERM handover {handover * 1000:.0f} ms")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_leader_only_command(tmp_path: Path, key: str) -> None:
-    """Two hosts' cron start the same @leader_only command at once: one runs it, the other skips;
-    later, with the key free again, it runs again with a higher term."""
-    once = tmp_path / "once.log"
-    env = app_env(f"file://{tmp_path / 'elections'}?poll_interval=0.01", key, 2.0, ONCE_LOG=str(once))
-    fleet = Fleet(tmp_path / "fleet", "", "", 2.0)
-    argv = [sys.executable, str(SITE / "manage.py"), "once", "--sleep", "3"]
-    procs = [subprocess.Popen(argv, cwd=REPO, env={**fleet.env, **env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=COMMAND_TIMEOUT) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    ran = once.read_text().splitlines()
-    assert len(ran) == 1, (ran, outputs)
-    skipped = [out for out, _ in outputs if out.startswith("skipped: ")]
-    assert len(skipped) == 1 and f"holds {key}/commands/once" in skipped[0], outputs
-    again = manage(fleet, env, "once")
+    """The same @leader_only command started on two hosts (by cron) while one runs it: the other
+    skips it (exit 0, and says who holds the command's key); later, with the key free again, it
+    runs again with a higher term."""
+    once, done = tmp_path / "once.log", tmp_path / "done"
+    env = {**Fleet(tmp_path / "fleet", "", "", 2.0).env,
+           **app_env(f"file://{tmp_path / 'elections'}?poll_interval=0.01", key, 2.0, ONCE_LOG=str(once))}
+    command = [sys.executable, str(SITE / "manage.py"), "once"]
+    running = subprocess.Popen([*command, "--until", str(done)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not once.exists() and running.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert once.exists(), running.communicate(timeout=5) if running.poll() is not None else "not started"
+        skipped = run_command(command, env)
+        assert skipped.returncode == 0, skipped
+        assert skipped.stdout.startswith("skipped: ") and f"holds {key}/commands/once" in skipped.stdout, skipped
+        assert len(once.read_text().splitlines()) == 1, once.read_text()
+        done.touch()
+        out, err = running.communicate(timeout=COMMAND_TIMEOUT)
+        assert running.returncode == 0 and out.strip() == "done", (out, err)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    again = run_command(command, env)
     assert again.returncode == 0 and again.stdout.strip() == "done", again
     terms = [json.loads(line)["term"] for line in once.read_text().splitlines()]
     assert len(terms) == 2 and terms[1] > terms[0], terms

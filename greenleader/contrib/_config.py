@@ -60,18 +60,23 @@ class ElectionConfig:
     status_path: str = DEFAULT_STATUS_PATH
 
     @classmethod
-    def from_settings(cls, values: Mapping[str, Any] | None, *, where: str,
+    def from_settings(cls, values: Mapping[str, Any] | None, *, where: str, prefix: str = "",
                       env: Mapping[str, str] | None = None) -> ElectionConfig:
-        """Validate ``values`` (upper-case names of :data:`NAMES`); ``where`` names them in
-        errors, e.g. ``settings.GREENLEADER``. Raises InvalidArgumentError."""
+        """Validate ``values`` (upper-case names of :data:`NAMES`); errors name a setting as
+        ``where['<prefix><NAME>']``, e.g. ``settings.GREENLEADER['TTL']`` or
+        ``app.config['GREENLEADER_TTL']``. Raises InvalidArgumentError."""
         env = os.environ if env is None else env
         if values is None:
             values = {}
         if not isinstance(values, Mapping):
             raise InvalidArgumentError(f"{where} must be a dict, not {type(values).__name__}")
-        unknown = sorted(str(name) for name in values if name not in NAMES)
+        unknown = sorted(prefix + str(name) for name in values if name not in NAMES)
         if unknown:
-            raise InvalidArgumentError(f"{where}: unknown settings {', '.join(unknown)}; known: {', '.join(NAMES)}")
+            raise InvalidArgumentError(f"{where}: unknown settings {', '.join(unknown)}; "
+                                       f"known: {', '.join(prefix + name for name in NAMES)}")
+
+        def label(name: str) -> str:
+            return f"{where}['{prefix}{name}']"
 
         def get(name: str) -> Any:
             value = values.get(name)
@@ -82,24 +87,25 @@ class ElectionConfig:
 
         store, key = get("STORE"), get("KEY")
         if store is None:
-            raise InvalidArgumentError(f"{where}: no STORE; set it (e.g. 'file:///tmp/elections') or ${ENV_STORE}")
+            raise InvalidArgumentError(
+                f"{where}: no {prefix}STORE (a URL such as consul://127.0.0.1:8500), nor ${ENV_STORE}")
         if not isinstance(store, str) or "://" not in store:
             shown = _redacted(store) if isinstance(store, str) else type(store).__name__
-            raise InvalidArgumentError(f"{where}: STORE {shown!r} is not a store URL such as consul://127.0.0.1:8500")
+            raise InvalidArgumentError(f"{label('STORE')}: {shown!r} is not a store URL such as consul://127.0.0.1:8500")
         if key is None:
-            raise InvalidArgumentError(f"{where}: no KEY (the election key, e.g. 'myapp/jobs'); set it or ${ENV_KEY}")
+            raise InvalidArgumentError(f"{where}: no {prefix}KEY (the election key, e.g. 'myapp/jobs'), nor ${ENV_KEY}")
         ttl = get("TTL")
-        options = {name.lower(): check_float(f"{where}['{name}']", values[name], minimum=0.0, inclusive=False)
+        options = {name.lower(): check_float(label(name), values[name], minimum=0.0, inclusive=False)
                    for name in _CANDIDATE_OPTIONS if values.get(name) is not None}
         node = values.get("NODE")
         path = values.get("STATUS_PATH") or DEFAULT_STATUS_PATH
         if not isinstance(path, str) or not path.startswith("/"):
-            raise InvalidArgumentError(f"{where}: STATUS_PATH must be a path starting with '/', not {path!r}")
+            raise InvalidArgumentError(f"{label('STATUS_PATH')} must be a path starting with '/', not {path!r}")
         return cls(
             store=store,
-            key=check_text(f"{where}['KEY']", key),
-            ttl=check_float(f"{where}['TTL']", DEFAULT_TTL if ttl is None else ttl, minimum=0.0, inclusive=False),
-            node=check_text(f"{where}['NODE']", node) if node is not None else None,
+            key=check_text(label("KEY"), key),
+            ttl=check_float(label("TTL"), DEFAULT_TTL if ttl is None else ttl, minimum=0.0, inclusive=False),
+            node=check_text(label("NODE"), node) if node is not None else None,
             candidate_options=options,
             status_path="/" + path.strip("/"),
         )

@@ -9,6 +9,7 @@ worker process that runs the duties by itself (``manage.py greenleader run``) ha
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,10 +25,10 @@ from ..duties import duties as default_duties
 from ..errors import GreenleaderError, StoreError
 from ..follower import Follower
 from ..retry import Backoff
-from ..stores import Store, from_url
+from ..stores import Store, _redacted, from_url
 from ._config import ElectionConfig
 
-__all__ = ["LeaderOnlyOutcome", "ProcessElection", "current", "patch_gevent", "run_as_leader"]
+__all__ = ["LeaderOnlyOutcome", "ProcessElection", "current", "patch_gevent", "read_status", "run_as_leader"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +209,24 @@ def patch_gevent() -> None:
     if not monkey.is_module_patched("socket"):
         log.debug("monkey-patching the process for gevent")
         monkey.patch_all()
+
+
+def read_status(config: ElectionConfig, duty_names: list[str], *, as_json: bool) -> tuple[str | None, str]:
+    """Who leads ``config.key`` now, read from the store: ``(leader or None, text)``, the text for
+    a ``status`` command (JSON, or one ``name: value`` line each). Raises StoreError when the
+    store cannot be reached, another GreenleaderError for bad settings."""
+    store = from_url(config.store)
+    try:
+        info = Follower(store, config.key).leader_info()
+    finally:
+        store.close()
+    leader, term = (info.node, info.term) if info is not None else (None, None)
+    if as_json:
+        return leader, json.dumps({"key": config.key, "leader": leader, "term": term, "duties": duty_names})
+    return leader, "\n".join([
+        f"key:    {config.key}",
+        f"store:  {_redacted(config.store)}",
+        f"leader: {leader or '(none)'}",
+        f"term:   {term if term is not None else '-'}",
+        f"duties: {', '.join(duty_names) or '(none registered)'}",
+    ])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import gunicorn as _gunicorn
+from ..duties import Duties
 from ..errors import GreenleaderError, InvalidArgumentError
 from ..stores import Store
 from ._config import ElectionConfig
@@ -34,15 +35,17 @@ __all__ = ["post_fork", "use_settings", "worker_exit"]
 log = logging.getLogger(__name__)
 
 _settings: Callable[[], ElectionConfig] | None = None
+_duties: Duties | None = None
 #: The election key given to greenleader.gunicorn at fork, replaced before the campaign starts.
 _PENDING_KEY = "greenleader/pending-app-settings"
 
 
-def use_settings(settings: Callable[[], ElectionConfig]) -> None:
+def use_settings(settings: Callable[[], ElectionConfig], duties: Duties | None = None) -> None:
     """Called by a framework integration as the app loads: ``settings()`` gives the election's
-    settings to the worker's election when it starts."""
-    global _settings
-    _settings = settings
+    settings to the worker's election when it starts, which runs ``duties`` (default:
+    greenleader's own registry)."""
+    global _settings, _duties
+    _settings, _duties = settings, duties
 
 
 def _unconfigured_store() -> Store:  # never called: the settings replace it before the start
@@ -86,6 +89,8 @@ def _apply(election: _gunicorn.WorkerElection) -> None:
     election.key = config.key
     election.ttl = config.ttl
     election.candidate_options = dict(config.candidate_options)
+    if _duties is not None:
+        election.duties = _duties
     if config.node is not None and election.node is not None:
         # host:master-pid:worker-pid -> NODE:master-pid:worker-pid (the master part still tells
         # the leader's master apart, for /_greenleader/leader-master)

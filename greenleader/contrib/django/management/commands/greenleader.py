@@ -3,19 +3,16 @@ process that runs the leader duties under election, outside gunicorn)."""
 
 from __future__ import annotations
 
-import json
 import signal
 from typing import Any
 
 import gevent
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from greenleader.contrib._election import ProcessElection, patch_gevent, read_status
+from greenleader.contrib.django.conf import election_config
 from greenleader.duties import duties
 from greenleader.errors import GreenleaderError, StoreError
-from greenleader.follower import Follower
-from greenleader.stores import _redacted, from_url
-from greenleader.contrib._election import ProcessElection, patch_gevent
-from greenleader.contrib.django.conf import election_config
 
 #: ``status`` exit codes: a leader (0), no leader (1), the store unreachable (69, EX_UNAVAILABLE).
 EXIT_NO_LEADER = 1
@@ -42,24 +39,13 @@ class Command(BaseCommand):
 
     def status(self, *, as_json: bool) -> None:
         config = election_config()
-        names = [d.name for d in duties]
         try:
-            store = from_url(config.store)
-            try:
-                info = Follower(store, config.key).leader_info()
-            finally:
-                store.close()
+            leader, text = read_status(config, [d.name for d in duties], as_json=as_json)
         except StoreError as exc:
             raise CommandError(f"the store is unreachable: {exc}", returncode=EXIT_STORE_UNAVAILABLE) from None
         except GreenleaderError as exc:  # a bad URL or option, a missing client library
             raise CommandError(str(exc)) from None
-        leader, term = (info.node, info.term) if info is not None else (None, None)
-        if as_json:
-            self.stdout.write(json.dumps({"key": config.key, "leader": leader, "term": term, "duties": names}))
-        else:
-            self.stdout.write(f"key:    {config.key}\nstore:  {_redacted(config.store)}\n"
-                              f"leader: {leader or '(none)'}\nterm:   {term if term is not None else '-'}\n"
-                              f"duties: {', '.join(names) or '(none registered)'}")
+        self.stdout.write(text)
         if leader is None:
             raise CommandError(f"no leader for {config.key}", returncode=EXIT_NO_LEADER)
 
