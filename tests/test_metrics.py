@@ -51,7 +51,9 @@ def test_metrics_follow_a_tenure_in_process(key: str) -> None:
     assert next_item(elected, 5, "the step-down past the renew deadline") is False
     assert _value("greenleader_is_leader", key=key, node="n1") == 0.0
     assert _value("greenleader_term", key=key, node="n1") == 0.0
-    assert _value("greenleader_losses_total", key=key, reason="store error") == 1.0
+    # "store error" when the last retry is refused; "deadline" if a busy machine woke it too late.
+    reasons = ("store error", "deadline")
+    assert sum(_value("greenleader_losses_total", key=key, reason=reason) for reason in reasons) == 1
     assert _value("greenleader_store_errors_total", key=key, role="candidate") >= 2.0
     faulty.remove_fault(fault)
     assert next_item(elected, 5, "the win after recovery") is True

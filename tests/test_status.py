@@ -82,7 +82,9 @@ def test_store_errors_are_counted_redacted_and_clear_on_recovery(key: str) -> No
     wait_until(lambda: candidate.status().state == "backing off", 5, "the candidate backs off")
     status = candidate.status()
     assert status.store.reachable is False and status.store.errors >= 2, status
-    assert status.losses == {"store error": 1} and status.transitions == 2, status
+    # "store error" when the last retry is refused; "deadline" if a busy machine woke it too late.
+    assert sum(status.losses.values()) == 1 and set(status.losses) <= {"store error", "deadline"}, status
+    assert status.transitions == 2, status
     assert SECRET not in status.store.last_error and "token=***" in status.store.last_error, status
     assert status.store.last_error.startswith("StoreUnavailableError: consul://10.0.0.1:8500?token=***")
     faulty.remove_fault(fault)
