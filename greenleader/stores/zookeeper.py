@@ -63,6 +63,9 @@ out, or change the parent's ACL itself. The price: another identity cannot add a
 key under ancestors this store created. To share a prefix, an operator creates it first
 with the rights each identity needs (docs/security.md); the store never changes the ACL of
 a node that already exists. Without ``user``, nodes are open to all (kazoo's default).
+ZooKeeper's root is open to all too, so confining an identity to its prefix takes the
+administrator's lock on ``/`` (docs/security.md); a refusal names the node and, from the
+ACLs it can read, tells a wrong digest password from a missing right.
 
 Connections are made lazily, on first use, so a store may be created before a fork (a
 gunicorn master) as long as it is first used after; a store used before a fork refuses to
