@@ -137,8 +137,8 @@ def test_jobs_run_on_the_leader_only(nodes: Callable[..., Node], on_loss: str) -
 
 
 def test_a_running_job_is_stopped_before_the_release(nodes: Callable[..., Node]) -> None:
-    """A job running at the loss gets GreenletExit, and its cleanup (slow on purpose) ends
-    before another candidate can win."""
+    """A job running at the loss gets GreenletExit once the scheduler is paused, and its
+    cleanup (slow on purpose) ends before another candidate can win."""
     log: Queue[tuple[Any, ...]] = Queue()
 
     def long_job(node: Node) -> None:
@@ -148,7 +148,7 @@ def test_a_running_job_is_stopped_before_the_release(nodes: Callable[..., Node])
             gevent.sleep(60)
         except GreenletExit:
             gevent.sleep(0.5)  # a slow cleanup: the release must wait for it
-            node.log.put(("stopped", node.name, term))
+            node.log.put(("stopped", node.name, term, node.scheduler.state))
             raise
 
     one = nodes("one", log, job=long_job)
@@ -160,7 +160,7 @@ def test_a_running_job_is_stopped_before_the_release(nodes: Callable[..., Node])
     assert one.runner is not None
     gevent.spawn(one.runner.resign)
     stopped = next_item(log, SOON, "the job to be stopped")
-    assert stopped == ("stopped", "one", term), f"{stopped}: the job was not stopped first"
+    assert stopped == ("stopped", "one", term, STATE_PAUSED), f"{stopped}: the job was not stopped first"
     started = next_item(log, SOON, "the new leader's job")
     assert started[:2] == ("running", "other") and started[2] > term, started
 
