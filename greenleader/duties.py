@@ -10,7 +10,7 @@
 Each registered duty is started in a greenlet of its own on every win, called with the
 tenure's fencing term, and killed with :class:`gevent.GreenletExit` when the tenure ends
 (loss, deadline, store error, resign or stop). Every step-down, whatever its cause, kills the
-duties *before* the key is released (DESIGN.md §2, rule 9): the candidate stops leading at once,
+duties *before* the key is released (docs/safety.md): the candidate stops leading at once,
 then waits up to ``STEP_DOWN_GRACE`` (5 s) for the duties to die, and only then lets a waiting
 candidate in. A duty that ignores ``GreenletExit`` longer than that is logged as stuck and the key
 is released anyway; a duty whose side effects must never outlive the tenure checks
