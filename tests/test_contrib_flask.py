@@ -82,7 +82,7 @@ def test_extension_in_process(tmp_path: Path) -> None:
         return "index"
 
     client = app.test_client()
-    for path in ("/health/gl", "/health/gl/leader", "/health/gl/leader-master", "/only"):
+    for path in ("/health/gl", "/health/gl/leader", "/health/gl/leader-master", "/health/gl/store", "/only"):
         resp = client.get(path)
         assert resp.status_code == 503 and resp.json["is_leader"] is False, (path, resp.data)
     assert client.get("/custom").status_code == 409

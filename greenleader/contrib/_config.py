@@ -56,7 +56,7 @@ class ElectionConfig:
     key: str
     ttl: float = DEFAULT_TTL
     node: str | None = None
-    candidate_options: dict[str, float] = field(default_factory=dict)
+    candidate_options: dict[str, Any] = field(default_factory=dict)
     status_path: str = DEFAULT_STATUS_PATH
 
     @classmethod

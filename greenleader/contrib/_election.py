@@ -168,8 +168,8 @@ def run_as_leader(func: Callable[[int], T], config: ElectionConfig, *, wait: flo
         holder = store.leader(config.key)
         if holder is not None and wait <= 0:
             return LeaderOnlyOutcome(False, leader=holder.node)
-        started: AsyncResult = AsyncResult()
-        finished: AsyncResult = AsyncResult()
+        started: AsyncResult[int] = AsyncResult()
+        finished: AsyncResult[tuple[bool, Any]] = AsyncResult()
         registry = Duties(on_error="stop")
 
         @registry(name=getattr(func, "__qualname__", "leader-only"))
@@ -191,7 +191,9 @@ def run_as_leader(func: Callable[[int], T], config: ElectionConfig, *, wait: flo
             except gevent.Timeout:
                 info = store.leader(config.key)
                 return LeaderOnlyOutcome(False, leader=info.node if info is not None else None)
-            completed, value = finished.get()
+            result = finished.get()
+            assert result is not None
+            completed, value = result
         finally:
             runner.stop()  # kills func if still running, then releases the key
         if not completed and isinstance(value, BaseException):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
@@ -42,7 +42,7 @@ from flask.cli import AppGroup
 from ..duties import Duties, DutyFunction
 from ..duties import duties as default_duties
 from ..errors import GreenleaderError, InvalidArgumentError, StoreError
-from ..wsgi import MODES, status_app
+from ..wsgi import StatusMiddleware, status_app
 from . import gunicorn as _contrib_gunicorn
 from ._config import ElectionConfig
 from ._election import ProcessElection, current, patch_gevent, read_status
@@ -78,7 +78,8 @@ class GreenLeader:
                                               where="app.config", prefix="GREENLEADER_")
         self.config = config
         app.extensions["greenleader"] = self
-        app.wsgi_app = _StatusMiddleware(app.wsgi_app, config.status_path)  # type: ignore[method-assign]
+        # (greenleader.wsgi's endpoints: only gunicorn workers serve HTTP and run an election at once)
+        app.wsgi_app = StatusMiddleware(app.wsgi_app, config.status_path)  # type: ignore[method-assign]
         app.cli.add_command(_cli(self))
         _contrib_gunicorn.use_settings(lambda: config, self.duties)
 
@@ -86,7 +87,9 @@ class GreenLeader:
              on_error: str | None = None) -> Any:
         """Register a leader duty, called with the fencing term: ``@leader.duty`` or
         ``@leader.duty(on_error="resign")`` (see :mod:`greenleader.duties`)."""
-        return self.duties(func, name=name, on_error=on_error)
+        if func is None:
+            return self.duties(name=name, on_error=on_error)
+        return self.duties.register(func, name=name, on_error=on_error)
 
     @staticmethod
     def leader_only(view: F | None = None, *, response: Callable[[], Any] | None = None) -> Any:
@@ -123,21 +126,6 @@ def _status_response(mode: str, method: str) -> Response:
                                                 lambda status, headers: started.append((status, headers))))
     status, headers = started[0]
     return Response(body, status=int(status.split()[0]), headers=headers)
-
-
-class _StatusMiddleware:
-    """greenleader.wsgi's status endpoints for whichever election this process runs (a gunicorn
-    worker's or ``flask greenleader run``'s), found per request."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]], root: str) -> None:
-        self.app = app
-        self.routes = {root: "status", **{f"{root}/{mode}": mode for mode in MODES[1:]}}
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        mode = self.routes.get(environ.get("PATH_INFO", "").rstrip("/"))
-        if mode is None:
-            return self.app(environ, start_response)
-        return status_app(current(), mode)(environ, start_response)
 
 
 def _cli(ext: GreenLeader) -> AppGroup:

@@ -12,6 +12,8 @@ the election starts::
     from greenleader.contrib.gunicorn import post_fork, worker_exit  # noqa: F401
     worker_class = "gevent"
 
+(and ``child_exit`` for Prometheus metrics in multiprocess mode, as with greenleader.gunicorn.)
+
 The integration registers its settings when the app loads: Django when
 ``greenleader.contrib.django`` is in ``INSTALLED_APPS``, Flask in ``GreenLeader(app)``. Bad
 settings make the worker exit as one that failed to boot (the master halts with the reason).
@@ -30,7 +32,7 @@ from ..errors import GreenleaderError, InvalidArgumentError
 from ..stores import Store
 from ._config import ElectionConfig
 
-__all__ = ["post_fork", "use_settings", "worker_exit"]
+__all__ = ["child_exit", "post_fork", "use_settings", "worker_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ def worker_exit(server: Any, worker: Any) -> None:
     election = _gunicorn.current()
     if election is not None:
         election.worker_exit(server, worker)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn ``child_exit`` hook (in the master): greenleader.gunicorn's, for Prometheus
+    metrics in multiprocess mode (see :mod:`greenleader.metrics`)."""
+    _gunicorn.child_exit(server, worker)
 
 
 def _apply(election: _gunicorn.WorkerElection) -> None:

@@ -22,8 +22,8 @@ from gevent import GreenletExit
 from greenleader.contrib.apscheduler import LeaderScheduler, current_term
 
 LOG = os.environ["APSCHEDULER_LOG"]
-EVERY = 0.5  # seconds between run starts
-RUN_FOR = 0.45  # seconds a run takes, unless stopped
+EVERY = 1.0  # seconds between run starts
+RUN_FOR = 0.95  # seconds a run takes, unless stopped: long enough for a SIGTERM on a loaded machine to find it running
 
 scheduler = GeventScheduler()
 leader_jobs = LeaderScheduler(scheduler)  # in greenleader.duties.duties, which greenleader.gunicorn runs

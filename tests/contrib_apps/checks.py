@@ -68,6 +68,11 @@ def deployment(tmp_path: Path, env: dict[str, str], key: str, app: str, command:
         assert first.node.startswith(("site-a:", "site-b:")), first
         fleet.scan_status(first, STARTUP)  # /_greenleader/leader and /leader-master
         leader_only_answers(fleet, first.node, STARTUP)
+        for master in fleet.masters:  # greenleader.wsgi's other endpoints, through the integration
+            code, body = master.get("/_greenleader/store")
+            assert code == 200 and body["store"]["reachable"] is True, (code, body)
+            code, text = master.get("/_greenleader/metrics")
+            assert code == 200 and "greenleader_" in text, (code, text)
 
         status = run_command(command, env, "greenleader", "status")
         assert status.returncode == 0, status

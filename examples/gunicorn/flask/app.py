@@ -11,25 +11,31 @@ from datetime import datetime
 import gevent
 from flask import Flask, jsonify
 
-from greenleader.gunicorn import current, duty
-from greenleader.wsgi import StatusMiddleware
+from greenleader.contrib.flask import GreenLeader, current, leader_only
 
 TICKER_LOG = os.environ.get("TICKER_LOG", "ticker.log")
 
 app = Flask(__name__)
-# /_greenleader: this worker's view of the election (JSON);
-# /_greenleader/leader: 200 on the leader, 503 elsewhere (a load-balancer health check).
-app.wsgi_app = StatusMiddleware(app.wsgi_app)
+# The election. Settings left out fall back to the environment: here the store's address and the
+# TTL come from $GREENLEADER_STORE and $GREENLEADER_TTL (operators set them per deployment).
+app.config["GREENLEADER_KEY"] = "examples/ticker"
+# Also serves /_greenleader (this worker's view of the election, JSON), /_greenleader/leader and
+# /_greenleader/leader-master (the load balancer's health check; see ../README.md).
+leader = GreenLeader(app)
 
 
-@duty
+def tick(node: str, term: int) -> None:
+    stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
+    with open(TICKER_LOG, "a") as log:
+        log.write(f"{stamp} {node} term {term}\n")
+
+
+@leader.duty
 def ticker(term: int) -> None:
     """Runs only while this worker leads; killed (GreenletExit) when it stops leading."""
     election = current()
     while election.leads(term):  # checked right before each write: never write out of tenure
-        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
-        with open(TICKER_LOG, "a") as log:
-            log.write(f"{stamp} {election.node} term {term}\n")
+        tick(election.node, term)
         gevent.sleep(1)
 
 
@@ -42,3 +48,13 @@ def index():
     except FileNotFoundError:
         last = []
     return jsonify(election=election.status() if election else None, ticker_log=last)
+
+
+@app.route("/tick-now")
+@leader_only  # 503 and the election's status on every other worker
+def tick_now():
+    election = current()
+    term = election.term
+    if term is not None and election.leads(term):
+        tick(election.node, term)
+    return jsonify(ticked_by=election.node, term=term)

@@ -50,7 +50,7 @@ def _resolve(config: AppConfig, entry: Any) -> Callable[[int], Any]:
             raise ImproperlyConfigured(f"{where}: cannot import {entry!r}: {exc}") from None
     if not callable(entry):
         raise ImproperlyConfigured(f"{where}: {entry!r} is not a function (of the fencing term)")
-    return entry
+    return entry  # type: ignore[no-any-return]
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:

@@ -97,7 +97,7 @@ def _command(cls: type[BaseCommand], key: str | None, wait: float) -> type[BaseC
         patch_gevent()
 
         def run(term: int) -> Any:
-            self.leader_term = term  # type: ignore[attr-defined]
+            self.leader_term = term
             return handle(self, *args, **options)
 
         outcome = run_as_leader(run, config, wait=wait)
@@ -111,5 +111,5 @@ def _command(cls: type[BaseCommand], key: str | None, wait: float) -> type[BaseC
                                returncode=EXIT_LEADERSHIP_LOST)
         return outcome.value
 
-    cls.handle = leader_handle  # type: ignore[method-assign]
+    cls.handle = leader_handle
     return cls

@@ -2,8 +2,8 @@
 
     MIDDLEWARE = ["greenleader.contrib.django.middleware.StatusMiddleware", ...]
 
-It answers ``/_greenleader``, ``/_greenleader/leader`` and ``/_greenleader/leader-master``
-(``GREENLEADER["STATUS_PATH"]`` moves them) exactly as :mod:`greenleader.wsgi` does, before
+It answers ``/_greenleader`` and ``/_greenleader/leader``, ``/leader-master``, ``/store`` and
+``/metrics`` (``GREENLEADER["STATUS_PATH"]`` moves them) exactly as :mod:`greenleader.wsgi` does, before
 any other middleware runs: a load balancer's health check needs no session, no login and no
 allowed Host header. Point the load balancer at ``/_greenleader/leader-master``: it answers
 200 on every worker of the leader's master (``/leader`` answers 200 only in the one worker
@@ -17,7 +17,8 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
-from ...wsgi import MODES, status_app
+from ...wsgi import StatusMiddleware as WSGIStatusMiddleware
+from ...wsgi import status_app
 from .._election import current
 from .conf import status_path
 
@@ -25,18 +26,28 @@ __all__ = ["StatusMiddleware"]
 
 
 class StatusMiddleware:
-    """Django middleware serving greenleader's status endpoints; every other path passes on."""
+    """Django middleware serving greenleader's status endpoints (greenleader.wsgi's, whatever
+    they are: ``/leader``, ``/leader-master``, ``/store``, ``/metrics``...); every other path
+    passes on."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
-        root = status_path()
-        self.routes = {root: "status", **{f"{root}/{mode}": mode for mode in MODES[1:]}}
+        self.endpoints = WSGIStatusMiddleware(_not_ours, status_path())
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        mode = self.routes.get(request.path_info.rstrip("/"))
-        if mode is None:
+        environ = {**request.META, "PATH_INFO": request.path_info, "REQUEST_METHOD": request.method or "GET"}
+        started: list[Any] = []
+        body = self.endpoints(environ, lambda status, headers: started.append((status, headers)))
+        if body is _NOT_OURS:
             return self.get_response(request)
-        return status_response(request, mode)
+        return _response(b"".join(body), *started[0])
+
+
+_NOT_OURS: list[bytes] = []
+
+
+def _not_ours(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    return _NOT_OURS
 
 
 def status_response(request: HttpRequest, mode: str = "status") -> HttpResponse:
@@ -44,11 +55,14 @@ def status_response(request: HttpRequest, mode: str = "status") -> HttpResponse:
     started: list[Any] = []
     body = b"".join(status_app(current(), mode)({"REQUEST_METHOD": request.method or "GET"},
                                                 lambda status, headers: started.append((status, headers))))
-    status, headers = started[0]
+    return _response(body, *started[0])
+
+
+def _response(body: bytes, status: str, headers: list[tuple[str, str]]) -> HttpResponse:
     response = HttpResponse(body, status=int(status.split()[0]))
     for name, value in headers:
         response[name] = value
     # A 503 here is an answer (not the leader), not a failure: keep it out of django.request's
     # ERROR log, which a health check every few seconds would flood.
-    response._has_been_logged = True  # type: ignore[attr-defined]
+    response._has_been_logged = True
     return response

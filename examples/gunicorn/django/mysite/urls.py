@@ -1,4 +1,4 @@
 from django.urls import path
-from ticker.views import index
+from ticker.views import index, tick_now
 
-urlpatterns = [path("", index)]
+urlpatterns = [path("", index), path("tick-now", tick_now)]

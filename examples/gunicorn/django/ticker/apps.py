@@ -3,6 +3,6 @@ from django.apps import AppConfig
 
 class TickerConfig(AppConfig):
     name = "ticker"
-
-    def ready(self) -> None:
-        from . import duties  # noqa: F401  (registers the leader duty)
+    # Run by greenleader.contrib.django in the one process that leads (a gunicorn worker, or
+    # `manage.py greenleader run`), each called with the tenure's fencing term.
+    leader_duties = ["ticker.duties.ticker"]
