@@ -173,6 +173,35 @@ def test_etcdctl_elect_waits_for_greenleader(etcd: tuple[Store, dict[str, str]],
         assert line.startswith(f"{name}/") and won_at > resigned
 
 
+def test_greenleader_and_etcdctl_lock_exclude_each_other(etcd: tuple[Store, dict[str, str]], name: str,
+                                                        tmp_path: Path, background: list[_Process]) -> None:
+    """``etcdctl lock NAME cmd`` (Go's ``concurrency.Mutex``: the same ``NAME/<lease hex>`` keys)
+    waits while greenleader leads and runs once it resigned; greenleader waits while it runs."""
+    store, env = etcd
+    lease = store.acquire(name, "alice", 2.0)
+    locker = _Process(["etcdctl", "lock", name, "--", "sh", "-c", "echo \"$ETCD_LOCK_KEY\""], env)
+    background.append(locker)
+    wait_until(lambda: len(_etcd_candidates(env, name)) == 2, BOUND, "etcdctl lock to queue", interval=0.05)
+    assert locker.lines.empty() and locker.proc.poll() is None, "etcdctl lock ran while greenleader held the key"
+    released = time.monotonic()
+    lease.release()
+    ran_at, key = locker.line("etcdctl lock's command once alice released")
+    assert key.startswith(f"{name}/") and ran_at > released
+    assert locker.proc.wait(BOUND) == 0
+
+    finish = tmp_path / "finish"
+    holder = _Process(["etcdctl", "lock", name, "--", "sh", "-c",
+                       f"echo holding; while [ ! -e {finish} ]; do sleep 0.05; done"], env)
+    background.append(holder)
+    assert holder.line("etcdctl lock to run its command")[1] == "holding"
+    campaign = gevent.spawn(store.acquire, name, "bob", 2.0)
+    campaign.join(timeout=1.0)  # a window for a wrong win; a right one never comes before finish
+    assert not campaign.ready(), "greenleader won while etcdctl lock ran its command"
+    finish.touch()
+    campaign.get(timeout=BOUND).release()
+    assert holder.proc.wait(BOUND) == 0
+
+
 @pytest.mark.xfail(strict=True, reason="known limit (docs/interop.md): greenleader followers name only claimed "
                                        "winners, and an etcdctl elect winner never claims its key")
 def test_a_greenleader_follower_names_etcdctl_elects_proposal(etcd_cluster: Any, etcd: tuple[Store, dict[str, str]],
