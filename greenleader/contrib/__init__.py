@@ -1,6 +1,6 @@
 """Framework integrations: Django (:mod:`greenleader.contrib.django`) and Flask
-(:mod:`greenleader.contrib.flask`), and the gunicorn hooks they share
-(:mod:`greenleader.contrib.gunicorn`).
+(:mod:`greenleader.contrib.flask`), the gunicorn hooks they share
+(:mod:`greenleader.contrib.gunicorn`), and APScheduler (:mod:`greenleader.contrib.apscheduler`).
 
 Each integration reads the election's settings where its users keep theirs (``settings.GREENLEADER``,
 ``app.config``), runs the leader duties (:mod:`greenleader.duties`) in the gunicorn worker that
