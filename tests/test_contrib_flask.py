@@ -89,3 +89,16 @@ def test_extension_in_process(tmp_path: Path) -> None:
     assert client.get("/").data == b"index"
     with pytest.raises(InvalidArgumentError):
         GreenLeader(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("url", "code", "output"), [
+    ("memory://", 1, "leader: (none)"),
+    ("consul://127.0.0.1:1", 69, "the store is unreachable"),  # nothing listens on port 1
+], ids=["vacant", "unreachable"])
+def test_status_command_exit_codes(url: str, code: int, output: str) -> None:
+    """``flask greenleader status`` tells a vacancy (1) from an unreachable store (69)."""
+    app = Flask(__name__)
+    app.config.update(GREENLEADER_STORE=url, GREENLEADER_KEY="k")
+    GreenLeader(app)
+    result = app.test_cli_runner().invoke(args=["greenleader", "status"])
+    assert result.exit_code == code and output in result.output, (result.exit_code, result.output)
