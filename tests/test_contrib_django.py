@@ -119,3 +119,25 @@ def test_settings_validation() -> None:
         with pytest.raises(InvalidArgumentError, match=message.replace("[", r"\[").replace("]", r"\]")):
             ElectionConfig.from_settings(values, where="S", env={})  # type: ignore[arg-type]
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_outside_any_election(tmp_path: Path, key: str) -> None:
+    """In a process without an election (``manage.py shell``, Django's test client): the
+    middleware's endpoints and a @leader_only view answer 503 with the status, for a POST too
+    (not the endpoints' 405); other paths reach the site."""
+    script = (
+        "import json; from django.test import Client; c = Client(HTTP_HOST='127.0.0.1'); "
+        "print(json.dumps({p: [r.status_code, r.json() if r['Content-Type'] == 'application/json' else None] "
+        "for p, r in [('post', c.post('/leader-only')), ('get', c.get('/leader-only')), "
+        "('status', c.get('/_greenleader')), ('store', c.get('/_greenleader/store/')), ('index', c.get('/'))]}))"
+    )
+    env = {**Fleet(tmp_path / "fleet", "", "", 2.0).env, **app_env(f"file://{tmp_path / 'elections'}", key, 2.0)}
+    result = run_command([sys.executable, str(SITE / "manage.py")], env, "shell", "-v", "0", "-c", script)
+    assert result.returncode == 0, result
+    answers = json.loads(result.stdout)
+    for name in ("post", "get", "status", "store"):
+        code, body = answers[name]
+        assert code == 503 and body["is_leader"] is False, (name, answers)
+    assert answers["index"] == [200, {"pid": answers["index"][1]["pid"], "node": None}], answers

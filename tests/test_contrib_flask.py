@@ -72,6 +72,11 @@ def test_extension_in_process(tmp_path: Path) -> None:
     def only() -> str:
         return "ran"
 
+    @app.post("/only-post")
+    @leader_only
+    def only_post() -> str:
+        return "ran"
+
     @app.route("/custom")
     @leader.leader_only(response=lambda: ("elsewhere", 409))
     def custom() -> str:
@@ -85,6 +90,8 @@ def test_extension_in_process(tmp_path: Path) -> None:
     for path in ("/health/gl", "/health/gl/leader", "/health/gl/leader-master", "/health/gl/store", "/only"):
         resp = client.get(path)
         assert resp.status_code == 503 and resp.json["is_leader"] is False, (path, resp.data)
+    resp = client.post("/only-post")  # 503 for any method, not the status endpoints' 405
+    assert resp.status_code == 503 and resp.json["is_leader"] is False, resp.data
     assert client.get("/custom").status_code == 409
     assert client.get("/").data == b"index"
     with pytest.raises(InvalidArgumentError):

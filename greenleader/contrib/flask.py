@@ -115,12 +115,13 @@ def leader_only(view: F | None = None, *, response: Callable[[], Any] | None = N
             return view(*args, **kwargs)
         if response is not None:
             return response()
-        return _status_response("leader", request.method)
+        return _status_response("leader", "HEAD" if request.method == "HEAD" else "GET")
 
     return leader_view
 
 
 def _status_response(mode: str, method: str) -> Response:
+    """greenleader.wsgi's status answer for ``mode``, as a Flask response (``method``: GET or HEAD)."""
     started: list[Any] = []
     body = b"".join(status_app(current(), mode)({"REQUEST_METHOD": method},
                                                 lambda status, headers: started.append((status, headers))))

@@ -51,9 +51,11 @@ def _not_ours(environ: dict[str, Any], start_response: Callable[..., Any]) -> li
 
 
 def status_response(request: HttpRequest, mode: str = "status") -> HttpResponse:
-    """greenleader.wsgi's answer for ``mode``, as a Django response."""
+    """greenleader.wsgi's answer for ``mode``, as a Django response, whatever the request's method
+    (a @leader_only POST view answers 503 elsewhere too, not the endpoints' 405)."""
+    method = "HEAD" if request.method == "HEAD" else "GET"
     started: list[Any] = []
-    body = b"".join(status_app(current(), mode)({"REQUEST_METHOD": request.method or "GET"},
+    body = b"".join(status_app(current(), mode)({"REQUEST_METHOD": method},
                                                 lambda status, headers: started.append((status, headers))))
     return _response(body, *started[0])
 
