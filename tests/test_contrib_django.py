@@ -15,10 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
 import pytest
+from gevent import GreenletExit
 
 from greenleader.contrib import ElectionConfig
+from greenleader.contrib._election import run_as_leader
 from greenleader.errors import InvalidArgumentError
+from greenleader.stores.memory import MemoryStore
 from tests.backends import BackendEnv
 from tests.candidate_process import process_url
 from tests.contrib_apps.checks import COMMAND_TIMEOUT, CONF, STARTUP, app_env, deployment, run_command
@@ -141,3 +145,32 @@ def test_outside_any_election(tmp_path: Path, key: str) -> None:
         code, body = answers[name]
         assert code == 503 and body["is_leader"] is False, (name, answers)
     assert answers["index"] == [200, {"pid": answers["index"][1]["pid"], "node": None}], answers
+
+
+def test_run_as_leader_on_loss(key: str) -> None:
+    """The mechanism of @leader_only commands, on the memory store: the function runs with the
+    term; a tenure lost under it kills it before the key is released (``lost``), after which it
+    runs again with a higher term; an exception it raises comes out after the release."""
+    memory = MemoryStore()
+    config = ElectionConfig(store="memory://", key=key, ttl=1.0)
+    seen: list[tuple[str, int, bool]] = []
+
+    def lose(term: int) -> None:
+        seen.append(("start", term, False))
+        try:
+            memory.expire(key)
+            gevent.sleep(30)
+        except GreenletExit:
+            seen.append(("killed", term, memory.leader(key) is None))
+            raise
+
+    try:
+        outcome = run_as_leader(lose, config, store=memory)
+        assert outcome.ran and outcome.lost and seen == [("start", outcome.term, False), ("killed", outcome.term, True)]
+        again = run_as_leader(lambda term: term, config, store=memory)
+        assert again.ran and not again.lost and again.value == again.term and again.term > outcome.term
+        with pytest.raises(ValueError, match="boom"):
+            run_as_leader(lambda term: int("boom"), config, store=memory)
+        assert memory.leader(key) is None
+    finally:
+        memory.close()

@@ -155,15 +155,18 @@ class LeaderOnlyOutcome:
         self.ran, self.value, self.term, self.leader, self.lost = ran, value, term, leader, lost
 
 
-def run_as_leader(func: Callable[[int], T], config: ElectionConfig, *, wait: float = 0.0) -> LeaderOnlyOutcome:
+def run_as_leader(func: Callable[[int], T], config: ElectionConfig, *, wait: float = 0.0,
+                  store: Store | None = None) -> LeaderOnlyOutcome:
     """Run ``func(term)`` once, only while this process leads ``config.key``, then release it.
 
     If another process leads the key, wait up to ``wait`` seconds for it to step down, then give
     up without running (``ran`` False, ``leader`` naming the holder). ``func`` runs as a duty:
     killed with GreenletExit if the tenure ends under it (``lost`` True), always before the key is
-    released. An exception from ``func`` is raised here, after the release.
+    released. An exception from ``func`` is raised here, after the release. ``store``: use this
+    store (left open) instead of making one from ``config.store``.
     """
-    store = from_url(config.store)
+    own_store = store is None
+    store = from_url(config.store) if store is None else store
     try:
         holder = store.leader(config.key)
         if holder is not None and wait <= 0:
@@ -200,7 +203,8 @@ def run_as_leader(func: Callable[[int], T], config: ElectionConfig, *, wait: flo
             raise value
         return LeaderOnlyOutcome(True, value=value, term=term, lost=not completed)
     finally:
-        store.close()
+        if own_store:
+            store.close()
 
 
 def patch_gevent() -> None:
