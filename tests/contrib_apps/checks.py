@@ -54,7 +54,8 @@ def run_command(command: list[str], env: dict[str, str], *args: str) -> subproce
 
 
 def deployment(tmp_path: Path, env: dict[str, str], key: str, app: str, command: list[str]) -> float:
-    """A site as its users deploy it: 2 masters x 2 workers with the contrib hooks, and a
+    """A site as its users deploy it: 2 masters x 2 workers with the contrib hooks (one of them
+    with --preload), and a
     ``<command> greenleader run`` worker process next to them. One duty at a time fleet-wide;
     the status endpoints and a @leader_only view answer as the duty log says; ``greenleader
     status`` names the leader; the leader master's SIGTERM hands over within HANDOVER_BOUND;
@@ -62,10 +63,13 @@ def deployment(tmp_path: Path, env: dict[str, str], key: str, app: str, command:
     Returns the handover's seconds."""
     with Fleet(tmp_path / "fleet", "", "", float(env["APP_TTL"])) as fleet:
         env = {**fleet.env, **env}
-        for name in ("site-a", "site-b"):  # NODE names the host part: site-a:master-pid:worker-pid
-            fleet.start(workers=2, app=app, conf=CONF, env={**env, "APP_NODE": name})
+        # NODE names the host part: site-a:master-pid:worker-pid. site-b loads the app in the
+        # master (--preload): the settings registered there reach the forked workers.
+        for name, args in (("site-a", ()), ("site-b", ("--preload",))):
+            fleet.start(workers=2, app=app, conf=CONF, args=args, env={**env, "APP_NODE": name})
         first = fleet.current(STARTUP)
         assert first.node.startswith(("site-a:", "site-b:")), first
+        fleet.wait_for("every worker to campaign", lambda: all(m.campaigning() >= 2 for m in fleet.masters), STARTUP)
         fleet.scan_status(first, STARTUP)  # /_greenleader/leader and /leader-master
         leader_only_answers(fleet, first.node, STARTUP)
         for master in fleet.masters:  # greenleader.wsgi's other endpoints, through the integration
