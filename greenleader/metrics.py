@@ -31,6 +31,7 @@ module still imports: :func:`available` is False, :func:`install` and :func:`exp
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -54,6 +55,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Renewal round trips (seconds): 1 ms (memory, file) to 10 s (the longest store timeout);
 #: a renewal is abandoned at the renew deadline anyway.
 RENEWAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Bytes of a value file's header (used size and padding): a shorter file is being created.
+_HEADER_SIZE = 8
 MISSING = 'greenleader metrics need prometheus_client: pip install "greenleader[metrics]"'
 
 _metrics: dict[str, Any] | None = None
@@ -142,12 +145,38 @@ def exposition() -> tuple[str, bytes]:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     if multiprocess():
-        from prometheus_client import multiprocess as mp
-
         registry = CollectorRegistry()
-        mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_MultiProcessCollector(_multiproc_dir()))
         return CONTENT_TYPE_LATEST, generate_latest(registry)
     return CONTENT_TYPE_LATEST, generate_latest()
+
+
+def _multiproc_dir() -> str:
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or ""
+
+
+class _MultiProcessCollector:
+    """prometheus_client's MultiProcessCollector, minus the files another process is creating.
+
+    A process creates its file empty and sizes it right after; a scrape that reads it in
+    between failed with ``struct.error`` (seen as a 500 while gunicorn booted its workers).
+    A file that is still empty holds no value yet, so leaving it out loses nothing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(name) >= _HEADER_SIZE:
+                    files.append(name)
+            except FileNotFoundError:  # a dead worker's live gauges, just dropped
+                continue
+        return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
 
 
 def mark_process_dead(pid: int) -> None:

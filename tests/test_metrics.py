@@ -98,10 +98,27 @@ print(statuses[0], body.decode().strip())
 # -- gunicorn multiprocess mode ------------------------------------------------------------------
 
 
+def test_multiprocess_scrape_skips_a_file_being_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker creates its value file empty and sizes it just after: a scrape in between got
+    a struct.error (a 500 while gunicorn booted its workers) before the collector skipped it."""
+    writer = "\n".join([
+        "from prometheus_client import Gauge",
+        "Gauge('greenleader_is_leader', 'x', ['key', 'node'], multiprocess_mode='livesum')"
+        ".labels('k', 'n').set(1)",
+    ])
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True, timeout=60)
+    (tmp_path / "gauge_livesum_999999.db").touch()  # another worker's file, just created
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    _, body = metrics.exposition()
+    assert 'greenleader_is_leader{key="k",node="n"} 1.0' in body.decode(), body.decode()
+
+
+
 def _scrape(master: Master, key: str) -> dict[str, Any]:
     """is_leader per node, and the counters, as one of the master's workers answers for all."""
     code, text = master.get("/_greenleader/metrics")
-    assert code == 200 and isinstance(text, str), f"{master!r} answered {code}: {text!r}"
+    assert code == 200 and isinstance(text, str), f"{master!r} answered {code}: {text!r}\n{master.tail(60)}"
     leaders: dict[str, float] = {}
     found: dict[str, Any] = {"is_leader": leaders, "transitions": 0.0, "renewals": 0.0}
     for family in text_string_to_metric_families(text):
