@@ -44,12 +44,17 @@ def mypy(tmp_path: Path, *targets: str, cwd: Path) -> subprocess.CompletedProces
     )
 
 
+#: greenleader's modules that pass mypy --strict themselves (the others are followed silently;
+#: their internals have missing generic arguments): add a module here once it passes.
+STRICT_MODULES = ["greenleader/duties.py", "greenleader/contrib/apscheduler.py"]
+
+
 @pytest.mark.timeout(300)
 def test_public_api_passes_mypy_strict(tmp_path: Path) -> None:
-    result = mypy(tmp_path, str(SAMPLES), cwd=REPO)
+    result = mypy(tmp_path, str(SAMPLES), *STRICT_MODULES, cwd=REPO)
     assert result.returncode == 0, (
-        f"mypy --strict on {SAMPLES.name}/ failed (a queue typed Any means types-gevent is missing):\n"
-        f"{result.stdout}{result.stderr}"
+        f"mypy --strict on {SAMPLES.name}/ and {', '.join(STRICT_MODULES)} failed (a queue typed Any means "
+        f"types-gevent is missing):\n{result.stdout}{result.stderr}"
     )
 
 
