@@ -14,22 +14,8 @@ See docs/integrations.md.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ...duties import duty
+from .._election import current
+from .decorators import leader_only
 
 __all__ = ["current", "duty", "leader_only"]
-
-
-def current() -> Any:
-    """This process's election (gunicorn worker or ``manage.py greenleader run``), or None."""
-    from .._election import current as _current
-
-    return _current()
-
-
-def leader_only(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`greenleader.contrib.django.decorators.leader_only`."""
-    from .decorators import leader_only as _leader_only
-
-    return _leader_only(*args, **kwargs)
