@@ -5,7 +5,7 @@ value the watch yields confirms the leader, and a watch that stays quiet is chec
 read of the leader. Once nothing has been confirmed for ``unknown_after`` seconds (a store
 outage, a silent partition, a blocked hub), the follower says it does not know: ``None`` on
 the channel, :meth:`Follower.leader` ``None`` and :attr:`Follower.known` ``False``, since the
-last leader seen may have stepped down meanwhile (DESIGN.md §2, rule 12).
+last leader seen may have stepped down meanwhile (see docs/safety.md).
 """
 
 from __future__ import annotations
