@@ -352,7 +352,7 @@ class Candidate:
                 if not self._renew(lease, self._deadline - started):
                     continue  # woken during the renewal: stop, resign or loss comes first
             except LeadershipLostError as exc:
-                self._record.failed(exc)
+                self._record.contact()  # the store answered: the loss shows in the losses
                 log.info("%r: lost the key: %s", self, exc)
                 return LossReason.EXPIRED
             except StoreError as exc:

@@ -53,7 +53,13 @@ def redact(error: BaseException | str) -> str:
     """``Type: message`` of ``error`` (or the text itself), with credentials hidden: URL user
     info and query values, ``token=…``/``password: …`` style assignments, bearer and basic
     credentials; cut to ``MAX_ERROR_LENGTH`` characters."""
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    if isinstance(error, str):
+        text = error
+    else:
+        try:
+            text = f"{type(error).__name__}: {error}"
+        except Exception:  # an exception whose __str__ fails still gets recorded
+            text = f"{type(error).__name__} (unprintable)"
     text = _URL.sub(lambda match: _redacted(match.group(0)), text)
     text = _ASSIGNED.sub(lambda match: f"{match.group(1)}{match.group(2)}***", text)
     text = _BEARER.sub(lambda match: f"{match.group(1)} ***", text)

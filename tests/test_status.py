@@ -20,7 +20,7 @@ import gevent
 import pytest
 
 from greenleader import Backoff, Candidate, Follower
-from greenleader.errors import StoreUnavailableError
+from greenleader.errors import LeadershipLostError, StoreUnavailableError
 from greenleader.gunicorn import WorkerElection
 from greenleader.status import STATES, redact
 from greenleader.stores.memory import MemoryStore
@@ -95,15 +95,31 @@ def test_store_errors_are_counted_redacted_and_clear_on_recovery(key: str) -> No
     candidate.stop()
 
 
+def test_a_loss_the_store_reports_is_not_an_outage(key: str) -> None:
+    """A renewal answered "you lost the key" is a store answer: reachable, no store error."""
+    faulty = FaultyStore(MemoryStore())
+    candidate = Candidate(faulty, key, "n1", 1.0)
+    elected, _ = candidate.run_for_election()
+    assert next_item(elected, 5, "the initial False") is False
+    assert next_item(elected, 5, "the win") is True
+    faulty.fail_next("renew", LeadershipLostError("the key was taken"))
+    assert next_item(elected, 5, "the step-down") is False
+    status = candidate.status()
+    assert status.losses == {"expired": 1} and status.store.reachable is True, status
+    assert status.store.errors == 0 and status.store.last_error is None, status
+    candidate.stop()
+
+
 @pytest.mark.parametrize("text", [
-    "bad URL zookeeper://myapp:pw@h1:2181/app?password=pw",
-    "Authorization: Bearer abcdefghijklmnop",
-    "password: pw",
-    "X-Consul-Token=pw",
+    "bad URL zookeeper://myapp:hunter2@h1:2181/app?password=hunter2",
+    "Authorization: Bearer hunter2hunter2",
+    "password: hunter2",
+    "X-Consul-Token=hunter2",
+    "etcd://h1:2379?token_file=/run/hunter2",
 ])
 def test_redact_hides_credentials(text: str) -> None:
     shown = redact(StoreUnavailableError(text))
-    assert "pw" not in shown.replace("password", "").replace("app?", "") and "abcdefghijklmnop" not in shown, shown
+    assert "hunter2" not in shown and "***" in shown, shown
     assert shown.startswith("StoreUnavailableError: ")
 
 
