@@ -17,6 +17,7 @@ from typing import Any
 
 import gevent
 import pytest
+from apscheduler.events import EVENT_SCHEDULER_PAUSED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_STOPPED
@@ -163,6 +164,22 @@ def test_a_running_job_is_stopped_before_the_release(nodes: Callable[..., Node])
     assert stopped == ("stopped", "one", term, STATE_PAUSED), f"{stopped}: the job was not stopped first"
     started = next_item(log, SOON, "the new leader's job")
     assert started[:2] == ("running", "other") and started[2] > term, started
+
+
+def test_a_loss_the_store_reports_pauses_the_scheduler(nodes: Callable[..., Node], backend: Any, key: str) -> None:
+    """The key dropped out of band (as at a TTL expiry): the scheduler is paused and no job of
+    that term runs afterwards; the jobs resume with a new term when the node wins again."""
+    log: Queue[tuple[Any, ...]] = Queue()
+    one = nodes("one", log)
+    one.scheduler.add_listener(lambda event: log.put(("paused",)), EVENT_SCHEDULER_PAUSED)
+    one.run()
+    term = until_tick(log, "one", "the leader's job")[2]
+    backend.force_expire(one.candidate.store, key)
+    while (item := next_item(log, SOON, "the scheduler to be paused"))[0] == "tick":
+        assert item[2] == term, item
+    assert item == ("paused",), item
+    item = until_tick(log, "one", "a job run in the next tenure")
+    assert item[2] > term, f"a run of term {term} after the pause: {item}"
 
 
 def test_no_job_starts_outside_a_tenure(nodes: Callable[..., Node], caplog: pytest.LogCaptureFixture) -> None:
