@@ -21,7 +21,7 @@ import pytest
 from greenleader import Candidate, Follower
 from greenleader.errors import InvalidArgumentError, InvalidKeyError, InvalidURLError, StoreUnavailableError
 from greenleader.stores import LeaderInfo, from_url, new_store
-from greenleader.stores.consul import DEFAULT_LOCK_DELAY, ConsulStore
+from greenleader.stores.consul import DEFAULT_LOCK_DELAY, LOCK_FLAG, ConsulStore
 from tests import servers
 from tests.support_consul import FAST_TTL, closed_port, consul_client
 from tests.waiting import next_item, wait_until
@@ -165,6 +165,7 @@ def test_unusual_but_valid_keys_work(stores, key):
 
 
 def test_session_has_ttl_delete_behaviour_lock_delay_and_no_checks(stores, key, tag, cluster):
+    """Also: the key carries Consul's lock flag, which ``consul lock`` requires (docs/interop.md)."""
     with Candidate(stores(lock_delay=2), key, f"{tag}-alice", ttl=12) as alice:
         win(alice)
         entry = raw_entry(cluster.addrs[0], key)
@@ -174,6 +175,7 @@ def test_session_has_ttl_delete_behaviour_lock_delay_and_no_checks(stores, key, 
         assert info["LockDelay"] == 2_000_000_000  # nanoseconds
         assert not info.get("NodeChecks") and not info.get("Checks")
         assert entry["Value"] == f"{tag}-alice".encode()
+        assert entry["Flags"] == LOCK_FLAG == 0x2DDCCBC058A50C18
 
 
 def test_term_is_the_modify_index_and_increases(stores, key, cluster):

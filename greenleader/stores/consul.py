@@ -1,7 +1,8 @@
 """Consul store: elections on a Consul KV key locked by a session.
 
 A candidate creates a session (``ttl``, ``behavior=delete``, no health checks, an explicit
-lock-delay) and locks the key with it (``PUT ?acquire=``); the key's value is the node name.
+lock-delay) and locks the key with it (``PUT ?acquire=``); the key's value is the node name
+and its flags Consul's lock flag (below).
 Waiters block on the key with blocking queries and try again when it changes. The session is
 renewed while waiting and, once won, by :meth:`Lease.renew`; a blocking query on the held key
 tells the candidate at once when the hold is gone. Releasing deletes the key if this session
@@ -52,6 +53,12 @@ token may not read, and then it counts as gone.
 released and one of them wins (N waiters cost N lock attempts per handover; no FIFO order).
 While Consul enforces a lock-delay nothing changes that a blocking query could wait for, so
 waiters retry every 50-250 ms until it ends (Consul's own lock retries every 5 s).
+
+**The lock flag**: every lock of the key writes the flags ``0x2ddccbc058a50c18``, the value
+Consul's Go client (``api.LockFlagValue``) writes on its lock keys and requires of an existing
+one. With it, ``consul lock P cmd`` on the key ``P/.lock`` waits while greenleader holds it and
+runs once greenleader released it; with flags 0 it exited 1 at once ("Existing key does not match
+lock use"). greenleader ignores flags when it reads a key (docs/interop.md).
 
 **Endpoints**: several ``host:port`` addresses are agents of one cluster; the store uses the first
 that answers and fails over to the next on connection errors, timeouts and 5xx answers.
@@ -120,6 +127,9 @@ DEFAULT_ADDR = "127.0.0.1:8500"
 DEFAULT_LOCK_DELAY = 1.0
 MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay here
 _LOCK_DELAY_RETRY = (0.05, 0.25)  # first and largest pause while Consul enforces a lock-delay
+#: Flags of every key greenleader locks: Consul's Go ``api.LockFlagValue``, which ``consul lock``
+#: (``api.Lock``) requires of an existing lock key before it waits for it (docs/interop.md).
+LOCK_FLAG = 0x2DDCCBC058A50C18
 _ERROR_RETRY = (0.1, 1.0)  # first and largest pause between retries of a failing store
 _ERRNO = re.compile(r"\[Errno -?\d+\][^'\")\]]*")
 _SSL_REASON = re.compile(r"\[SSL: \w+\].*?\(_ssl\.c:\d+\)")
@@ -450,7 +460,8 @@ class _Campaign:
                 gevent.sleep(pause)
                 if not self._await_holders_gone():
                     return None
-                if store._call("lock the key", lambda c: c.kv.put(key, self.node, acquire=session.id)):
+                if store._call("lock the key", lambda c: c.kv.put(key, self.node, acquire=session.id,
+                                                                 flags=LOCK_FLAG)):
                     return self._try_to_win()  # confirms the win (the re-lock is idempotent)
                 index, entry = self._read(key)
                 if entry is not None and entry.get("Session"):
@@ -768,11 +779,11 @@ class ConsulStore(Store):
                         session.node, exc)
 
     def _lock(self, key: str, node: str, session_id: str) -> dict[str, Any] | None:
-        """Lock ``key`` for the session and read it back, in one transaction (one round trip
-        per win, not two): its entry if the lock was taken, None if refused (held, or a
+        """Lock ``key`` for the session (with :data:`LOCK_FLAG`) and read it back, in one
+        transaction (one round trip per win, not two): its entry if the lock was taken, None if refused (held, or a
         lock-delay); _SessionGone if Consul no longer knows the session."""
         value = base64.b64encode(node.encode("utf-8")).decode("ascii")
-        ops = [{"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session_id}},
+        ops = [{"KV": {"Verb": "lock", "Key": key, "Value": value, "Flags": LOCK_FLAG, "Session": session_id}},
                {"KV": {"Verb": "get", "Key": key}}]
         params = [("dc", self.dc)] if self.dc else []
         body = json.dumps(ops)
