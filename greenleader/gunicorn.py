@@ -59,7 +59,7 @@ from .duties import duties as default_duties
 from .errors import GreenleaderError, InvalidArgumentError, StoreError
 from .follower import Follower
 from .retry import Backoff
-from .status import Record, combined_health
+from .status import Record, status_document
 from .stores import Store, _redacted, from_url
 from .stores.base import check_float, check_text
 
@@ -247,33 +247,10 @@ class WorkerElection:
         (seconds), ``last_error`` (redacted) and ``errors``, from every store call this worker
         made (a follower's silence past its ``unknown_after`` counts as unreachable)."""
         leader, term = self.leader()
-        candidate = self.candidate.status() if self.candidate is not None else None
-        follower = self.follower.status() if self.follower is not None else None
-        if self._stopped or (candidate is None and self._leaving):
-            state = "stopped"
-        elif candidate is None:
-            state = "backing off" if self._boot is not None and self._boot.error is not None else "waiting"
-        elif candidate.state == "campaigning" and leader is not None and leader != self.node:
-            state = "waiting"
-        else:
-            state = candidate.state
-        records = [r for r in (self._boot, getattr(self.candidate, "_record", None),
-                               getattr(self.follower, "_record", None)) if r is not None]
         backend = self.store.backend if self.store is not None else _scheme(self.store_spec)
-        window = self.follower.unknown_after if self.follower is not None else None
-        health = combined_health(backend, records, window)
-        return {
-            "key": self.key, "leader": leader, "node": self.node, "is_leader": self.is_leader(), "term": term,
-            "state": state,
-            "transitions": candidate.transitions if candidate is not None else 0,
-            "losses": candidate.losses if candidate is not None else {},
-            "leader_changes": follower.leader_changes if follower is not None else None,
-            "store": {
-                "backend": health.backend, "reachable": health.reachable,
-                "last_contact_age": health.last_contact_age, "last_error": health.last_error,
-                "last_error_age": health.last_error_age, "errors": health.errors,
-            },
-        }
+        return status_document(key=self.key, node=self.node, leader=leader, term=term, is_leader=self.is_leader(),
+                               candidate=self.candidate, follower=self.follower, backend=backend,
+                               stopped=self._stopped or (self.candidate is None and self._leaving), boot=self._boot)
 
     def resign(self) -> None:
         """Stop the duties and let another worker lead; this one campaigns again later."""

@@ -33,7 +33,7 @@ from typing import Any
 from .stores import _redacted
 from .stores.base import now
 
-__all__ = ["STATES", "CandidateStatus", "FollowerStatus", "StoreHealth", "redact"]
+__all__ = ["STATES", "CandidateStatus", "FollowerStatus", "StoreHealth", "redact", "status_document"]
 
 log = logging.getLogger(__name__)
 
@@ -229,3 +229,46 @@ def combined_health(backend: str, records: list[Record], window: float | None = 
         last_error_age=None if error_at is None else round(at - error_at, 3),
         errors=sum(r.errors for r in records),
     )
+
+
+def status_document(
+    *,
+    key: str | None,
+    node: str | None,
+    leader: str | None,
+    term: int | None,
+    is_leader: bool,
+    candidate: Any,
+    follower: Any,
+    backend: str,
+    stopped: bool = False,
+    boot: Record | None = None,
+) -> dict[str, Any]:
+    """The JSON status of an election made of a ``candidate`` and a ``follower`` (either may be
+    None before they exist), as ``/_greenleader`` shows it (see docs/observability.md).
+
+    ``leader``/``term`` are the leader as the election knows it; ``stopped`` says the election
+    was left; ``boot`` records the attempts at making the store. A campaigning candidate that
+    knows another leader is reported ``waiting``; one that cannot make its store, ``backing off``.
+    """
+    mine = candidate.status() if candidate is not None else None
+    theirs = follower.status() if follower is not None else None
+    if stopped:
+        state = "stopped"
+    elif mine is None:
+        state = "backing off" if boot is not None and boot.error is not None else "waiting"
+    elif mine.state == "campaigning" and leader is not None and leader != node:
+        state = "waiting"
+    else:
+        state = mine.state
+    records = [r for r in (boot, getattr(candidate, "_record", None), getattr(follower, "_record", None))
+               if isinstance(r, Record)]
+    health = combined_health(backend, records, follower.unknown_after if follower is not None else None)
+    return {
+        "key": key, "leader": leader, "node": node, "is_leader": is_leader, "term": term,
+        "state": state,
+        "transitions": mine.transitions if mine is not None else 0,
+        "losses": mine.losses if mine is not None else {},
+        "leader_changes": theirs.leader_changes if theirs is not None else None,
+        "store": asdict(health),
+    }
