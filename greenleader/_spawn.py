@@ -1,4 +1,4 @@
-"""Start a command whose whole process tree cannot outlive this process (DESIGN.md §2 rule 13).
+"""Start a command whose whole process tree cannot outlive this process (docs/safety.md, rule 13).
 
 ``greenleader run`` must never leave its command running once it stops leading, whatever ends
 it. "The command" is its whole process tree, so it runs in a process group of its own and is
@@ -40,7 +40,7 @@ import gevent.os
 
 from .errors import GreenleaderError
 
-log = logging.getLogger("greenleader.cli")
+log = logging.getLogger(__name__)
 
 SHELL = "/bin/sh"
 

@@ -1,6 +1,6 @@
-"""The ``greenleader`` command: demo, run a command as leader, show or watch the leader.
+"""The ``greenleader`` command: run a command as leader, show or watch the leader, demo.
 
-``greenleader run`` never lets its command outlive its leadership (DESIGN.md §2 rule 13). The
+``greenleader run`` never lets its command outlive its leadership (docs/safety.md, rule 13). The
 command runs in a process group of its own, led by a watchdog that SIGKILLs the group as soon as
 ``greenleader run`` dies in any way, SIGKILL included (see ``greenleader._spawn``), and every way
 out of ``run`` ends the whole group first, then releases the key:
@@ -25,12 +25,8 @@ The command's environment gets ``GREENLEADER_KEY``, ``GREENLEADER_NODE`` and ``G
 that detaches) escapes it; a SIGSTOP of ``run`` (or a paused VM) freezes its renewals but not the
 command: that is what the fencing term is for.
 
-Exit codes of ``greenleader run``: the command's own exit status when it ran to its end
-(128+N when it died of signal N); 1 when the store failed or an internal error ended the
-command; 2 for bad usage or arguments; 3 when leadership was lost and the command was
-terminated; 126 when the command could not be executed, 127 when it was not found (as in
-shells); 128+N when signal N arrived before the command started. ``greenleader leader`` exits
-0 when there is a leader, 1 when the key is vacant.
+The exit codes of every subcommand are in ``EXIT_CODES``; which store is used when ``--store`` is
+not given is decided by ``greenleader._env``. docs/cli.md is the operator's guide.
 """
 
 from __future__ import annotations
@@ -50,29 +46,74 @@ import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import zope.event  # type: ignore[import-untyped]  # noqa: E402
 from gevent import subprocess  # noqa: E402
-from gevent.queue import Queue  # noqa: E402
+from gevent.queue import Empty, Queue  # noqa: E402
 
 from . import __version__  # noqa: E402
+from ._env import VARIABLES, choose_store  # noqa: E402
 from ._spawn import CommandGroup  # noqa: E402
 from .candidate import Candidate  # noqa: E402
-from .errors import GreenleaderError, InvalidArgumentError  # noqa: E402
+from .errors import GreenleaderError, InvalidArgumentError, MissingDependencyError  # noqa: E402
+from .events import LeaderChanged  # noqa: E402
 from .follower import Follower  # noqa: E402
-from .stores import Store, from_url, new_store  # noqa: E402
+from .retry import Backoff  # noqa: E402
+from .stores import Store  # noqa: E402
 from .stores.base import check_float  # noqa: E402
 
-log = logging.getLogger("greenleader.cli")
+log = logging.getLogger(__name__)
 
 EXIT_STORE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_LEADERSHIP_LOST = 3
+EXIT_NO_LEADER = 3
+EXIT_TIMEOUT = 4
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+
+#: Exit codes by subcommand, as --help lists them.
+EXIT_CODES: dict[str, list[tuple[str, str]]] = {
+    "run": [
+        ("N", "the command's own exit status when it ran to its end (128+N if it died of signal N)"),
+        ("1", "the store failed (unreachable, refused) or an internal error ended the command"),
+        ("2", "bad usage: arguments, store URL or environment; a missing extra (pip install greenleader[...])"),
+        ("3", "leadership was lost: the command was terminated"),
+        ("4", "not elected within --timeout: the command never ran"),
+        ("126", "the command is not executable"),
+        ("127", "the command was not found"),
+        ("128+N", "signal N arrived before the command started"),
+    ],
+    "leader": [
+        ("0", "a node leads (its name is printed); with --json: the JSON answer, leader or none"),
+        ("1", "the store could not be read (unreachable, refused)"),
+        ("2", "bad usage, as for run"),
+        ("3", "no node leads (without --json)"),
+    ],
+    "watch": [
+        ("0", "interrupted (SIGINT or SIGTERM)"),
+        ("1", "the store failed (without --retry)"),
+        ("2", "bad usage, as for run"),
+    ],
+    "demo": [("0", "the demo ran"), ("1", "a demo process failed"), ("2", "bad usage")],
+}
+
+DEFAULT_TTL = 15.0  # seconds: the library's default; a crashed leader is replaced after about this long
+DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL: systemd's and docker's habit is 10 s or more
+DEMO_TTL = 5.0  # seconds: a demo candidate's TTL (the file store frees a crashed holder at once anyway)
+DEMO_WAIT = 30.0  # seconds a demo waits for a process to start or win, on a loaded machine
+#: ``--restart`` waits this backoff before campaigning again after the command exits: from 0.5-1 s,
+#: doubling, to 15-30 s (jittered, so that a fleet does not restart in step). A crash loop starts
+#: the command at most about twice a minute once the cap is reached.
+RESTART_BACKOFF = Backoff(initial=1.0, maximum=30.0, multiplier=2.0, jitter=0.5)
+#: A run of the command at least this long resets the backoff: it started well, so its next
+#: exit is news, not a crash loop (systemd judges restarts over 10 s, too).
+RESTART_RESET_AFTER = 10.0
 
 #: Signals that ``greenleader run`` passes on to the command's process group, ending when it does.
 FORWARDED = tuple(
@@ -83,11 +124,9 @@ FORWARDED = tuple(
 )
 
 
-def _store(url: str | None) -> Store:
-    """The store of ``--store``, else of ``$GREENLEADER_STORE`` (which keeps credentials off the
-    command line, where any user can read them), else the file store."""
-    url = url or os.environ.get("GREENLEADER_STORE", "").strip() or None
-    return from_url(url) if url else new_store("file")
+def _store(args: argparse.Namespace) -> Store:
+    """The store of ``--store``, else the one the environment names (see greenleader._env)."""
+    return choose_store(args.store).make()
 
 
 def _seconds(text: str) -> float:
@@ -98,27 +137,39 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number from 1 to 100."""
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
     try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= number <= 100:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 100, not {number}")
-    return number
+        return check_float("seconds", text, minimum=0.0, maximum=86400.0, inclusive=False)
+    except GreenleaderError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number from ``low`` to 100."""
+
+    def count(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= number <= 100:
+            raise argparse.ArgumentTypeError(f"must be from {low} to 100, not {number}")
+        return number
+
+    return count
 
 
 def _default_node() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def _say(*parts: object) -> None:
     print(*parts, flush=True)
+
+
+def _say_error(message: str) -> None:
+    print(f"greenleader: {message}", file=sys.stderr, flush=True)
 
 
 # -- greenleader run ----------------------------------------------------------------------
@@ -137,14 +188,30 @@ def _command_env(candidate: Candidate) -> dict[str, str]:
             "GREENLEADER_TERM": str(candidate.term)}
 
 
+class _Restarts:
+    """When ``--restart`` campaigns again: a jittered exponential backoff, reset by a long run."""
+
+    def __init__(self, backoff: Backoff = RESTART_BACKOFF, reset_after: float = RESTART_RESET_AFTER) -> None:
+        self.backoff = backoff
+        self.reset_after = reset_after
+        self._delays: Iterator[float] = backoff.delays()
+
+    def next_delay(self, ran_for: float) -> float:
+        if ran_for >= self.reset_after:
+            self._delays = self.backoff.delays()
+        return next(self._delays)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise InvalidArgumentError("no command given: greenleader run --key K -- CMD ...")
-    store = _store(args.store)
+    store = _store(args)
     node = args.node if args.node is not None else _default_node()
     candidate = Candidate(store, args.key, node, ttl=args.ttl, retry=args.retry)
     # ("elected", bool) | ("ended", None) | ("exit", code) | ("signal", n) | ("watchdog", group)
+    # | ("timeout", wait number)
     inbox: Queue = Queue()
+    restarts = _Restarts()
 
     def pump_elections(elected: Queue) -> None:
         for is_leader in elected:
@@ -167,11 +234,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         if running and candidate.is_leader():
             group.signal(signal.SIGCONT)
 
+    waits = itertools.count(1)
+
+    def start_waiting(after: float = 0.0) -> tuple[int, gevent.Greenlet | None]:
+        """A new wait to lead; with --timeout, a timer that ends it unless elected first."""
+        number = next(waits)
+        if args.timeout is None:
+            return number, None
+        return number, gevent.spawn_later(after + args.timeout, inbox.put, ("timeout", number))
+
     group = new_group()
     running = lost = stopping = False
+    started_at = 0.0
     for signum in FORWARDED:
         _handle(signum, inbox.put, ("signal", signum))
     _handle(signal.SIGTSTP, suspend)
+    wait, timer = start_waiting()
     try:
         elected, errors = candidate.run_for_election()
         gevent.spawn(pump_elections, elected)
@@ -179,14 +257,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         while True:
             kind, value = inbox.get()
             if kind == "elected" and value and not running and not stopping:
-                log.info("elected (term %s): starting %s", candidate.term, " ".join(args.command))
+                if timer is not None:
+                    timer.kill(block=False)
+                    timer = None
                 try:
                     group.start(args.command, _command_env(candidate))
                 except OSError as exc:
                     _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
                     return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+                started_at = time.monotonic()
+                log.info("elected (term %s): started %s (pid %s)", candidate.term, " ".join(args.command), group.pid)
                 running = True
-                gevent.spawn(lambda g=group: inbox.put(("exit", g.wait())))
+                gevent.spawn(lambda g: inbox.put(("exit", g.wait())), group)
             elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True
@@ -197,11 +279,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if lost and not args.restart:
                     return EXIT_LEADERSHIP_LOST
                 if args.restart and not stopping:
-                    lost = False
+                    ran_for = time.monotonic() - started_at
+                    delay = restarts.next_delay(ran_for)
+                    level = logging.WARNING if value != 0 or lost else logging.INFO
+                    how = "was terminated on the loss of leadership" if lost else f"exited with status {value}"
+                    log.log(level, "the command %s after %.1f s; campaigning again in %.1f s (--restart)",
+                            how, ran_for, delay if not lost else 0.0)
                     group = new_group()
-                    candidate.resign()
+                    if not lost:  # after a loss the campaign is already on
+                        candidate.resign_holdoff = delay
+                        candidate.resign()
+                    lost = False
+                    wait, timer = start_waiting(after=delay)
                     continue
                 return value
+            elif kind == "timeout" and value == wait and not running:
+                _say_error(f"not elected for {args.key!r} within {args.timeout:g} s (--timeout)")
+                return EXIT_TIMEOUT
             elif kind == "signal":
                 stopping = True
                 if not running:
@@ -220,6 +314,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     _say_error(f"store error: {error}")
                 return EXIT_STORE_ERROR
     finally:
+        if timer is not None:
+            timer.kill(block=False)
         try:
             group.end(args.grace)  # whatever ends run ends the command first...
         finally:
@@ -231,34 +327,54 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_leader(args: argparse.Namespace) -> int:
-    store = _store(args.store)
+    store = _store(args)
     try:
         info = Follower(store, args.key).leader_info()
     finally:
         store.close()
     if args.json:
         _say(json.dumps({"key": args.key, "leader": info.node if info else None, "term": info.term if info else None}))
-    elif info is not None:
-        _say(info.node)
-    return 0 if info is not None else 1
+        return 0
+    if info is None:
+        return EXIT_NO_LEADER
+    _say(info.node)
+    return 0
+
+
+def _watch_line(event: LeaderChanged, as_json: bool) -> str:
+    if as_json:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        return json.dumps({"time": stamp, "key": event.key, "leader": event.leader, "term": event.term,
+                           "known": event.known})
+    stamp = time.strftime("%H:%M:%S")
+    if event.leader is not None:
+        return f"{stamp} {event.leader} (term {event.term})"
+    return f"{stamp} {'(no leader)' if event.known else '(leader unknown: the store cannot confirm it)'}"
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    store = _store(args.store)
-    follower = Follower(store, args.key)
-    leaders, errors = follower.follow_election()
+    store = _store(args)
+    follower = Follower(store, args.key, retry=args.retry)
+
+    def show(event: object) -> None:
+        if isinstance(event, LeaderChanged) and event.source is follower:
+            _say(_watch_line(event, args.json))
+
+    zope.event.subscribers.append(show)
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, follower.stop)
     try:
-        for leader in leaders:
-            stamp = time.strftime("%H:%M:%S")
-            _say(f"{stamp} {leader}" if leader is not None else f"{stamp} (no leader)")
+        leaders, errors = follower.follow_election()
+        for _ in leaders:
+            pass  # each change is printed by show(), with its term
+        follower.stop()  # delivers the events still pending
         for error in errors:
             _say_error(f"store error: {error}")
             return EXIT_STORE_ERROR
         return 0
     finally:
         follower.stop()
+        zope.event.subscribers.remove(show)
         store.close()
 
 
@@ -267,8 +383,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_candidate(args: argparse.Namespace) -> int:
     """Hidden helper of the demo: a candidate process reporting JSON lines on stdout."""
-    store = _store(args.store)
-    candidate = Candidate(store, args.key, args.node, ttl=args.ttl)
+    store = _store(args)
+    candidate = Candidate(store, args.key, args.node, ttl=DEMO_TTL)
     gevent.signal_handler(signal.SIGTERM, candidate.stop)
     elected, errors = candidate.run_for_election()
     for is_leader in elected:
@@ -302,6 +418,13 @@ class _DemoNode:
         self.process.wait()
 
 
+def _next_win(wins: Queue) -> tuple[_DemoNode, int, float]:
+    try:
+        return wins.get(timeout=DEMO_WAIT)
+    except Empty:
+        raise GreenleaderError(f"no demo process won within {DEMO_WAIT:g} s") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     directory = tempfile.mkdtemp(prefix="greenleader-demo-")
     url, key = f"file://{directory}", "demo/leader"
@@ -312,17 +435,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say(f"greenleader demo: {args.nodes} candidate processes on the file store in {directory}")
     try:
         nodes = [_DemoNode(next(names), url, key, wins) for _ in range(args.nodes)]
-        leader, term, _ = wins.get(timeout=30)
+        leader, term, _ = _next_win(wins)
         _say(f"  {leader.name} (pid {leader.process.pid}) leads with term {term}")
         for _ in range(args.rounds):
             for signum, kind in ((signal.SIGKILL, "crash failover"), (signal.SIGTERM, "graceful handover")):
                 for node in nodes:
-                    if not node.ready.wait(timeout=30):
+                    if not node.ready.wait(timeout=DEMO_WAIT):
                         raise GreenleaderError(f"{node.name} did not start")
                 start = time.monotonic()
                 leader.signal(signum)
                 nodes.remove(leader)
-                successor, term, won_at = wins.get(timeout=30)
+                successor, term, won_at = _next_win(wins)
                 figures[kind].append(won_at - start)
                 _say(
                     f"  {signal.Signals(signum).name} {leader.name}: {successor.name} leads with term {term} "
@@ -346,11 +469,37 @@ def _summary(label: str, figures: Sequence[float]) -> str:
     return f"{label}: median {statistics.median(millis):.1f} ms, max {max(millis):.1f} ms over {len(millis)} trials"
 
 
-# -- entry point ------------------------------------------------------------------------------
+# -- the parser -------------------------------------------------------------------------------
 
 
-def _say_error(message: str) -> None:
-    print(f"greenleader: {message}", file=sys.stderr, flush=True)
+def _exit_codes(*commands: str) -> str:
+    lines = []
+    for command in commands:
+        if len(commands) > 1:
+            lines.append(f"  {command}:")
+        indent = "    " if len(commands) > 1 else "  "
+        lines += [f"{indent}{code:<6} {meaning}" for code, meaning in EXIT_CODES[command]]
+    return "exit status:\n" + "\n".join(lines)
+
+
+def _environment(choice: str) -> str:
+    families = "\n".join(textwrap.fill(f"{backend}: {', '.join(names)}", 94, initial_indent="  ",
+                                       subsequent_indent="    ") for backend, names in VARIABLES.items())
+    return f"""\
+store: --store URL wins; else $GREENLEADER_STORE (a URL); else the environment of the store's
+own tools, selected by CONSUL_HTTP_ADDR, ETCDCTL_ENDPOINTS or ZOOKEEPER_HOSTS (kazoo's
+hosts string, h1:2181,h2:2181[/chroot]; two of them set is a usage error); else the file
+store. Variables read:
+{families}
+Now: {choice}"""
+
+
+def _current_choice() -> str:
+    """Which store a command without --store would use now, for --help."""
+    try:
+        return choose_store(None).describe()
+    except GreenleaderError as exc:
+        return f"none: {exc}"
 
 
 _RUN_EPILOG = """\
@@ -360,72 +509,110 @@ after the command exits (for what it left running), and SIGKILL from a watchdog 
 itself dies (SIGKILL included). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and
 the other signals that end a process are passed on to the whole group, and greenleader then
 exits when the command does; signals ignored at start stay ignored. SIGTSTP stops the group too.
+The key is released only once the whole group is gone.
 
 The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
 fencing term to pass to the systems it writes to.
 
-exit status: the command's (128+N if it died of signal N); 1 store or internal error; 2 bad
-usage; 3 leadership lost; 126/127 command not executable/not found; 128+N signal N arrived
-before the command started."""
+--restart: after the command exits, greenleader stands aside for a jittered backoff (0.5-1 s,
+doubling up to 15-30 s; back to the start after a run of {reset:g} s or more), logs the exit
+status and the delay, then campaigns again and reruns the command once elected."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greenleader", description="Leader election for gevent applications.")
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The public parser, and the hidden ``_candidate`` one (kept out of the public choices)."""
+    choice = _current_choice()
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log what happens (INFO), each line naming its logger")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="greenleader", description="Leader election for gevent applications.", formatter_class=raw,
+        epilog=f"{_exit_codes('run', 'leader', 'watch', 'demo')}\n\n{_environment(choice)}\n\n"
+               "greenleader COMMAND --help tells more. docs/cli.md is the operator's guide.",
+    )
     parser.add_argument("--version", action="version", version=f"greenleader {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what happens (INFO), each line naming its logger")
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     def with_store(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--key", required=True, help="election key")
-        sub.add_argument("--store", help="store URL, with TLS and credential options in its query (default: "
-                         "$GREENLEADER_STORE, else the file store in the user's runtime directory)")
+        sub.add_argument("--key", required=True, help="election key (required)")
+        sub.add_argument("--store", metavar="URL",
+                         help="store URL, with TLS and credential options in its query "
+                              f"(default: see below; now {choice})")
         return sub
 
-    demo = commands.add_parser("demo", help="show elections, failover and handover between local processes")
-    demo.add_argument("--nodes", type=_count, default=3, help=argparse.SUPPRESS)
-    demo.add_argument("--rounds", type=_count, default=3, help="kill/stop rounds (default 3)")
+    def subcommand(name: str, summary: str, epilog: str = "") -> argparse.ArgumentParser:
+        text = "\n\n".join(part for part in (epilog, _exit_codes(name),
+                                             _environment(choice) if name != "demo" else "") if part)
+        return commands.add_parser(name, help=summary, description=summary, epilog=text, formatter_class=raw,
+                                   parents=[verbose])
+
+    demo = subcommand("demo", "show elections, failover and handover between local processes")
+    demo.add_argument("--nodes", type=_count(2), default=3, metavar="N",
+                      help="candidate processes, from 2 (default: %(default)s)")
+    demo.add_argument("--rounds", type=_count(1), default=3, metavar="N",
+                      help="kill and stop rounds (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
-    run = with_store(commands.add_parser(
-        "run", help="wait to lead, then run a command while leading", epilog=_RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ))
+    run = with_store(subcommand("run", "wait to lead, then run a command while leading",
+                                _RUN_EPILOG.format(reset=RESTART_RESET_AFTER)))
     run.add_argument("--node", help="this candidate's name (default: HOSTNAME-PID)")
-    run.add_argument("--ttl", type=float, default=15.0, help="seconds before a crashed leader is replaced")
-    run.add_argument("--grace", type=_seconds, default=10.0,
-                     help="seconds between SIGTERM and SIGKILL to the command's process group when it must end")
+    run.add_argument("--ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
+                     help="seconds before a crashed leader is replaced (default: %(default)g; Consul: 10 at least)")
+    run.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
+                     help="seconds between SIGTERM and SIGKILL to the command's process group when it must end "
+                          "(default: %(default)g)")
+    run.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                     help="give up (exit 4) if not elected within SECONDS; with --restart, each wait to lead "
+                          "again after the backoff (default: wait as long as it takes)")
     run.add_argument("--retry", action="store_true",
-                     help="campaign through store outages with jittered backoff instead of exiting 1")
-    run.add_argument("--restart", action="store_true", help="campaign again and rerun the command when it exits")
+                     help="campaign through store outages with jittered backoff instead of exiting 1 (default: off)")
+    run.add_argument("--restart", action="store_true",
+                     help="campaign again after a backoff and rerun the command when it exits (default: off)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     run.set_defaults(func=cmd_run)
 
-    leader = with_store(commands.add_parser("leader", help="print the current leader (exit 1 if none)"))
-    leader.add_argument("--json", action="store_true", help="print key, leader and term as JSON")
+    leader = with_store(subcommand("leader", "print the current leader (exit 3 if none)"))
+    leader.add_argument("--json", action="store_true",
+                        help='print {"key", "leader", "term"} as JSON, "leader": null when none (exit 0 both ways)')
     leader.set_defaults(func=cmd_leader)
 
-    watch = with_store(commands.add_parser("watch", help="print each change of leader until interrupted"))
+    watch = with_store(subcommand("watch", "print each change of leader, with its term, until interrupted"))
+    watch.add_argument("--json", action="store_true",
+                       help='print one JSON object per change: {"time", "key", "leader", "term", "known"}')
+    watch.add_argument("--retry", action="store_true",
+                       help="keep watching through store outages (printing the leader as unknown) instead of "
+                            "exiting 1 (default: off)")
     watch.set_defaults(func=cmd_watch)
 
-    candidate = with_store(commands.add_parser("_candidate"))
-    candidate.add_argument("--node", required=True)
-    candidate.add_argument("--ttl", type=float, default=5.0)
-    candidate.set_defaults(func=cmd_candidate)
-    return parser
+    hidden = argparse.ArgumentParser(prog="greenleader _candidate", parents=[verbose])
+    with_store(hidden).add_argument("--node", required=True)
+    hidden.set_defaults(func=cmd_candidate, subcommand="_candidate")
+    return parser, hidden
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, hidden = _parser()
+    args = hidden.parse_args(argv[1:]) if argv[:1] == ["_candidate"] else parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s greenleader %(levelname)s %(message)s",
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
         return args.func(args)
+    except (InvalidArgumentError, MissingDependencyError) as exc:
+        _say_error(str(exc))
+        return EXIT_USAGE
     except GreenleaderError as exc:
         _say_error(str(exc))
         return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_STORE_ERROR
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+
+
+__all__ = ["EXIT_CODES", "main"]

@@ -1,9 +1,12 @@
-"""The ``greenleader`` command, run as real processes on the file store."""
+"""The ``greenleader`` command, run as real processes on the file store, and on the real Consul,
+etcd and ZooKeeper servers of the fixtures where what is tested depends on the store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -12,6 +15,7 @@ from pathlib import Path
 import gevent
 import pytest
 
+from greenleader._env import VARIABLES
 from greenleader.stores.file import FileStore
 from tests.waiting import wait_until
 
@@ -20,8 +24,18 @@ pytestmark = pytest.mark.timeout(120)
 GREENLEADER = [sys.executable, "-m", "greenleader"]
 
 
-def start(*args: str, **options) -> subprocess.Popen:
-    return subprocess.Popen([*GREENLEADER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+#: Variables that choose the store when --store is not given: never inherited from the test's own
+#: environment, so that each test says which store its processes use.
+STORE_VARIABLES = ("GREENLEADER_STORE", *(name for names in VARIABLES.values() for name in names))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}, **extra}
+
+
+def start(*args: str, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    return subprocess.Popen([*GREENLEADER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env if env is not None else clean_env(), **options)
 
 
 def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
@@ -114,7 +128,7 @@ def test_run_restart_runs_the_command_again(url, tmp_path):
     assert code in (0, 128 + signal.SIGTERM), err
 
 
-# -- the command's whole process tree never outlives `greenleader run` (DESIGN.md §2 rule 13) ----------
+# -- the command's whole process tree never outlives `greenleader run` (docs/safety.md, rule 13) ----------
 
 #: These tests find processes through /proc. Without it they skip locally, but fail under CI=true:
 #: CI runs on Linux, where a skip would hide a guarantee that went untested.
@@ -153,7 +167,7 @@ def start_marked(marker: str, *args: str) -> subprocess.Popen:
         [*GREENLEADER, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "GREENLEADER_TEST_TREE": marker},
+        env=clean_env(GREENLEADER_TEST_TREE=marker),
         preexec_fn=default_signals,
     )
 
@@ -348,12 +362,9 @@ def test_run_reports_a_command_it_cannot_run(url, tmp_path):
     assert code == 126 and "cannot run" in err and "Traceback" not in err, err
 
 
-def test_leader_exit_status_says_whether_there_is_one(url):
-    code, out, _ = finish(start("leader", "--store", url, "--key", "nobody", "--json"))
-    assert code == 1 and '"leader": null' in out
 
 
-def test_watch_prints_each_change(url):
+def test_watch_prints_each_change_with_its_term(url):
     watcher = start("watch", "--store", url, "--key", "job")
     assert watcher.stdout is not None
 
@@ -362,8 +373,9 @@ def test_watch_prints_each_change(url):
             return watcher.stdout.readline().split(" ", 1)[1].strip()
 
     assert next_line() == "(no leader)"
-    holder = start("run", "--store", url, "--key", "job", "--node", "solo", "--", "sh", "-c", "sleep 0.5")
-    assert next_line() == "solo"
+    holder = start("run", "--store", url, "--key", "job", "--node", "solo", "--", "sh", "-c",
+                   'echo "$GREENLEADER_TERM"; sleep 0.5')
+    assert next_line() == f"solo (term {int(holder.stdout.readline())})"
     assert finish(holder)[0] == 0
     assert next_line() == "(no leader)"
     watcher.send_signal(signal.SIGINT)
@@ -381,6 +393,10 @@ def test_watch_prints_each_change(url):
         (["leader", "--key", "job", "--store", "bogus://x"], "unknown store backend"),
         (["leader", "--key", "job", "--store", "not a url"], "has no scheme"),
         (["leader", "--key", "job", "--store", "file:///tmp/x?poll_interval=fast"], "poll_interval must be a number"),
+        (["leader", "--key", "job", "--store", "file:///tmp/x?bogus=1&directory=/y"],
+         "unknown file store URL option(s) ['bogus', 'directory']; known: poll_interval"),
+        (["run", "--key", "job", "--timeout", "0", "--", "true"], "seconds must be > 0"),
+        (["demo", "--nodes", "1"], "must be from 2 to 100"),
         (["watch"], "--key"),
     ],
 )
@@ -402,3 +418,294 @@ def test_bad_usage_exits_2_with_a_clear_message(args, message):
 def test_bad_numbers_exit_2(args, message):
     code, _, err = finish(start(*args), timeout=30)
     assert code == 2 and message in err, err
+
+
+# -- on every store: exit codes, --timeout, the environment ------------------------------------------
+
+CLI_KINDS = ["file", "consul", "etcd", "zookeeper"]
+NETWORK_KINDS = CLI_KINDS[1:]
+#: The shortest TTL each store takes for a `run` that will hand over gracefully (Consul: 10 s at least).
+RUN_TTL = {"file": "2", "consul": "10", "etcd": "2", "zookeeper": "2"}
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
+    """The URL of this test's store: a directory of its own, or the session's real server."""
+    if kind == "file":
+        return f"file://{tmp_path / 'elections'}"
+    return request.getfixturevalue(f"{kind}_cluster").url
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unreachable_url(kind: str, tmp_path: Path) -> str:
+    if kind == "file":
+        (tmp_path / "not-a-directory").write_text("")
+        return f"file://{tmp_path / 'not-a-directory' / 'elections'}"
+    return f"{kind}://127.0.0.1:{closed_port()}?timeout=1"
+
+
+def hold(store_url: str, key: str, node: str, tmp_path: Path, *options: str, env: dict | None = None):
+    """A `greenleader run` whose command has started and keeps running (until SIGTERM)."""
+    started = tmp_path / f"started-{node}"
+    runner = start("run", "--store", store_url, "--key", key, "--node", node, *options, "--",
+                   "sh", "-c", f"touch {started}; exec sleep 60", env=env)
+    wait_until(lambda: started.exists() or runner.poll() is not None, 60, f"{node}'s command to start")
+    assert started.exists(), f"{node} exited {runner.returncode}: {runner.stderr.read()}"
+    return runner
+
+
+def release(runner: subprocess.Popen) -> None:
+    runner.send_signal(signal.SIGTERM)
+    assert finish(runner)[0] == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("kind", CLI_KINDS)
+def test_leader_tells_a_leader_from_none_and_from_an_unreachable_store(kind, store_url, tmp_path):
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    assert finish(start("leader", "--store", store_url, "--key", key))[:2] == (3, "")  # nobody leads
+    code, out, err = finish(start("leader", "--store", store_url, "--key", key, "--json"))
+    assert (code, out) == (0, f'{{"key": "{key}", "leader": null, "term": null}}\n'), err  # set -e proof
+    # (a leader, exit 0: test_run_timeout_... and test_the_stores_own_environment_...)
+    code, out, err = finish(start("leader", "--store", unreachable_url(kind, tmp_path), "--key", key, "--json"))
+    assert (code, out) == (1, ""), err
+    assert "Traceback" not in err and err.count("greenleader: ") == 1, err
+
+
+@pytest.mark.parametrize("kind", CLI_KINDS)
+def test_run_timeout_gives_up_with_exit_4_and_leaves_the_key_to_its_holder(kind, store_url, tmp_path):
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    holder = hold(store_url, key, "a", tmp_path, "--ttl", RUN_TTL[kind])
+    try:
+        ran = tmp_path / "ran"
+        code, _, err = finish(start("run", "--store", store_url, "--key", key, "--node", "b", "--ttl", RUN_TTL[kind],
+                                    "--timeout", "1", "--", "touch", str(ran)))
+        assert code == 4 and "not elected" in err and "--timeout" in err, err
+        assert not ran.exists()
+        assert finish(start("leader", "--store", store_url, "--key", key))[:2] == (0, "a\n")  # still a
+    finally:
+        release(holder)
+    # the one that gave up left nothing behind that would keep the key: a new runner leads at once
+    code, out, err = finish(start("run", "--store", store_url, "--key", key, "--ttl", RUN_TTL[kind],
+                                  "--timeout", "30", "--", "echo", "led"))
+    assert (code, out) == (0, "led\n"), err
+
+
+def test_run_on_etcd_prints_no_grpc_fork_warnings(etcd_cluster, tmp_path):
+    """gRPC's fork handlers complained on every start of the command while Python forked it
+    (fork_posix.cc "Other threads are currently calling into gRPC, skipping fork() handlers",
+    "Kick Failure", "FD from fork parent still in poll list") when Python forked to start the command
+    (gevent's Popen, before 3b82e02); posix_spawn forks no Python process: none of them now."""
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    command = ["sh", "-c", f'echo "$GREENLEADER_NODE" >> {tmp_path / "log"}; sleep 0.2']
+    runners = [start("run", "--store", etcd_cluster.url, "--key", key, "--node", node, "--ttl", "2", "--", *command)
+               for node in ("a", "b", "c")]
+    results = [finish(runner) for runner in runners]
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    assert sorted((tmp_path / "log").read_text().split()) == ["a", "b", "c"]
+    for _, _, err in results:
+        for symptom in ("fork_posix", "Kick Failure", "fork()", "from fork parent"):
+            assert symptom not in err, err
+
+
+# -- the environment of the store's own tools --------------------------------------------------------
+
+ADDRESS_VARIABLE = {"consul": "CONSUL_HTTP_ADDR", "etcd": "ETCDCTL_ENDPOINTS", "zookeeper": "ZOOKEEPER_HOSTS"}
+
+
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
+def test_the_stores_own_environment_is_used_when_no_store_is_given(kind, store_url, tmp_path):
+    addr = store_url.split("://", 1)[1]
+    value = {"consul": addr, "etcd": f"http://{addr}", "zookeeper": f"{addr}/glchroot"}[kind]
+    explicit = store_url + ("/glchroot" if kind == "zookeeper" else "")  # the chroot as a URL path
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    variable = ADDRESS_VARIABLE[kind]
+    holder = hold(explicit, key, "a", tmp_path, "--ttl", RUN_TTL[kind])
+    try:
+        code, out, err = finish(start("leader", "--key", key, "-v", env=clean_env(**{variable: value})))
+        assert (code, out) == (0, "a\n"), err
+        assert f"from {variable}" in err, err
+        # a store given explicitly wins over the environment, which then points nowhere
+        broken = clean_env(**{variable: f"127.0.0.1:{closed_port()}"})
+        code, out, err = finish(start("leader", "--key", key, "--store", explicit, "-v", env=broken))
+        assert (code, out) == (0, "a\n"), err
+        assert f"ignoring {variable} (--store wins)" in err, err
+    finally:
+        release(holder)
+
+
+def test_help_says_which_variable_chose_the_store():
+    env = clean_env(ETCDCTL_ENDPOINTS="https://10.0.0.1:2379,https://10.0.0.2:2379")
+    code, out, err = finish(start("leader", "--help", env=env))
+    assert code == 0, err
+    assert "Now: etcd://10.0.0.1:2379,10.0.0.2:2379 (tls), from ETCDCTL_ENDPOINTS" in out, out
+    code, _, err = finish(start("leader", "--key", "k", env={**env, "CONSUL_HTTP_ADDR": "127.0.0.1:8500"}))
+    assert code == 2 and "CONSUL_HTTP_ADDR and ETCDCTL_ENDPOINTS are both set" in err, err
+
+
+def test_consul_tls_and_token_from_consuls_environment(consul_secure, tmp_path):
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    rules = (f'key_prefix "{prefix}/" {{ policy = "write" }}\n'
+             f'session "{consul_secure.nodes[0].name}" {{ policy = "write" }}\n')
+    certs = consul_secure.certs
+    env = clean_env(CONSUL_HTTP_ADDR=f"https://{consul_secure.addrs[0]}", CONSUL_CACERT=str(certs.ca),
+                    CONSUL_CLIENT_CERT=str(certs.client.cert), CONSUL_CLIENT_KEY=str(certs.client.key),
+                    CONSUL_HTTP_TOKEN=consul_secure.create_token(rules))
+    code, out, err = finish(start("-v", "run", "--key", f"{prefix}/job", "--ttl", "10", "--",
+                                  "sh", "-c", 'echo "$GREENLEADER_TERM"', env=env))
+    assert code == 0 and int(out) > 0, err
+    assert "(tls), from CONSUL_HTTP_ADDR, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY" in err, err
+    assert env["CONSUL_HTTP_TOKEN"] not in err
+
+
+def test_etcd_tls_and_user_from_etcdctls_environment(etcd_secure, tmp_path):
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    user, password, role = f"app-{prefix}", uuid.uuid4().hex, f"role-{prefix}"
+    etcd_secure.etcdctl("role", "add", role)
+    etcd_secure.etcdctl("role", "grant-permission", role, "readwrite", "--prefix=true", f"{prefix}/")
+    etcd_secure.etcdctl("user", "add", user, "--interactive=false", input=password + "\n")
+    etcd_secure.etcdctl("user", "grant-role", user, role)
+    certs = etcd_secure.certs
+    env = clean_env(ETCDCTL_ENDPOINTS=",".join(f"https://{a}" for a in etcd_secure.addrs),
+                    ETCDCTL_CACERT=str(certs.ca), ETCDCTL_CERT=str(certs.client.cert),
+                    ETCDCTL_KEY=str(certs.client.key), ETCDCTL_USER=f"{user}:{password}")
+    code, out, err = finish(start("-v", "run", "--key", f"{prefix}/job", "--ttl", "2", "--",
+                                  "sh", "-c", 'echo "$GREENLEADER_TERM"', env=env))
+    assert code == 0 and int(out) > 0, err
+    assert f"(tls, user {user}), from ETCDCTL_ENDPOINTS" in err, err
+    assert password not in err
+
+
+# -- usage, help and logging ---------------------------------------------------------------------
+
+
+def test_a_missing_extra_is_a_usage_error(tmp_path):
+    fake = tmp_path / "site" / "kazoo"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('kazoo is not installed here', name='kazoo')\n")
+    env = clean_env(PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code, _, err = finish(start("leader", "--key", "k", "--store", "zookeeper://127.0.0.1:2181", env=env))
+    assert code == 2, err
+    assert 'pip install "greenleader[zookeeper]"' in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["", "run", "leader", "watch", "demo"])
+def test_help_lists_every_exit_code_and_default(command):
+    from greenleader.cli import EXIT_CODES
+
+    code, out, err = finish(start(*([command] if command else []), "--help"), timeout=30)
+    assert code == 0, err
+    text = " ".join(out.split())  # argparse wraps lines
+    for name in ([command] if command else list(EXIT_CODES)):
+        for status, meaning in EXIT_CODES[name]:
+            assert f"{status} {meaning}" in text, f"{name}: exit {status} missing from --help"
+    defaults = {"run": ["--ttl SECONDS seconds before a crashed leader is replaced (default: 15",
+                        "(default: 10)", "(default: HOSTNAME-PID)", "(default: wait as long as it takes)"],
+                "demo": ["(default: 3)"], "leader": ["Now: the file store"], "watch": ["Now: the file store"]}
+    for default in defaults.get(command, []):
+        assert default in text, f"{default!r} missing from --help of {command}"
+
+
+def test_verbose_after_the_subcommand_and_no_hidden_command_in_errors(url):
+    code, _, err = finish(start("leader", "--store", url, "--key", "k", "-v"), timeout=30)
+    assert code == 3 and "greenleader._env INFO store: file://" in err, err
+    code, _, err = finish(start("bogus"), timeout=30)
+    assert code == 2 and "invalid choice" in err and "_candidate" not in err, err
+
+
+def test_log_lines_name_their_logger(tmp_path):
+    """kazoo's own lines are printed as kazoo's, not as greenleader's."""
+    code, _, err = finish(start("leader", "--key", "k", "--store", unreachable_url("zookeeper", tmp_path)))
+    assert code == 1, err
+    assert " kazoo.client WARNING Connection dropped" in err, err
+    assert "greenleader WARNING Connection dropped" not in err
+
+
+# -- --restart backs off and says so -----------------------------------------------------------------
+
+
+def test_run_restart_backs_off_and_says_what_it_does(url, tmp_path):
+    count = tmp_path / "count"
+    runner = start("run", "--restart", "--store", url, "--key", "job", "--", "sh", "-c", f"echo x >> {count}; exit 5")
+    lines: list[str] = []
+    with gevent.Timeout(60, AssertionError(f"fewer than 3 restarts logged in 60 s: {lines}")):
+        while len(lines) < 3:
+            line = runner.stderr.readline()
+            if "campaigning again in" in line:
+                lines.append(line)
+    runner.send_signal(signal.SIGTERM)
+    finish(runner)
+    assert all("the command exited with status 5 after" in line for line in lines), lines
+    delays = [float(line.split("campaigning again in ")[1].split()[0]) for line in lines]
+    # jittered: up to half of 1 s, 2 s, 4 s off (printed with one decimal)
+    assert 0.45 <= delays[0] <= 1.0 and 0.95 <= delays[1] <= 2.0 and 1.95 <= delays[2] <= 4.0, delays
+    assert count.read_text().count("x") in (3, 4)  # a run per logged exit, and maybe one more
+
+
+def test_restart_backoff_is_reset_by_a_long_run():
+    from greenleader.cli import _Restarts
+    from greenleader.retry import Backoff
+
+    restarts = _Restarts(Backoff(initial=1.0, maximum=4.0, jitter=0.0), reset_after=10.0)
+    assert [restarts.next_delay(0.1) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]  # capped
+    assert restarts.next_delay(10.0) == 1.0  # a run of 10 s started well: from the start again
+    assert restarts.next_delay(9.9) == 2.0
+
+
+# -- watch --json and --retry --------------------------------------------------------------------------
+
+
+def next_json(watcher: subprocess.Popen) -> dict:
+    with gevent.Timeout(30, AssertionError("watch printed nothing for 30 s")):
+        line = watcher.stdout.readline()
+    assert line, f"watch ended: {watcher.wait()} {watcher.stderr.read()}"
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["without-retry", "with-retry"])
+def test_watch_json_through_a_store_outage(etcd_cluster, tmp_path, retry):
+    """Each change as JSON with its term; a dropped connection to the store ends the watch (exit 1)
+    unless --retry, with which it watches on and names the next leader."""
+    from tests.faults import Proxy
+
+    proxy = Proxy(etcd_cluster.addrs[0])
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    watcher = start("watch", "--json", "--key", key, "--store", f"etcd://{proxy.addr}?timeout=2",
+                    *(["--retry"] if retry else []))
+    try:
+        first = next_json(watcher)
+        assert (first["key"], first["leader"], first["term"], first["known"]) == (key, None, None, True)
+        proxy.partition()
+        proxy.reset()  # the watch's connection is gone; new ones hang until healed
+        if not retry:
+            code, _, err = finish(watcher)
+            assert code == 1 and "store error" in err, err
+            return
+        with gevent.Timeout(30, AssertionError("the watch did not report the store error")):
+            while "watching again in" not in watcher.stderr.readline():
+                pass
+        proxy.heal()
+        holder = hold(etcd_cluster.url, key, "a", tmp_path, "--ttl", "2")
+        try:
+            seen = next_json(watcher)
+            while seen["leader"] is None:  # an "unknown" may come first
+                seen = next_json(watcher)
+            code, out, _ = finish(start("leader", "--json", "--key", key, "--store", etcd_cluster.url))
+            assert (seen["leader"], seen["known"]) == ("a", True) and seen["term"] == json_term(out)
+        finally:
+            release(holder)
+        watcher.send_signal(signal.SIGINT)
+        assert finish(watcher)[0] == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        proxy.close()
+
+
+def json_term(out: str) -> int:
+    return json.loads(out)["term"]

@@ -297,8 +297,14 @@ class FileStore(Store):
 
     @classmethod
     def from_url_parts(cls, addrs: list[str] | None, path: str, options: dict[str, str]) -> FileStore:
+        from ..errors import InvalidURLError
+
         if addrs and addrs != ["localhost"]:
             raise InvalidArgumentError(f"a file store URL names no host (file:///dir), got {addrs!r}")
+        known = ("poll_interval",)  # the directory is the URL's path
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InvalidURLError(f"unknown file store URL option(s) {unknown}; known: {', '.join(known)}")
         return cls(directory=path or None, **options)
 
     def __repr__(self) -> str:
