@@ -28,7 +28,7 @@ from greenleader.errors import (
     StoreUnavailableError,
 )
 from greenleader.events import LeadershipLost, LossReason
-from greenleader.stores import from_url, new_store
+from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.zookeeper import ZooKeeperStore
 from tests import servers
 from tests.support_zookeeper import FAST_TTL, admin_client, closed_port, contenders, expire_sessions
@@ -429,6 +429,32 @@ def test_follower_names_only_claimed_leaders(stores, key) -> None:
             assert leader.is_leader(), f"the follower named {node} before it knew it led"
             leader.stop()
         assert next_item(leaders, WAIT, "the final vacancy") is None
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged-uid", "twin-only"])
+def test_an_unclaimed_greenleader_node_first_in_line_is_never_named(stores, key, tagged) -> None:
+    """A greenleader node first in line that has not been claimed (its candidate may not know
+    it leads, rule 10) is not named, unlike a kazoo Lock's node: it is told by its uid's tag,
+    which stays when an operator deletes its twin (tagged-uid), or, for a node made before
+    the tag, by its twin (twin-only). Once claimed, it is named."""
+    from greenleader.stores import zookeeper
+
+    store = stores()
+    path = store.path_for(key)
+    session = store._lease_session(store.validate_ttl(TTL * 5))
+    store._ensure_key(session, path)
+    uid = zookeeper._new_uid() if tagged else uuid.uuid4().hex[:-5] + "00000"  # "00000": not the tag
+    node = ZooKeeperStore._register(session, path, uid, "frozen")  # node and twin, never claimed
+    reader = stores(timeout=0.5)
+    with admin_client(store.hosts) as zk:
+        if tagged:
+            zk.delete(f"{path}/{uid}__live__")  # the twin deleted from outside
+        assert reader.leader(key) is None
+        watch = reader.watch(key)
+        assert next(watch) is None
+        zk.set(node, b"frozen")  # the claim (version 1): now it is named
+        assert next(watch) == LeaderInfo("frozen", zk.exists(node).czxid)
+        watch.close()
 
 
 # -- sessions: SUSPENDED and LOST ------------------------------------------------------------------

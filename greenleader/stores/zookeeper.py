@@ -27,7 +27,9 @@ watch notification).
 A winner *claims* its node by writing the same data again (version 0 -> 1), queued as it
 returns from :meth:`ZooKeeperStore.acquire`, so sent only after the candidate stepped up.
 Followers name only a claimed first node: never a candidate that has not learnt it leads
-yet, nor a waiter that happens to be first while it withdraws.
+yet, nor a waiter that happens to be first while it withdraws. kazoo's ``Lock`` and ``Election``
+never claim: followers name their first node at once, with its data (the identifier). The uids
+of greenleader's nodes end in a tag that tells them apart (:func:`_claims`).
 
 Sessions and TTLs, the safety property: the server deletes a session's ephemeral nodes
 only after the negotiated session timeout passes without hearing from the client. A
@@ -137,6 +139,10 @@ log = logging.getLogger(__name__)
 _CONTENDER = "__lock__"  # kazoo's Lock recipe names its nodes <uuid>__lock__<sequence>
 _CONTENDER_RE = re.compile(r"__lock__(-?\d{10})$")
 _LIVE = "__live__"  # <uuid>__live__: the twin of a candidate's node <uuid>__lock__<sequence>
+#: The end of every uid greenleader gives its nodes (32 hex digits, like kazoo's uuid4 hex):
+#: followers tell its candidates, which are named only once claimed, from kazoo's, which never
+#: claim. A kazoo uid ends so by chance once in 2**20: then it is named once its data changes.
+_OWN_UID_TAG = "91ead"
 _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
@@ -167,6 +173,21 @@ def _contenders(children: list[str]) -> list[str]:
     """Contender node names (kazoo Lock format), lowest sequence first."""
     found = [(m.group(1), c) for c in children if (m := _CONTENDER_RE.search(c))]
     return [name for _, name in sorted(found, key=lambda pair: int(pair[0]))]
+
+
+def _new_uid() -> str:
+    """A uid for a candidate's nodes: random, 32 hex digits, ending in :data:`_OWN_UID_TAG`."""
+    return uuid.uuid4().hex[:-len(_OWN_UID_TAG)] + _OWN_UID_TAG
+
+
+def _claims(contender: str, children: list[str]) -> bool:
+    """True if ``contender`` (a node name among ``children``) is greenleader's, which claims
+    its win, rather than kazoo's ``Lock``/``Election``'s, which never does: its uid carries the
+    tag, or (a node made before the tag) its twin is there. Node and twin are made in one
+    transaction, and the tag stays when an operator deletes the twin: so an unclaimed
+    greenleader node never passes for kazoo's."""
+    uid = contender.partition(_CONTENDER)[0]
+    return uid.endswith(_OWN_UID_TAG) or f"{uid}{_LIVE}" in children
 
 
 def _orphaned_twins(children: list[str], contenders: list[str]) -> list[str]:
@@ -920,7 +941,7 @@ class ZooKeeperStore(Store):
         if session.orphans:  # left by a release or withdrawal that was cut short
             session.delete_orphans()
         client = session.client
-        uid = uuid.uuid4().hex  # our nodes: <uid>__lock__<sequence> and its twin <uid>__live__
+        uid = _new_uid()  # our nodes: <uid>__lock__<sequence> and its twin <uid>__live__
         lease: _ZooKeeperLease | None = None  # our nodes, once created
         sent = False  # a create request went out, so nodes of ours may exist
         try:
@@ -958,7 +979,7 @@ class ZooKeeperStore(Store):
                         # deleted from outside, or gone with its session: never win with it
                         log.info("%s: its node or its twin in %s is gone; queueing anew", node, path)
                         session.discard(path, uid)
-                        uid, lease, sent = uuid.uuid4().hex, None, False
+                        uid, lease, sent = _new_uid(), None, False
                         continue
                     position = contenders.index(name)
                     if position == 0:
@@ -1051,9 +1072,11 @@ class ZooKeeperStore(Store):
         client = session.client
         while True:
             try:
-                contenders = _contenders(session.call(client.get_children_async, path))
+                children = session.call(client.get_children_async, path)
+                contenders = _contenders(children)
                 if not contenders and watch is not None:  # vacant: wake up when someone joins
-                    contenders = _contenders(session.call(client.get_children_async, path, watch))
+                    children = session.call(client.get_children_async, path, watch)
+                    contenders = _contenders(children)
             except NoNodeError:
                 if session.call(client.exists_async, path, watch) is None:
                     return None  # the key does not exist yet: wake up when it is created
@@ -1065,8 +1088,9 @@ class ZooKeeperStore(Store):
                 data, stat = session.call(client.get_async, first, watch)
             except NoNodeError:
                 continue
-            if stat.version == 0:
+            if stat.version == 0 and _claims(contenders[0], children):
                 return _Unclaimed(first)  # the claim (or the node's deletion) fires the watch
+            # a claimed greenleader node, or kazoo's: named at once (it never claims)
             return LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
