@@ -933,3 +933,69 @@ def test_a_go_session_that_resigns_but_keeps_its_lease_does_not_block_the_queue(
     finally:
         ours.stop()
         client.revoke_lease(session.id)
+
+
+def _untagged_lease(client) -> int:
+    """A lease as another client (etcdctl, Go) has it: an id without greenleader's tag."""
+    from greenleader.stores import etcd
+
+    lease_id = (uuid.uuid4().int >> 87) << 20 | 0x12345  # 41 random bits, then not the tag
+    assert not etcd._is_own_lease(lease_id)
+    return client.lease(60, lease_id=lease_id).id
+
+
+def test_a_follower_names_another_clients_first_candidate_at_once(stores, key):
+    """An ``etcdctl elect`` / Go ``concurrency.Election`` winner never claims its key: followers
+    name it as soon as it is first, with its value (the proposal), and a Proclaim renames it.
+    (Before the fix: leader() waited its whole timeout, here 30 s, then said None.)"""
+    client = stores()._client()
+    go_lease = _untagged_lease(client)
+    go_key = f"{key}/{go_lease:x}"
+    try:
+        client.put(go_key, "go-proposal", lease=go_lease)  # Campaign: alone, so it leads
+        term = keys_under(stores(), key)[0][1]
+        store = stores(timeout=30)
+        assert store.leader(key) == LeaderInfo("go-proposal", term)
+        watch = store.watch(key)
+        assert next(watch) == LeaderInfo("go-proposal", term)
+        client.put(go_key, "proclaimed", lease=go_lease)  # Proclaim
+        assert next(watch) == LeaderInfo("proclaimed", term)
+        watch.close()
+    finally:
+        client.revoke_lease(go_lease)
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged-lease", "twin-only"])
+def test_an_unclaimed_greenleader_key_first_in_line_is_never_named(stores, key, tagged):
+    """A greenleader candidate first in line that has not claimed its key (it may not know it
+    leads, rule 10) is not named, unlike another client's: it is told by its lease id's tag,
+    which stays when an operator deletes its twin (tagged-lease), or, for a key made before
+    the tag, by its twin of the same create revision (twin-only)."""
+    from greenleader.stores import etcd
+
+    admin = stores()
+    client = admin._client()
+    if tagged:
+        candidacy = etcd._Candidacy(admin, key, "frozen", 10, {})
+        candidacy.start()  # key and twin, one transaction, version 1: never claimed
+        lease_id = candidacy.lease_id
+        client.delete(f"{key}/{lease_id:x}/live")  # the twin deleted from outside
+    else:
+        lease_id = _untagged_lease(client)
+        own = f"{key}/{lease_id:x}"
+        client.transaction(compare=[], success=[client.transactions.put(kv_key, "frozen", lease=lease_id)
+                                                for kv_key in (own, own + "/live")], failure=[])
+    try:
+        store = stores(timeout=0.5)
+        assert store.leader(key) is None
+        watch = store.watch(key)
+        assert next(watch) is None
+        own = f"{key}/{lease_id:x}"
+        client.put(own, "frozen", lease=lease_id)  # the claim (version 2): now it is named
+        assert next(watch) == LeaderInfo("frozen", keys_under(admin, key)[0][1])
+        watch.close()
+    finally:
+        if tagged:
+            candidacy.withdraw()
+        else:
+            client.revoke_lease(lease_id)

@@ -43,7 +43,9 @@ first key (an unclaimed one reads as vacant), never name a candidate before it c
 that it leads: not a winner frozen just as it won, nor a waiter that comes first while it
 withdraws. So during a handover a follower reports a vacancy for about one round trip.
 Candidates of ``etcdctl elect`` on the same key exclude greenleader's and are excluded by
-them (same keys, same order), but followers name them only once they proclaim a value.
+them (same keys, same order). They never claim, so followers name another client's first
+candidate at once, with its value (the proposal): greenleader's own keys are told apart by a
+tag in their lease ids (:class:`_View`).
 
 The client is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of ``etcd3`` with
 current protobuf stubs; ``etcd3`` is used if it is what the environment has. It speaks
@@ -143,6 +145,10 @@ _CLAIMED = 2
 _GONE_POLL = (0.005, 0.25)
 #: Suffix of a candidate key's twin, which shares its lease: ``<key>/<id>/live``.
 _TWIN = b"/live"
+#: The low bits of every lease id greenleader makes (so its keys ``<key>/<lease hex>`` end in
+#: ``91ead``): followers tell its candidates, which are named only once claimed, from other
+#: clients' (etcdctl elect), which never claim. 20 bits leave 41 random ones for the id.
+_OWN_TAG, _OWN_TAG_BITS = 0x91EAD, 20
 
 _grpc_gevent_ready = False
 #: Clients inherited across fork(): their channels belong to the parent and are never touched.
@@ -275,33 +281,77 @@ def _is_registration(kv_key: bytes, prefix: bytes) -> bool:
     return b"/" not in rest or (rest.endswith(_TWIN) and rest.count(b"/") == 1)
 
 
-#: A candidate's key as a follower sees it: (create revision, version, value).
-_Seen = tuple[int, int, bytes]
+#: A candidate's key as a follower sees it: (create revision, version, value, lease).
+_Seen = tuple[int, int, bytes, int]
 #: A candidate's key as a waiter sees it: (create revision, key, lease).
 _Candidate = tuple[int, bytes, int]
 
 
-def _candidates_in(kvs: Any, prefix: bytes) -> dict[bytes, _Seen]:
-    """The election's own candidates among the ``kvs`` of a range under ``prefix``."""
-    return {kv.key: (kv.create_revision, kv.version, kv.value) for kv in kvs if _is_direct_child(kv.key, prefix)}
+def _own_lease_id() -> int:
+    """A new lease id for a candidate: random, positive, ending in :data:`_OWN_TAG`."""
+    return (random.SystemRandom().getrandbits(61 - _OWN_TAG_BITS) << _OWN_TAG_BITS) | (1 << 61) | _OWN_TAG
 
 
-def _first_unclaimed(candidates: dict[bytes, _Seen]) -> bytes | None:
-    """The key of the first candidate if its winner has not claimed it yet, else None."""
-    if not candidates:
-        return None
-    first = min(candidates, key=candidates.__getitem__)
-    return first if candidates[first][1] < _CLAIMED else None
+def _is_own_lease(lease: int) -> bool:
+    """True for a lease id greenleader made (:func:`_own_lease_id`), as a rule False for
+    another client's (etcd numbers its leases in sequence: 1 in 2**20 ends in the tag)."""
+    return (lease & ((1 << _OWN_TAG_BITS) - 1)) == _OWN_TAG
 
 
-def _leader_of(candidates: dict[bytes, _Seen]) -> LeaderInfo | None:
-    """The candidate with the lowest create revision once it has claimed its win, else None."""
-    if not candidates:
-        return None
-    revision, version, value = min(candidates.values())
-    if version < _CLAIMED:  # it has not stepped up yet (or not won: frozen, withdrawing)
-        return None
-    return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
+class _View:
+    """The election as a follower sees it: the candidate keys ``<key>/<id>`` and the twins
+    ``<key>/<id>/live``, kept up to date from a range and then from watch events.
+
+    The first candidate is the leader, but a greenleader candidate only once it has claimed
+    its key (version 2): before that it may not know that it leads (module docstring). Other
+    clients' candidates (``etcdctl elect``, Go's ``concurrency.Election`` and ``Mutex``) never
+    claim: they lead as soon as they are first, with their value (the proposal) as the name.
+    A candidate is greenleader's when its lease id carries greenleader's tag, or (keys made
+    before the tag) when its twin, created in the same transaction, is there with the same
+    create revision. Both are true from the key's first revision on, so a reader never takes
+    an unclaimed greenleader key for another client's; the twin alone would not do, since an
+    operator may delete it.
+    """
+
+    def __init__(self, prefix: bytes, kvs: Any) -> None:
+        self.prefix = prefix
+        self.candidates: dict[bytes, _Seen] = {}
+        self.twins: dict[bytes, int] = {}  # twin key -> create revision
+        for kv in kvs:
+            self.put(kv)
+
+    def put(self, kv: Any) -> None:
+        """A key was created or rewritten (a new candidate, a twin, a winner's claim)."""
+        if _is_direct_child(kv.key, self.prefix):
+            self.candidates[kv.key] = (kv.create_revision, kv.version, kv.value, kv.lease)
+        elif _is_registration(kv.key, self.prefix):
+            self.twins[kv.key] = kv.create_revision
+
+    def delete(self, kv_key: bytes) -> None:
+        self.candidates.pop(kv_key, None)
+        self.twins.pop(kv_key, None)
+
+    def _first(self) -> tuple[_Seen, bool] | None:
+        """The first candidate, and whether it still has to claim its win to be named."""
+        if not self.candidates:
+            return None
+        key = min(self.candidates, key=self.candidates.__getitem__)
+        seen = self.candidates[key]
+        own = _is_own_lease(seen[3]) or self.twins.get(_twin_of(key)) == seen[0]
+        return seen, own and seen[1] < _CLAIMED
+
+    def awaits_claim(self) -> bool:
+        """True when the first candidate is greenleader's and has not claimed its key yet."""
+        first = self._first()
+        return first is not None and first[1]
+
+    def leader(self) -> LeaderInfo | None:
+        """The first candidate, if it is named: claimed, or another client's; else None."""
+        first = self._first()
+        if first is None or first[1]:  # not stepped up yet (or not won: frozen, withdrawing)
+            return None
+        revision, _, value, _ = first[0]
+        return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
 
 
 def _owns(key: bytes, create_revision: int) -> Any:
@@ -522,7 +572,7 @@ class _Candidacy:
         self.key = key
         self.ttl = ttl
         self.prefix = (key + "/").encode()
-        self.lease_id = random.SystemRandom().getrandbits(62) | 1 << 61  # chosen here: a grant
+        self.lease_id = _own_lease_id()  # chosen here: a grant
         self.own_key = self.prefix + f"{self.lease_id:x}".encode()  # cut short leaves no orphan
         self.node = node
         self.pid = os.getpid()
@@ -1028,9 +1078,9 @@ class EtcdStore(Store):
         prefix = (self.validate_key(key) + "/").encode()
         deadline, delay = now() + self.timeout, 0.005
         while True:
-            candidates = _candidates_in(self._range_prefix(prefix).kvs, prefix)
-            if _first_unclaimed(candidates) is None or now() >= deadline:
-                return _leader_of(candidates)
+            view = _View(prefix, self._range_prefix(prefix).kvs)
+            if not view.awaits_claim() or now() >= deadline:
+                return view.leader()
             # A winner claims its key one round trip after it learnt it won: wait for that
             # (bounded: the first may be a waiter that is frozen, or lost) rather than report
             # a vacancy. Polled rather than watched: it also runs where gevent has not patched.
@@ -1044,8 +1094,8 @@ class EtcdStore(Store):
         failures = 0
         while True:
             response = self._range_prefix(prefix)  # a failure here ends the watch
-            candidates = _candidates_in(response.kvs, prefix)
-            current = _leader_of(candidates)
+            view = _View(prefix, response.kvs)
+            current = view.leader()
             if current != last:
                 last = current
                 yield current
@@ -1054,15 +1104,14 @@ class EtcdStore(Store):
                 try:
                     for watch_response in stream:
                         failures = 0
+                        # All the events of one revision come in one response: a new key
+                        # and its twin (one transaction) are seen together.
                         for event in watch_response.events:
-                            if not _is_direct_child(event.kv.key, prefix):
-                                continue
                             if event.type == kv_pb2.Event.DELETE:
-                                candidates.pop(event.kv.key, None)
-                            else:  # a new candidate, or a winner's claim
-                                candidates[event.kv.key] = (event.kv.create_revision, event.kv.version,
-                                                            event.kv.value)
-                        current = _leader_of(candidates)
+                                view.delete(event.kv.key)
+                            else:  # a new candidate or twin, or a winner's claim
+                                view.put(event.kv)
+                        current = view.leader()
                         if current != last:
                             last = current
                             yield current
