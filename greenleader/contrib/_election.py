@@ -25,6 +25,7 @@ from ..duties import duties as default_duties
 from ..errors import GreenleaderError, StoreError
 from ..follower import Follower
 from ..retry import Backoff
+from ..status import status_document
 from ..stores import Store, _redacted, from_url
 from ._config import ElectionConfig
 
@@ -142,8 +143,12 @@ class ProcessElection:
         return self.is_leader()
 
     def status(self) -> dict[str, Any]:
+        """The same document as a gunicorn worker's ``/_greenleader``, store health included."""
         leader, term = self.leader()
-        return {"key": self.key, "leader": leader, "node": self.node, "is_leader": self.is_leader(), "term": term}
+        return status_document(key=self.key, node=self.node, leader=leader, term=term, is_leader=self.is_leader(),
+                               candidate=self.candidate, follower=self.follower,
+                               backend=self.store.backend if self.store is not None else "?",
+                               stopped=self.stopping.is_set())
 
 
 class LeaderOnlyOutcome:
