@@ -2,7 +2,7 @@
 # The election's settings come from app.config (GREENLEADER_*, and the environment it falls back to).
 import logging
 
-from greenleader.contrib.gunicorn import post_fork, worker_exit  # noqa: F401  (the election's two hooks)
+from greenleader.contrib.gunicorn import child_exit, post_fork, worker_exit  # noqa: F401  (the election's hooks)
 
 worker_class = "gevent"
 workers = 4
