@@ -24,7 +24,9 @@ TICK = 0.2  # seconds between beats: several per second, so a takeover shows qui
 app = Celery("celery_app")
 app.conf.update(
     broker_url="filesystem://",
-    broker_transport_options={"data_folder_in": BROKER_DIR, "data_folder_out": BROKER_DIR},
+    # control_folder too: kombu otherwise makes ./control in the working directory (the repository)
+    broker_transport_options={"data_folder_in": BROKER_DIR, "data_folder_out": BROKER_DIR,
+                              "control_folder": os.path.join(BROKER_DIR, "control")},
     beat_schedule={"tick": {"task": "celery_app.tick", "schedule": TICK}},
     beat_max_loop_interval=TICK,
     timezone="UTC",
