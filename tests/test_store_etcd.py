@@ -999,3 +999,29 @@ def test_an_unclaimed_greenleader_key_first_in_line_is_never_named(stores, key, 
             candidacy.withdraw()
         else:
             client.revoke_lease(lease_id)
+
+
+def test_a_newcomer_waits_for_the_lease_of_a_leader_whose_twin_then_key_were_deleted(stores, key):
+    """An operator deletes the leader's twin, then (after bob queued, seeing the key alone) its
+    key; alice has not heard yet (her guard is stopped here: a slow link). Bob must not win
+    while her lease lives: her key, twin or not, is told as greenleader's by its lease's tag.
+    Once she revokes it, bob wins. (With the twin alone as the mark, bob won at once.)"""
+    admin = stores()
+    client = admin._client()
+    alice = stores().acquire(key, "alice", 10)
+    alice._guard.kill()  # alice hears of no deletion until the test releases her lease
+    own = f"{key}/{alice.lease_id:x}"
+    client.delete(own + "/live")
+    bob = gevent.spawn(stores().acquire, key, "bob", 10)
+    try:
+        wait_until(lambda: len(keys_under(admin, key)) == 2, 10, "bob to queue behind alice's key")
+        client.delete(own)
+        bob.join(timeout=1.0)
+        assert not bob.ready(), f"bob won while alice's lease lived: {bob.value or bob.exception!r}"
+        alice.release()
+        won = bob.get(timeout=10)
+        assert won.node == "bob"
+        won.release()
+    finally:
+        bob.kill()
+        alice.release()

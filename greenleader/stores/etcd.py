@@ -18,10 +18,12 @@ watch reports the deletion (before the two rules below, the nemesis found two le
   twin*, so a twin whose key was deleted keeps everyone, newcomers included, from winning
   until its holder has noticed and revoked its lease (or the lease expired). Deleting either
   of a holder's keys ends its tenure; a waiter whose key or twin is gone campaigns anew.
-- A candidate never wins while the lease of an older candidate that it saw lives on: when
-  such a key is gone, it asks etcd for the lease (LeaseTimeToLive) and, while that lease
-  lives, waits for it to go, polling with a backoff. This covers a key deleted with its twin
-  (``etcdctl del --prefix``), and ``etcdctl elect`` holders, which have no twin. A release
+- A candidate never wins while the lease of an older greenleader candidate that it saw lives
+  on: when such a key is gone, it asks etcd for the lease (LeaseTimeToLive) and, while that
+  lease lives, waits for it to go, polling with a backoff. This covers a key deleted with its
+  twin (``etcdctl del --prefix``), and a key deleted after its twin. greenleader's candidates
+  are told by the tag in their lease ids (or a twin); ``etcdctl elect`` and Go sessions are not
+  waited for so, as they keep their lease after resigning (docs/safety.md). A release
   revokes the lease, so the check finds it gone at once: a handover costs that one extra
   round trip. The leases seen are remembered across a candidate's campaigns, until they are
   found gone or a predecessor that saw them is found to have won (the deletion of a claimed
@@ -688,10 +690,11 @@ class _Candidacy:
                 if position is None:
                     log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
                     return None
-                # Only greenleader candidates (they have a twin) are waited for by lease: one
-                # never keeps its lease after its candidacy, while a Go/etcdctl session does.
-                twinned = {lease for _, kv_key, lease in keys if kv_key.endswith(_TWIN)}
-                self.older.update((lease, created) for created, _, lease in keys[:position] if lease in twinned)
+                # Only greenleader candidates (a tagged lease, or a twin) are waited for by
+                # lease: one never keeps its lease after its candidacy, while a Go/etcdctl
+                # session does. The tag also marks a key whose twin was deleted from outside.
+                own = {lease for _, kv_key, lease in keys if kv_key.endswith(_TWIN) or _is_own_lease(lease)}
+                self.older.update((lease, created) for created, _, lease in keys[:position] if lease in own)
                 self.listed.update(lease for _, _, lease in keys[:position])
                 if position == 0:  # the read that says so also showed our key
                     if not self.older:
