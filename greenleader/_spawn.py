@@ -175,14 +175,22 @@ class CommandGroup:
         if self._ready is not None:
             os.close(self._ready)
             self._ready = None
-        if not self._watchdog_gone.wait(_KILL_TIMEOUT):
-            log.error("the watchdog (pid %d) of the command's process group did not end", self.pgid)
         if self.pid is not None and not self._exit.wait(_KILL_TIMEOUT) and not self._exit.ready():
             log.error("the command (pid %d) did not end after SIGKILL", self.pid)
             self._exit.set(128 + signal.SIGKILL)  # so that nothing waits for it forever
         deadline = time.monotonic() + _KILL_TIMEOUT
-        while self._members() and time.monotonic() < deadline:
+        members = self._members()
+        while members and time.monotonic() < deadline:
             gevent.sleep(0.01)  # SIGKILLed processes take a moment to exit
+            members = self._members()
+        if members is None:  # no /proc: the watchdog's end is the only sign that the SIGKILL landed
+            self._reap_watchdog()
+        else:  # the command's processes are gone: the key may go without waiting to reap the
+            gevent.spawn(self._reap_watchdog)  # watchdog (SIGKILLed, it runs nothing; not the command)
+
+    def _reap_watchdog(self) -> None:
+        if not self._watchdog_gone.wait(_KILL_TIMEOUT):
+            log.error("the watchdog (pid %d) of the command's process group did not end", self.pgid)
         for watcher in self._watchers:
             watcher.stop()
 
