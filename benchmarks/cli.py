@@ -5,6 +5,12 @@ plots and docs/benchmarks.md.
     python -m benchmarks --quick              # a smoke run of a minute or two (to a temp dir)
     python -m benchmarks handover failover --kinds etcd,zookeeper
     python -m benchmarks --report             # table, plots and page again from the JSON
+    python -m benchmarks handover --passes 5  # the runners take turns: 5 passes, order rotated
+
+The machine is shared (2 cores): its load changes over the minutes a section takes. With
+``--passes N`` the handover runners of a store take turns, N passes of trials/N handovers each,
+in an order rotated every pass, so that greenleader and the peer it is compared with see the
+same conditions; their samples are pooled.
 
 A run of some sections merges them into the existing results.json, so the table always
 shows the latest figures of every section.
@@ -30,7 +36,9 @@ log = logging.getLogger("benchmarks")
 SECTIONS = ["handover", "failover", "followers", "cost", "contention"]
 
 
-def _section_runner(name: str) -> Callable[[Config, Stores, Path], Any]:
+def _section_runner(name: str, passes: int = 1) -> Callable[[Config, Stores, Path], Any]:
+    if name == "handover" and passes > 1:
+        return lambda config, stores, workdir: _interleaved_handover(config, stores, workdir, passes)
     if name in ("handover", "failover"):
         from . import handover
 
@@ -62,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots and no page")
     parser.add_argument("--report", action="store_true", help="run nothing: table, plots and page from the JSON")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs of every process)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="handover: the runners of a store take turns in this many passes, each in a rotated "
+                             "order, and their samples are pooled (default: %(default)s, one runner after another)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -82,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.trials is not None:
             config.handover_trials = config.failover_trials = args.trials
             config.follower_changes = config.contention_handovers = args.trials
-        _run(config, args.sections or SECTIONS, results, out, args.keep)
+        if args.passes < 1:
+            parser.error("--passes must be 1 or more")
+        _run(config, args.sections or SECTIONS, results, out, args.keep, args.passes)
     print(report.table(results), flush=True)
     if not args.no_plots:
         report.plots(results, out)
@@ -92,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path, keep: bool) -> None:
+def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path, keep: bool,
+         passes: int = 1) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="greenleader-bench-"))
     stores = Stores(workdir)
     ok = False
@@ -103,11 +117,12 @@ def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path
                 continue
             before, started = loadavg(), time.monotonic()
             print(f"== {name} (load average {' '.join(map(str, before))})", flush=True)
-            data = _section_runner(name)(config, stores, workdir / name)
+            data = _section_runner(name, passes)(config, stores, workdir / name)
             section = results["sections"].setdefault(name, {"data": {}})
             section["data"].update(data)  # other kinds keep their earlier figures
-            section.update(quick=config.quick, seconds=round(time.monotonic() - started, 1),
-                           load_before=before, load_after=loadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            section.update(quick=config.quick, passes=passes if name == "handover" else 1,
+                           seconds=round(time.monotonic() - started, 1), load_before=before,
+                           load_after=loadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                            servers=dict(stores.versions))
             report.save(results, out / "results.json")
             print(f"   {name} took {section['seconds']:.0f}s (load average {' '.join(map(str, loadavg()))})",
@@ -119,3 +134,31 @@ def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"scratch directory (process logs): {workdir}", file=sys.stderr)
+
+
+def _interleaved_handover(config: Config, stores: Stores, workdir: Path, passes: int) -> dict[str, Any]:
+    """The handover section with the runners of each store taking turns (see the module doc)."""
+    from . import handover
+    from .common import summary
+
+    per_pass = max(1, -(-config.handover_trials // passes))  # rounded up
+    data: dict[str, Any] = {}
+    for kind in config.kinds:
+        runners = handover.handover_runners(kind)
+        pooled: dict[str, dict[str, Any]] = {}
+        for number in range(passes):
+            shift = number % len(runners)
+            ctx = handover.Ctx(config, stores, workdir / f"{kind}-pass-{number + 1}")  # its FIFOs, its names
+            try:
+                for runner in runners[shift:] + runners[:shift]:
+                    result = handover.handover(ctx, runner, per_pass)
+                    into = pooled.setdefault(runner.label, {**result, "samples": [], "tenures": [], "errors": []})
+                    for field in ("samples", "tenures", "errors"):
+                        into[field] += result[field]
+            finally:
+                ctx.close()
+        for result in pooled.values():
+            result["summary"] = summary(result["samples"])
+            log.info("handover %s %s over %d passes: %s", kind, result["label"], passes, result["summary"])
+        data[kind] = [pooled[runner.label] for runner in runners]
+    return data
