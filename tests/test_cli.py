@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -709,3 +710,43 @@ def test_watch_json_through_a_store_outage(etcd_cluster, tmp_path, retry):
 
 def json_term(out: str) -> int:
     return json.loads(out)["term"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"CONSUL_HTTP_ADDR": "unix:///run/consul.sock"}, "the scheme 'unix' is not supported"),
+        ({"CONSUL_HTTP_ADDR": "https://h:8501", "CONSUL_HTTP_SSL": "false"}, "says https but CONSUL_HTTP_SSL is false"),
+        ({"CONSUL_HTTP_ADDR": "h:8500", "CONSUL_HTTP_SSL": "maybe"}, "CONSUL_HTTP_SSL='maybe' is not a boolean"),
+        ({"CONSUL_HTTP_ADDR": "h:8500", "CONSUL_CACERT": "/nonexistent/ca.pem"}, "CONSUL_CACERT='/nonexistent/ca.pem'"),
+        ({"ETCDCTL_ENDPOINTS": "http://a:2379,https://b:2379"}, "mixes http and https"),
+        ({"ETCDCTL_ENDPOINTS": "a:2379", "ETCDCTL_USER": "app"}, "ETCDCTL_USER names no password"),
+        ({"ETCDCTL_ENDPOINTS": "a:2379", "ETCDCTL_PASSWORD": "s3cret"}, "ETCDCTL_PASSWORD is set without ETCDCTL_USER"),
+        ({"ZOOKEEPER_HOSTS": "zk://a:2181"}, "no scheme"),
+        ({"ZOOKEEPER_HOSTS": "a:2181,,b:2181"}, "has an empty host"),
+    ],
+)
+def test_bad_store_environment_names_the_variable(environ, message):
+    from greenleader._env import choose_store
+    from greenleader.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)) as raised:
+        choose_store(None, environ)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_store_environment_options_and_what_wins():
+    from greenleader._env import choose_store
+
+    choice = choose_store(None, {"ETCDCTL_ENDPOINTS": "https://a:2379, https://b:2379", "ETCDCTL_USER": "app",
+                                 "ETCDCTL_PASSWORD": "s3cret", "CONSUL_HTTP_TOKEN": "t0ken"})
+    assert (choice.backend, choice.addrs, dict(choice.options)) == (
+        "etcd", ("a:2379", "b:2379"), {"tls": True, "user": "app", "password": "s3cret"})
+    assert choice.describe() == ("etcd://a:2379,b:2379 (tls, user app), "
+                                 "from ETCDCTL_ENDPOINTS, ETCDCTL_USER, ETCDCTL_PASSWORD")
+    assert "s3cret" not in repr(choice) and choice.ignored == ()  # the token is the Consul store's own
+    choice = choose_store(None, {"ZOOKEEPER_HOSTS": "a:2181,b:2181/apps/x", "GREENLEADER_STORE": "etcd://c:2379"})
+    assert (choice.source, choice.url, choice.ignored) == ("GREENLEADER_STORE", "etcd://c:2379", ("ZOOKEEPER_HOSTS",))
+    choice = choose_store(None, {"ZOOKEEPER_HOSTS": "a:2181,b:2181/apps/x"})
+    assert (choice.addrs, dict(choice.options)) == (("a:2181", "b:2181"), {"chroot": "/apps/x"})
+    assert choose_store("file:///x", {"ZOOKEEPER_HOSTS": "a:2181"}).ignored == ("ZOOKEEPER_HOSTS",)
