@@ -6,6 +6,7 @@ plots and docs/benchmarks.md.
     python -m benchmarks handover failover --kinds etcd,zookeeper
     python -m benchmarks --report             # table, plots and page again from the JSON
     python -m benchmarks handover --passes 5  # the runners take turns: 5 passes, order rotated
+    python -m benchmarks --report --before OLD/results.json   # the page with before/after columns
 
 The machine is shared (2 cores): its load changes over the minutes a section takes. With
 ``--passes N`` the handover runners of a store take turns, N passes of trials/N handovers each,
@@ -13,7 +14,11 @@ in an order rotated every pass, so that greenleader and the peer it is compared 
 same conditions; their samples are pooled.
 
 A run of some sections merges them into the existing results.json, so the table always
-shows the latest figures of every section.
+shows the latest figures of every section (each says the commit it was measured at).
+
+``--before FILE`` keeps FILE (the results.json of a run on an earlier commit, say a
+worktree of the branch's first commit) as ``before.json`` next to results.json; the table
+and the page then open with the goals of issue 11, before and after (benchmarks/goals.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .common import KINDS, REPO, Config, Stores, loadavg
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ["handover", "failover", "followers", "cost", "contention"]
+SECTIONS = ["handover", "failover", "followers", "cost", "idle", "fileidle", "contention"]
 
 
 def _section_runner(name: str, passes: int = 1) -> Callable[[Config, Stores, Path], Any]:
@@ -47,10 +52,14 @@ def _section_runner(name: str, passes: int = 1) -> Callable[[Config, Stores, Pat
         from . import followers
 
         return followers.run
-    if name == "cost":
+    if name == "fileidle":
+        from . import file_section
+
+        return file_section.run
+    if name in ("cost", "idle"):
         from . import cost
 
-        return cost.run
+        return cost.run if name == "cost" else cost.run_idle
     from . import contention
 
     return contention.run
@@ -73,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=1,
                         help="handover: the runners of a store take turns in this many passes, each in a rotated "
                              "order, and their samples are pooled (default: %(default)s, one runner after another)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="the results.json of a run on an earlier commit: kept as before.json in --out, "
+                             "for the before/after table of issue 11's goals")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -88,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                        else REPO / "docs" / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
     results = report.load(out / "results.json")
+    if args.before is not None:
+        shutil.copyfile(args.before, out / "before.json")
+    before = report.load(out / "before.json") if (out / "before.json").exists() else None
     if not args.report:
         config = Config.quick_run(kinds) if args.quick else Config(kinds=kinds)
         if args.trials is not None:
@@ -96,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.passes < 1:
             parser.error("--passes must be 1 or more")
         _run(config, args.sections or SECTIONS, results, out, args.keep, args.passes)
-    print(report.table(results), flush=True)
+    print(report.table(results, before=before), flush=True)
     if not args.no_plots:
         report.plots(results, out)
         if out.resolve() == (REPO / "docs" / "benchmarks").resolve():
-            report.page(results, REPO / "docs" / "benchmarks.md")
+            report.page(results, REPO / "docs" / "benchmarks.md", before=before)
     print(f"results: {out / 'results.json'}", flush=True)
     return 0
 
@@ -111,7 +126,7 @@ def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path
     stores = Stores(workdir)
     ok = False
     try:
-        results["environment"] = report.environment()
+        results["environment"] = environment = report.environment()
         for name in SECTIONS:
             if name not in sections:
                 continue
@@ -124,6 +139,7 @@ def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path
                            seconds=round(time.monotonic() - started, 1), load_before=before,
                            load_after=loadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                            servers=dict(stores.versions))
+            section.setdefault("commits", {}).update(dict.fromkeys(data, environment["commit"]))
             report.save(results, out / "results.json")
             print(f"   {name} took {section['seconds']:.0f}s (load average {' '.join(map(str, loadavg()))})",
                   flush=True)

@@ -57,6 +57,9 @@ class Config:
     contention_sizes: tuple[tuple[int, int], ...] = ((10, 1), (10, 10))  # (processes, candidates each)
     contention_handovers: int = 10
     contention_idle: float = 7.5  # one renewal period of a waiting etcd candidate at the TTL of 60 s
+    file_idle_participants: int = 10  # idle file-store waiters (and as many followers) in a process
+    file_idle_window: float = 45.0  # seconds: 10 x 45 participant-seconds resolve 0.5 CPU s/hour well
+    file_idle_trials: int = 10  # store-level handovers and failovers on the file store (not --trials)
     quick: bool = False
 
     @classmethod
@@ -64,7 +67,8 @@ class Config:
         return cls(
             kinds=kinds, handover_trials=3, failover_trials=1, follower_changes=2, followers=10,
             cost_participants=2, cost_window=5.0, big_candidates=50, big_window=3.0, big_startup=30.0,
-            contention_sizes=((2, 1), (2, 3)), contention_handovers=2, contention_idle=1.0, quick=True,
+            contention_sizes=((2, 1), (2, 3)), contention_handovers=2, contention_idle=1.0,
+            file_idle_participants=2, file_idle_window=2.0, file_idle_trials=2, quick=True,
         )
 
 

@@ -52,6 +52,10 @@ def environment() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "greenleader"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if changed:  # the library measured is not the commit's
+            commit += "+uncommitted"
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "cpus": os.cpu_count(),
@@ -162,7 +166,7 @@ def cost_table(data: dict[str, Any]) -> str:
 def big_table(data: dict[str, Any]) -> str:
     rows = []
     for kind in _kinds(data):
-        b = data[kind].get("big")
+        b = data[kind] if "cpu_percent" in data[kind] else data[kind].get("big")  # idle, or an older cost
         if not b:
             continue
         held = f"{b.get('held_start', b['n'])} -> {b.get('held_end', b['n'])}"
@@ -174,6 +178,24 @@ def big_table(data: dict[str, Any]) -> str:
     return _md(["store", "idle candidates (1 key each)", "all lead after s", "leading (window start -> end)",
                 "step-downs / errors in window", "requests/min", "CPU %", "CPU s/hour", "RSS MB (+ for candidates)",
                 "KB each"], rows)
+
+
+def file_idle_table(data: dict[str, Any]) -> str:
+    rows = []
+    for kind in _kinds(data):
+        d = data[kind]
+        idle = d.get("idle", {})
+        cells = [kind, str(d.get("participants", "-"))]
+        for role in ("waiters", "followers"):
+            r = idle.get(role, {})
+            cells += [_f(r.get("cpu_s_per_hour_each"), 3), _f(r.get("flocks_per_min_each"), 1)]
+        for figure in ("graceful_handover", "crash_failover"):
+            f = d.get(figure) or {}
+            cells.append(" / ".join(_f(f.get(k), 1) for k in ("median_ms", "p95_ms", "max_ms")) if f else "-")
+        rows.append(cells)
+    return _md(["store", "participants", "waiter CPU s/hour each", "waiter lock attempts/min each",
+                "follower CPU s/hour each", "follower lock attempts/min each",
+                "release -> win, ms (median / p95 / max)", "SIGKILL -> win, ms (median / p95 / max)"], rows)
 
 
 def contention_table(data: dict[str, Any]) -> str:
@@ -196,27 +218,54 @@ TABLES = {
     "failover": ("Crash failover: SIGKILL of the holder -> next holder's work starts", failover_table),
     "followers": ("Follower latency: change of leader -> followers in one process notified", followers_table),
     "cost": ("Cost at rest, per idle participant", cost_table),
-    "big": ("Idle candidates in one process", big_table),
+    "idle": ("Idle candidates in one process", big_table),
+    "fileidle": ("File store at rest and at a change, between processes (benchmarks/file_idle.py)",
+                 file_idle_table),
     "contention": ("Contention: candidates on one key, resigning in turn", contention_table),
 }
 
 
-def table(results: dict[str, Any], headings: bool = False) -> str:
-    """Every section's table; ``headings``: titles as Markdown headings (for the page)."""
+def goals_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    """Issue 11's goals, before and after (benchmarks/goals.py)."""
+    from . import goals
+
+    rows = goals.rows(before, after)
+    if not rows:
+        return ""
+    return f"{goals.commits(before, after)}\n\n" + _md(
+        ["what was measured", "store", "before [commit]", "after [commit]", "goal", "met?"], rows)
+
+
+def _section(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The section a table reads: 1,000 idle candidates were once part of the cost section."""
+    section = results["sections"].get(name)
+    if name == "idle" and not section:
+        cost = results["sections"].get("cost") or {}
+        if any(d.get("big") for d in (cost.get("data") or {}).values()):
+            return cost
+    return section
+
+
+def table(results: dict[str, Any], headings: bool = False, before: dict[str, Any] | None = None) -> str:
+    """Every section's table; ``headings``: titles as Markdown headings (for the page);
+    ``before``: a run on an earlier commit, for the table of issue 11's goals first."""
     out = []
     env = results.get("environment", {})
     if env:
         out.append(f"greenleader {env.get('commit')} on {env.get('cpus')} CPUs, {env.get('date')}")
+    if before is not None and (goals := goals_table(before, results)):
+        out.append(f"\n{'### ' if headings else ''}Issue 11's goals, before and after\n\n{goals}")
     for name, (title, render) in TABLES.items():
-        section = results["sections"].get("cost" if name == "big" else name)
+        section = _section(results, name)
         if not section or not section.get("data"):
             continue
         data = section["data"]
-        if name == "big" and not any(d.get("big") for d in data.values()):
-            continue
-        load = f"load average {section.get('load_before')} -> {section.get('load_after')}"
+        commits = sorted(set((section.get("commits") or {}).values()))
+        at = f"at {', '.join(commits)}, " if commits else ""
+        load = f"{at}load average {section.get('load_before')} -> {section.get('load_after')}"
         quick = ", QUICK RUN" if section.get("quick") else ""
-        out.append(f"\n{'### ' if headings else ''}{title}\n\n({load}{quick})\n\n{render(data)}")
+        passes = f", {section['passes']} passes" if section.get("passes", 1) > 1 else ""
+        out.append(f"\n{'### ' if headings else ''}{title}\n\n({load}{quick}{passes})\n\n{render(data)}")
     return "\n".join(out) + "\n"
 
 
@@ -243,11 +292,15 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 # the page
 
 
-def page(results: dict[str, Any], path: Path) -> None:
+def page(results: dict[str, Any], path: Path, before: dict[str, Any] | None = None) -> None:
     template = (Path(__file__).parent / "page.md").read_text()
     env = results.get("environment", {})
     loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}" for name, s in results["sections"].items()}
-    text = template.replace("{{TABLES}}", table(results, headings=True))
+    text = template.replace("{{TABLES}}", table(results, headings=True, before=before))
     text = text.replace("{{ENVIRONMENT}}", json.dumps(env, indent=1))
     text = text.replace("{{LOADS}}", json.dumps(loads, indent=1))
+    before_loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}"
+                    for name, s in (before or {}).get("sections", {}).items()}
+    text = text.replace("{{BEFORE}}", json.dumps({"environment": (before or {}).get("environment"),
+                                                   "load_average": before_loads}, indent=1))
     path.write_text(text)

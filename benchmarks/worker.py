@@ -12,7 +12,8 @@ named ``W-0`` .. ``W-N-1``; followers follow the same keys. ``--connect`` reads 
 Prints JSON lines on stdout: ``boot`` (RSS before any participant), ``campaigning`` (a candidate
 entered ``acquire``), ``elected`` (``acquire`` returned), ``deposed`` (``release`` began),
 ``error`` (an election error, ``fatal`` or retried), ``stats`` (answer to the ``stats``
-command: the file store's lock attempts so far). Each line
+command: the file store's lock attempts so far, and this process's CPU seconds from
+``getrusage``, exact to the microsecond where /proc/PID/stat counts 10 ms ticks). Each line
 has ``t``, this process's ``time.monotonic()`` (system-wide, comparable with the driver's).
 Commands on stdin: ``resign NODE``, ``stats``. SIGTERM stops everything and exits.
 """
@@ -26,6 +27,7 @@ import argparse
 import fcntl
 import json
 import logging
+import resource
 import signal
 import sys
 import time
@@ -156,7 +158,8 @@ def _commands(candidates: dict[str, Any], stopping: Any) -> None:
         if word == "resign":
             gevent.spawn(candidates[arg].resign)
         elif word == "stats":
-            emit("stats", flock=COUNTS["flock"], rss_mb=_rss_mb())
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            emit("stats", flock=COUNTS["flock"], rss_mb=_rss_mb(), cpu_s=usage.ru_utime + usage.ru_stime)
     stopping.set()  # stdin closed: the driver is gone
 
 

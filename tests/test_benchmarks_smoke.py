@@ -2,6 +2,7 @@
 ``greenleader run`` processes on the file store) in its quick mode, through the one command."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,40 @@ def test_quick_handover_benchmark_on_the_file_store(tmp_path: Path) -> None:
         assert run["summary"]["n"] == 3, run
         assert run["errors"] == [], run["errors"]
         assert 0 < run["summary"]["max"] < 5, run["samples"]
+
+
+def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None:
+    """Issue 11's cases in quick mode: followers on one store object, idle candidates in one
+    process, the file store's idle cost; then the before/after table of the goals from that run.
+    Figures are checked to be there and finite, never against a speed."""
+    argv = [sys.executable, "-m", "benchmarks", "followers", "cost", "idle", "--quick", "--kinds", "file",
+            "--no-plots", "--out", str(tmp_path)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout}\n{done.stderr}"
+    for title in ("Follower latency", "Cost at rest", "Idle candidates in one process"):
+        assert title in done.stdout, done.stdout
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    followers = sections["followers"]["data"]["file"]
+    assert followers["summary_elected"]["n"] == followers["followers"] * followers["changes"], followers
+    assert followers["errors"] == [], followers["errors"]
+    idle = sections["idle"]["data"]["file"]
+    assert idle["held_end"] == idle["n"] and idle["errors"] == 0, idle
+    assert math.isfinite(idle["cpu_percent"]) and idle["cpu_percent"] >= 0, idle
+    for role in ("waiter", "follower"):
+        cpu = sections["cost"]["data"]["file"]["roles"][role]["cpu_s_per_hour"]
+        assert math.isfinite(cpu), (role, cpu)
+    assert sections["idle"]["commits"]["file"], sections["idle"]
+
+    report = [sys.executable, "-m", "benchmarks", "--report", "--no-plots", "--out", str(tmp_path),
+              "--before", str(tmp_path / "results.json")]
+    done = subprocess.run(report, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"report failed:\n{done.stdout}\n{done.stderr}"
+    assert "Issue 11's goals, before and after" in done.stdout, done.stdout
+    goals = done.stdout.split("Issue 11's goals")[1].split("\n\n")[2]  # the goals' Markdown table
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in goals.splitlines()[2:]]
+    measured = {row[0] for row in rows if row[1] == "file" and row[3] != "-"}  # what, store, before, after
+    assert {"100 followers in one process, p95 of elected -> notified",
+            "1,000 idle candidates in one process: leading, errors",
+            "1,000 idle candidates in one process: CPU of a core",
+            "File store, each idle waiter (cost section)",
+            "File store, each idle follower (cost section)"} <= measured, goals

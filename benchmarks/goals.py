@@ -1,0 +1,211 @@
+"""The goals of issue 11 (store layer v2), before and after: one row per goal and store,
+read from two results.json files (a run on the branch's first commit and one on its head).
+
+Every figure comes from a section of ``python -m benchmarks``:
+
+- *handover*: the library's graceful handover (``greenleader library``) against the peer of
+  its store in the same run (median ratio); on the file store, the median itself;
+- *followers*: p95 of elected -> notified over 100 followers in one process;
+- *idle*: 1,000 idle candidates in one process: how many lead, errors, CPU % of a core
+  (results of runs before the section existed kept it under ``cost``);
+- *cost*: the file store's idle waiter and follower, CPU seconds an hour each and lock
+  attempts a minute (10 of each in a process, less an empty process);
+- *fileidle*: the same from the file store's own benchmark (benchmarks/file_idle.py), and its
+  store-level handover and crash failover, which must not get slower;
+- *failover*: the file store's crash failover through ``greenleader run`` (median).
+
+A goal is judged on the after column; "no slower than before" allows 10 % for the noise of a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .common import KINDS
+
+Results = dict[str, Any]
+
+
+def _data(results: Results | None, section: str) -> dict[str, Any]:
+    if not results:
+        return {}
+    return results.get("sections", {}).get(section, {}).get("data") or {}
+
+
+def _commit(results: Results | None, section: str, kind: str) -> str | None:
+    if not results:
+        return None
+    found = results.get("sections", {}).get(section, {})
+    return found.get("commits", {}).get(kind) or results.get("environment", {}).get("commit")
+
+
+def idle_run(results: Results | None, kind: str) -> dict[str, Any] | None:
+    """The 1,000-idle-candidates figures of ``kind``: the idle section's, or the older cost one's."""
+    found = _data(results, "idle").get(kind)
+    return found or (_data(results, "cost").get(kind) or {}).get("big")
+
+
+def _handover(results: Results | None, kind: str) -> tuple[float, float | None, str | None] | None:
+    """(library median s, peer median s, peer label) of ``kind``."""
+    runs = _data(results, "handover").get(kind) or []
+    ours = next((r for r in runs if r["label"] == "greenleader library" and r["summary"]["n"]), None)
+    peer = next((r for r in runs if r["peer"] and r["summary"]["n"]), None)
+    if ours is None:
+        return None
+    return ours["summary"]["median"], peer["summary"]["median"] if peer else None, peer["label"] if peer else None
+
+
+Figure = Callable[["Results | None", str], tuple["float | None", str]]
+
+
+def _handover_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+    found = _handover(results, kind)
+    if found is None:
+        return None, "-"
+    ours, theirs, label = found
+    if theirs is None:
+        return ours * 1000, f"{ours * 1000:.1f} ms"
+    ratio = ours / theirs
+    return ratio, f"{ratio:.2f}x ({ours * 1000:.1f} ms; {label} {theirs * 1000:.1f} ms)"
+
+
+def _followers_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+    found = _data(results, "followers").get(kind)
+    if not found or not found["summary_elected"]["n"]:
+        return None, "-"
+    p95 = found["summary_elected"]["p95"] * 1000
+    return p95, f"{p95:.1f} ms ({found['followers']} followers, {found['changes']} changes)"
+
+
+def _idle_leaders_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+    found = idle_run(results, kind)
+    if not found:
+        return None, "-"
+    held = found.get("held_end", found["n"])
+    when = f"all within {found['startup_s']:.1f} s" if found.get("startup_s") is not None else "never all"
+    errors = f"{found.get('errors', 0)} errors in the {found['window_s']:.0f} s window"
+    return held / found["n"], f"{held} of {found['n']} lead ({when}); {errors} ({found.get('errors_before', 0)} before)"
+
+
+def _idle_cpu_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+    found = idle_run(results, kind)
+    if not found or math.isnan(found["cpu_percent"]):
+        return None, "-"
+    return found["cpu_percent"], f"{found['cpu_percent']:.1f} % ({found['n']} candidates)"
+
+
+def _file_role_figure(role: str, section: str) -> Figure:
+    """Each idle waiter's or follower's CPU on the file store, from the cost section (10 in a
+    process, less an empty process) or the fileidle section (benchmarks/file_idle.py)."""
+    def figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+        if section == "fileidle":
+            found = ((_data(results, "fileidle").get(kind) or {}).get("idle") or {}).get(role + "s")
+            if not found:
+                return None, "-"
+            cpu, attempts = found["cpu_s_per_hour_each"], found["flocks_per_min_each"]
+        else:
+            found = ((_data(results, "cost").get(kind) or {}).get("roles") or {}).get(role)
+            if not found:
+                return None, "-"
+            cpu, attempts = found["cpu_s_per_hour"], found["requests_per_min"]
+        return cpu, f"{cpu:.2f} CPU s/hour; {attempts:.0f} lock attempts/min"
+    return figure
+
+
+def _file_change_figure(name: str) -> Figure:
+    """The file store's store-level handover or failover median (benchmarks/file_idle.py)."""
+    def figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+        found = (_data(results, "fileidle").get(kind) or {}).get(name)
+        if not found:
+            return None, "-"
+        return found["median_ms"], f"{found['median_ms']:.1f} ms (p95 {found['p95_ms']:.1f}, max {found['max_ms']:.1f})"
+    return figure
+
+
+def _failover_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
+    runs = _data(results, "failover").get(kind) or []
+    ours = next((r for r in runs if not r["peer"] and r["summary"]["n"]), None)
+    if ours is None:
+        return None, "-"
+    median = ours["summary"]["median"] * 1000
+    return median, f"{median:.0f} ms (ttl {ours['ttl']:g} s)"
+
+
+@dataclass
+class Goal:
+    """One row of the issue's table, for some stores."""
+
+    what: str
+    section: str  # the section of python -m benchmarks it reads
+    kinds: list[str]
+    figure: Figure  # (results, kind) -> (the number judged, the text shown); (None, "-") if not measured
+    goal: str
+    met: Callable[[float, float | None], bool]  # (after, before) -> met?
+
+
+GOALS = [
+    Goal("Graceful handover through the library, median (ratio to the peer)", "handover",
+         ["consul", "etcd", "zookeeper"], _handover_figure, "<= 1.0x the peer (aim 0.8x)",
+         lambda after, before: after <= 1.0),
+    Goal("Graceful handover through the library, median", "handover", ["file"], _handover_figure,
+         "no slower than before (10 % allowed for noise)",
+         lambda after, before: before is None or after <= before * 1.1),
+    Goal("100 followers in one process, p95 of elected -> notified", "followers", ["etcd", "zookeeper", "file"],
+         _followers_figure, "<= 20 ms", lambda after, before: after <= 20),
+    Goal("100 followers in one process, p95 of elected -> notified", "followers", ["consul"],
+         _followers_figure, "<= 50 ms", lambda after, before: after <= 50),
+    Goal("1,000 idle candidates in one process: leading, errors", "idle", list(KINDS), _idle_leaders_figure,
+         "all lead", lambda after, before: after >= 1.0),
+    Goal("1,000 idle candidates in one process: CPU of a core", "idle", list(KINDS), _idle_cpu_figure,
+         "<= 5 %", lambda after, before: after <= 5.0),
+    Goal("File store, each idle waiter (cost section)", "cost", ["file"], _file_role_figure("waiter", "cost"),
+         "<= 0.5 CPU s/hour", lambda after, before: after <= 0.5),
+    Goal("File store, each idle follower (cost section)", "cost", ["file"], _file_role_figure("follower", "cost"),
+         "<= 0.5 CPU s/hour", lambda after, before: after <= 0.5),
+    Goal("File store, each idle waiter (file_idle)", "fileidle", ["file"], _file_role_figure("waiter", "fileidle"),
+         "<= 0.5 CPU s/hour", lambda after, before: after <= 0.5),
+    Goal("File store, each idle follower (file_idle)", "fileidle", ["file"],
+         _file_role_figure("follower", "fileidle"), "<= 0.5 CPU s/hour", lambda after, before: after <= 0.5),
+    Goal("File store, release -> waiter's win, median (file_idle)", "fileidle", ["file"],
+         _file_change_figure("graceful_handover"), "no slower than before (10 % allowed for noise)",
+         lambda after, before: before is None or after <= before * 1.1),
+    Goal("File store, SIGKILL -> waiter's win, median (file_idle)", "fileidle", ["file"],
+         _file_change_figure("crash_failover"), "no slower than before (about 20 ms)",
+         lambda after, before: before is None or after <= max(before * 1.1, 25)),
+    Goal("File store, crash failover through greenleader run, median", "failover", ["file"], _failover_figure,
+         "no slower than before", lambda after, before: before is None or after <= max(before * 1.1, 25)),
+]
+
+
+def rows(before: Results | None, after: Results) -> list[list[str]]:
+    """[what, store, before, after, goal, met] for every goal a run has figures for."""
+    out = []
+    for goal in GOALS:
+        for kind in goal.kinds:
+            b_value, b_text = goal.figure(before, kind)
+            a_value, a_text = goal.figure(after, kind)
+            if b_value is None and a_value is None:
+                continue
+            verdict = "-" if a_value is None else ("yes" if goal.met(a_value, b_value) else "**no**")
+            out.append([goal.what, kind, _with_commit(b_text, before, goal.section, kind),
+                        _with_commit(a_text, after, goal.section, kind), goal.goal, verdict])
+    return out
+
+
+def _with_commit(text: str, results: Results | None, section: str, kind: str) -> str:
+    if text == "-":
+        return text
+    commit = _commit(results, section, kind)
+    return f"{text} [{commit}]" if commit else text
+
+
+def commits(before: Results | None, after: Results) -> str:
+    """One line naming the commits and dates of both runs."""
+    def describe(results: Results | None) -> str:
+        env = (results or {}).get("environment", {})
+        return f"{env.get('commit', '?')} ({env.get('date', '?')})" if env else "none"
+    return f"before: {describe(before)}; after: {describe(after)}"
