@@ -22,7 +22,7 @@ from gevent.queue import Queue
 
 from . import _fork
 from ._channels import Channels
-from ._outcome import outcome
+from ._outcome import abandon, spawn
 from .errors import (
     GreenleaderError,
     InvalidArgumentError,
@@ -35,7 +35,8 @@ from .errors import (
 from .events import ElectionError, EventPublisher, LeadershipAcquired, LeadershipLost, LossReason
 from .retry import Backoff, as_backoff
 from .status import CandidateStatus, Record
-from .stores.base import Lease, Store, check_float, check_text, now
+from .stores._checks import check_candidacy, check_float
+from .stores.base import Lease, Store, now
 
 __all__ = ["Candidate"]
 
@@ -80,12 +81,8 @@ class Candidate:
         resign_holdoff: float = 0.5,
         retry: Backoff | bool | None = None,
     ) -> None:
-        if not isinstance(store, Store):
-            raise InvalidArgumentError(f"store must be a greenleader Store, not {type(store).__name__}")
-        self.store = store
-        self.key = store.validate_key(key)
-        self.node = check_text("node", node)
-        self.ttl = store.validate_ttl(ttl)
+        # Checked once, here: the store's acquire() is called with these values and does not check.
+        self.store, self.key, self.node, self.ttl = check_candidacy(store, key, node, ttl)
         if renew_deadline is None:
             renew_deadline = self.ttl * 2 / 3
         self.renew_deadline = check_float("renew_deadline", renew_deadline, minimum=0.0, inclusive=False)
@@ -272,7 +269,7 @@ class Candidate:
         landing just as the store hands over a lease cannot lose it: a lease won by then is
         released, not leaked.
         """
-        self._acquiring = acquiring = gevent.spawn(outcome, self.store.acquire, self.key, self.node, self.ttl)
+        self._acquiring = acquiring = spawn(self.store.acquire, self.key, self.node, self.ttl)
         try:
             gevent.wait([acquiring, self._stopping], count=1)
         except BaseException:
@@ -292,13 +289,11 @@ class Candidate:
         raise StoreUnavailableError(f"waiting for the key was interrupted: {result!r}")
 
     def _withdraw(self, acquiring: Greenlet) -> None:
-        """Stop waiting for the key; release it if it was won meanwhile."""
-        if not acquiring.ready():
-            acquiring.kill()
+        """Stop waiting for the key (killed, the store's acquire withdraws the candidacy); end
+        the tenure, releasing the key, if it was won meanwhile."""
+        abandon(acquiring, lambda won: self._end_tenure(won, LossReason.STOPPED),
+                is_product=lambda value: isinstance(value, Lease))
         self._acquiring = None
-        won = acquiring.value if acquiring.successful() else None
-        if isinstance(won, Lease):
-            self._end_tenure(won, LossReason.STOPPED)
 
     def _hold(self, lease: Lease) -> LossReason:
         """Lead with ``lease`` until resign, stop, loss or the deadline; return why it ended.
@@ -374,7 +369,7 @@ class Candidate:
 
         The renewal runs in a greenlet of its own so that a loss reported meanwhile, a stop or
         a resign does not wait for its round trip."""
-        renewal = gevent.spawn(outcome, lease.renew)
+        renewal = spawn(lease.renew)
         try:
             gevent.wait([renewal, self._wake], timeout=max(0.0, timeout), count=1)
         finally:

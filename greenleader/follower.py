@@ -20,12 +20,13 @@ from gevent.queue import Queue
 
 from . import _fork
 from ._channels import Channels
-from ._outcome import outcome
-from .errors import GreenleaderError, InvalidArgumentError, PermissionDeniedError, StoppedError, StoreError
+from ._outcome import spawn
+from .errors import GreenleaderError, PermissionDeniedError, StoppedError, StoreError
 from .events import ElectionError, EventPublisher, LeaderChanged
 from .retry import Backoff, as_backoff
 from .status import FollowerStatus, Record
-from .stores.base import LeaderInfo, Store, check_float, now
+from .stores._checks import check_float, check_key, check_store
+from .stores.base import LeaderInfo, Store, now
 
 __all__ = ["Follower"]
 
@@ -69,10 +70,9 @@ class Follower:
         retry: Backoff | bool | None = None,
         unknown_after: float = UNKNOWN_AFTER,
     ) -> None:
-        if not isinstance(store, Store):
-            raise InvalidArgumentError(f"store must be a greenleader Store, not {type(store).__name__}")
-        self.store = store
-        self.key = store.validate_key(key)
+        # Checked once, here: the store's leader() and watch() are called with it and do not check.
+        self.store = check_store(store)
+        self.key = check_key(store, key)
         self.retry = as_backoff(retry)
         self.unknown_after = check_float("unknown_after", unknown_after, minimum=0.0, maximum=86400.0,
                                          inclusive=False)
@@ -279,7 +279,7 @@ class Follower:
         """Read the leader; True if it confirms what the follower reported."""
         started = now()
         # In a greenlet of its own: a GreenletExit out of the store is a failed read, not a kill.
-        reading = gevent.spawn(outcome, self.store.leader, self.key)
+        reading = spawn(self.store.leader, self.key)
         try:
             reading.join(timeout=min(self.unknown_after / 2, 10.0))
         finally:

@@ -6,7 +6,30 @@ hold a key for a node, confirm and give up that hold, and read and watch who hol
 
 Every method must cooperate with gevent (never block the hub) and must tolerate the
 calling greenlet being killed with :class:`gevent.GreenletExit` at any blocking point,
-leaving nothing behind in the store.
+leaving nothing behind in the store (:mod:`greenleader._outcome` has the helper for a call
+that makes something: ``made()``, or ``spawn()``/``result()``/``abandon()``).
+
+What a store does not do, because the layer above does it once for every store:
+
+- check its arguments: ``acquire``, ``leader`` and ``watch`` get a key, node and TTL already
+  checked by :mod:`greenleader.stores._checks` (through ``validate_key``/``validate_ttl``,
+  which a store overrides to add its rules);
+- retry: how long to ride out an outage is the Candidate's and Follower's decision (with
+  :class:`~greenleader.retry.Backoff`); a store raises StoreUnavailableError and, at most,
+  resumes its transport;
+- de-duplicate watch values: the Follower does;
+- share a watch between followers of one key: the Follower does (one ``watch(key)`` per
+  store object and key, fanned out in-process).
+
+Names every store uses for the same things:
+
+- :meth:`Lease.notify_lost` is *the* loss signal: the one way a store tells the candidate,
+  outside a renewal, that a hold is gone (a watch saw the key go, a shared session or lease
+  ended). A shared session that ends calls it on every lease it carried.
+- :class:`SessionLost` is what ``renew`` raises when the session or lease that carried the
+  hold has ended (a :class:`~greenleader.errors.LeadershipLostError`: the tenure is over).
+- ``_Candidacy`` is a store's waiting candidacy for one key: its registration in the store
+  from ``acquire`` until it wins (and becomes the :class:`Lease`) or is withdrawn.
 """
 
 from __future__ import annotations
@@ -18,9 +41,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import InvalidArgumentError, InvalidKeyError
+from ..errors import InvalidArgumentError, InvalidKeyError, LeadershipLostError
 
-__all__ = ["LeaderInfo", "Lease", "Store", "check_bool", "check_float", "check_text"]
+__all__ = ["LeaderInfo", "Lease", "SessionLost", "Store", "check_bool", "check_float", "check_text"]
+
+
+class SessionLost(LeadershipLostError):
+    """The session or lease that carried a hold has ended (expired, destroyed, revoked):
+    every tenure it carried is over. Raised by ``Lease.renew``; see also :meth:`Lease.notify_lost`."""
 
 
 @dataclass(frozen=True)
@@ -126,19 +154,21 @@ class Store(abc.ABC):
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
         """Block cooperatively until ``node`` holds ``key``; return the lease.
 
-        Killing the calling greenlet while it waits must withdraw the candidacy.
+        Killing the calling greenlet while it waits must withdraw the candidacy. The
+        arguments are checked by the caller (:mod:`._checks`).
         """
 
     @abc.abstractmethod
     def leader(self, key: str) -> LeaderInfo | None:
-        """Who holds ``key`` now, or ``None`` when it is vacant."""
+        """Who holds ``key`` now, or ``None`` when it is vacant (``key`` checked by the caller)."""
 
     @abc.abstractmethod
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         """Yield who holds ``key`` now, then again after each change (``None`` = vacant).
 
         A key that does not exist yet is vacant, not an error. Values may repeat; the
-        follower de-duplicates. Closing the generator releases what the watch holds.
+        follower de-duplicates, and shares one watch among its followers of ``key`` on this
+        store object. Closing the generator releases what the watch holds.
         """
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 
 from ..errors import InvalidArgumentError, LeadershipLostError, StoreUnavailableError
-from .base import LeaderInfo, Lease, Store, check_text, now
+from .base import LeaderInfo, Lease, Store, now
 
 __all__ = ["MemoryStore"]
 
@@ -128,7 +128,6 @@ class MemoryStore(Store):
                 lease.notify_lost()
 
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
-        node = check_text("node", node)
         slot = self._slots[key]
         ticket = object()
         slot.waiters.append(ticket)
