@@ -22,10 +22,10 @@ def force_expire(store: EtcdStore, key: str) -> None:
     admin = EtcdStore(store.addrs, timeout=5)
     try:
         prefix = (key + "/").encode()
-        response = admin._range_prefix(prefix)
+        response = admin.client.range_prefix(prefix)
         held = [kv for kv in response.kvs if kv.key.startswith(prefix)]
         assert held, f"nobody holds {key!r}"
-        admin._revoke(held[0].lease)  # sorted by create revision: the first one leads
+        admin.client.revoke(held[0].lease)  # sorted by create revision: the first one leads
     finally:
         admin.close()
 
@@ -45,7 +45,7 @@ def leftovers(env: BackendEnv, key: str) -> list[str]:
     """Every etcd key at or under ``key`` (candidate keys live under ``key/``)."""
     store = EtcdStore(env.cluster.addrs, timeout=5)
     try:
-        response = store._call("range", lambda client: client.get_prefix_response(key.encode()))
+        response = store.client.range_prefix(key.encode())
         return [kv.key.decode() for kv in response.kvs]
     finally:
         store.close()

@@ -26,7 +26,7 @@ from greenleader.errors import (
     PermissionDeniedError,
     StoreUnavailableError,
 )
-from greenleader.events import LeadershipAcquired
+from greenleader.events import ElectionError, LeadershipAcquired
 from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.etcd import EtcdStore
 from tests import faults, servers
@@ -92,14 +92,14 @@ def keys_under(store: EtcdStore, key: str, *, twins: bool = False) -> list[tuple
     """(key, create revision, lease id) of every candidate key ``key/<id>`` (with ``twins``,
     of every etcd key under ``key/``), oldest first."""
     prefix = (key + "/").encode()
-    response = store._range_prefix(prefix)
+    response = store.client.range_prefix(prefix)
     return [(kv.key.decode(), kv.create_revision, kv.lease) for kv in response.kvs
             if twins or b"/" not in kv.key[len(prefix):]]
 
 
 def lease_alive(store: EtcdStore, lease_id: int) -> bool:
     """Whether etcd still has the lease (LeaseTimeToLive answers TTL -1 for a missing one)."""
-    info = store._call("lease info", lambda client: client.get_lease_info(lease_id))
+    info = store._client().get_lease_info(lease_id)
     return info.TTL > 0
 
 
@@ -513,7 +513,7 @@ def test_a_follower_never_names_a_winner_before_it_can_know_it_leads(stores, clu
 def test_a_winner_claims_its_key_only_after_stepping_up(stores, key, monkeypatch):
     """The claim that lets followers name a winner goes out after the candidate stepped up,
     never before (rule 10): observed at the store boundary, over a few handovers."""
-    from greenleader.stores import etcd
+    from greenleader.stores.etcd import recipe as etcd
 
     candidates: dict[str, Candidate] = {}
     at_claim: list[tuple[str, bool]] = []
@@ -583,6 +583,37 @@ def test_unreachable_and_silent_servers_fail_within_the_timeout(stores, key):
         with pytest.raises(StoreUnavailableError):
             mute.acquire(key, "alice", FAST_TTL)
         assert time.monotonic() - started < 3
+
+
+def test_a_candidate_made_as_a_fresh_etcd_opens_its_port_rides_out_its_start(tmp_path, key):
+    """etcd accepts connections a moment before it serves them (``docker compose up`` starts an
+    app and its etcd together): a candidate that makes its first request then, without
+    ``retry``, waits within the request's deadline for the server rather than failing."""
+    fresh = servers.EtcdCluster(tmp_path, 1)
+    node = fresh.nodes[0]
+    errors: list[object] = []
+    zope.event.subscribers.append(errors.append)
+    try:
+        node.spawn()
+
+        def port_open() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", node.ports["client"])) == 0
+
+        wait_until(port_open, 60, f"etcd to open its port: {node.log_tail()}")
+        store = EtcdStore(fresh.addrs, timeout=10)  # the first request goes out right now
+        candidate = Candidate(store, key, node="early", ttl=FAST_TTL)
+        try:
+            win(candidate, timeout=30)
+            assert candidate.is_leader()
+        finally:
+            candidate.stop()
+            store.close()
+    finally:
+        zope.event.subscribers.remove(errors.append)
+        fresh.stop()
+    failures = [event for event in errors if isinstance(event, ElectionError)]
+    assert not failures, failures
 
 
 @pytest.mark.slow
@@ -937,7 +968,7 @@ def test_a_go_session_that_resigns_but_keeps_its_lease_does_not_block_the_queue(
 
 def _untagged_lease(client) -> int:
     """A lease as another client (etcdctl, Go) has it: an id without greenleader's tag."""
-    from greenleader.stores import etcd
+    from greenleader.stores.etcd import recipe as etcd
 
     lease_id = (uuid.uuid4().int >> 87) << 20 | 0x12345  # 41 random bits, then not the tag
     assert not etcd._is_own_lease(lease_id)
@@ -971,7 +1002,7 @@ def test_an_unclaimed_greenleader_key_first_in_line_is_never_named(stores, key, 
     leads, rule 10) is not named, unlike another client's: it is told by its lease id's tag,
     which stays when an operator deletes its twin (tagged-lease), or, for a key made before
     the tag, by its twin of the same create revision (twin-only)."""
-    from greenleader.stores import etcd
+    from greenleader.stores.etcd import recipe as etcd
 
     admin = stores()
     client = admin._client()

@@ -1,0 +1,640 @@
+"""The election on etcd's primitives, read top-down like etcd's ``concurrency.Election``.
+
+A candidate registers (a lease and, in one transaction, its key ``<key>/<lease hex>`` and the
+key's twin ``<key>/<lease hex>/live``), waits for its predecessors to go, proves its win in
+one transaction, claims its key once it has stepped up, and resigns by revoking its lease.
+docs/stores/etcd.md explains each step and why; the transport is in :mod:`.client`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import gevent
+import gevent.pool
+
+from ...errors import InvalidArgumentError, InvalidKeyError, LeadershipLostError, StoreError, StoreUnavailableError
+from ..base import LeaderInfo, Lease, Store, check_text, now
+from .client import EtcdClient, WatchStream, etcdrpc, kv_pb2, prefix_range_end
+
+__all__ = ["EtcdStore"]
+
+log = logging.getLogger("greenleader.stores.etcd")
+
+_MAX_KEY_BYTES = 512
+#: A candidate key's version once its winner has claimed it (created: 1; claimed: 2).
+_CLAIMED = 2
+#: First and longest pause between two checks of a lease whose key was deleted from outside.
+_GONE_POLL = (0.005, 0.25)
+#: Suffix of a candidate key's twin, which shares its lease: ``<key>/<id>/live``.
+_TWIN = b"/live"
+#: The low bits of every lease id greenleader makes (so its keys ``<key>/<lease hex>`` end in
+#: ``91ead``): followers tell its candidates, which are named only once claimed, from other
+#: clients' (etcdctl elect), which never claim. 20 bits leave 41 random ones for the id.
+_OWN_TAG, _OWN_TAG_BITS = 0x91EAD, 20
+#: The Watch filter that leaves out puts: a guard or a waiter hears only deletions.
+_NOPUT = etcdrpc.WatchCreateRequest.NOPUT
+#: Watch event type of a deletion.
+_DELETE = kv_pb2.Event.DELETE
+
+def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
+    """True for ``<key>/<id>``, False for the keys of a nested election ``<key>/<x>/<id>``."""
+    return kv_key.startswith(prefix) and b"/" not in kv_key[len(prefix):]
+
+
+def _twin_of(kv_key: bytes) -> bytes:
+    """The twin ``<key>/<id>/live`` of a candidate key ``<key>/<id>`` (see docs/stores/etcd.md)."""
+    return kv_key + _TWIN
+
+
+def _is_registration(kv_key: bytes, prefix: bytes) -> bool:
+    """True for a candidate key ``<key>/<id>`` or its twin ``<key>/<id>/live`` (ids are hex:
+    never ``live``, so no nested election's key looks like a twin)."""
+    rest = kv_key[len(prefix):] if kv_key.startswith(prefix) else b"/"
+    return b"/" not in rest or (rest.endswith(_TWIN) and rest.count(b"/") == 1)
+
+
+#: A candidate's key as a follower sees it: (create revision, version, value, lease).
+_Seen = tuple[int, int, bytes, int]
+#: A candidate's key as a waiter sees it: (create revision, key, lease).
+_Candidate = tuple[int, bytes, int]
+
+
+def _own_lease_id() -> int:
+    """A new lease id for a candidate: random, positive, ending in :data:`_OWN_TAG`."""
+    return (random.SystemRandom().getrandbits(61 - _OWN_TAG_BITS) << _OWN_TAG_BITS) | (1 << 61) | _OWN_TAG
+
+
+def _is_own_lease(lease: int) -> bool:
+    """True for a lease id greenleader made (:func:`_own_lease_id`), as a rule False for
+    another client's (etcd numbers its leases in sequence: 1 in 2**20 ends in the tag)."""
+    return (lease & ((1 << _OWN_TAG_BITS) - 1)) == _OWN_TAG
+
+
+class _View:
+    """The election as a follower sees it: the candidate keys ``<key>/<id>`` and the twins
+    ``<key>/<id>/live``, kept up to date from a range and then from watch events.
+
+    The first candidate is the leader, but a greenleader candidate only once it has claimed
+    its key (version 2): before that it may not know that it leads (docs/stores/etcd.md). Other
+    clients' candidates (``etcdctl elect``, Go's ``concurrency.Election`` and ``Mutex``) never
+    claim: they lead as soon as they are first, with their value (the proposal) as the name.
+    A candidate is greenleader's when its lease id carries greenleader's tag, or (keys made
+    before the tag) when its twin, created in the same transaction, is there with the same
+    create revision. Both are true from the key's first revision on, so a reader never takes
+    an unclaimed greenleader key for another client's; the twin alone would not do, since an
+    operator may delete it.
+    """
+
+    def __init__(self, prefix: bytes, kvs: Any) -> None:
+        self.prefix = prefix
+        self.candidates: dict[bytes, _Seen] = {}
+        self.twins: dict[bytes, int] = {}  # twin key -> create revision
+        for kv in kvs:
+            self.put(kv)
+
+    def put(self, kv: Any) -> None:
+        """A key was created or rewritten (a new candidate, a twin, a winner's claim)."""
+        if _is_direct_child(kv.key, self.prefix):
+            self.candidates[kv.key] = (kv.create_revision, kv.version, kv.value, kv.lease)
+        elif _is_registration(kv.key, self.prefix):
+            self.twins[kv.key] = kv.create_revision
+
+    def delete(self, kv_key: bytes) -> None:
+        self.candidates.pop(kv_key, None)
+        self.twins.pop(kv_key, None)
+
+    def _first(self) -> tuple[_Seen, bool] | None:
+        """The first candidate, and whether it still has to claim its win to be named."""
+        if not self.candidates:
+            return None
+        key = min(self.candidates, key=self.candidates.__getitem__)
+        seen = self.candidates[key]
+        own = _is_own_lease(seen[3]) or self.twins.get(_twin_of(key)) == seen[0]
+        return seen, own and seen[1] < _CLAIMED
+
+    def awaits_claim(self) -> bool:
+        """True when the first candidate is greenleader's and has not claimed its key yet."""
+        first = self._first()
+        return first is not None and first[1]
+
+    def leader(self) -> LeaderInfo | None:
+        """The first candidate, if it is named: claimed, or another client's; else None."""
+        first = self._first()
+        if first is None or first[1]:  # not stepped up yet (or not won: frozen, withdrawing)
+            return None
+        revision, _, value, _ = first[0]
+        return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
+
+
+def _owns(key: bytes, create_revision: int) -> Any:
+    """A transaction comparison: ``key`` exists with this create revision (is still ours)."""
+    return etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                           create_revision=create_revision)
+
+class _EtcdLease(Lease):
+    """A won election: the key ``<key>/<lease id>`` on a lease that the candidate renews."""
+
+    def __init__(self, store: EtcdStore, key: str, node: str, term: int, confirmed_at: float,
+                 lease_id: int, own_key: bytes) -> None:
+        super().__init__(key, node, term, confirmed_at)
+        self.lease_id = lease_id
+        self.own_key = own_key
+        self.twin = _twin_of(own_key)
+        self._store = store
+        self._pid = os.getpid()
+        self._released = False
+        self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
+        self._claimer = gevent.spawn(self._claim_once_stepped_up)
+
+    def __repr__(self) -> str:
+        return f"<EtcdLease key={self.key!r} node={self.node!r} term={self.term} lease={self.lease_id:x}>"
+
+    def renew(self) -> None:
+        if self._released:
+            raise LeadershipLostError(f"{self.node!r} released {self.key!r}")
+        started = now()
+        if self._store.client.keepalive(self.lease_id) <= 0:
+            raise LeadershipLostError(f"etcd lease {self.lease_id:x} of {self.node!r} on {self.key!r} is gone")
+        self.confirmed_at = started
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True  # from here on, the guard reports nothing and nothing is claimed
+        self._claimer.kill(block=True, timeout=1)
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the lease is the parent's to release
+        try:  # the key goes with the lease, in one step: the next candidate finds both gone
+            self._store.client.revoke(self.lease_id)
+        finally:
+            self._guard.kill(block=True, timeout=1)
+
+    def _claim_once_stepped_up(self) -> None:
+        """Claim the key for followers, retrying until claimed, released or lost.
+
+        This greenlet is spawned as the lease is made, in the greenlet that runs ``acquire``;
+        it first lets every greenlet already due to run go first. Among them is the
+        candidate, woken by ``acquire`` returning, which steps up without yielding: so the
+        claim goes out after the step-up, and a winner stopped just as it won (SIGSTOP, a
+        blocked hub) is not named by followers until it knows that it leads.
+        """
+        gevent.sleep(0)
+        failures = 0
+        while not self._released and self._pid == os.getpid():
+            try:
+                if self._claim():
+                    return
+                self._notify_lost_once()  # the key is gone; the guard reports it too
+                return
+            except (StoreError, InvalidArgumentError) as exc:
+                failures += 1
+                log.warning("etcd: %r could not claim %r yet (followers see no leader): %s",
+                            self.node, self.own_key, exc)
+                gevent.sleep(min(2.0, 0.05 * 2**failures))
+
+    def _claim(self) -> bool:
+        """Rewrite our value on our lease, on our key and its twin, if both are still ours:
+        version 1 -> 2. False if either is gone."""
+        request = etcdrpc.TxnRequest(
+            compare=[_owns(self.own_key, self.term), _owns(self.twin, self.term)],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=kv_key, value=self.node.encode(),
+                                                                      lease=self.lease_id))
+                     for kv_key in (self.own_key, self.twin)],
+        )
+        claimed = bool(self._store.client.txn("claim", request).succeeded)
+        if claimed:
+            log.debug("etcd: %r claimed %r (term %d)", self.node, self.own_key, self.term)
+        return claimed
+
+    def _guard_own_key(self, revision: int) -> None:
+        """Tell the candidate at once when its key or its twin disappears (lease revoked, or
+        deleted from outside). One watch covers both: the range from the key to its twin."""
+        store, failures = self._store, 0
+        range_end = self.twin + b"\0"
+        while not self._released and self._pid == os.getpid():
+            try:
+                if revision == 0:
+                    response = store.client.range("check own key", self.own_key, range_end, keys_only=True)
+                    if not {self.own_key, self.twin} <= {kv.key for kv in response.kvs}:
+                        break
+                    revision = response.header.revision
+                stream = store.client.watch(self.own_key, range_end, revision + 1, [_NOPUT])
+                try:
+                    for response in stream:
+                        failures = 0
+                        if response.events:  # a deletion (NOPUT: not our claim)
+                            self._notify_lost_once()
+                            return
+                finally:
+                    stream.close()
+            except (StoreError, InvalidArgumentError) as exc:
+                failures += 1
+                log.debug("watch on own key %r failed: %s", self.own_key, exc)
+                gevent.sleep(min(2.0, 0.05 * 2**failures))
+            revision = 0  # the stream ended: check the key again before watching anew
+        if not self._released:
+            self._notify_lost_once()
+
+    def _notify_lost_once(self) -> None:
+        if not self._released and self._pid == os.getpid():
+            log.info("etcd: %r lost key %r", self.node, self.own_key)
+            self.notify_lost()
+
+
+class _Candidacy:
+    """A candidate's lease and key while it waits, with the greenlet that keeps the lease alive.
+
+    The lease is renewed every ``ttl / 8`` while waiting, so that a win can usually be taken
+    on the last renewal (no further round trip) and still leave the candidate most of its
+    renew deadline.
+
+    ``older`` maps the lease of every older candidate seen by this ``acquire()`` (its
+    candidacies share it) to its create revision, until that lease is known to be gone, or a
+    younger candidate that saw it is known to have won (a winner has checked every older
+    lease it saw): see docs/stores/etcd.md on keys deleted from outside.
+    """
+
+    def __init__(self, store: EtcdStore, key: str, node: str, ttl: float, older: dict[int, int]) -> None:
+        self.store = store
+        self.older = older
+        self.listed: set[int] = set()  # leases of the older candidates this candidacy has listed
+        self.key = key
+        self.ttl = ttl
+        self.prefix = (key + "/").encode()
+        self.lease_id = _own_lease_id()  # chosen here: a grant
+        self.own_key = self.prefix + f"{self.lease_id:x}".encode()  # cut short leaves no orphan
+        self.node = node
+        self.pid = os.getpid()
+        self.lost = False
+        self.term = 0
+        self.confirmed_at = 0.0
+        self.stream: WatchStream | None = None
+        self._keeper: gevent.Greenlet | None = None
+
+    def start(self) -> tuple[int, list[_Candidate]]:
+        """Grant the lease, keep it alive, create the key if absent (learning the term).
+
+        Returns the revision and the (create revision, key, lease) of every candidate, oldest first.
+        """
+        client = self.store.client
+        started = now()
+        client.grant(max(1, math.ceil(self.ttl)), self.lease_id)
+        self.confirmed_at = started
+        self._keeper = gevent.spawn(self._keep_alive)
+        # Key and twin in one transaction, if absent (a retry finds them made), with the range:
+        # who else is there, and when our key was made (its create revision is our term).
+        everyone = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+            key=self.prefix, range_end=prefix_range_end(self.prefix), keys_only=True))
+        response = client.txn("transaction", etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(key=self.own_key, target=etcdrpc.Compare.CREATE,
+                                     result=etcdrpc.Compare.EQUAL, create_revision=0)],
+            success=[*(etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=kv_key, value=self.node.encode(),
+                                                                        lease=self.lease_id))
+                       for kv_key in (self.own_key, _twin_of(self.own_key))), everyone],
+            failure=[everyone],
+        ))
+        found = response.responses[-1].response_range.kvs
+        mine = [kv for kv in found if kv.key == self.own_key]
+        if not mine:
+            raise StoreError(f"etcd did not keep candidate key {self.own_key!r}")
+        self.term = mine[0].create_revision
+        log.debug("etcd: %r campaigns with %r (revision %d)", self.node, self.own_key, self.term)
+        return response.header.revision, sorted(
+            (kv.create_revision, kv.key, kv.lease) for kv in found if _is_registration(kv.key, self.prefix))
+
+    def _keep_alive(self) -> None:
+        interval = self.ttl / 8
+        while True:
+            gevent.sleep(interval)
+            if self.pid != os.getpid():
+                return  # a forked child's copy: the lease is the parent's
+            started = now()
+            try:
+                remaining = self.store.client.keepalive(self.lease_id)
+            except (StoreError, InvalidArgumentError) as exc:
+                log.warning("etcd: keepalive of waiting candidate %r failed: %s", self.node, exc)
+                self._interrupt()  # its watch may hang on the same dead endpoint
+                interval = self.ttl / 16
+                continue
+            interval = self.ttl / 8
+            if remaining <= 0:
+                log.info("etcd: the lease of waiting candidate %r expired", self.node)
+                self.lost = True
+                self._interrupt()
+                return
+            self.confirmed_at = started
+
+    def _interrupt(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+    def stop_keepalive(self, block: bool = True) -> None:
+        if self._keeper is not None:
+            self._keeper.kill(block=block, timeout=1)
+            self._keeper = None
+
+    def withdraw(self) -> None:
+        """Stop keeping the lease and revoke it, which deletes the key: leaves nothing behind."""
+        self.stop_keepalive()
+        if self.pid != os.getpid():
+            return  # a forked child's copy: the parent withdraws (or wins) on its own
+        try:
+            self.store.client.revoke(self.lease_id)
+        except (StoreError, InvalidArgumentError) as exc:
+            log.warning("etcd: could not revoke lease %x of %r (it expires in %gs): %s",
+                        self.lease_id, self.node, self.ttl, exc)
+
+    def wait_turn(self, revision: int, keys: list[_Candidate]) -> _EtcdLease | None:
+        """Block until this candidate's key is the oldest; None if the candidacy was lost.
+
+        ``keys`` are the candidates at ``revision``, oldest first, as the transaction that
+        created our key read them; after that, each wake-up asks :meth:`_prove` afresh. A win
+        also needs every older candidate's lease gone (:meth:`_await_gone`), checked before
+        the proof, which stays the last request before a win.
+        """
+        store, failures = self.store, 0
+        snapshot: tuple[int, list[_Candidate]] | None = (revision, keys)
+        gone: set[int] = set()  # leases of older candidates whose keys are gone
+        while not self.lost:
+            try:
+                if snapshot is None:
+                    if not self._await_gone(gone) or not self._fresh_lease():
+                        return None
+                    snapshot = self._prove()  # the last request before a win: nothing yields after it
+                    if snapshot is None:
+                        log.info("etcd: candidate key %r of %r was deleted; campaigning anew", self.own_key, self.node)
+                        return None
+                revision, keys = snapshot
+                snapshot = None
+                position = next((i for i, (_, kv_key, _) in enumerate(keys) if kv_key == self.own_key), None)
+                if position is None:
+                    log.info("etcd: candidate key %r of %r disappeared", self.own_key, self.node)
+                    return None
+                # Only greenleader candidates (a tagged lease, or a twin) are waited for by
+                # lease: one never keeps its lease after its candidacy, while a Go/etcdctl
+                # session does. The tag also marks a key whose twin was deleted from outside.
+                own = {lease for _, kv_key, lease in keys if kv_key.endswith(_TWIN) or _is_own_lease(lease)}
+                self.older.update((lease, created) for created, _, lease in keys[:position] if lease in own)
+                self.listed.update(lease for _, _, lease in keys[:position])
+                if position == 0:  # the read that says so also showed our key
+                    if not self.older:
+                        return self._won()
+                    gone.update(self.older)  # every older key is gone: are their leases too?
+                    continue
+                created, predecessor, predecessor_lease = keys[position - 1]
+                # Watching from "now" rather than from the snapshot: etcd syncs a watch that
+                # starts in the past only every 100 ms, which would delay a handover.
+                self.stream = store.client.watch(predecessor, None, 0, [_NOPUT], prev_kv=True)
+                try:
+                    if self.stream.revision > revision:  # the predecessor may have gone meanwhile
+                        found = store.client.range("recheck", predecessor)
+                        # Gone, or made anew since (a session that resigned and campaigned again
+                        # under the same name): either way not the predecessor we listed.
+                        if not found.kvs or found.kvs[0].create_revision != created:
+                            if predecessor_lease in self.older:
+                                gone.add(predecessor_lease)
+                            continue
+                    for response in self.stream:
+                        failures = 0
+                        if response.events:  # the predecessor went: prove our turn, or wait on
+                            if predecessor_lease in self.older:
+                                gone.add(predecessor_lease)
+                            if any(event.prev_kv.version >= _CLAIMED for event in response.events):
+                                self._forget_checked_by(created)
+                            break
+                finally:
+                    self.stream.close()
+                    self.stream = None
+            except StoreUnavailableError as exc:
+                failures += 1
+                if now() > self.confirmed_at + self.ttl:
+                    raise StoreUnavailableError(f"lost etcd for longer than the {self.ttl:g}s TTL: {exc}") from exc
+                log.warning("etcd: %r waits on, after: %s", self.node, exc)
+                gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
+        return None
+
+    def _forget_checked_by(self, winner: int) -> None:
+        """Our predecessor, created at revision ``winner``, had won (it claimed its key): it
+        checked the leases of every older candidate it saw, and it saw every one that this
+        candidacy listed older than it (they were there before us, and so when it came)."""
+        for lease, created in list(self.older.items()):
+            if created < winner and lease in self.listed:
+                del self.older[lease]
+
+    def _await_gone(self, leases: set[int]) -> bool:
+        """Return once etcd has none of ``leases`` (older candidates' whose keys are gone);
+        False if our own lease is lost meanwhile.
+
+        A key deleted from outside leaves its lease, and its holder may lead until it hears
+        of the deletion and revokes the lease (or the lease expires): wait for that, polling
+        with a backoff bounded by what is left of the lease. A released key's lease is gone
+        already: one round trip.
+        """
+        delay = _GONE_POLL[0]
+        while leases:
+            remaining = self._lease_ttls(sorted(leases))
+            for lease, ttl in remaining.items():
+                if ttl < 0:
+                    leases.discard(lease)
+                    self.older.pop(lease, None)
+            if not leases:
+                break
+            if delay == _GONE_POLL[0]:
+                log.info("etcd: %r waits for lease(s) %s of older candidates whose keys were deleted: their "
+                         "holders may still lead", self.node, ", ".join(f"{lease:x}" for lease in leases))
+            if self.lost:
+                return False
+            gevent.sleep(min(delay, max(_GONE_POLL[0], min(remaining[lease] for lease in leases))))
+            delay = min(delay * 2, _GONE_POLL[1])
+        return not self.lost
+
+    def _lease_ttls(self, leases: list[int]) -> dict[int, int]:
+        """The remaining TTL of each lease (-1: gone), asked at once (at most 32 in flight)."""
+        def ask(lease: int) -> int | StoreError | InvalidArgumentError:
+            try:
+                return self.store.client.lease_ttl(lease)
+            except (StoreError, InvalidArgumentError) as exc:  # raised below, in the caller
+                return exc
+
+        pool = gevent.pool.Pool(32)
+        try:
+            answers = dict(zip(leases, pool.map(ask, leases), strict=True))
+        finally:
+            pool.kill(block=False)
+        for answer in answers.values():
+            if isinstance(answer, Exception):
+                raise answer
+        return answers  # type: ignore[return-value]
+
+    def _prove(self) -> tuple[int, list[_Candidate]] | None:
+        """One transaction: is our key still ours, and which candidates are older?
+
+        None when our key is gone (deleted from outside, or expired with the lease): the
+        candidacy is lost and must never win. Otherwise the revision and the (create
+        revision, key, lease) of every older candidate and of ours, oldest first; ours first
+        is a win proven by the same round trip.
+        """
+        request = etcdrpc.TxnRequest(
+            compare=[_owns(self.own_key, self.term), _owns(_twin_of(self.own_key), self.term)],
+            success=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+                key=self.prefix, range_end=prefix_range_end(self.prefix),
+                keys_only=True, max_create_revision=self.term - 1))],
+        )
+        response = self.store.client.txn("prove", request)
+        if not response.succeeded:
+            return None
+        older = sorted((kv.create_revision, kv.key, kv.lease) for kv in response.responses[0].response_range.kvs
+                       if _is_registration(kv.key, self.prefix))
+        return response.header.revision, [*older, (self.term, self.own_key, self.lease_id)]
+
+    def _fresh_lease(self) -> bool:
+        """Renew the lease now if its last renewal is old, so that a win leaves the candidate
+        most of its renew deadline; False if the lease is gone."""
+        if now() - self.confirmed_at > self.ttl / 6:
+            started = now()
+            if self.store.client.keepalive(self.lease_id) <= 0:
+                self.lost = True
+                return False
+            self.confirmed_at = started
+        return True
+
+    def _won(self) -> _EtcdLease:
+        self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
+        return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key)
+
+
+class EtcdStore(Store):
+    """Elections on an etcd v3 cluster, through its gRPC API.
+
+    :param addrs: ``host:port`` client endpoints of one cluster (default ``127.0.0.1:2379``);
+        requests go to one of them and fail over to the next on connection errors.
+    :param timeout: seconds for each request and for connecting.
+    :param user, password: user name and password, when etcd has authentication enabled
+        (``password_file``: read the password from that file). Without them, an etcd with
+        ``--client-cert-auth`` takes the client certificate's CN as the user name.
+    :param tls: connect with TLS (on by default when ``ca_file`` or ``cert_file`` is given).
+    :param ca_file: CA bundle that signs the servers' certificates (default: the system's).
+    :param cert_file, key_file: client certificate and its key. gRPC always checks the
+        server's certificate and that it names the host connected to (``verify=false`` is
+        refused). Older names: ``ca_cert``, ``cert_cert``, ``cert_key``.
+    """
+
+    backend: ClassVar[str] = "etcd"
+    min_ttl: ClassVar[float] = 1.0  # etcd leases have whole seconds; a fraction is rounded up
+
+    def __init__(self, addrs: list[str] | None = None, **options: Any) -> None:
+        #: The transport (:class:`~greenleader.stores.etcd.client.EtcdClient`): it checks the options.
+        self.client = EtcdClient(addrs, **options)
+        self.addrs, self.timeout, self.user = self.client.addrs, self.client.timeout, self.client.user
+        self.tls, self.secure = self.client.tls, self.client.secure
+
+    def __repr__(self) -> str:
+        user = f" user={self.user!r}" if self.user else ""
+        return f"<EtcdStore addrs={self.addrs!r}{user}{' tls' if self.secure else ''}>"
+
+    @property
+    def requests(self) -> Any:
+        """Requests sent, by kind (the client's count)."""
+        return self.client.requests
+
+    # Older names, kept for tools and tests that act on the store as an operator would.
+    def _client(self) -> Any:
+        """The client library's instance."""
+        return self.client.library()
+
+    def _range_prefix(self, prefix: bytes) -> Any:
+        return self.client.range_prefix(prefix)
+
+    @property
+    def _password(self) -> str | None:
+        return self.client._password
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- the store contract -----------------------------------------------------------------
+
+    def validate_key(self, key: str) -> str:
+        """Also rejects a trailing ``/``: candidates live under ``<key>/``, so ``a/`` would make
+        the prefix ``a//``, a different election from ``a`` that looks the same."""
+        key = super().validate_key(key)
+        if key.endswith("/"):
+            raise InvalidKeyError(f"etcd election key {key!r} must not end with '/' "
+                                  f"(candidates are kept under '<key>/')")
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError:  # a lone surrogate: not text etcd could store
+            raise InvalidKeyError(f"etcd election key {key!r} is not valid Unicode text") from None
+        if size > _MAX_KEY_BYTES:
+            raise InvalidKeyError(f"etcd election key is {size} bytes long; the limit is {_MAX_KEY_BYTES}")
+        return key
+
+    def acquire(self, key: str, node: str, ttl: float) -> Lease:
+        node = check_text("node", node)
+        key = self.validate_key(key)
+        older: dict[int, int] = {}  # kept across candidacies: a new key must not forget them
+        while True:
+            candidacy = _Candidacy(self, key, node, ttl, older)
+            try:
+                lease = candidacy.wait_turn(*candidacy.start())
+            except BaseException:
+                candidacy.withdraw()
+                raise
+            if lease is not None:
+                log.debug("etcd: %r won %r with term %d", node, key, lease.term)
+                return lease
+            candidacy.withdraw()  # lost while waiting (expired, deleted): campaign anew
+
+    def leader(self, key: str) -> LeaderInfo | None:
+        prefix = (self.validate_key(key) + "/").encode()
+        deadline, delay = now() + self.timeout, 0.005
+        while True:
+            view = _View(prefix, self.client.range_prefix(prefix).kvs)
+            if not view.awaits_claim() or now() >= deadline:
+                return view.leader()
+            # A winner claims its key one round trip after it learnt it won: wait for that
+            # (bounded: the first may be a waiter that is frozen, or lost) rather than report
+            # a vacancy. Polled rather than watched: it also runs where gevent has not patched.
+            gevent.sleep(min(delay, max(0.0, deadline - now())))
+            delay = min(delay * 2, 0.25)
+
+    def watch(self, key: str) -> Iterator[LeaderInfo | None]:
+        prefix = (self.validate_key(key) + "/").encode()
+        range_end = prefix_range_end(prefix)
+        last: object = object()
+        failures = 0
+        while True:
+            response = self.client.range_prefix(prefix)  # a failure here ends the watch
+            view = _View(prefix, response.kvs)
+            current = view.leader()
+            if current != last:
+                last = current
+                yield current
+            try:
+                stream = self.client.watch(prefix, range_end, response.header.revision + 1)
+                try:
+                    for watch_response in stream:
+                        failures = 0
+                        # All the events of one revision come in one response: a new key
+                        # and its twin (one transaction) are seen together.
+                        for event in watch_response.events:
+                            if event.type == _DELETE:
+                                view.delete(event.kv.key)
+                            else:  # a new candidate or twin, or a winner's claim
+                                view.put(event.kv)
+                        current = view.leader()
+                        if current != last:
+                            last = current
+                            yield current
+                finally:
+                    stream.close()
+            except StoreUnavailableError as exc:
+                failures += 1
+                log.warning("etcd: watch on %r broke, resuming: %s", key, exc)
+                gevent.sleep(min(1.0, 0.02 * 2**failures))
