@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import gevent
 import pytest
 
+import greenleader.stores._file_changes as file_changes
 import greenleader.stores.file as file_store
 from greenleader import Backoff, Candidate, Follower
 from greenleader.errors import LeadershipLostError, PermissionDeniedError, StoreError, StoreUnavailableError
@@ -407,3 +408,155 @@ def test_renewal_io_errors_are_store_unavailable(tmp_path: Path, key: str, monke
         lease.release()
     with pytest.raises(StoreError):
         lease.renew()  # released: LeadershipLostError
+
+
+# -- waiting without polling ------------------------------------------------------------------
+
+
+class Parked:
+    """Records each wait of the store's change subscriptions: which subscriptions wait with
+    no deadline (parked until the lock file changes), and every lock attempt."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.deadlines: dict[int, float | None] = {}
+        self.flocks = 0
+        real_wait = file_changes.Subscription.wait
+        real_try_flock = file_store._try_flock
+
+        def wait(subscription: file_changes.Subscription, timeout: float | None) -> bool:
+            self.deadlines[id(subscription)] = timeout
+            try:
+                return real_wait(subscription, timeout)
+            finally:
+                self.deadlines[id(subscription)] = 0.0  # looking again
+
+        def try_flock(fd: int, operation: int) -> bool:
+            self.flocks += 1
+            return real_try_flock(fd, operation)
+
+        monkeypatch.setattr(file_changes.Subscription, "wait", wait)
+        monkeypatch.setattr(file_store, "_try_flock", try_flock)
+
+    def count(self) -> int:
+        """How many subscriptions wait for a change with no deadline now."""
+        return sum(timeout is None for timeout in self.deadlines.values())
+
+
+@pytest.mark.skipif(file_changes._LIBC is None, reason="no inotify")
+def test_an_idle_waiter_and_follower_wait_for_a_change_and_never_poll(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the holder holds, a waiter and a follower each block on a change to the lock
+    file: no deadline, and not one lock attempt between changes. A release wakes both."""
+    parked = Parked(monkeypatch)
+    lease = store_at(tmp_path).acquire(key, "alice", TTL)
+    waiter = gevent.spawn(store_at(tmp_path).acquire, key, "bob", TTL)
+    seen: gevent.queue.Queue = gevent.queue.Queue()
+    follower = gevent.spawn(lambda: [seen.put(info) for info in store_at(tmp_path).watch(key)])
+    try:
+        assert next_item(seen, WAIT, "the follower's first value") == LeaderInfo("alice", lease.term)
+        wait_until(lambda: parked.count() == 2, WAIT, "the waiter and the follower to park")
+        flocks = parked.flocks
+        gevent.sleep(2.0)  # a window to observe: nothing may happen in it
+        assert (parked.flocks - flocks, parked.count()) == (0, 2)
+        lease.release()
+        with gevent.Timeout(WAIT, AssertionError("the release did not wake the waiter")):
+            won = waiter.get()
+        assert won.node == "bob" and won.term > lease.term
+        while (info := next_item(seen, WAIT, "the follower to name bob")) != LeaderInfo("bob", won.term):
+            assert info is None, info  # vacant for a moment in between, at most
+        won.release()
+    finally:
+        waiter.kill()
+        follower.kill()
+        lease.release()
+
+
+@pytest.mark.skipif(file_changes._LIBC is None, reason="no inotify")
+def test_a_holder_killed_wakes_a_parked_waiter_and_follower(tmp_path: Path, key: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL: the kernel closes the holder's lock file, which is the change that wakes them
+    (the close is announced a moment before the lock is dropped: they look again)."""
+    parked = Parked(monkeypatch)
+    script = ("import sys\nfrom greenleader.stores.file import FileStore\n"
+              "FileStore(directory=sys.argv[1]).acquire(sys.argv[2], 'doomed', 60)\n"
+              "print('held', flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), key], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+    waiter = follower = None
+    try:
+        assert holder.stdout is not None
+        with gevent.Timeout(WAIT, AssertionError("the holder process did not take the key")):
+            assert holder.stdout.readline() == b"held\n"
+        waiter = gevent.spawn(store_at(tmp_path).acquire, key, "bob", TTL)
+        seen: gevent.queue.Queue = gevent.queue.Queue()
+        follower = gevent.spawn(lambda: [seen.put(info) for info in store_at(tmp_path).watch(key)])
+        assert next_item(seen, WAIT, "the follower's first value").node == "doomed"
+        wait_until(lambda: parked.count() == 2, WAIT, "the waiter and the follower to park")
+        holder.kill()
+        with gevent.Timeout(WAIT, AssertionError("the holder's death did not wake the waiter")):
+            won = waiter.get()
+        assert won.node == "bob"
+        while (info := next_item(seen, WAIT, "the follower to name bob")) != LeaderInfo("bob", won.term):
+            assert info is None, info
+        won.release()
+    finally:
+        for greenlet in (waiter, follower):
+            if greenlet is not None:
+                greenlet.kill()
+        holder.kill()
+        holder.wait()
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def changes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Waiting for lock file changes (Linux), and polling: no inotify, or no watch left."""
+    if request.param == "polling":
+        monkeypatch.setattr(file_changes, "_LIBC", None)
+    elif file_changes._LIBC is None:
+        pytest.skip("no inotify")
+    return request.param
+
+
+def test_handover_and_following_whether_changes_are_watched_or_polled(
+    tmp_path: Path, key: str, changes: str
+) -> None:
+    stores = [store_at(tmp_path) for _ in range(3)]
+    seen: gevent.queue.Queue = gevent.queue.Queue()
+    follower = gevent.spawn(lambda: [seen.put(info) for info in stores[2].watch(key)])
+    try:
+        assert next_item(seen, WAIT, "vacant at first") is None
+        first = stores[0].acquire(key, "alice", TTL)
+        assert next_item(seen, WAIT, "alice") == LeaderInfo("alice", first.term)
+        waiter = gevent.spawn(stores[1].acquire, key, "bob", TTL)
+        first.release()
+        with gevent.Timeout(WAIT, AssertionError("bob did not win")):
+            second = waiter.get()
+        while (info := next_item(seen, WAIT, "bob")) != LeaderInfo("bob", second.term):
+            assert info is None, info
+        second.release()
+        assert next_item(seen, WAIT, "vacant again") is None
+    finally:
+        follower.kill()
+
+
+def test_a_directory_that_cannot_be_watched_is_polled(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No inotify watch left for this user (fs.inotify.max_user_watches): poll, and say so."""
+    if file_changes._LIBC is None:
+        pytest.skip("no inotify")
+
+    def no_watch(watcher: object, subscription: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(file_changes._Watcher, "add", no_watch)
+    lease = store_at(tmp_path).acquire(key, "alice", TTL)
+    waiter = gevent.spawn(store_at(tmp_path).acquire, key, "bob", TTL)
+    try:
+        lease.release()
+        with gevent.Timeout(WAIT, AssertionError("bob did not win by polling")):
+            waiter.get().release()
+        assert "polling it every" in caplog.text
+    finally:
+        waiter.kill()

@@ -2,8 +2,15 @@
 
 Each key is a lock file in a directory. The holder keeps an OS file lock (``flock``) on
 it, so the kernel releases the lock the instant a holder process dies, however it dies:
-crash failover takes one poll interval, not a TTL. The file also records the last term
-and the holder's node name, for followers and for the next term.
+crash failover is immediate, not a TTL. The file also records the last term and the
+holder's node name, for followers and for the next term.
+
+**Waiting without polling.** On Linux, waiters and followers sleep until the lock file
+changes (:mod:`._file_changes`: one inotify instance per process, one watch per
+directory): a holder's last close, which its death or its release makes, wakes them, and
+so does a new leader's record. At rest they make no system call at all. Elsewhere, or where
+inotify is out of instances or watches, they look every ``poll_interval`` (20 ms by
+default, so crash failover takes one interval there).
 
 **A lock file removed while held.** ``flock`` guards an inode, not a name. Once the file is
 deleted (``rm``, a temporary-file cleaner, ``rm -rf`` of the directory) or another file is
@@ -16,7 +23,7 @@ undeletable, so a win also needs a lock that no file operation can remove:
   paths, e.g. one volume mounted in two containers, gets one name), one from its parent's
   device and inode and its name (it survives ``rm -rf`` and re-creation of the directory).
   Binding a bound name fails, no file cleaner can remove one, and the kernel drops it the
-  instant the holder's process dies, so crash failover stays one poll interval. A holder
+  instant the holder's process dies, so crash failover stays immediate. A holder
   whose file went away keeps its names until its next renewal reports the loss and the
   candidate steps down; only then can anyone else win.
 - Elsewhere (no abstract names), a candidate that locks a file whose record was not written
@@ -79,6 +86,7 @@ from ..errors import (
     StoreError,
     StoreUnavailableError,
 )
+from . import _file_changes
 from .base import LeaderInfo, Lease, Store, check_float, check_text, now
 
 __all__ = ["FileStore", "default_directory"]
@@ -92,6 +100,13 @@ _MAX_RECORD = 65536  # a record with the longest key and node names, JSON-escape
 # here ever waits on these descriptors, which is what gevent's deferral protects).
 _Socket = gevent.monkey.get_original("socket", "socket")
 _close = gevent.monkey.get_original("os", "close")
+#: After a wake-up (and at the start), look again after these delays before waiting for the
+#: next change: the kernel announces a holder's last close a moment before it drops the lock
+#: (both in the close's final step, in that order), and a change can land just before a
+#: subscription is armed. Six more looks over 88 ms per change; none at rest.
+RECHECKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+#: What stopped a look at the key (see FileStore._try_hold).
+_HELD, _LOCKED, _NAMED = "held", "locked", "named"
 #: Whether wins also take the key's abstract unix socket names (Linux only; see above).
 ABSTRACT_NAMES = sys.platform.startswith("linux")
 
@@ -272,7 +287,7 @@ class FileStore(Store):
         addrs: list[str] | None = None,
         *,
         directory: str | os.PathLike[str] | None = None,
-        poll_interval: float = 0.02,
+        poll_interval: float = 0.02,  # where changes cannot be watched: failover in 20 ms for 50 looks/s
     ) -> None:
         if addrs:
             if directory is not None or len(addrs) != 1:
@@ -333,10 +348,14 @@ class FileStore(Store):
         node = check_text("node", node)
         path = self.path_for(key)
         held = _Held()
+        changes = _file_changes.subscribe(str(self.directory), path.name)
         try:
+            rechecks = iter(RECHECKS)
             while True:
                 try:
-                    if self._try_hold(held, key, path):
+                    changes = self._arm(changes)
+                    outcome = self._try_hold(held, key, path)
+                    if outcome is _HELD:
                         lease = self._claim(held, key, node, ttl, path)
                         if lease is not None:
                             return lease
@@ -344,10 +363,40 @@ class FileStore(Store):
                         continue
                 except OSError as exc:
                     raise _store_error(f"cannot lock {path}", exc) from exc
-                gevent.sleep(self.poll_interval)
+                if outcome is _NAMED or changes is None:
+                    gevent.sleep(self.poll_interval)
+                elif changes.wait(next(rechecks, None)):
+                    rechecks = iter(RECHECKS)
         except BaseException:
             held.close()
             raise
+        finally:
+            if changes is not None:
+                changes.close()
+
+    def _arm(self, changes: _file_changes.Subscription | None) -> _file_changes.Subscription | None:
+        """Arm ``changes`` before a look at the lock file, making the directory again if it
+        was removed; None, to poll instead, if the directory cannot be watched."""
+        if changes is None:
+            return None
+        try:
+            changes.arm()
+            return changes
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return self._poll_instead(changes, exc)
+        self._make_directory()  # removed (rm -rf): an OSError here is the caller's store error
+        try:
+            changes.arm()
+            return changes
+        except OSError as exc:
+            return self._poll_instead(changes, exc)
+
+    def _poll_instead(self, changes: _file_changes.Subscription, exc: OSError) -> None:
+        """E.g. fs.inotify.max_user_watches reached: this call polls, as on other systems."""
+        log.warning("cannot watch %s, polling it every %gs: %s", self.directory, self.poll_interval, exc)
+        changes.close()
 
     def _names(self, key: str) -> list[bytes] | None:
         """The key's abstract socket names (none where there are no abstract names), or
@@ -369,20 +418,25 @@ class FileStore(Store):
         return [_abstract_name("directory", directory.st_dev, directory.st_ino, key),
                 _abstract_name("entry", parent.st_dev, parent.st_ino, os.path.basename(self._real_directory), key)]
 
-    def _try_hold(self, held: _Held, key: str, path: Path) -> bool:
-        """Take everything a win needs, without waiting; False (keeping only the open file,
-        unlocked) if something is held by another candidate.
+    def _try_hold(self, held: _Held, key: str, path: Path) -> str:
+        """Take everything a win needs, without waiting: :data:`_HELD`; else what stopped it,
+        keeping only the open file, unlocked.
 
-        The lock file comes first: while its holder lives that is one cheap ``flock`` per
-        poll. The names only ever fail to bind while a holder of a removed file remains.
+        :data:`_LOCKED`: another candidate holds the lock file (a change to the file will
+        say when to look again). If that file is no longer the key's (removed or replaced),
+        it is closed, so that the next look locks the key's current file.
+        :data:`_NAMED`: the names are bound by the holder of a removed file, until its next
+        renewal reports the loss; no change to the key's file announces that (poll).
         """
         if held.fd is None:
             held.fd = self._open_lock_file(path)
         if not _try_flock(held.fd, fcntl.LOCK_EX):
-            return False
+            if not _same_file(held.fd, path):
+                held.close()
+            return _LOCKED
         if not _same_file(held.fd, path):  # removed or replaced while we waited
             held.close()
-            return False
+            return _LOCKED
         names = self._names(key)
         for name in names or []:
             fd = _bind(name)
@@ -393,8 +447,8 @@ class FileStore(Store):
         if names is None:
             held.close_sockets()
             fcntl.flock(held.fd, fcntl.LOCK_UN)
-            return False
-        return True
+            return _NAMED
+        return _HELD
 
     def _open_lock_file(self, path: Path) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -456,10 +510,24 @@ class FileStore(Store):
         raise StoreUnavailableError(f"{path} is held but holds no leader record")
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
-        last: object = object()
-        while True:
-            current = self.leader(key)
-            if current != last:
-                last = current
-                yield current
-            gevent.sleep(self.poll_interval)
+        path = self.path_for(key)
+        changes = _file_changes.subscribe(str(self.directory), path.name)
+        try:
+            last: object = object()
+            rechecks = iter(RECHECKS)
+            while True:
+                try:
+                    changes = self._arm(changes)
+                except OSError as exc:  # making the removed directory again
+                    raise _store_error(f"cannot watch {path}", exc) from exc
+                current = self.leader(key)
+                if current != last:
+                    last = current
+                    yield current
+                if changes is None:
+                    gevent.sleep(self.poll_interval)
+                elif changes.wait(next(rechecks, None)):
+                    rechecks = iter(RECHECKS)
+        finally:
+            if changes is not None:
+                changes.close()
