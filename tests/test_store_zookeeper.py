@@ -11,9 +11,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import gevent.event
+import gevent.socket
 import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
@@ -437,7 +439,7 @@ def test_an_unclaimed_greenleader_node_first_in_line_is_never_named(stores, key,
     it leads, rule 10) is not named, unlike a kazoo Lock's node: it is told by its uid's tag,
     which stays when an operator deletes its twin (tagged-uid), or, for a node made before
     the tag, by its twin (twin-only). Once claimed, it is named."""
-    from greenleader.stores import zookeeper
+    from greenleader.stores.zookeeper import recipe as zookeeper
 
     store = stores()
     path = store.path_for(key)
@@ -663,6 +665,34 @@ def test_unreachable_store_fails_within_its_timeout(key) -> None:
             store.acquire(key, "alice", TTL)
     finally:
         store.close()
+
+
+def test_close_after_a_silent_server_is_prompt(key) -> None:
+    """A server that accepts connections and never answers: the store gives up within its
+    timeout, and close() does not wait for kazoo's unanswered handshake (was 9.1 s)."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[Any] = []
+
+    def accept() -> None:
+        while True:
+            accepted.append(listener.accept()[0])
+
+    acceptor = gevent.spawn(accept)
+    store = ZooKeeperStore([f"127.0.0.1:{listener.getsockname()[1]}"], timeout=1.0)
+    try:
+        with pytest.raises(StoreUnavailableError):
+            store.leader(key)
+        started = time.monotonic()
+        store.close()
+        took = time.monotonic() - started
+        assert took < 4.0, f"close() took {took:.2f}s with timeout=1"
+    finally:
+        acceptor.kill()
+        for sock in accepted:
+            sock.close()
+        listener.close()
 
 
 UNPATCHED = """
