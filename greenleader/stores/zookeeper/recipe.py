@@ -26,7 +26,7 @@ from ...errors import (
     StoreError,
     StoreUnavailableError,
 )
-from ..base import LeaderInfo, Lease, Store, check_text, now
+from ..base import LeaderInfo, Lease, Store, now
 
 try:
     from kazoo.exceptions import NodeExistsError, NoNodeError
@@ -52,9 +52,11 @@ _OWN_UID_TAG = "91ead"
 
 @dataclass(frozen=True)
 class _Unclaimed:
-    """The first node in the queue, whose candidate has not claimed the win yet."""
+    """The first node in the queue, whose candidate has not claimed the win yet: once it
+    does, ``leader`` (its data, the candidate's node name) leads."""
 
     path: str
+    leader: LeaderInfo
 
 
 def _contenders(children: list[str]) -> list[str]:
@@ -285,7 +287,6 @@ class ZooKeeperStore(ZooKeeperClient, Store):
     # -- the store contract -------------------------------------------------------------------
 
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
-        node = check_text("node", node)
         path = self.path_for(key)
         session = self._lease_session(self.validate_ttl(ttl))
         if session.orphans:  # left by a release or withdrawal that was cut short
@@ -438,18 +439,32 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                 data, stat = session.call(client.get_async, first, watch)
             except NoNodeError:
                 continue
+            info = LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
             if stat.version == 0 and _claims(contenders[0], children):
-                return _Unclaimed(first)  # the claim (or the node's deletion) fires the watch
-            # a claimed greenleader node, or kazoo's: named at once (it never claims)
-            return LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
+                return _Unclaimed(first, info)  # the claim (or the node's deletion) fires the watch
+            return info  # a claimed greenleader node, or kazoo's: named at once (it never claims)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         path = self.path_for(key)
         while True:
             changed = Event()
+            events: list[WatchedEvent] = []
             try:
-                info = self._read_leader(self._session(), path, _waker(changed))
+                info = self._read_leader(self._session(), path, _recorder(events, changed))
             except _ConnectionLost:
                 continue
             yield None if isinstance(info, _Unclaimed) else info
             changed.wait()  # kazoo also fires watches when the connection drops
+            if isinstance(info, _Unclaimed) and events[0].type == EventType.CHANGED and events[0].path == info.path:
+                # The first node was claimed (its version left 0): its candidate leads, under
+                # the name its node was created with. Named at once, then read again.
+                yield info.leader
+
+
+def _recorder(events: list[WatchedEvent], event: Event) -> Callable[[WatchedEvent], None]:
+    """A kazoo watch callback that records what fired and sets ``event``."""
+    def fired(watched: WatchedEvent) -> None:
+        events.append(watched)
+        event.set()
+
+    return fired
