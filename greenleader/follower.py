@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import gevent
 from gevent import Greenlet, GreenletExit
@@ -21,7 +23,7 @@ from gevent.queue import Queue
 from . import _fork
 from ._channels import Channels
 from ._outcome import spawn
-from .errors import GreenleaderError, PermissionDeniedError, StoppedError, StoreError
+from .errors import GreenleaderError, PermissionDeniedError, StoppedError, StoreError, StoreUnavailableError
 from .events import ElectionError, EventPublisher, LeaderChanged
 from .retry import Backoff, as_backoff
 from .status import FollowerStatus, Record
@@ -83,6 +85,7 @@ class Follower:
         self._current: LeaderInfo | object | None = _UNSEEN
         self._confirmed_at = 0.0
         self._watch_yielded = False  # True once the running watch gave a value: it may be resynced
+        self._watch_share: _Subscription | None = None  # this follower's share of the store's watch
         self._reachable = Event()  # set by a successful check: ends a retry backoff early
         self._stopped = False
         self._inert = False  # a forked child's copy
@@ -222,19 +225,32 @@ class Follower:
                 channels.close()
 
     def _watch(self, channels: Channels) -> None:
-        """Report each change the store's watch shows, until it fails."""
-        watch = self.store.watch(self.key)
+        """Report each change the store's watch shows, until it fails.
+
+        The store's watch is shared with every follower of the key on this store object."""
+        self._watch_share = share = _SharedWatch.subscribe(self.store, self.key, self.unknown_after / 2)
+        share.on_confirmed = self._confirmed_by_peer
         try:
-            for info in watch:
+            for info, received_at in share:
                 if self._inert:
                     return  # a forked child's copy, woken by what was pending at the fork
-                self._confirmed_at = now()
+                self._confirmed_at = max(self._confirmed_at, received_at)
                 self._record.contact()
                 self._watch_yielded = True
                 self._report(info)
+        except _Resync:
+            share.shared.restart()
+            raise
         finally:
             self._watch_yielded = False
-            watch.close()
+            self._watch_share = None
+            share.close()
+
+    def _confirmed_by_peer(self, info: LeaderInfo | None, at: float) -> None:
+        """Another follower of the shared watch read ``info`` at ``at``: a confirmation for this
+        one too, if it reports the same leader."""
+        if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == _node(info):
+            self._confirmed_at = max(self._confirmed_at, at)
 
     def _report(self, info: LeaderInfo | None) -> None:
         node = info.node if info is not None else None
@@ -296,6 +312,9 @@ class Follower:
         node = info.node if info is not None else None
         if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
             self._confirmed_at = max(self._confirmed_at, started)  # as of the read, not the reply
+            share = self._watch_share
+            if share is not None:
+                share.shared.confirm(info, started)  # the followers sharing the watch need not read too
             return True
         if self._watch_yielded and self._greenlet is not None:
             # The watch went quiet on a stale value: watch again from what the store holds now.
@@ -323,3 +342,139 @@ class Follower:
                 greenlet.kill(block=False)
         if self._channels is not None:
             self._channels.close()
+
+
+# -- one store watch per (store object, key), shared by its followers ---------------------------
+
+
+class _Restart(BaseException):
+    """Raised into a shared watch's greenlet to open the store's watch anew."""
+
+
+class _SharedWatch:
+    """One ``store.watch(key)`` for every follower of ``key`` on one store object, fanned out
+    in-process: a change costs one notification, however many followers there are.
+
+    The first subscriber opens it, each subscriber gets every value (with the time it was
+    received), an error ends it for every subscriber (each then retries on its own terms), and
+    the last one to leave closes it. A subscriber that joins late first gets the value the watch
+    last yielded, if it is fresh enough for it, else a read of its own.
+    """
+
+    _open: ClassVar[dict[tuple[int, str], _SharedWatch]] = {}
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store = store
+        self.key = key
+        self.subscribers: set[_Subscription] = set()
+        self.last: LeaderInfo | object | None = _UNSEEN  # _UNSEEN before the first value, and while restarting
+        self.confirmed_at = 0.0  # when ``last`` was last confirmed (received, or read by a subscriber)
+        self._inert = False  # a forked child's copy
+        self._greenlet = gevent.spawn(self._run)
+        _fork.register(self)
+
+    @classmethod
+    def subscribe(cls, store: Store, key: str, max_age: float) -> _Subscription:
+        shared = cls._open.get((id(store), key))
+        if shared is None:
+            shared = cls._open[(id(store), key)] = cls(store, key)
+        subscription = _Subscription(shared)
+        shared.subscribers.add(subscription)
+        if shared.last is not _UNSEEN:
+            if now() - shared.confirmed_at <= max_age:
+                subscription.queue.put((shared.last, shared.confirmed_at))
+            else:
+                subscription.read_first = True
+        return subscription
+
+    def unsubscribe(self, subscription: _Subscription) -> None:
+        self.subscribers.discard(subscription)
+        if not self.subscribers:
+            self._close()
+            self._greenlet.kill(block=True, timeout=5)  # the store's watch is closed when this returns
+
+    def restart(self) -> None:
+        """Open the store's watch anew (for every subscriber): it went quiet on a stale value.
+        A restart already under way (no value since) is not repeated."""
+        if self.last is not _UNSEEN and not self._greenlet.dead:
+            self.last = _UNSEEN
+            self._greenlet.kill(_Restart, block=False)
+
+    def confirm(self, info: LeaderInfo | None, at: float) -> None:
+        """A subscriber read ``info`` from the store at ``at``: it confirms every subscriber
+        that reports the same leader, so one read per quiet period serves them all."""
+        if self.last is not _UNSEEN and _node(self.last) == _node(info):
+            self.confirmed_at = max(self.confirmed_at, at)
+        for subscription in list(self.subscribers):
+            subscription.on_confirmed(info, at)
+
+    def _close(self) -> None:
+        if self._open.get((id(self.store), self.key)) is self:
+            del self._open[(id(self.store), self.key)]
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            while self.subscribers and not self._inert:
+                try:
+                    self._fan_out()
+                except _Restart:
+                    continue
+        except GreenletExit:
+            return  # the last subscriber left (or a fork)
+        except Exception as exc:
+            error = exc
+        finally:
+            self._close()
+        for subscription in list(self.subscribers):  # (no switch since _close: nobody joined meanwhile)
+            subscription.queue.put(error or StoreUnavailableError(
+                f"the {self.store.backend} watch of {self.key!r} ended"))
+
+    def _fan_out(self) -> None:
+        """Give every subscriber each value of one store watch, until it ends or fails."""
+        watch = self.store.watch(self.key)
+        try:
+            for info in watch:
+                if self._inert:
+                    return  # a forked child's copy, woken by what was pending at the fork
+                self.last, self.confirmed_at = info, now()
+                for subscription in list(self.subscribers):
+                    subscription.queue.put((info, self.confirmed_at))
+        finally:
+            watch.close()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the parent's watch is not the child's."""
+        self._inert = True
+        self.subscribers.clear()
+        self._close()
+        self._greenlet.kill(block=False)
+
+
+class _Subscription:
+    """One follower's share of a :class:`_SharedWatch`: iterate for ``(info, received_at)``."""
+
+    def __init__(self, shared: _SharedWatch) -> None:
+        self.shared = shared
+        self.queue: Queue[tuple[LeaderInfo | None, float] | BaseException] = Queue()
+        self.read_first = False  # joined a quiet watch: read the leader rather than trust its last value
+        self.on_confirmed: Callable[[LeaderInfo | None, float], None] = lambda info, at: None
+
+    def __iter__(self) -> Iterator[tuple[LeaderInfo | None, float]]:
+        if self.read_first:
+            started = now()
+            info = self.shared.store.leader(self.shared.key)
+            if self.queue.empty():  # else the watch has news since: the read may be older than it
+                yield info, started
+        while True:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.shared.unsubscribe(self)
+
+
+def _node(info: object) -> str | None:
+    return info.node if isinstance(info, LeaderInfo) else None
