@@ -9,6 +9,7 @@ from greenleader import Candidate, Follower
 from greenleader.errors import (
     GreenleaderError,
     InvalidArgumentError,
+    MissingDependencyError,
     StoppedError,
     UnknownBackendError,
 )
@@ -63,6 +64,34 @@ def test_bad_store_arguments_are_rejected(tmp_path):
         new_store("file", str(tmp_path), colour="blue")
     with pytest.raises(InvalidArgumentError):
         FileStore(directory=tmp_path, poll_interval=0)
+
+
+@pytest.mark.parametrize("backend", ["memory", "file", "consul", "etcd", "zookeeper"])
+def test_each_backend_resolves_to_its_class_whether_module_or_package(backend):
+    """A store may be one module (stores/file.py) or a package (stores/consul/ with its recipe
+    and client): the class comes from its top level either way."""
+    from greenleader.stores import BACKENDS, _store_class
+    module_name, class_name, _ = BACKENDS[backend]
+    cls = _store_class(backend)
+    assert cls.__name__ == class_name and cls.backend == backend
+    assert cls.__module__.startswith(f"greenleader.stores.{module_name}")
+
+
+def test_a_broken_store_module_is_not_taken_for_a_missing_dependency(monkeypatch):
+    """An ImportError of a third-party client is a missing extra (with the pip command); one
+    inside greenleader's own store package is a bug, raised as it is."""
+    import greenleader.stores as stores
+
+    def missing(name: str) -> None:
+        raise ImportError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(stores.importlib, "import_module", lambda _: missing("consul"))
+    with pytest.raises(MissingDependencyError, match=r'pip install "greenleader\[consul\]"'):
+        new_store("consul")
+    monkeypatch.setattr(stores.importlib, "import_module", lambda _: missing("greenleader.stores.consul.recipe"))
+    with pytest.raises(ImportError) as raised:
+        new_store("consul")
+    assert not isinstance(raised.value, MissingDependencyError)
 
 
 def test_candidate_and_follower_need_a_store():

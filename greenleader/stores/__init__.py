@@ -16,7 +16,9 @@ from .base import LeaderInfo, Lease, Store
 
 __all__ = ["BACKENDS", "LeaderInfo", "Lease", "Store", "from_url", "new_store"]
 
-#: backend name -> (module, class, pip extra that installs its client library)
+#: backend name -> (module or package under greenleader.stores, class, pip extra that installs
+#: its client library). A store may be one module (``file.py``) or a package (``consul/`` with
+#: its recipe and client apart); either way the class is imported from its top level.
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "memory": ("memory", "MemoryStore", None),
     "file": ("file", "FileStore", None),
@@ -38,6 +40,8 @@ def _store_class(backend: object) -> type[Store]:
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as exc:
+        if (exc.name or "").partition(".")[0] == __name__.partition(".")[0] and exc.name != f"{__name__}.{module_name}":
+            raise  # a module of greenleader's own is broken: not a dependency to install
         hint = f'pip install "greenleader[{extra}]"' if extra else "reinstall greenleader"
         raise MissingDependencyError(f"the {name} store needs {exc.name or exc}: {hint}") from exc
     return getattr(module, class_name)
