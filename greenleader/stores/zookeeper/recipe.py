@@ -101,6 +101,8 @@ class _ZooKeeperLease(Lease):
         self._lost: str | None = None
         self._gone = False
         self._deleted: set[str] = set()  # our nodes known to be deleted from outside
+        self.created: ZnodeStat | None = None  # our node's stat, as acquire() first found it
+        self.watched_in: int | None = None  # the session generation in which acquire() armed its watches
         self._armed: int | None = None  # session generation whose watches on our nodes proved them claimed
 
     def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
@@ -189,6 +191,10 @@ class _ZooKeeperLease(Lease):
             self._armed = generation
         self.confirmed_at = started
 
+    def watched(self) -> bool:
+        """True while the watches on our node and its twin are armed and have not fired."""
+        return all(self._session.watching(path, self.on_node_event) for path in (self.path, self.twin))
+
     def _renew_by_session(self) -> bool:
         """Renew with a confirmation of the session shared by its leaders (see
         :meth:`_Session.confirm`): the session lived when it was begun, and our nodes were
@@ -203,8 +209,7 @@ class _ZooKeeperLease(Lease):
             raise StoreUnavailableError(f"renewal failed: {exc}") from exc
         if self._lost:
             raise LeadershipLostError(f"{self.node!r} lost {self.key!r}: {self._lost}")
-        armed = all(session.watching(path, self.on_node_event) for path in (self.path, self.twin))
-        if generation != self._armed or session.generation != generation or not armed:
+        if generation != self._armed or session.generation != generation or not self.watched():
             return False
         self.confirmed_at = started
         return True
@@ -312,19 +317,30 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                             continue
                         lease = _ZooKeeperLease(session, key, node, created, f"{path}/{uid}{_LIVE}")
                     lease.woken.clear()
-                    # One round trip: the queue, and watches on our own nodes (re-armed on each
-                    # pass, as kazoo drops watches when the connection drops), so a win needs
-                    # no further request and a deletion of our nodes wakes us up.
+                    # One round trip: the queue, and (once per connection: kazoo drops watches
+                    # with it) watches on our own nodes, so a win needs no further request and
+                    # a deletion of our nodes wakes us up.
                     started = now()
+                    generation = session.generation
+                    armed = lease.created is not None and lease.watched_in == generation
                     listing = client.get_children_async(path)
-                    own = client.exists_async(lease.path, lease.on_node_event)
-                    own_twin = client.exists_async(lease.twin, lease.on_node_event)
+                    if not armed:
+                        own = client.exists_async(lease.path, lease.on_node_event)
+                        own_twin = client.exists_async(lease.twin, lease.on_node_event)
                     try:
                         children = session.result(listing)
                     except NoNodeError:
                         children = []
                     contenders = _contenders(children)
-                    stat, twin_stat = session.result(own), session.result(own_twin)
+                    if armed:  # our nodes live if their watches, armed on this connection, never fired
+                        if session.generation != generation or not lease.watched():
+                            lease.watched_in = None
+                            continue
+                        stat, twin_stat = lease.created, True
+                    else:
+                        stat, twin_stat = session.result(own), session.result(own_twin)
+                        if stat is not None and twin_stat is not None:
+                            lease.created, lease.watched_in = stat, generation
                     name = lease.path.rsplit("/", 1)[1]
                     if stat is None or twin_stat is None or name not in contenders:
                         # deleted from outside, or gone with its session: never win with it
