@@ -19,6 +19,7 @@ shows the latest figures of every section (each says the commit it was measured 
 ``--before FILE`` keeps FILE (the results.json of a run on an earlier commit, say a
 worktree of the branch's first commit) as ``before.json`` next to results.json; the table
 and the page then open with the goals of issue 11, before and after (benchmarks/goals.py).
+``--reference FILE`` (kept as ``reference.json``) adds the run the issue quoted as a column.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _section_runner(name: str, passes: int = 1) -> Callable[[Config, Stores, Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION",
-                        help=f"sections to run (default: all): {', '.join(SECTIONS)}")
+                        help=f"sections to run, in this order (default: all): {', '.join(SECTIONS)}")
     parser.add_argument("--kinds", default=",".join(KINDS), help="stores to run on (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="few trials and short windows: a smoke run")
     parser.add_argument("--trials", type=int, default=None,
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, default=None,
                         help="the results.json of a run on an earlier commit: kept as before.json in --out, "
                              "for the before/after table of issue 11's goals")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="the results.json the issue quoted: kept as reference.json in --out, a column of "
+                             "that table")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     results = report.load(out / "results.json")
     if args.before is not None:
         shutil.copyfile(args.before, out / "before.json")
+    if args.reference is not None:
+        shutil.copyfile(args.reference, out / "reference.json")
     before = report.load(out / "before.json") if (out / "before.json").exists() else None
+    reference = report.load(out / "reference.json") if (out / "reference.json").exists() else None
     if not args.report:
         config = Config.quick_run(kinds) if args.quick else Config(kinds=kinds)
         if args.trials is not None:
@@ -111,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.passes < 1:
             parser.error("--passes must be 1 or more")
         _run(config, args.sections or SECTIONS, results, out, args.keep, args.passes)
-    print(report.table(results, before=before), flush=True)
+    print(report.table(results, before=before, reference=reference), flush=True)
     if not args.no_plots:
         report.plots(results, out)
         if out.resolve() == (REPO / "docs" / "benchmarks").resolve():
-            report.page(results, REPO / "docs" / "benchmarks.md", before=before)
+            report.page(results, REPO / "docs" / "benchmarks.md", before=before, reference=reference)
     print(f"results: {out / 'results.json'}", flush=True)
     return 0
 
@@ -127,9 +134,7 @@ def _run(config: Config, sections: list[str], results: dict[str, Any], out: Path
     ok = False
     try:
         results["environment"] = environment = report.environment()
-        for name in SECTIONS:
-            if name not in sections:
-                continue
+        for name in dict.fromkeys(sections):  # in the order asked for: each is saved as it ends
             before, started = loadavg(), time.monotonic()
             print(f"== {name} (load average {' '.join(map(str, before))})", flush=True)
             data = _section_runner(name, passes)(config, stores, workdir / name)

@@ -1,14 +1,16 @@
 """Follower latency: a change of leader -> 100 followers in one process notified.
 
 The followers are :class:`greenleader.Follower` objects in the driver process, all on one
-store object (as an application would share it). The candidates are separate processes
-(tests/candidate_process.py) that print when ``acquire`` returned (``elected``) and when
-``release`` began (``deposed``). Each change SIGTERMs the leader's process; each follower's
-latency is counted from the successor's ``elected`` instant (and, second figure, from the
-predecessor's release) to the moment the follower's queue delivered the successor's name.
-A follower may hear of the new leader before the winner's ``acquire`` returns (the store
-shows the win to both at once), so the first figure can be slightly negative.
-At the end the tenures are checked: never two leaders at once, terms strictly increasing.
+store object (as an application would share it), with the library's retries (as a
+long-running application runs them: on a loaded machine a server may miss a deadline). The
+candidates are separate processes (tests/candidate_process.py) that print when ``acquire``
+returned (``elected``) and when ``release`` began (``deposed``). Each change SIGTERMs the
+leader's process; each follower's latency is counted from the successor's ``elected``
+instant (and, second figure, from the predecessor's release) to the moment the follower's
+queue delivered the successor's name. A follower may hear of the new leader before the
+winner's ``acquire`` returns (the store shows the win to both at once), so the first figure
+can be slightly negative. At the end the tenures are checked: never two leaders at once,
+terms strictly increasing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class _Followers:
 
     def __init__(self, url: str, key: str, count: int) -> None:
         self.store = from_url(url)
-        self.followers = [Follower(self.store, key) for _ in range(count)]
+        self.followers = [Follower(self.store, key, retry=True) for _ in range(count)]
         self.seen: list[list[tuple[str | None, float]]] = [[] for _ in range(count)]
         self.greenlets = [gevent.spawn(self._consume, f, seen) for f, seen in zip(self.followers, self.seen,
                                                                                    strict=True)]
@@ -112,7 +114,13 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
 
 
 def run(config: Config, stores: Stores, workdir: Path) -> dict[str, Any]:
-    results = {}
+    """Every kind; one that fails is recorded as ``{"failure": ...}`` and the others still run."""
+    results: dict[str, Any] = {}
     for kind in config.kinds:
-        results[kind] = bench(kind, stores.url(kind), config, workdir / kind)
+        try:
+            results[kind] = bench(kind, stores.url(kind), config, workdir / kind)
+        except (TimeoutError, RuntimeError, AssertionError) as exc:
+            log.warning("followers %s failed: %s", kind, exc)
+            results[kind] = {"failure": f"{type(exc).__name__}: {exc}"[:300], "followers": config.followers,
+                             "changes": config.follower_changes}
     return results

@@ -75,6 +75,8 @@ def _handover_figure(results: Results | None, kind: str) -> tuple[float | None, 
 
 def _followers_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
     found = _data(results, "followers").get(kind)
+    if found and found.get("failure"):
+        return math.inf, f"failed: {found['failure'][:100]}"
     if not found or not found["summary_elected"]["n"]:
         return None, "-"
     p95 = found["summary_elected"]["p95"] * 1000
@@ -181,8 +183,9 @@ GOALS = [
 ]
 
 
-def rows(before: Results | None, after: Results) -> list[list[str]]:
-    """[what, store, before, after, goal, met] for every goal a run has figures for."""
+def rows(before: Results | None, after: Results, reference: Results | None = None) -> list[list[str]]:
+    """[what, store, (reference,) before, after, goal, met] for every goal a run has figures
+    for; ``reference``: the run the issue quoted, for a column of its own."""
     out = []
     for goal in GOALS:
         for kind in goal.kinds:
@@ -191,7 +194,8 @@ def rows(before: Results | None, after: Results) -> list[list[str]]:
             if b_value is None and a_value is None:
                 continue
             verdict = "-" if a_value is None else ("yes" if goal.met(a_value, b_value) else "**no**")
-            out.append([goal.what, kind, _with_commit(b_text, before, goal.section, kind),
+            quoted = [_with_commit(goal.figure(reference, kind)[1], reference, goal.section, kind)] if reference else []
+            out.append([goal.what, kind, *quoted, _with_commit(b_text, before, goal.section, kind),
                         _with_commit(a_text, after, goal.section, kind), goal.goal, verdict])
     return out
 
@@ -203,9 +207,12 @@ def _with_commit(text: str, results: Results | None, section: str, kind: str) ->
     return f"{text} [{commit}]" if commit else text
 
 
-def commits(before: Results | None, after: Results) -> str:
-    """One line naming the commits and dates of both runs."""
-    def describe(results: Results | None) -> str:
-        env = (results or {}).get("environment", {})
-        return f"{env.get('commit', '?')} ({env.get('date', '?')})" if env else "none"
-    return f"before: {describe(before)}; after: {describe(after)}"
+def describe(results: Results | None) -> str:
+    """The commit and date of a run, and the range of the 1-minute load average over its sections."""
+    env = (results or {}).get("environment", {})
+    if not env:
+        return "none"
+    loads = [load[0] for section in (results or {}).get("sections", {}).values()
+             for load in (section.get("load_before"), section.get("load_after")) if load]
+    span = f", 1-minute load average {min(loads):.1f} to {max(loads):.1f}" if loads else ""
+    return f"{env.get('commit', '?')} ({env.get('date', '?')}{span})"

@@ -104,7 +104,7 @@ def followers(sections: dict[str, Any], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for kind in _kinds(data):
-        values = sorted(v * 1000 for v in data[kind]["from_elected"])
+        values = sorted(v * 1000 for v in data[kind].get("from_elected", []))
         if values:
             ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=kind, color=COLORS[kind])
     ax.axhline(0.95, color="grey", linestyle="dotted", linewidth=1)

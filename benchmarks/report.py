@@ -141,6 +141,9 @@ def followers_table(data: dict[str, Any]) -> str:
     rows = []
     for kind in _kinds(data):
         d = data[kind]
+        if d.get("failure"):
+            rows.append([kind, str(d["followers"]), str(d["changes"]), f"failed: {d['failure'][:120]}", "-", "-"])
+            continue
         rows.append([kind, str(d["followers"]), str(d["changes"]), _triple(d["summary_elected"], 1000),
                      _triple(d["summary_release"], 1000), _f(d["summary_all_notified"]["p95"] * 1000)
                      if d.get("summary_all_notified") else "-"])
@@ -225,15 +228,20 @@ TABLES = {
 }
 
 
-def goals_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
-    """Issue 11's goals, before and after (benchmarks/goals.py)."""
+def goals_table(before: dict[str, Any] | None, after: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    """Issue 11's goals, before and after (benchmarks/goals.py); ``reference``: the run the
+    issue quoted, in a column of its own."""
     from . import goals
 
-    rows = goals.rows(before, after)
+    rows = goals.rows(before, after, reference)
     if not rows:
         return ""
-    return f"{goals.commits(before, after)}\n\n" + _md(
-        ["what was measured", "store", "before [commit]", "after [commit]", "goal", "met?"], rows)
+    runs = [f"- before: {goals.describe(before)}", f"- after: {goals.describe(after)}"]
+    if reference:
+        runs.insert(0, f"- quoted by the issue: {goals.describe(reference)}")
+    header = ["what was measured", "store", *(["quoted by the issue [commit]"] if reference else []),
+              "before [commit]", "after [commit]", "goal", "met?"]
+    return "\n".join(runs) + "\n\n" + _md(header, rows)
 
 
 def _section(results: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -246,14 +254,16 @@ def _section(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     return section
 
 
-def table(results: dict[str, Any], headings: bool = False, before: dict[str, Any] | None = None) -> str:
+def table(results: dict[str, Any], headings: bool = False, before: dict[str, Any] | None = None,
+          reference: dict[str, Any] | None = None) -> str:
     """Every section's table; ``headings``: titles as Markdown headings (for the page);
-    ``before``: a run on an earlier commit, for the table of issue 11's goals first."""
+    ``before``: a run on an earlier commit, for the table of issue 11's goals first
+    (``reference``: the run the issue quoted, a column of that table)."""
     out = []
     env = results.get("environment", {})
     if env:
         out.append(f"greenleader {env.get('commit')} on {env.get('cpus')} CPUs, {env.get('date')}")
-    if before is not None and (goals := goals_table(before, results)):
+    if before is not None and (goals := goals_table(before, results, reference)):
         out.append(f"\n{'### ' if headings else ''}Issue 11's goals, before and after\n\n{goals}")
     for name, (title, render) in TABLES.items():
         section = _section(results, name)
@@ -292,11 +302,12 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 # the page
 
 
-def page(results: dict[str, Any], path: Path, before: dict[str, Any] | None = None) -> None:
+def page(results: dict[str, Any], path: Path, before: dict[str, Any] | None = None,
+         reference: dict[str, Any] | None = None) -> None:
     template = (Path(__file__).parent / "page.md").read_text()
     env = results.get("environment", {})
     loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}" for name, s in results["sections"].items()}
-    text = template.replace("{{TABLES}}", table(results, headings=True, before=before))
+    text = template.replace("{{TABLES}}", table(results, headings=True, before=before, reference=reference))
     text = text.replace("{{ENVIRONMENT}}", json.dumps(env, indent=1))
     text = text.replace("{{LOADS}}", json.dumps(loads, indent=1))
     before_loads = {name: f"{s.get('load_before')} -> {s.get('load_after')}"
