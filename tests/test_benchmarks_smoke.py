@@ -28,11 +28,11 @@ def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None
     """Issue 11's cases in quick mode: followers on one store object, idle candidates in one
     process, the file store's idle cost; then the before/after table of the goals from that run.
     Figures are checked to be there and finite, never against a speed."""
-    argv = [sys.executable, "-m", "benchmarks", "followers", "cost", "idle", "--quick", "--kinds", "file",
+    argv = [sys.executable, "-m", "benchmarks", "followers", "cost", "idle", "fileidle", "--quick", "--kinds", "file",
             "--no-plots", "--out", str(tmp_path)]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"benchmark failed:\n{done.stdout}\n{done.stderr}"
-    for title in ("Follower latency", "Cost at rest", "Idle candidates in one process"):
+    for title in ("Follower latency", "Cost at rest", "Idle candidates in one process", "File store at rest"):
         assert title in done.stdout, done.stdout
     sections = json.loads((tmp_path / "results.json").read_text())["sections"]
     followers = sections["followers"]["data"]["file"]
@@ -45,6 +45,11 @@ def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None
         cpu = sections["cost"]["data"]["file"]["roles"][role]["cpu_s_per_hour"]
         assert math.isfinite(cpu), (role, cpu)
     assert sections["idle"]["commits"]["file"], sections["idle"]
+    file_idle = sections["fileidle"]["data"]["file"]
+    for role in ("waiters", "followers"):
+        assert math.isfinite(file_idle["idle"][role]["cpu_s_per_hour_each"]), file_idle
+    for change in ("graceful_handover", "crash_failover"):
+        assert file_idle[change]["trials"] == 2 and file_idle[change]["median_ms"] > 0, file_idle
 
     report = [sys.executable, "-m", "benchmarks", "--report", "--no-plots", "--out", str(tmp_path),
               "--before", str(tmp_path / "results.json")]
@@ -58,4 +63,6 @@ def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None
             "1,000 idle candidates in one process: leading, errors",
             "1,000 idle candidates in one process: CPU of a core",
             "File store, each idle waiter (cost section)",
-            "File store, each idle follower (cost section)"} <= measured, goals
+            "File store, each idle follower (cost section)",
+            "File store, each idle waiter (file_idle)", "File store, each idle follower (file_idle)",
+            "File store, SIGKILL -> waiter's win, median (file_idle)"} <= measured, goals
