@@ -25,7 +25,7 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 
-from ... import _fork
+from ... import _fork, _outcome
 from ...errors import (
     InvalidArgumentError,
     PermissionDeniedError,
@@ -504,18 +504,7 @@ class _Session:
         self.orphans.add((parent, prefix))
         if not self.connected.is_set():
             raise StoreUnavailableError(f"cannot delete {parent}/{prefix}* now; they go when the session reconnects")
-        error = self.store._spawn(self._removal, parent, prefix, names).get()
-        if error is not None:
-            raise error
-
-    def _removal(self, parent: str, prefix: str, names: tuple[str, ...]) -> StoreError | None:
-        """:meth:`_remove` for a greenlet: the error is returned, as a greenlet that dies of
-        it gets its traceback printed by the hub."""
-        try:
-            self._remove(parent, prefix, names)
-        except StoreError as exc:
-            return exc
-        return None
+        _outcome.result(self.store._spawn(_outcome.outcome, self._remove, parent, prefix, names))
 
     def _remove(self, parent: str, prefix: str, names: tuple[str, ...] = ()) -> None:
         # Requests of one session are served in order, so the listing sees the nodes of any
@@ -652,9 +641,10 @@ class ZooKeeperClient:
             "minSessionTimeout/maxSessionTimeout (by default 2 and 20 times tickTime)"
         )
 
-    # -- sessions (one per TTL) -------------------------------------------------------------------------------
+    # -- sessions (one per TTL) -----------------------------------------------------------------
 
-    def _spawn(self, func: Callable[..., None], *args: Any) -> gevent.Greenlet:
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> gevent.Greenlet:
+        """``func(*args)`` in a greenlet that close() waits for."""
         greenlet = gevent.spawn(func, *args)
         self._greenlets.add(greenlet)
         greenlet.link(self._greenlets.discard)
