@@ -372,7 +372,8 @@ class SharedSession:
         self.leases: set[ConsulLease] = set()
         self.pid = os.getpid()
         self.ready: AsyncResult = AsyncResult()
-        self._round: _Round | None = None
+        self._round: _Round | None = None  # gathering joiners
+        self._running: _Round | None = None  # on the wire
         self._greenlets: list[gevent.Greenlet] = []
         self._destroyed = False
         self._creating = gevent.spawn(self._create)
@@ -399,7 +400,7 @@ class SharedSession:
         self._greenlets = [gevent.spawn(self._keep_alive), gevent.spawn(self._monitor)]
         self.ready.set(self)
 
-    def confirm(self, key: str | None = None, *, gather: float = GATHER) -> tuple[float, dict[str, Any]]:
+    def confirm(self, key: str | None = None, *, at_once: bool = False) -> tuple[float, dict[str, Any]]:
         """Join the next round: ``(its start, the entries of the keys read)``. Raises
         LeadershipLostError if the session is gone, StoreError if the round failed."""
         if self.lost:
@@ -407,17 +408,34 @@ class SharedSession:
         round_ = self._round
         if round_ is None:
             round_ = self._round = _Round()
-            gevent.spawn_later(gather, self._run_round, round_)
+            gevent.spawn_later(GATHER, self._run_round, round_)
         if key is not None:
             round_.keys.add(key)
+        if at_once:
+            gevent.spawn(self._run_round, round_)
         return round_.result.get()
 
     def confirm_now(self) -> tuple[float, dict[str, Any]]:
-        """A round that starts at once (for a win, which waits for it)."""
-        return self.confirm(None, gather=0.0)
+        """A renewal for a win: the round on the wire if there is one (it started moments ago),
+        else the next one, started at once."""
+        if self._running is not None:
+            return self._running.result.get()
+        return self.confirm(None, at_once=True)
 
     def _run_round(self, round_: _Round) -> None:
-        self._round = None  # whoever asks from now on joins the next round
+        if round_.started:
+            return
+        round_.started = True
+        if self._round is round_:
+            self._round = None  # whoever asks from now on joins the next round
+        self._running = round_
+        try:
+            self._confirm(round_)
+        finally:
+            if self._running is round_:
+                self._running = None
+
+    def _confirm(self, round_: _Round) -> None:
         started = now()
         client = self.election.client
         try:
@@ -518,6 +536,7 @@ class SharedSession:
 
 class _Round:
     def __init__(self) -> None:
+        self.started = False
         self.keys: set[str] = set()
         self.result: AsyncResult = AsyncResult()
 
