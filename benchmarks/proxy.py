@@ -4,9 +4,11 @@ Each protocol gets a small frame parser on the client-to-server stream:
 
 - Consul: one request per ``HTTP/1.1`` request line; session renewals are also counted as
   ``keepalives``.
-- etcd: one request per HTTP/2 HEADERS frame, that is per gRPC call started (a unary call, a
-  keepalive stream, a watch stream); lease keepalives are also counted as ``keepalives``
-  (their ``:path``, decoded with hpack); client PING frames are counted apart (``pings``).
+- etcd: one request per gRPC message the client sends (an HTTP/2 DATA frame with a payload:
+  a unary call's request, each message on a stream), so that a keepalive sent on a long-lived
+  ``LeaseKeepAlive`` stream counts as much as one sent on a stream of its own (one call each,
+  as python-etcd3 did); lease keepalives are also counted as ``keepalives`` (the ``:path`` of
+  their stream, decoded with hpack); client PING frames are counted apart (``pings``).
 - ZooKeeper: one request per length-prefixed packet, except pings (xid -2), counted apart
   (``pings``), and the session's connect packet.
 
@@ -59,11 +61,12 @@ class Http1Parser:
 
 
 class Http2Parser:
-    """etcd: gRPC calls (HEADERS frames), lease keepalives among them (``keepalives``, from the
-    calls' ``:path``, decoded with hpack when it is installed), and client PINGs."""
+    """etcd: gRPC messages (DATA frames with a payload), lease keepalives among them
+    (``keepalives``, from their stream's ``:path``, decoded with hpack when it is installed),
+    and client PINGs."""
 
     PREFACE = 24  # "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    HEADERS, PING, CONTINUATION = 0x1, 0x6, 0x9
+    DATA, HEADERS, PING, CONTINUATION = 0x0, 0x1, 0x6, 0x9
     KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
 
     def __init__(self, counts: Counter[str]) -> None:
@@ -71,6 +74,8 @@ class Http2Parser:
         self.preface = self.PREFACE
         self.buf = b""
         self.block = b""
+        self.block_stream = 0
+        self.keepalive_streams: set[int] = set()
         self.decoder = hpack.Decoder() if hpack is not None else None
 
     def feed(self, data: bytes) -> None:
@@ -84,14 +89,17 @@ class Http2Parser:
             if len(self.buf) < 9 + length:
                 return
             kind, flags, payload = self.buf[3], self.buf[4], self.buf[9:9 + length]
+            stream = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
             self.buf = self.buf[9 + length:]
-            if kind == self.HEADERS:
+            if kind == self.DATA and payload:
                 self.counts["requests"] += 1
+                self.counts["keepalives"] += stream in self.keepalive_streams
+            elif kind == self.HEADERS:
                 if flags & 0x8:  # PADDED
                     payload = payload[1:len(payload) - payload[0]]
                 if flags & 0x20:  # PRIORITY
                     payload = payload[5:]
-                self.block = payload
+                self.block, self.block_stream = payload, stream
             elif kind == self.CONTINUATION:
                 self.block += payload
             elif kind == self.PING and not flags & 0x1:
@@ -111,7 +119,7 @@ class Http2Parser:
             return
         path = next((value for name, value in headers if name in (":path", b":path")), "")
         if (path.decode() if isinstance(path, bytes) else path) == self.KEEPALIVE:
-            self.counts["keepalives"] += 1
+            self.keepalive_streams.add(self.block_stream)
 
 
 class ZooKeeperParser:
