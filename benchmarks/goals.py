@@ -214,5 +214,6 @@ def describe(results: Results | None) -> str:
         return "none"
     loads = [load[0] for section in (results or {}).get("sections", {}).values()
              for load in (section.get("load_before"), section.get("load_after")) if load]
-    span = f", 1-minute load average {min(loads):.1f} to {max(loads):.1f}" if loads else ""
+    span = (f", 1-minute load average {min(loads):.1f} to {max(loads):.1f} as its sections began and ended"
+            if loads else "")
     return f"{env.get('commit', '?')} ({env.get('date', '?')}{span})"
