@@ -109,6 +109,7 @@ def resolve_token(token: object, token_file: object) -> tuple[str | None, str | 
         if ignored:
             log.info("consul: %s set but ignored: the %s option was given", " and ".join(ignored), source)
         return explicit, source
+    secret: str | None
     if env["CONSUL_HTTP_TOKEN"]:
         source = "CONSUL_HTTP_TOKEN"
         secret = check_secret("CONSUL_HTTP_TOKEN", env["CONSUL_HTTP_TOKEN"])
@@ -325,8 +326,10 @@ class ConsulClient:
     def _raise_for(self, what: str, endpoint: _Endpoint, answer: _Answer, gone_on_404: bool) -> None:
         """Raise the greenleader error for a Consul answer; return for one worth failing over."""
         message = f"Consul agent {endpoint.addr} refused to {what}: {self._hide(str(answer))[:400]}"
-        if answer.status == 404 and gone_on_404:
-            raise SessionGone(message)
+        if answer.status == 404:
+            if gone_on_404:
+                raise SessionGone(message)
+            raise StoreUnavailableError(f"{message} (is it a Consul agent?)")
         if answer.status in (401, 403):
             token = f"the ACL token (from {self.token_source})" if self._token else "the anonymous token (none given)"
             if "ACL not found" in answer.body:
@@ -347,7 +350,9 @@ class ConsulClient:
 
     def _describe(self, exc: BaseException) -> str:
         errors = urllib3.exceptions
-        if isinstance(exc, errors.ConnectTimeoutError):
+        if isinstance(exc, errors.NewConnectionError) and (errno := _ERRNO.search(str(exc))):
+            text = f"connection failed: {errno.group(0)}"  # a subclass of ConnectTimeoutError
+        elif isinstance(exc, errors.ConnectTimeoutError):
             text = f"connect timed out after {self.timeout:g}s"
         elif isinstance(exc, errors.ReadTimeoutError):
             text = "read timed out"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -39,6 +39,8 @@ __all__ = ["ConsulLease", "Election", "KeyWatch", "SharedSession"]
 
 log = logging.getLogger("greenleader.stores.consul")
 
+#: A confirmation round's answer: when it started, and the entries of the keys it read.
+Confirmation = tuple[float, dict[str, Any]]
 #: First and largest pause between lock attempts while Consul enforces a lock-delay on a vacant
 #: key: no event marks its end, so poll briefly (Consul's own lock retries every 5 s).
 LOCK_DELAY_RETRY = (0.05, 0.25)
@@ -413,13 +415,13 @@ class SharedSession:
             round_.keys.add(key)
         if at_once:
             gevent.spawn(self._run_round, round_)
-        return round_.result.get()
+        return cast(Confirmation, round_.result.get())
 
     def confirm_now(self) -> tuple[float, dict[str, Any]]:
         """A renewal for a win: the round on the wire if there is one (it started moments ago),
         else the next one, started at once."""
         if self._running is not None:
-            return self._running.result.get()
+            return cast(Confirmation, self._running.result.get())
         return self.confirm(None, at_once=True)
 
     def _run_round(self, round_: _Round) -> None:
