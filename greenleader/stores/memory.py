@@ -42,13 +42,21 @@ class _MemoryLease(Lease):
         super().__init__(key, node, term, now())
         self._store = store
         self._ttl = ttl
+        self._expires_at = 0.0
         self._expiry: gevent.Greenlet | None = None
         self._schedule_expiry()
 
     def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.kill(block=False)
-        self._expiry = gevent.spawn_later(self._ttl, self._store._drop, self, lost=True)
+        """Push the expiry back to a TTL from now. One timer greenlet per hold, which sleeps
+        again when it wakes before the (moved) expiry: a renewal only moves a number."""
+        self._expires_at = now() + self._ttl
+        if self._expiry is None or self._expiry.dead:
+            self._expiry = gevent.spawn(self._expire_when_due)
+
+    def _expire_when_due(self) -> None:
+        while (left := self._expires_at - now()) > 0:
+            gevent.sleep(left)
+        self._store._drop(self, lost=True)
 
     @property
     def held(self) -> bool:
