@@ -293,9 +293,13 @@ class Follower:
 
     def _check(self) -> bool:
         """Read the leader; True if it confirms what the follower reported."""
-        started = now()
-        # In a greenlet of its own: a GreenletExit out of the store is a failed read, not a kill.
-        reading = spawn(self.store.leader, self.key)
+        share = self._watch_share
+        if share is not None:  # one read in flight per shared watch, however many followers check
+            reading, started = share.shared.reading()
+        else:
+            started = now()
+            # In a greenlet of its own: a GreenletExit out of the store is a failed read, not a kill.
+            reading = spawn(self.store.leader, self.key)
         try:
             reading.join(timeout=min(self.unknown_after / 2, 10.0))
         finally:
@@ -312,7 +316,6 @@ class Follower:
         node = info.node if info is not None else None
         if self._current not in (_UNSEEN, _UNKNOWN) and self._current_node() == node:
             self._confirmed_at = max(self._confirmed_at, started)  # as of the read, not the reply
-            share = self._watch_share
             if share is not None:
                 share.shared.confirm(info, started)  # the followers sharing the watch need not read too
             return True
@@ -370,6 +373,8 @@ class _SharedWatch:
         self.last: LeaderInfo | object | None = _UNSEEN  # _UNSEEN before the first value, and while restarting
         self.confirmed_at = 0.0  # when ``last`` was last confirmed (received, or read by a subscriber)
         self._inert = False  # a forked child's copy
+        self._reading: Greenlet | None = None  # the subscribers' leader read in flight
+        self._read_started = 0.0
         self._greenlet = gevent.spawn(self._run)
         _fork.register(self)
 
@@ -399,6 +404,14 @@ class _SharedWatch:
         if self.last is not _UNSEEN and not self._greenlet.dead:
             self.last = _UNSEEN
             self._greenlet.kill(_Restart, block=False)
+
+    def reading(self) -> tuple[Greenlet, float]:
+        """The leader read in flight for this key, started if there is none, and when it began:
+        subscribers that check the leader at the same moment share one read."""
+        if self._reading is None or self._reading.ready():
+            self._read_started = now()
+            self._reading = spawn(self.store.leader, self.key)
+        return self._reading, self._read_started
 
     def confirm(self, info: LeaderInfo | None, at: float) -> None:
         """A subscriber read ``info`` from the store at ``at``: it confirms every subscriber
@@ -448,7 +461,9 @@ class _SharedWatch:
         self._inert = True
         self.subscribers.clear()
         self._close()
-        self._greenlet.kill(block=False)
+        for greenlet in (self._greenlet, self._reading):
+            if greenlet is not None:
+                greenlet.kill(block=False)
 
 
 class _Subscription:

@@ -432,3 +432,32 @@ def test_a_watch_error_reaches_every_follower_sharing_it(key, stopping) -> None:
     for i, (leaders, errors) in enumerate(channels):
         drain(leaders, 5, f"follower {i}'s leaders")
         assert [type(e).__name__ for e in drain(errors, 5, f"follower {i}'s errors")] == ["StoreUnavailableError"]
+
+
+def test_followers_sharing_a_quiet_watch_share_its_leader_checks(key, stopping) -> None:
+    """A quiet watch is confirmed by a read of the leader every ``unknown_after / 2``: twenty
+    followers sharing it share the read and its confirmation (one read per quiet period, not
+    twenty), and all keep knowing the leader."""
+    from greenleader.stores.memory import MemoryStore
+    store = MemoryStore()
+    alice = Campaign(store, key, "alice", 5.0)
+    stopping.append(alice.candidate)
+    alice.wins(10)
+    reads: list[float] = []
+    leader = store.leader
+
+    def counting_leader(read_key: str):
+        reads.append(time.monotonic())
+        return leader(read_key)
+
+    store.leader = counting_leader  # type: ignore[method-assign]
+    followers = [Follower(store, key, unknown_after=1.0) for _ in range(20)]
+    stopping.extend(followers)
+    for i, follower in enumerate(followers):
+        names_until(follower.follow_election()[0], "alice", 5, f"follower {i} to name alice")
+    started, before = time.monotonic(), len(reads)
+    while time.monotonic() < started + 3.0:
+        assert all(f.known and f.leader() == "alice" for f in followers), "a follower lost track of alice"
+        gevent.sleep(0.05)
+    # Unshared, each follower reads every 0.5 s: about 120 reads in these 3 s.
+    assert len(reads) - before < 20, f"{len(reads) - before} leader reads in 3 s for 20 followers"
