@@ -457,9 +457,10 @@ class SharedSession:
             round_.result.set((started, entries))
 
     def _keep_alive(self) -> None:
-        """Renew every third of the TTL when no lease has (waiters only, or renewals failing)."""
-        period = self.ttl / 3
+        """Renew when no lease has for a third of the TTL (renewals failing); with waiters only,
+        often enough that a win needs no renewal beside its lock (:data:`FRESH_AT_WIN`)."""
         while not self.lost:
+            period = self.ttl / 3 if self.leases else self.ttl * FRESH_AT_WIN * 0.8
             gevent.sleep(max(period / 4, self.confirmed_at + period - now()))
             if now() - self.confirmed_at < period:
                 continue
