@@ -36,6 +36,7 @@ from typing import Any
 
 KEY = "bench/file-idle"
 SETTLE = 1.0  # lets every waiter and follower reach its resting state before the count starts
+_ROOT = Path(__file__).resolve().parent.parent  # where ``-m benchmarks.file_idle`` resolves
 WAITER_START = 0.3  # a waiter has begun waiting well within this after it says so
 
 
@@ -103,12 +104,15 @@ def _role_idle(directory: str, kind: str, participants: int, window: float) -> N
     gevent.sleep(window)
     cpu, flocks, elapsed = _cpu() - cpu0, calls[0] - calls0, time.monotonic() - t0
     print(json.dumps({"cpu_s": cpu, "flocks": flocks, "elapsed_s": elapsed}), flush=True)
+    # Stay until told: the exit closes this process's lock files, a change that would wake
+    # the other idle process, still counting.
+    sys.stdin.read()
 
 
 # -- the orchestration -------------------------------------------------------------------------
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.file_idle", "--role", *args],
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.file_idle", "--role", *args], cwd=_ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -125,10 +129,14 @@ def idle(directory: str, participants: int, window: float) -> dict[str, Any]:
         _expect(holder, "held")
         processes = {kind: _spawn("idle", directory, kind, str(participants), str(window))
                      for kind in ("waiters", "followers")}
+        lines = {kind: process.stdout.readline() for kind, process in processes.items()}  # type: ignore[union-attr]
+        for process in processes.values():
+            process.communicate(timeout=60)
         results = {}
-        for kind, process in processes.items():
-            out, _ = process.communicate(timeout=window + 120)
-            measured = json.loads(out.strip().splitlines()[-1])
+        for kind, line in lines.items():
+            if not line:
+                raise RuntimeError(f"the idle {kind} process ended without its figures")
+            measured = json.loads(line)
             per_hour = 3600 / measured["elapsed_s"] / participants
             results[kind] = {
                 "cpu_s_per_hour_each": round(measured["cpu_s"] * per_hour, 3),

@@ -560,3 +560,50 @@ def test_a_directory_that_cannot_be_watched_is_polled(
         assert "polling it every" in caplog.text
     finally:
         waiter.kill()
+
+
+def test_a_change_queue_that_cannot_be_read_makes_its_waiters_poll(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if file_changes._LIBC is None:
+        pytest.skip("no inotify")
+    parked = Parked(monkeypatch)
+
+    def failing_read(fd: int, size: int) -> bytes:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    stand_in = SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    stand_in.read = failing_read
+    monkeypatch.setattr(file_changes, "os", stand_in)
+    lease = store_at(tmp_path).acquire(key, "alice", TTL)
+    waiter = gevent.spawn(store_at(tmp_path).acquire, key, "bob", TTL)
+    try:
+        wait_until(lambda: parked.count() == 1, WAIT, "the waiter to park")
+        lease.release()  # a change the waiter cannot read of
+        with gevent.Timeout(WAIT, AssertionError("bob did not win by polling")):
+            waiter.get().release()
+        assert "cannot read lock file changes" in caplog.text and "polling it every" in caplog.text
+    finally:
+        waiter.kill()
+
+
+@pytest.mark.skipif(file_changes._LIBC is None, reason="no inotify")
+def test_an_acquire_woken_in_a_forked_child_never_wins(tmp_path: Path, key: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter whose wake-up was pending at a fork runs once more in the child: it must not
+    lock the file and write a record naming a node that never leads (a follower would name
+    it). Here the child's fork hook is run in place, on the waiter's hold and the holder's."""
+    parked = Parked(monkeypatch)
+    lease = store_at(tmp_path).acquire(key, "alice", TTL)
+    waiter = gevent.spawn(store_at(tmp_path).acquire, key, "bob", TTL)
+    try:
+        wait_until(lambda: parked.count() == 1, WAIT, "the waiter to park")
+        file_store._forget_holds_in_child()  # what a fork does in the child; the lock file is free now
+        with gevent.Timeout(WAIT, AssertionError("the inherited acquire neither won nor ended")), \
+                pytest.raises(StoreUnavailableError, match="fork"):
+            waiter.get()
+        assert store_at(tmp_path).leader(key) is None
+        assert b"bob" not in (tmp_path / file_store._file_name(key)).read_bytes()
+    finally:
+        waiter.kill()
+        lease.release()

@@ -128,6 +128,7 @@ class _Watcher:
         self._hub = hub
         self.fd = fd
         self.subscriptions = 0
+        self._broken: OSError | None = None
         self._by_wd: dict[int, dict[str, set[Subscription]]] = {}
         # The hub's loop reads the events (an active watcher keeps the loop running, as a
         # waiting acquire or watch should).
@@ -135,6 +136,8 @@ class _Watcher:
         self._io.start(self._read)
 
     def add(self, subscription: Subscription) -> None:
+        if self._broken is not None:
+            raise OSError(self._broken.errno, f"lock file changes cannot be read: {self._broken}")
         wd = _check(_LIBC.inotify_add_watch(self.fd, os.fsencode(subscription.directory), MASK),
                     f"cannot watch {subscription.directory}")
         self._by_wd.setdefault(wd, {}).setdefault(subscription.name, set()).add(subscription)
@@ -173,9 +176,14 @@ class _Watcher:
                 data = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
                 return
-            except OSError as exc:  # not expected from inotify; wake everyone to look for themselves
+            except OSError as exc:  # not expected from inotify: let every subscription poll
                 log.warning("cannot read lock file changes: %s", exc)
-                self._wake_all()
+                self._broken = exc
+                self._io.stop()
+                if _watchers.get(self._hub) is self:
+                    del _watchers[self._hub]  # new subscriptions get a new instance
+                for wd in list(self._by_wd):
+                    self._forget_directory(wd, gone=True)  # their next arm() fails: they poll
                 return
             self._dispatch(data)
 
@@ -210,7 +218,6 @@ class _Watcher:
             for subscribers in names.values():
                 for subscription in subscribers:
                     subscription.wake()
-
 
 
 _watchers: weakref.WeakKeyDictionary[object, _Watcher] = weakref.WeakKeyDictionary()

@@ -209,6 +209,7 @@ class _Held:
     def __init__(self) -> None:
         self.fd: int | None = None
         self.sockets: list[int] = []
+        self.inherited = False  # a forked child's copy: closed, and never to be taken again
         _all_held.add(self)
 
     def close(self) -> None:
@@ -235,6 +236,7 @@ def _forget_holds_in_child() -> None:
     """A forked child closes its copies of every hold's descriptors: the parent's locks stay
     (they belong to the shared open files), but they no longer outlive the parent."""
     for held in list(_all_held):
+        held.inherited = True
         held.close()
 
 
@@ -352,6 +354,11 @@ class FileStore(Store):
         try:
             rechecks = iter(RECHECKS)
             while True:
+                if held.inherited:
+                    # Begun before a fork, woken in the child: winning here would write a
+                    # record naming a node that never leads (the child's candidate is inert).
+                    raise StoreUnavailableError(f"an acquire of {key!r} begun before a fork does not go on "
+                                                "in the forked child")
                 try:
                     changes = self._arm(changes)
                     outcome = self._try_hold(held, key, path)
@@ -471,7 +478,7 @@ class FileStore(Store):
             _write_record(held.fd, {"term": previous, "node": None})
             log.info("%s is new to greenleader: waiting %gs before the first win", path, ttl)
             gevent.sleep(ttl)
-            if not _same_file(held.fd, path):
+            if held.fd is None or not _same_file(held.fd, path):  # forked meanwhile, or replaced
                 return None
         # The wall-clock floor keeps terms increasing even if the file was deleted
         # (e.g. by a temporary-file cleaner) and the count started over.
