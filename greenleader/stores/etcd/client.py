@@ -1,5 +1,5 @@
 """The etcd client adapter: gRPC under gevent, endpoints, TLS and authentication, error
-translation, and the two long-lived streams a store shares between its candidates.
+translation, and the workarounds for the client library.
 
 The client library is ``etcd-sdk-python`` (module ``pyetcd``), the maintained fork of
 ``etcd3`` with current protobuf stubs; ``etcd3`` is used if it is what the environment has.
@@ -16,7 +16,6 @@ ride out an outage is the candidate's and the follower's decision (``greenleader
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import sys
@@ -27,8 +26,6 @@ from typing import Any, TypeVar
 
 import gevent
 from gevent import monkey
-from gevent.event import AsyncResult
-from gevent.lock import Semaphore
 from gevent.queue import Queue
 
 from ...errors import InvalidArgumentError, PermissionDeniedError, StoreError, StoreUnavailableError
@@ -56,7 +53,7 @@ except ImportError:  # the original package, where protobuf < 4 still allows it 
     from etcd3 import exceptions as etcd_exceptions  # type: ignore[no-redef]
     from etcd3.etcdrpc import kv_pb2  # type: ignore[no-redef]
 
-__all__ = ["EtcdClient", "KeepAliveStream", "WatchStream", "etcd_client", "etcdrpc", "kv_pb2", "prefix_range_end"]
+__all__ = ["EtcdClient", "WatchStream", "etcd_client", "etcdrpc", "kv_pb2", "prefix_range_end"]
 
 log = logging.getLogger("greenleader.stores.etcd")
 
@@ -232,7 +229,7 @@ class WatchStream:
         # here); killed there, we would never learn of the call, and etcd keeps a stream that
         # the client only half-closes. So a helper makes it, and cancels it if we are gone.
         maker = gevent.spawn(etcdrpc.WatchStub(channel).Watch, iter(self._requests.get, None),
-                             metadata=library.metadata, wait_for_ready=True)
+                             metadata=library.metadata)
         try:
             self._call = maker.get()
         except BaseException as exc:
@@ -284,121 +281,6 @@ class WatchStream:
             self._closed = True
             self._requests.put(None)
             self._call.cancel()
-
-
-class KeepAliveStream:
-    """One long-lived ``LeaseKeepAlive`` stream that every lease of a client is renewed on.
-
-    etcd answers a stream's requests in order, one response (the lease id and its remaining
-    TTL, 0 once it is gone) per request; a reader greenlet hands each to the oldest caller
-    waiting on that lease. A stream that fails or stays silent past the timeout is dropped
-    (its callers get StoreUnavailableError) and the next keepalive opens another, possibly on
-    another endpoint. It is the process's own: a forked child opens its own.
-    """
-
-    def __init__(self, client: EtcdClient) -> None:
-        self._client = client
-        self._opening = Semaphore()
-        self._stream: tuple[Any, Queue, gevent.Greenlet, str, Any] | None = None
-        self._pid = os.getpid()
-        self._waiting: dict[int, collections.deque[AsyncResult]] = collections.defaultdict(collections.deque)
-
-    def keepalive(self, lease_id: int) -> int:
-        """Renew ``lease_id`` once: its remaining TTL in seconds, 0 if etcd no longer has it."""
-        client = self._client
-        client.requests["keepalive"] += 1
-        deadline = now() + client.timeout
-        with self._opening:
-            stream = self._open(deadline)
-        _, requests, _, where, endpoint = stream
-        answer = AsyncResult()
-        self._waiting[lease_id].append(answer)
-        requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
-        try:
-            result = answer.get(timeout=max(0.0, deadline - now()))
-        except gevent.Timeout:
-            self._drop(stream, StoreUnavailableError(
-                f"etcd keepalive at {where} got no answer within {client.timeout:g}s"))
-            endpoint.fail()
-            raise StoreUnavailableError(f"etcd keepalive at {where} got no answer within {client.timeout:g}s") from None
-        finally:
-            waiting = self._waiting.get(lease_id)
-            if waiting is not None and answer in waiting:
-                waiting.remove(answer)
-        if isinstance(result, BaseException):
-            raise result
-        return int(result)
-
-    def open(self) -> None:
-        """Open the stream now if it is not open (StoreError if it cannot be)."""
-        with self._opening:
-            self._open(now() + self._client.timeout)
-
-    def _open(self, deadline: float) -> tuple[Any, Queue, gevent.Greenlet, str, Any]:
-        if self._stream is not None and self._pid == os.getpid():
-            return self._stream
-        self._pid, self._stream = os.getpid(), None
-        library = self._client.library()
-        try:
-            channel = library.channel
-        except etcd_exceptions.Etcd3Exception as exc:
-            raise _translate(exc, "keepalive", "?") from exc
-        endpoint = library.endpoint_in_use
-        requests: Queue = Queue()
-        self._client.requests["keepalive stream"] += 1
-        # As for a watch: a helper makes the streaming call, and cancels it if we are killed.
-        maker = gevent.spawn(etcdrpc.LeaseStub(channel).LeaseKeepAlive, iter(requests.get, None),
-                             metadata=library.metadata, wait_for_ready=True)
-        try:
-            call = maker.get(timeout=max(0.0, deadline - now()))
-        except BaseException as exc:
-            requests.put(None)
-            maker.link_value(lambda made: made.value.cancel())
-            if isinstance(exc, gevent.Timeout):
-                raise StoreUnavailableError(f"etcd keepalive stream at {endpoint.netloc} was not made in time"
-                                            ) from None
-            if isinstance(exc, Exception):
-                raise _translate(exc, "keepalive", endpoint.netloc) from exc
-            raise
-        reader = gevent.Greenlet(self._read, call, endpoint.netloc)
-        self._stream = (call, requests, reader, endpoint.netloc, endpoint)
-        reader.start()
-        return self._stream
-
-    def _read(self, call: Any, where: str) -> None:
-        stream = self._stream
-        error: BaseException = StoreUnavailableError(f"etcd keepalive stream at {where} ended")
-        try:
-            for response in call:
-                waiting = self._waiting.get(response.ID)
-                if waiting:
-                    waiting.popleft().set(response.TTL)
-                    if not waiting:
-                        del self._waiting[response.ID]
-        except grpc.RpcError as exc:
-            error = _translate(exc, "keepalive", where)
-        if stream is not None:
-            self._drop(stream, error)
-
-    def _drop(self, stream: tuple[Any, Queue, gevent.Greenlet, str, Any], error: BaseException) -> None:
-        """Close ``stream`` (if still current) and fail everyone waiting on it."""
-        if self._stream is not stream:
-            return
-        self._stream = None
-        call, requests, reader, _, _ = stream
-        requests.put(None)
-        if self._pid == os.getpid():
-            call.cancel()
-        waiting, self._waiting = self._waiting, collections.defaultdict(collections.deque)
-        for answers in waiting.values():
-            for answer in answers:
-                answer.set(error)
-        if reader is not gevent.getcurrent():
-            reader.kill(block=False)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._drop(self._stream, StoreError("the etcd store was closed"))
 
 
 class EtcdClient:
@@ -454,7 +336,6 @@ class EtcdClient:
         self._pid = 0
         self._closed = False
         self.requests: Counter[str] = Counter()
-        self.keepalives = KeepAliveStream(self)
         if _GRPC_PREIMPORTED:
             warnings.warn(
                 "grpc was imported before greenleader.stores.etcd, so its epoll poller is in use and "
@@ -620,18 +501,11 @@ class EtcdClient:
                     raise
 
         self.call("lease grant", grant)
-        self.keepalives.open()  # now, not at the first renewal: a lease is kept alive from here on
 
     def keepalive(self, lease_id: int) -> int:
-        """One keepalive on the shared stream; the lease's remaining TTL (0 if it is gone)."""
-        try:
-            return self.keepalives.keepalive(lease_id)
-        except StoreError as exc:
-            if self.user is None or "invalid auth token" not in str(exc):
-                raise
-        self._authenticate(self.library())  # the token expired (--auth-token-ttl): once more
-        self.keepalives.close()
-        return self.keepalives.keepalive(lease_id)
+        """One keepalive; the lease's remaining TTL (0 if it is gone)."""
+        responses = self.call("keepalive", lambda client: list(client.refresh_lease(lease_id)))
+        return responses[0].TTL if responses else 0
 
     def lease_ttl(self, lease_id: int) -> int:
         """The lease's remaining TTL in whole seconds (it may read 0 while it lives); -1 once
@@ -656,5 +530,4 @@ class EtcdClient:
         self._closed = True
         client, self._etcd = self._etcd, None
         if client is not None and self._pid == os.getpid():
-            self.keepalives.close()
             client.close()

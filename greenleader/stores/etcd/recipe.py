@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import gevent
+import gevent.event
 import gevent.pool
 
 from ...errors import InvalidArgumentError, InvalidKeyError, LeadershipLostError, StoreError, StoreUnavailableError
-from ..base import LeaderInfo, Lease, Store, check_text, now
+from ..base import LeaderInfo, Lease, SessionLost, Store, now
 from .client import EtcdClient, WatchStream, etcdrpc, kv_pb2, prefix_range_end
 
 __all__ = ["EtcdStore"]
@@ -149,6 +150,7 @@ class _EtcdLease(Lease):
         self._store = store
         self._pid = os.getpid()
         self._released = False
+        self._renewed = gevent.event.Event()  # set by each renewal: a failed claim or watch resumes then
         self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
         self._claimer = gevent.spawn(self._claim_once_stepped_up)
 
@@ -160,8 +162,9 @@ class _EtcdLease(Lease):
             raise LeadershipLostError(f"{self.node!r} released {self.key!r}")
         started = now()
         if self._store.client.keepalive(self.lease_id) <= 0:
-            raise LeadershipLostError(f"etcd lease {self.lease_id:x} of {self.node!r} on {self.key!r} is gone")
+            raise SessionLost(f"etcd lease {self.lease_id:x} of {self.node!r} on {self.key!r} is gone")
         self.confirmed_at = started
+        self._renewed.set()
 
     def release(self) -> None:
         if self._released:
@@ -185,18 +188,16 @@ class _EtcdLease(Lease):
         blocked hub) is not named by followers until it knows that it leads.
         """
         gevent.sleep(0)
-        failures = 0
         while not self._released and self._pid == os.getpid():
+            self._renewed.clear()
             try:
-                if self._claim():
-                    return
-                self._notify_lost_once()  # the key is gone; the guard reports it too
+                if not self._claim():
+                    self._notify_lost_once()  # the key is gone; the guard reports it too
                 return
             except (StoreError, InvalidArgumentError) as exc:
-                failures += 1
-                log.warning("etcd: %r could not claim %r yet (followers see no leader): %s",
-                            self.node, self.own_key, exc)
-                gevent.sleep(min(2.0, 0.05 * 2**failures))
+                log.warning("etcd: %r could not claim %r yet (followers see no leader); trying again after "
+                            "the next renewal: %s", self.node, self.own_key, exc)
+            self._renewed.wait()  # the candidate's renewals are paced by its own schedule
 
     def _claim(self) -> bool:
         """Rewrite our value on our lease, on our key and its twin, if both are still ours:
@@ -215,9 +216,10 @@ class _EtcdLease(Lease):
     def _guard_own_key(self, revision: int) -> None:
         """Tell the candidate at once when its key or its twin disappears (lease revoked, or
         deleted from outside). One watch covers both: the range from the key to its twin."""
-        store, failures = self._store, 0
+        store = self._store
         range_end = self.twin + b"\0"
         while not self._released and self._pid == os.getpid():
+            self._renewed.clear()
             try:
                 if revision == 0:
                     response = store.client.range("check own key", self.own_key, range_end, keys_only=True)
@@ -227,16 +229,17 @@ class _EtcdLease(Lease):
                 stream = store.client.watch(self.own_key, range_end, revision + 1, [_NOPUT])
                 try:
                     for response in stream:
-                        failures = 0
                         if response.events:  # a deletion (NOPUT: not our claim)
                             self._notify_lost_once()
                             return
                 finally:
                     stream.close()
             except (StoreError, InvalidArgumentError) as exc:
-                failures += 1
-                log.debug("watch on own key %r failed: %s", self.own_key, exc)
-                gevent.sleep(min(2.0, 0.05 * 2**failures))
+                # No schedule of our own: the candidate renews (or gives up) on its own, and
+                # the next renewal that gets through says etcd answers again.
+                log.debug("etcd: watch on own key %r failed; watching again after the next renewal: %s",
+                          self.own_key, exc)
+                self._renewed.wait()
             revision = 0  # the stream ended: check the key again before watching anew
         if not self._released:
             self._notify_lost_once()
@@ -309,9 +312,8 @@ class _Candidacy:
             (kv.create_revision, kv.key, kv.lease) for kv in found if _is_registration(kv.key, self.prefix))
 
     def _keep_alive(self) -> None:
-        interval = self.ttl / 8
         while True:
-            gevent.sleep(interval)
+            gevent.sleep(self.ttl / 8)
             if self.pid != os.getpid():
                 return  # a forked child's copy: the lease is the parent's
             started = now()
@@ -319,10 +321,8 @@ class _Candidacy:
                 remaining = self.store.client.keepalive(self.lease_id)
             except (StoreError, InvalidArgumentError) as exc:
                 log.warning("etcd: keepalive of waiting candidate %r failed: %s", self.node, exc)
-                self._interrupt()  # its watch may hang on the same dead endpoint
-                interval = self.ttl / 16
+                self._interrupt()  # its watch may hang on the same dead endpoint: the wait checks anew
                 continue
-            interval = self.ttl / 8
             if remaining <= 0:
                 log.info("etcd: the lease of waiting candidate %r expired", self.node)
                 self.lost = True
@@ -358,7 +358,7 @@ class _Candidacy:
         also needs every older candidate's lease gone (:meth:`_await_gone`), checked before
         the proof, which stays the last request before a win.
         """
-        store, failures = self.store, 0
+        store, resumed = self.store, False
         snapshot: tuple[int, list[_Candidate]] | None = (revision, keys)
         gone: set[int] = set()  # leases of older candidates whose keys are gone
         while not self.lost:
@@ -401,7 +401,7 @@ class _Candidacy:
                                 gone.add(predecessor_lease)
                             continue
                     for response in self.stream:
-                        failures = 0
+                        resumed = False
                         if response.events:  # the predecessor went: prove our turn, or wait on
                             if predecessor_lease in self.older:
                                 gone.add(predecessor_lease)
@@ -412,11 +412,13 @@ class _Candidacy:
                     self.stream.close()
                     self.stream = None
             except StoreUnavailableError as exc:
-                failures += 1
-                if now() > self.confirmed_at + self.ttl:
-                    raise StoreUnavailableError(f"lost etcd for longer than the {self.ttl:g}s TTL: {exc}") from exc
-                log.warning("etcd: %r waits on, after: %s", self.node, exc)
-                gevent.sleep(min(self.ttl / 4, 0.02 * 2**failures))
+                # The transport is resumed once, at once (the proof fails over and waits for a
+                # server within its own deadline); a second failure before the watch has told
+                # us anything goes to the candidate, whose Backoff decides.
+                if resumed:
+                    raise
+                resumed = True
+                log.info("etcd: %r resumes its wait after: %s", self.node, exc)
         return None
 
     def _forget_checked_by(self, winner: int) -> None:
@@ -576,8 +578,6 @@ class EtcdStore(Store):
         return key
 
     def acquire(self, key: str, node: str, ttl: float) -> Lease:
-        node = check_text("node", node)
-        key = self.validate_key(key)
         older: dict[int, int] = {}  # kept across candidacies: a new key must not forget them
         while True:
             candidacy = _Candidacy(self, key, node, ttl, older)
@@ -592,7 +592,7 @@ class EtcdStore(Store):
             candidacy.withdraw()  # lost while waiting (expired, deleted): campaign anew
 
     def leader(self, key: str) -> LeaderInfo | None:
-        prefix = (self.validate_key(key) + "/").encode()
+        prefix = (key + "/").encode()
         deadline, delay = now() + self.timeout, 0.005
         while True:
             view = _View(prefix, self.client.range_prefix(prefix).kvs)
@@ -605,22 +605,22 @@ class EtcdStore(Store):
             delay = min(delay * 2, 0.25)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
-        prefix = (self.validate_key(key) + "/").encode()
+        """The leader after a range of ``<key>/``, then after each change a watch from that
+        revision reports (repeats included: the follower de-duplicates). A broken stream is
+        resumed once, at once, with a fresh range; a second break before any news, or a
+        failed range, raises (the follower's Backoff decides)."""
+        prefix = (key + "/").encode()
         range_end = prefix_range_end(prefix)
-        last: object = object()
-        failures = 0
+        resumed = False
         while True:
-            response = self.client.range_prefix(prefix)  # a failure here ends the watch
+            response = self.client.range_prefix(prefix)
             view = _View(prefix, response.kvs)
-            current = view.leader()
-            if current != last:
-                last = current
-                yield current
+            yield view.leader()
             try:
                 stream = self.client.watch(prefix, range_end, response.header.revision + 1)
                 try:
                     for watch_response in stream:
-                        failures = 0
+                        resumed = False
                         # All the events of one revision come in one response: a new key
                         # and its twin (one transaction) are seen together.
                         for event in watch_response.events:
@@ -628,13 +628,11 @@ class EtcdStore(Store):
                                 view.delete(event.kv.key)
                             else:  # a new candidate or twin, or a winner's claim
                                 view.put(event.kv)
-                        current = view.leader()
-                        if current != last:
-                            last = current
-                            yield current
+                        yield view.leader()
                 finally:
                     stream.close()
             except StoreUnavailableError as exc:
-                failures += 1
-                log.warning("etcd: watch on %r broke, resuming: %s", key, exc)
-                gevent.sleep(min(1.0, 0.02 * 2**failures))
+                if resumed:
+                    raise
+                resumed = True
+                log.info("etcd: watch on %r broke, resuming: %s", key, exc)
