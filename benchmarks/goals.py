@@ -12,7 +12,6 @@ Every figure comes from a section of ``python -m benchmarks``:
   attempts a minute (10 of each in a process, less an empty process);
 - *fileidle*: the same from the file store's own benchmark (benchmarks/file_idle.py), and its
   store-level handover and crash failover, which must not get slower;
-- *failover*: the file store's crash failover through ``greenleader run`` (median).
 
 A goal is judged on the after column; "no slower than before" allows 10 % for the noise of a
 shared machine.
@@ -128,15 +127,6 @@ def _file_change_figure(name: str) -> Figure:
     return figure
 
 
-def _failover_figure(results: Results | None, kind: str) -> tuple[float | None, str]:
-    runs = _data(results, "failover").get(kind) or []
-    ours = next((r for r in runs if not r["peer"] and r["summary"]["n"]), None)
-    if ours is None:
-        return None, "-"
-    median = ours["summary"]["median"] * 1000
-    return median, f"{median:.0f} ms (ttl {ours['ttl']:g} s)"
-
-
 @dataclass
 class Goal:
     """One row of the issue's table, for some stores."""
@@ -178,8 +168,6 @@ GOALS = [
     Goal("File store, SIGKILL -> waiter's win, median (file_idle)", "fileidle", ["file"],
          _file_change_figure("crash_failover"), "no slower than before (about 20 ms)",
          lambda after, before: before is None or after <= max(before * 1.1, 25)),
-    Goal("File store, crash failover through greenleader run, median", "failover", ["file"], _failover_figure,
-         "no slower than before", lambda after, before: before is None or after <= max(before * 1.1, 25)),
 ]
 
 
