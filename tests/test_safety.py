@@ -1,4 +1,4 @@
-"""Safety of the election state machine (DESIGN.md §2, rules 9-12), on every store.
+"""Safety of the election state machine (docs/safety.md, rules 9-12), on every store.
 
 Each test here reproduces one finding of the safety review (issue 10) and failed before its fix:
 
