@@ -594,7 +594,7 @@ def test_a_missing_extra_is_a_usage_error(tmp_path):
     env = clean_env(PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     code, _, err = finish(start("leader", "--key", "k", "--store", "zookeeper://127.0.0.1:2181", env=env))
     assert code == 2, err
-    assert 'pip install "greenleader[zookeeper]"' in err and "Traceback" not in err, err
+    assert 'pip install -e ".[zookeeper]"' in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("command", ["", "run", "leader", "watch", "demo"])

@@ -38,7 +38,8 @@ def _store_class(backend: object) -> type[Store]:
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as exc:
-        hint = f'pip install "greenleader[{extra}]"' if extra else "reinstall greenleader"
+        hint = f'install greenleader\'s "{extra}" extra (in a clone: pip install -e ".[{extra}]")' if extra \
+            else "reinstall greenleader"
         raise MissingDependencyError(f"the {name} store needs {exc.name or exc}: {hint}") from exc
     return getattr(module, class_name)
 
