@@ -698,6 +698,20 @@ class _ZooKeeperLease(Lease):
             self.claim()
         self.confirmed_at = started
 
+    def abandon(self) -> None:
+        """Give the hold up without waiting: a forked child's copy (its session is inert), or
+        a hold whose release kept failing. The nodes are recorded as orphans, which a greenlet
+        of the store deletes now if connected, else on the next (re)connection or acquire(),
+        rather than keeping them for as long as the session lives."""
+        if self._released:
+            return
+        self._released = True
+        self._session.leases.discard(self)
+        session = self._session
+        session.orphans.add((self.path.rsplit("/", 1)[0], self.twin.rsplit("/", 1)[1].removesuffix(_LIVE)))
+        if session.pid == os.getpid() and session.connected.is_set():
+            session.store._spawn(session.delete_orphans)  # spawned, not run: no switch here
+
     def release(self) -> None:
         if self._released:
             return
