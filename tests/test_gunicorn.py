@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds for fresh masters to boot their workers and elect someone (a loaded CI machine).
 STARTUP = 30.0
-#: SIGTERM to a leader's master -> the duty runs in the other master: "well under a second".
-HANDOVER_BOUND = 1.0
+#: SIGTERM to a leader's master -> the duty runs in the other master. Typically 10-130 ms (the
+#: figure is printed; speed is measured in benchmarks/): this generous bound only catches a
+#: handover that waited for an expiry on Consul (2 x TTL + lock-delay = 21 s) or hung. 1.3 s was
+#: seen on ZooKeeper at a load of 8 on 2 cores.
+HANDOVER_BOUND = 10.0
 FILE_TTL = 1.0
 
 

@@ -448,8 +448,11 @@ def test_a_loss_reported_during_a_renewal_ends_leadership_at_once(backend, make_
     store.delay_next("renew", alice.renew_deadline * 0.9)
     wait_until(lambda: any(c.primitive == "renew" and c.ended is None for c in store.history), 3 * ttl,
                "a slow renewal to start")
+    # alice's next campaign waits, so that bob, not alice again, wins the key after its loss
+    # (on Consul both wait out the lock-delay, and alice could win the race).
+    store.delay_next("acquire", 120)
     backend.force_expire(inner, key)
-    assert next_item(bob_elected, 30, "bob to win once alice's key was taken") is True
+    assert next_item(bob_elected, 3 * ttl + 30, "bob to win once alice's key was taken") is True
     wait_until(lambda: not any(c.primitive == "renew" and c.ended is None for c in store.history), 3 * ttl,
                "the slow renewal to end")
     sampler.stop()
