@@ -472,6 +472,10 @@ class Candidate:
             try:
                 with gevent.Timeout(max(deadline - now(), 0.001), StoreError("release timed out")):
                     lease.release()
+            except PermissionDeniedError as exc:  # trying again would be refused again
+                self._record.failed(exc)
+                log.warning("%r: could not release the key: %s", self, exc)
+                break
             except (StoreError, GreenleaderError) as exc:
                 self._record.failed(exc)
                 log.warning("%r: could not release the key: %s", self, exc)

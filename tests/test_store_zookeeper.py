@@ -862,3 +862,40 @@ def _server_of(cluster: servers.Cluster, path: str) -> servers.Node:
         if f"sid=0x{owner:x}," in servers.four_letter_word(node.client_addr, "cons"):
             return node
     raise AssertionError(f"no server lists session 0x{owner:x}")
+
+
+# -- a release whose delete fails on a live connection -------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["once", "past-the-release-bound"])
+def test_a_release_that_fails_on_a_live_connection_is_finished_later(stores, key, failing: str) -> None:
+    """The release's delete fails without the connection dropping (an answer later than the
+    store's timeout, say): the candidate tries again, and what it could not delete before
+    giving up is deleted by the session once the server answers; the key is never held for
+    as long as the session lives."""
+    alice_store = stores()
+    alice, bob = Candidate(alice_store, key, "alice", ttl=TTL), Candidate(stores(), key, "bob", ttl=TTL)
+    try:
+        alice_elected, _ = alice.run_for_election()
+        assert next_item(alice_elected, WAIT, "False") is False
+        assert next_item(alice_elected, WAIT, "alice elected") is True
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, WAIT, "bob's False") is False
+        session = next(iter(alice_store._sessions.values()))
+        refusals = {"left": 1 if failing == "once" else 10**6}
+        real_multi = session.multi
+
+        def failing_multi(build):
+            if refusals["left"] > 0:
+                refusals["left"] -= 1
+                raise StoreUnavailableError("injected: the delete went unanswered within the timeout")
+            return real_multi(build)
+
+        session.multi = failing_multi
+        alice.stop()  # the candidate gives up within its release bound when every delete fails
+        refusals["left"] = 0  # the server answers again; the connection never dropped
+        assert session.connected.is_set()
+        assert next_item(bob_elected, 3 * TTL + WAIT, "bob to win once alice's nodes are deleted") is True
+    finally:
+        alice.stop()
+        bob.stop()

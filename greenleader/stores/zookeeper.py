@@ -143,6 +143,8 @@ _LIVE = "__live__"  # <uuid>__live__: the twin of a candidate's node <uuid>__loc
 #: followers tell its candidates, which are named only once claimed, from kazoo's, which never
 #: claim. A kazoo uid ends so by chance once in 2**20: then it is named once its data changes.
 _OWN_UID_TAG = "91ead"
+ORPHAN_RETRY_DELAY = 0.1  # first pause before leftover nodes are deleted again (doubling)
+ORPHAN_RETRY_MAX = 1.0  # at most this long: a close() waits for the cleaner to see it
 _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
@@ -295,6 +297,7 @@ class _Session:
         self.error: StoreError | None = None
         self.leases: set[_ZooKeeperLease] = set()
         self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
+        self._cleaner: gevent.Greenlet | None = None  # see clean_up_orphans
         self.tls_refused: set[str] = set()  # addresses whose TLS handshake failed before the first connection
         self.log = _KazooLog(self._on_tls_refusal)
         self._answer_timer: Any = None  # see _expect_answer
@@ -359,7 +362,7 @@ class _Session:
             self.connected.set()
             self.settled.set()
             if self.orphans:
-                self.store._spawn(self.delete_orphans)
+                self.clean_up_orphans()
         elif state == KazooState.SUSPENDED:
             self.connected.clear()
             if self.leases:
@@ -395,7 +398,26 @@ class _Session:
         for lease in list(self.leases):
             lease.lost(why, gone=gone)
 
+    def clean_up_orphans(self) -> None:
+        """Start, unless it runs, a greenlet of the store that deletes the orphans, trying again
+        with backoff while some remain and the session is connected: a deletion that fails
+        without the connection dropping would otherwise leave them, and the key held, for as
+        long as the session lives. Never switches greenlets (kazoo's callbacks call it)."""
+        if self.pid != os.getpid() or (self._cleaner is not None and not self._cleaner.dead):
+            return
+        self._cleaner = self.store._spawn(self._clean_orphans)
+
+    def _clean_orphans(self) -> None:
+        delay = ORPHAN_RETRY_DELAY
+        while self.orphans and self.connected.is_set() and not self.store._closed:
+            self.delete_orphans()
+            if not self.orphans:
+                return
+            gevent.sleep(delay)
+            delay = min(delay * 2, ORPHAN_RETRY_MAX)
+
     def delete_orphans(self) -> None:
+        """One attempt at deleting every orphan (failures are logged and the orphans kept)."""
         for parent, prefix in list(self.orphans):
             try:
                 self._remove(parent, prefix)
@@ -481,7 +503,7 @@ class _Session:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-        timer.start(check)
+        timer.start(gevent.spawn, check)  # a greenlet, not the hub: logging may switch
 
     def _error(self, exc: KazooException, path: str | None = None) -> Exception:
         """The exception to raise for a kazoo one: NoNodeError and NodeExistsError as they are."""
@@ -572,6 +594,7 @@ class _Session:
             raise StoreUnavailableError(f"cannot delete {parent}/{prefix}* now; they go when the session reconnects")
         error = self.store._spawn(self._removal, parent, prefix, names).get()
         if error is not None:
+            self.clean_up_orphans()
             raise error
 
     def _removal(self, parent: str, prefix: str, names: tuple[str, ...]) -> StoreError | None:
@@ -703,28 +726,34 @@ class _ZooKeeperLease(Lease):
         a hold whose release kept failing. The nodes are recorded as orphans, which a greenlet
         of the store deletes now if connected, else on the next (re)connection or acquire(),
         rather than keeping them for as long as the session lives."""
-        if self._released:
-            return
-        self._released = True
-        self._session.leases.discard(self)
         session = self._session
-        session.orphans.add((self.path.rsplit("/", 1)[0], self.twin.rsplit("/", 1)[1].removesuffix(_LIVE)))
-        if session.pid == os.getpid() and session.connected.is_set():
-            session.store._spawn(session.delete_orphans)  # spawned, not run: no switch here
+        if not self._released:
+            self._released = True
+            session.leases.discard(self)
+            session.orphans.add(self._orphan)
+        if self._orphan in session.orphans and session.connected.is_set():
+            session.clean_up_orphans()  # spawned, not run: no switch here
+
+    @property
+    def _orphan(self) -> tuple[str, str]:
+        """How this candidacy's nodes are recorded as orphans: (parent path, name prefix)."""
+        return self.path.rsplit("/", 1)[0], self.twin.rsplit("/", 1)[1].removesuffix(_LIVE)
 
     def release(self) -> None:
+        session = self._session
         if self._released:
+            # Released before: a release that failed left its nodes recorded as orphans; try
+            # their deletion again (StoreUnavailableError while disconnected).
+            if self._orphan in session.orphans and session.pid == os.getpid():
+                session.discard(*self._orphan)
             return
         self._released = True
-        session = self._session
         session.leases.discard(self)
         if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
             return  # its session has ended and the nodes with it
-        parent = self.path.rsplit("/", 1)[0]
-        twin = self.twin.rsplit("/", 1)[1]
         left = tuple(path.rsplit("/", 1)[1] for path in (self.path, self.twin) if path not in self._deleted)
         if left:  # both, as a rule; only the other one when one was deleted from outside
-            session.discard(parent, twin.removesuffix(_LIVE), left)
+            session.discard(*self._orphan, left)
 
 
 class ZooKeeperStore(Store):
