@@ -205,6 +205,9 @@ def test_store_unavailable_at_boot(tmp_path: Path, key: str) -> None:
                        lambda: master.log_text().count("cannot make the store, trying again") >= 2, STARTUP)
         code, body = master.get("/_greenleader")
         assert code == 200 and body["leader"] is None and body["is_leader"] is False, body
+        # told apart from a vacancy: the worker backs off, and the store is reported unreachable
+        assert body["state"] == "backing off" and body["store"]["reachable"] is False, body
+        assert master.get("/_greenleader/store")[0] == 503
         assert master.get("/")[0] == 200
         assert master.get("/_greenleader/leader")[0] == 503
         assert not fleet.tenures()
