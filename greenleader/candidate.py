@@ -468,29 +468,41 @@ class Candidate:
         the key for as long as this process lives: the store frees it by its TTL at the latest."""
         deadline = now() + min(self.ttl, RELEASE_TIMEOUT)
         delay = RELEASE_RETRY_DELAY
-        while True:
-            try:
-                with gevent.Timeout(max(deadline - now(), 0.001), StoreError("release timed out")):
-                    lease.release()
-            except PermissionDeniedError as exc:  # trying again would be refused again
-                self._record.failed(exc)
-                log.warning("%r: could not release the key: %s", self, exc)
-                break
-            except (StoreError, GreenleaderError) as exc:
-                self._record.failed(exc)
-                log.warning("%r: could not release the key: %s", self, exc)
-            except Exception as exc:
-                self._record.failed(exc)
-                log.exception("%r: unexpected error releasing the key", self)
-            else:
-                self._record.contact()
-                return
-            if now() + delay >= deadline:
-                break
-            gevent.sleep(delay)
-            delay = min(delay * 2, RELEASE_RETRY_MAX)
-        log.warning("%r: giving the release up; the key is freed by the store's TTL at the latest", self)
-        lease.abandon()
+        released = False
+        try:
+            while True:
+                try:
+                    with gevent.Timeout(max(deadline - now(), 0.001), StoreError("release timed out")):
+                        lease.release()
+                except PermissionDeniedError as exc:  # trying again would be refused again
+                    self._record.failed(exc)
+                    log.warning("%r: could not release the key: %s", self, exc)
+                    break
+                except (StoreError, GreenleaderError) as exc:
+                    self._record.failed(exc)
+                    log.warning("%r: could not release the key: %s", self, exc)
+                except GreenletExit:
+                    # Out of the store's call: nothing kills a teardown greenlet but a fork,
+                    # which leaves this candidate inert.
+                    if self._inert:
+                        raise
+                    self._record.failed(StoreError("the release was interrupted"))
+                    log.warning("%r: the release was interrupted (GreenletExit out of the store)", self)
+                except Exception as exc:
+                    self._record.failed(exc)
+                    log.exception("%r: unexpected error releasing the key", self)
+                else:
+                    self._record.contact()
+                    released = True
+                    return
+                if now() + delay >= deadline:
+                    break
+                gevent.sleep(delay)
+                delay = min(delay * 2, RELEASE_RETRY_MAX)
+            log.warning("%r: giving the release up; the key is freed by the store's TTL at the latest", self)
+        finally:
+            if not released and not self._inert:
+                lease.abandon()  # local, never switches: safe however this greenlet is leaving
 
     # -- fork ---------------------------------------------------------------------------
 

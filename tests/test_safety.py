@@ -658,8 +658,10 @@ def test_a_failed_release_is_tried_again(make_store, key, ttl, stopping) -> None
     assert holder(make_store(), key) != "alice", "the store still names alice after stop() returned"
 
 
+@pytest.mark.parametrize("error", [StoreUnavailableError("injected: every release is refused"), GreenletExit()],
+                         ids=["store-error", "greenlet-exit"])
 def test_a_release_that_keeps_failing_does_not_hold_the_key_while_the_process_lives(
-        make_store, key, ttl, stopping) -> None:
+        make_store, key, ttl, stopping, error) -> None:
     """Every release refused: the candidate gives the lease up after its bound, and nothing
     local (a lock file's descriptor, a ZooKeeper session's node) keeps the key held for as
     long as the process lives; the waiting candidate wins (by the TTL at the latest)."""
@@ -670,7 +672,7 @@ def test_a_release_that_keeps_failing_does_not_hold_the_key_while_the_process_li
     wins(alice, 3 * ttl)
     bob_elected, _ = bob.run_for_election()
     assert next_item(bob_elected, ttl, "bob's first item") is False
-    store.fail_when("release", StoreUnavailableError("injected: every release is refused"), lambda call: True)
+    store.fail_when("release", error, lambda call: True)
     alice.stop()
     assert all(not call.forwarded for call in store.history if call.primitive == "release")
     assert next_item(bob_elected, 3 * ttl + 30, "bob to win though alice's release never went out") is True
