@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from .errors import GreenleaderError
@@ -12,13 +13,18 @@ from .errors import GreenleaderError
 if TYPE_CHECKING:
     from .candidate import Candidate
     from .follower import Follower
+    from .stores import Store
+
+log = logging.getLogger(__name__)
 
 
 class ElectionView:
-    """``is_leader``, ``term``, ``leads`` and ``leader``, from ``candidate`` and ``follower``."""
+    """``is_leader``, ``term``, ``leads`` and ``leader``, from ``candidate`` and ``follower``; and
+    the end of leaving, shared by both."""
 
     candidate: Candidate | None
     follower: Follower | None
+    store: Store | None
     node: str | None
 
     def is_leader(self) -> bool:
@@ -48,3 +54,13 @@ class ElectionView:
         if info is None or info.node == self.node:  # not us: we know we do not lead
             return None, None
         return info.node, info.term
+
+    def _stop_following_and_close(self) -> None:
+        """The end of leaving: stop the follower, then close the store (a failure is logged)."""
+        if self.follower is not None:
+            self.follower.stop()
+        if self.store is not None:
+            try:
+                self.store.close()
+            except Exception:
+                log.exception("%r: closing the store failed", self)

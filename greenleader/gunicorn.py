@@ -249,13 +249,7 @@ class WorkerElection(ElectionView):
             return
         self.leave()
         self._stopped = True
-        if self.follower is not None:
-            self.follower.stop()
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("%r: closing the store failed", self)
+        self._stop_following_and_close()
         if _active is self:
             _active = None
 

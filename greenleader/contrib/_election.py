@@ -104,13 +104,7 @@ class ProcessElection(ElectionView):
             self.runner.stop()
         elif self.candidate is not None:
             self.candidate.stop()
-        if self.follower is not None:
-            self.follower.stop()
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("%r: closing the store failed", self)
+        self._stop_following_and_close()
         if _process is self:
             _process = None
 
