@@ -899,3 +899,35 @@ def test_a_release_that_fails_on_a_live_connection_is_finished_later(stores, key
     finally:
         alice.stop()
         bob.stop()
+
+
+def test_cleaning_up_an_abandoned_release_leaves_the_sessions_other_leader_alone(stores, key) -> None:
+    """alice's release fails past its bound and her nodes are deleted later by the session's
+    clean-up; dave, leading another key on the same session, keeps leading and keeps his nodes."""
+    store = stores()
+    other = f"{key}-other"
+    alice, dave = Candidate(store, key, "alice", ttl=TTL), Candidate(store, other, "dave", ttl=TTL)
+    try:
+        for candidate in (alice, dave):
+            elected, _ = candidate.run_for_election()
+            assert next_item(elected, WAIT, "False") is False
+            assert next_item(elected, WAIT, f"{candidate.node} elected") is True
+        session = next(iter(store._sessions.values()))
+        refusing = {"on": True}
+        real_multi = session.multi
+
+        def failing_multi(build):
+            if refusing["on"]:
+                raise StoreUnavailableError("injected: the delete went unanswered within the timeout")
+            return real_multi(build)
+
+        session.multi = failing_multi
+        alice.stop()  # gives up on her release; her nodes stay recorded as orphans
+        refusing["on"] = False
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: not contenders(zk, store.path_for(key)), WAIT, "alice's nodes to be deleted")
+            assert len(contenders(zk, store.path_for(other))) == 1, "dave's node went with alice's"
+        assert dave.is_leader(), "dave stopped leading when alice's nodes were cleaned up"
+    finally:
+        alice.stop()
+        dave.stop()
