@@ -1,4 +1,4 @@
-"""Fork safety: a forked child inherits no leadership (DESIGN.md §2, rule 11).
+"""Fork safety: a forked child inherits no leadership (docs/safety.md, rule 11).
 
 ``os.fork()`` copies every Candidate, Follower and duty runner of the parent, with their
 greenlets, open lock files and store connections. Left alone, the child's copy of a leading

@@ -70,13 +70,14 @@ class CommandGroup:
     def __init__(self) -> None:
         self.pid: int | None = None  # the command's own process, once started
         self.watchdog_lost = gevent.event.Event()
-        self._exit: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self._exit: gevent.event.AsyncResult[int] = gevent.event.AsyncResult()
         self._ended = False
         self._watchdog_gone = gevent.event.Event()
         loop = gevent.get_hub().loop
         loop.install_sigchld()
         lifeline_read, self._lifeline = _pipe()
-        self._ready, ready_write = _pipe()
+        ready_read, ready_write = _pipe()
+        self._ready: int | None = ready_read  # None once the watchdog said it is ready
         try:
             self.pgid = os.posix_spawn(
                 SHELL,
@@ -88,7 +89,7 @@ class CommandGroup:
             )
         except BaseException:
             os.close(self._lifeline)
-            os.close(self._ready)
+            os.close(ready_read)
             raise
         finally:
             os.close(lifeline_read)
@@ -115,7 +116,7 @@ class CommandGroup:
         if self._ready is None:
             return
         gevent.os.make_nonblocking(self._ready)
-        with gevent.Timeout(_READY_TIMEOUT, False):
+        with gevent.Timeout(_READY_TIMEOUT, False):  # type: ignore[arg-type]  # False: no exception
             if gevent.os.nb_read(self._ready, 1) == b"\n":
                 os.close(self._ready)
                 self._ready = None
@@ -124,7 +125,8 @@ class CommandGroup:
 
     def wait(self) -> int:
         """Wait for the command's own process to exit; its status (128+N if signal N killed it)."""
-        return self._exit.get()
+        code = self._exit.get()
+        return 128 + signal.SIGKILL if code is None else code  # (never None: set only with a status)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to every process of the group (the watchdog ignores it)."""

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a release may take before it is abandoned: the store then frees the key by TTL.
 RELEASE_TIMEOUT = 10.0
+#: First pause before a failed release is tried again (doubling up to RELEASE_RETRY_MAX): a
+#: transient refusal is retried within a few round trips, while the next winner waits.
+RELEASE_RETRY_DELAY = 0.05
+RELEASE_RETRY_MAX = 1.0
 #: Seconds a step-down waits for duties to die and LeadershipLost subscribers to return
 #: before the key is released anyway (a stuck duty is logged as such).
 STEP_DOWN_GRACE = 5.0
@@ -453,18 +457,47 @@ class Candidate:
             self._release(lease)
 
     def _release(self, lease: Lease) -> None:
-        """Give the key up, bounded in time; a failure only delays the next winner by the TTL."""
+        """Give the key up, bounded in time. A failed release is tried again (releases are
+        idempotent) until the bound; a lease that still could not be released is abandoned, so
+        that nothing local (a lock file's descriptor, a ZooKeeper session's node) keeps holding
+        the key for as long as this process lives: the store frees it by its TTL at the latest."""
+        deadline = now() + min(self.ttl, RELEASE_TIMEOUT)
+        delay = RELEASE_RETRY_DELAY
+        released = False
         try:
-            with gevent.Timeout(min(self.ttl, RELEASE_TIMEOUT), StoreError("release timed out")):
-                lease.release()
-        except (StoreError, GreenleaderError) as exc:
-            self._record.failed(exc)
-            log.warning("%r: could not release the key: %s", self, exc)
-        except Exception as exc:
-            self._record.failed(exc)
-            log.exception("%r: unexpected error releasing the key", self)
-        else:
-            self._record.contact()
+            while True:
+                try:
+                    with gevent.Timeout(max(deadline - now(), 0.001), StoreError("release timed out")):
+                        lease.release()
+                except PermissionDeniedError as exc:  # trying again would be refused again
+                    self._record.failed(exc)
+                    log.warning("%r: could not release the key: %s", self, exc)
+                    break
+                except (StoreError, GreenleaderError) as exc:
+                    self._record.failed(exc)
+                    log.warning("%r: could not release the key: %s", self, exc)
+                except GreenletExit:
+                    # Out of the store's call: nothing kills a teardown greenlet but a fork,
+                    # which leaves this candidate inert.
+                    if self._inert:
+                        raise
+                    self._record.failed(StoreError("the release was interrupted"))
+                    log.warning("%r: the release was interrupted (GreenletExit out of the store)", self)
+                except Exception as exc:
+                    self._record.failed(exc)
+                    log.exception("%r: unexpected error releasing the key", self)
+                else:
+                    self._record.contact()
+                    released = True
+                    return
+                if now() + delay >= deadline:
+                    break
+                gevent.sleep(delay)
+                delay = min(delay * 2, RELEASE_RETRY_MAX)
+            log.warning("%r: giving the release up; the key is freed by the store's TTL at the latest", self)
+        finally:
+            if not released and not self._inert:
+                lease.abandon()  # local, never switches: safe however this greenlet is leaving
 
     # -- fork ---------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ EXIT_CODES: dict[str, list[tuple[str, str]]] = {
     "run": [
         ("N", "the command's own exit status when it ran to its end (128+N if it died of signal N)"),
         ("1", "the store failed (unreachable, refused) or an internal error ended the command"),
-        ("2", "bad usage: arguments, store URL or environment; a missing extra (pip install greenleader[...])"),
+        ("2", "bad usage: arguments, store URL or environment; a missing extra (pip install -e '.[EXTRA]' in a clone)"),
         ("3", "leadership was lost: the command was terminated"),
         ("4", "not elected within --timeout: the command never ran"),
         ("126", "the command is not executable"),

@@ -53,6 +53,7 @@ from typing import Any
 import gevent
 from gevent import Greenlet
 
+from ._election_view import ElectionView
 from .candidate import Candidate
 from .duties import Duties, DutyRunner, duty
 from .duties import duties as default_duties
@@ -85,7 +86,7 @@ def current() -> WorkerElection | None:
     return _active
 
 
-class WorkerElection:
+class WorkerElection(ElectionView):
     """One candidate per gunicorn gevent worker, running ``duties`` while it leads.
 
     :param store: a store URL (``consul://...``, ``file:///...``) or a function that makes the
@@ -204,35 +205,6 @@ class WorkerElection:
 
     # -- state, for the app and the status endpoint ------------------------------------------
 
-    def is_leader(self) -> bool:
-        """True while this worker leads."""
-        return self.candidate is not None and self.candidate.is_leader()
-
-    @property
-    def term(self) -> int | None:
-        """This worker's fencing term while it leads, else None."""
-        return self.candidate.term if self.candidate is not None else None
-
-    def leads(self, term: int) -> bool:
-        """True while this worker still leads in tenure ``term``: check it before a side effect."""
-        return self.candidate is not None and self.candidate.is_leader() and self.candidate.term == term
-
-    def leader(self) -> tuple[str | None, int | None]:
-        """The current leader's node name and term, as far as this worker knows."""
-        if self.candidate is not None:
-            term = self.candidate.term
-            if term is not None:
-                return self.node, term
-        if self.follower is None:
-            return None, None
-        try:
-            info = self.follower.leader_info()
-        except GreenleaderError:
-            return None, None
-        if info is None or info.node == self.node:  # not us: we know we do not lead
-            return None, None
-        return info.node, info.term
-
     def leader_in_this_master(self) -> bool:
         """True while the leader is a worker of this worker's gunicorn master (maybe this one)."""
         leader, _ = self.leader()
@@ -277,13 +249,7 @@ class WorkerElection:
             return
         self.leave()
         self._stopped = True
-        if self.follower is not None:
-            self.follower.stop()
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("%r: closing the store failed", self)
+        self._stop_following_and_close()
         if _active is self:
             _active = None
 

@@ -57,7 +57,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RENEWAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Bytes of a value file's header (used size and padding): a shorter file is being created.
 _HEADER_SIZE = 8
-MISSING = 'greenleader metrics need prometheus_client: pip install "greenleader[metrics]"'
+MISSING = ('greenleader metrics need prometheus_client: install greenleader\'s "metrics" extra '
+           '(in a clone: pip install -e ".[metrics]")')
 
 _metrics: dict[str, Any] | None = None
 

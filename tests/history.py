@@ -19,7 +19,7 @@ to the process's own file with a single ``write(2)`` each, on the host's ``CLOCK
 - ``blocked``: the hub was blocked from ``t0`` to ``t1``.
 - ``release``: the candidate sent the release of a won lease; ``leading`` is what
   ``is_leader()`` said then (it must say False: every way out of a tenure steps down before
-  it releases, DESIGN.md rule 9).
+  it releases, docs/safety.md rule 9).
 
 A forked child of a candidate process (``tests.candidate_process --fork-for``) records into a
 file of its own, as process ``<proc>/fork<pid>``: its ``lead`` samples (there must be none,

@@ -1,4 +1,5 @@
-"""The behavioural contract (DESIGN.md §2, §5), written once and run on every store."""
+"""The behavioural contract (docs/safety.md "The contract", and the README's "What the Go library
+got wrong"), written once and run on every store."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The leader's own registration deleted from outside, on the real stores (DESIGN.md §2, rules 1
+"""The leader's own registration deleted from outside, on the real stores (docs/safety.md, rules 1
 and 10).
 
 An operator deletes the leader's registration while its session or lease lives: etcd's

@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds for fresh masters to boot their workers and elect someone (a loaded CI machine).
 STARTUP = 30.0
-#: SIGTERM to a leader's master -> the duty runs in the other master: "well under a second".
-HANDOVER_BOUND = 1.0
+#: SIGTERM to a leader's master -> the duty runs in the other master. Typically 10-130 ms (the
+#: figure is printed; speed is measured in benchmarks/): this generous bound only catches a
+#: handover that waited for an expiry on Consul (2 x TTL + lock-delay = 21 s) or hung. 1.3 s was
+#: seen on ZooKeeper at a load of 8 on 2 cores.
+HANDOVER_BOUND = 10.0
 FILE_TTL = 1.0
 
 
@@ -202,6 +205,9 @@ def test_store_unavailable_at_boot(tmp_path: Path, key: str) -> None:
                        lambda: master.log_text().count("cannot make the store, trying again") >= 2, STARTUP)
         code, body = master.get("/_greenleader")
         assert code == 200 and body["leader"] is None and body["is_leader"] is False, body
+        # told apart from a vacancy: the worker backs off, and the store is reported unreachable
+        assert body["state"] == "backing off" and body["store"]["reachable"] is False, body
+        assert master.get("/_greenleader/store")[0] == 503
         assert master.get("/")[0] == 200
         assert master.get("/_greenleader/leader")[0] == 503
         assert not fleet.tenures()

@@ -90,7 +90,7 @@ print(statuses[0], body.decode().strip())
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    hint = 'pip install "greenleader[metrics]"'
+    hint = 'install greenleader\'s "metrics" extra (in a clone: pip install -e ".[metrics]")'
     assert f"install: greenleader metrics need prometheus_client: {hint}" in done.stdout, done.stdout
     assert f"503 Service Unavailable greenleader metrics need prometheus_client: {hint}" in done.stdout, done.stdout
 

@@ -8,7 +8,7 @@ greenlet, a hub blocked past the renew deadline, a fork, the key expiring, the l
 or replaced from outside, any store primitive raising any exception (the store's own errors,
 ``OSError``, ``RuntimeError``, ``GreenletExit``) or being slow, and time passing.
 
-What must hold (shared DESIGN.md section 2), checked after every step and by a sampler greenlet
+What must hold (docs/safety.md, "The contract"), checked after every step and by a sampler greenlet
 every millisecond in between:
 
 - never two Candidates with ``is_leader()`` True at once (rule 1);
@@ -377,7 +377,7 @@ class ElectionMachine(RuleBasedStateMachine):
         The memory store hands the key to a waiter in the same call, before the holder can
         know: no client can avoid that overlap (it is a server's deletion of a held key), so
         the holder's tenure is exempt from the overlap checks; it must still step down within
-        a TTL. The file store must make the overlap impossible (DESIGN.md finding 5).
+        a TTL. The file store must make the overlap impossible (finding 5 of the issue-10 table in docs/safety.md).
         """
         if isinstance(self.inner, MemoryStore):
             holder = self.inner.leader(self.key)

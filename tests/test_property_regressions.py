@@ -2,7 +2,7 @@
 
 Each test replays the shrunk example Hypothesis printed (the same steps of the same state
 machine, with the same checks: see tests/test_properties.py), with ``allow_time_to_pass`` standing in
-for steps that only let time pass. The docstring says which rule of DESIGN.md section 2 it broke
+for steps that only let time pass. The docstring says which rule of docs/safety.md ("The contract") it broke
 and on which code.
 """
 

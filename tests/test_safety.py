@@ -1,4 +1,4 @@
-"""Safety of the election state machine (DESIGN.md §2, rules 9-12), on every store.
+"""Safety of the election state machine (docs/safety.md, rules 9-12), on every store.
 
 Each test here reproduces one finding of the safety review (issue 10) and failed before its fix:
 
@@ -448,8 +448,11 @@ def test_a_loss_reported_during_a_renewal_ends_leadership_at_once(backend, make_
     store.delay_next("renew", alice.renew_deadline * 0.9)
     wait_until(lambda: any(c.primitive == "renew" and c.ended is None for c in store.history), 3 * ttl,
                "a slow renewal to start")
+    # alice's next campaign waits, so that bob, not alice again, wins the key after its loss
+    # (on Consul both wait out the lock-delay, and alice could win the race).
+    store.delay_next("acquire", 120)
     backend.force_expire(inner, key)
-    assert next_item(bob_elected, 30, "bob to win once alice's key was taken") is True
+    assert next_item(bob_elected, 3 * ttl + 30, "bob to win once alice's key was taken") is True
     wait_until(lambda: not any(c.primitive == "renew" and c.ended is None for c in store.history), 3 * ttl,
                "the slow renewal to end")
     sampler.stop()
@@ -635,3 +638,41 @@ def test_a_duty_that_ignores_its_kill_delays_the_release_only_by_the_grace(make_
     stubborn_until_released[0] = False  # end the stubborn duty for good
     gevent.killall(list(runner._dying), timeout=10)
     runner.stop()
+
+
+# -- a release that fails ----------------------------------------------------------------------
+
+
+def test_a_failed_release_is_tried_again(make_store, key, ttl, stopping) -> None:
+    """A release refused once (a transient store error) is tried again at once, so the next
+    candidate is let in by the release, not by the TTL."""
+    store = FaultyStore(make_store())
+    alice = Candidate(store, key, "alice", ttl=ttl)
+    stopping.append(alice)
+    wins(alice, 3 * ttl)
+    store.fail_next("release", StoreUnavailableError("injected: the release is refused once"))
+    alice.resign()
+    alice.stop()
+    releases = [call for call in store.history if call.primitive == "release"]
+    assert len(releases) >= 2 and releases[-1].forwarded, f"the refused release was not tried again: {releases}"
+    assert holder(make_store(), key) != "alice", "the store still names alice after stop() returned"
+
+
+@pytest.mark.parametrize("error", [StoreUnavailableError("injected: every release is refused"), GreenletExit()],
+                         ids=["store-error", "greenlet-exit"])
+def test_a_release_that_keeps_failing_does_not_hold_the_key_while_the_process_lives(
+        make_store, key, ttl, stopping, error) -> None:
+    """Every release refused: the candidate gives the lease up after its bound, and nothing
+    local (a lock file's descriptor, a ZooKeeper session's node) keeps the key held for as
+    long as the process lives; the waiting candidate wins (by the TTL at the latest)."""
+    store = FaultyStore(make_store())
+    alice = Candidate(store, key, "alice", ttl=ttl)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
+    stopping.extend([alice, bob])
+    wins(alice, 3 * ttl)
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, ttl, "bob's first item") is False
+    store.fail_when("release", error, lambda call: True)
+    alice.stop()
+    assert all(not call.forwarded for call in store.history if call.primitive == "release")
+    assert next_item(bob_elected, 3 * ttl + 30, "bob to win though alice's release never went out") is True

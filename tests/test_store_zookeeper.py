@@ -892,3 +892,72 @@ def _server_of(cluster: servers.Cluster, path: str) -> servers.Node:
         if f"sid=0x{owner:x}," in servers.four_letter_word(node.client_addr, "cons"):
             return node
     raise AssertionError(f"no server lists session 0x{owner:x}")
+
+
+# -- a release whose delete fails on a live connection -------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["once", "past-the-release-bound"])
+def test_a_release_that_fails_on_a_live_connection_is_finished_later(stores, key, failing: str) -> None:
+    """The release's delete fails without the connection dropping (an answer later than the
+    store's timeout, say): the candidate tries again, and what it could not delete before
+    giving up is deleted by the session once the server answers; the key is never held for
+    as long as the session lives."""
+    alice_store = stores()
+    alice, bob = Candidate(alice_store, key, "alice", ttl=TTL), Candidate(stores(), key, "bob", ttl=TTL)
+    try:
+        alice_elected, _ = alice.run_for_election()
+        assert next_item(alice_elected, WAIT, "False") is False
+        assert next_item(alice_elected, WAIT, "alice elected") is True
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, WAIT, "bob's False") is False
+        session = next(iter(alice_store._sessions.values()))
+        refusals = {"left": 1 if failing == "once" else 10**6}
+        real_multi = session.multi
+
+        def failing_multi(build):
+            if refusals["left"] > 0:
+                refusals["left"] -= 1
+                raise StoreUnavailableError("injected: the delete went unanswered within the timeout")
+            return real_multi(build)
+
+        session.multi = failing_multi
+        alice.stop()  # the candidate gives up within its release bound when every delete fails
+        refusals["left"] = 0  # the server answers again; the connection never dropped
+        assert session.connected.is_set()
+        assert next_item(bob_elected, 3 * TTL + WAIT, "bob to win once alice's nodes are deleted") is True
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+def test_cleaning_up_an_abandoned_release_leaves_the_sessions_other_leader_alone(stores, key) -> None:
+    """alice's release fails past its bound and her nodes are deleted later by the session's
+    clean-up; dave, leading another key on the same session, keeps leading and keeps his nodes."""
+    store = stores()
+    other = f"{key}-other"
+    alice, dave = Candidate(store, key, "alice", ttl=TTL), Candidate(store, other, "dave", ttl=TTL)
+    try:
+        for candidate in (alice, dave):
+            elected, _ = candidate.run_for_election()
+            assert next_item(elected, WAIT, "False") is False
+            assert next_item(elected, WAIT, f"{candidate.node} elected") is True
+        session = next(iter(store._sessions.values()))
+        refusing = {"on": True}
+        real_multi = session.multi
+
+        def failing_multi(build):
+            if refusing["on"]:
+                raise StoreUnavailableError("injected: the delete went unanswered within the timeout")
+            return real_multi(build)
+
+        session.multi = failing_multi
+        alice.stop()  # gives up on her release; her nodes stay recorded as orphans
+        refusing["on"] = False
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: not contenders(zk, store.path_for(key)), WAIT, "alice's nodes to be deleted")
+            assert len(contenders(zk, store.path_for(other))) == 1, "dave's node went with alice's"
+        assert dave.is_leader(), "dave stopped leading when alice's nodes were cleaned up"
+    finally:
+        alice.stop()
+        dave.stop()

@@ -59,8 +59,6 @@ def test_public_api_passes_mypy_strict(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="setuptools installs this flat layout editable through an import "
-                   "hook that mypy cannot see; fixed by package_dir = =. in setup.cfg [options]")
 def test_editable_install_is_visible_to_mypy(tmp_path: Path) -> None:
     """From another directory, mypy finds the installed greenleader (py.typed) and its types."""
     program = tmp_path / "user.py"

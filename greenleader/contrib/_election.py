@@ -19,10 +19,11 @@ from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 
 from .. import gunicorn as _gunicorn
+from .._election_view import ElectionView
 from ..candidate import Candidate
 from ..duties import Duties, DutyRunner
 from ..duties import duties as default_duties
-from ..errors import GreenleaderError, StoreError
+from ..errors import StoreError
 from ..follower import Follower
 from ..retry import Backoff
 from ..status import status_document
@@ -50,7 +51,7 @@ def current() -> Any:
     return election if election is not None else _process
 
 
-class ProcessElection:
+class ProcessElection(ElectionView):
     """Runs ``duties`` while this process leads ``config.key``: the worker-process counterpart of
     a gunicorn worker's election. Needs gevent's monkey-patching, as every greenleader process.
 
@@ -103,40 +104,9 @@ class ProcessElection:
             self.runner.stop()
         elif self.candidate is not None:
             self.candidate.stop()
-        if self.follower is not None:
-            self.follower.stop()
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("%r: closing the store failed", self)
+        self._stop_following_and_close()
         if _process is self:
             _process = None
-
-    def is_leader(self) -> bool:
-        return self.candidate is not None and self.candidate.is_leader()
-
-    @property
-    def term(self) -> int | None:
-        return self.candidate.term if self.candidate is not None else None
-
-    def leads(self, term: int) -> bool:
-        """True while this process still leads in tenure ``term``: check it before a side effect."""
-        return self.candidate is not None and self.candidate.is_leader() and self.candidate.term == term
-
-    def leader(self) -> tuple[str | None, int | None]:
-        term = self.term
-        if term is not None:
-            return self.node, term
-        if self.follower is None:
-            return None, None
-        try:
-            info = self.follower.leader_info()
-        except GreenleaderError:
-            return None, None
-        if info is None or info.node == self.node:
-            return None, None
-        return info.node, info.term
 
     def leader_in_this_master(self) -> bool:
         """A worker process is its own "master": True while it leads."""

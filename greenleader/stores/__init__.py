@@ -42,7 +42,8 @@ def _store_class(backend: object) -> type[Store]:
     except ImportError as exc:
         if (exc.name or "").partition(".")[0] == __name__.partition(".")[0] and exc.name != f"{__name__}.{module_name}":
             raise  # a module of greenleader's own is broken: not a dependency to install
-        hint = f'pip install "greenleader[{extra}]"' if extra else "reinstall greenleader"
+        hint = f'install greenleader\'s "{extra}" extra (in a clone: pip install -e ".[{extra}]")' if extra \
+            else "reinstall greenleader"
         raise MissingDependencyError(f"the {name} store needs {exc.name or exc}: {hint}") from exc
     return getattr(module, class_name)
 

@@ -99,11 +99,13 @@ class Lease(abc.ABC):
         """Give the key up at once so a waiter can win. Idempotent; raises only StoreError."""
 
     def abandon(self) -> None:
-        """Forget the hold without telling the store: a forked child's copy of the lease.
+        """Forget the hold without telling the store: a forked child's copy of the lease, or a
+        hold whose release kept failing (the candidate gave up on it).
 
-        Called right after ``fork()`` in the child; it must not switch greenlets or do network
-        I/O. Close local resources that would otherwise keep the parent's hold alive after the
-        parent is gone (a lock file's descriptor); the parent's own copy is untouched.
+        Called right after ``fork()`` in the child, so it must not switch greenlets or do
+        network I/O. Close local resources that would otherwise keep the hold alive for as long
+        as this process lives (a lock file's descriptor), so that the store frees the key by its
+        TTL at the latest; the parent's own copy is untouched.
         """
         return None
 

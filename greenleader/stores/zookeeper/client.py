@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 #: leaders with a 15 s TTL sent 900 requests a second), at the price of a confirmed_at older
 #: by at most that much.
 _CONFIRM_REUSE = 1 / 30
+ORPHAN_RETRY_DELAY = 0.1  # first pause before leftover nodes are deleted again (doubling)
+ORPHAN_RETRY_MAX = 1.0  # at most this long: a close() waits for the cleaner to see it
 _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
@@ -192,6 +194,7 @@ class _Session:
         self.error: StoreError | None = None
         self.leases: set[_ZooKeeperLease] = set()
         self.orphans: set[tuple[str, str]] = set()  # (parent path, node name prefix) to delete
+        self._cleaner: gevent.Greenlet | None = None  # see clean_up_orphans
         self.tls_refused: set[str] = set()  # addresses whose TLS handshake failed before the first connection
         self.log = _KazooLog(self._on_tls_refusal)
         self._answer_timer: Any = None  # see _expect_answer
@@ -260,7 +263,7 @@ class _Session:
             self.connected.set()
             self.settled.set()
             if self.orphans:
-                self.store._spawn(self.delete_orphans)
+                self.clean_up_orphans()
         elif state == KazooState.SUSPENDED:
             self.connected.clear()
             self.generation += 1
@@ -298,7 +301,26 @@ class _Session:
         for lease in list(self.leases):
             lease.lost(why, gone=gone)
 
+    def clean_up_orphans(self) -> None:
+        """Start, unless it runs, a greenlet of the store that deletes the orphans, trying again
+        with backoff while some remain and the session is connected: a deletion that fails
+        without the connection dropping would otherwise leave them, and the key held, for as
+        long as the session lives. Never switches greenlets (kazoo's callbacks call it)."""
+        if self.pid != os.getpid() or (self._cleaner is not None and not self._cleaner.dead):
+            return
+        self._cleaner = self.store._spawn(self._clean_orphans)
+
+    def _clean_orphans(self) -> None:
+        delay = ORPHAN_RETRY_DELAY
+        while self.orphans and self.connected.is_set() and not self.store._closed:
+            self.delete_orphans()
+            if not self.orphans:
+                return
+            gevent.sleep(delay)
+            delay = min(delay * 2, ORPHAN_RETRY_MAX)
+
     def delete_orphans(self) -> None:
+        """One attempt at deleting every orphan (failures are logged and the orphans kept)."""
         for parent, prefix in list(self.orphans):
             try:
                 self._remove(parent, prefix)
@@ -415,7 +437,7 @@ class _Session:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-        timer.start(check)
+        timer.start(gevent.spawn, check)  # a greenlet, not the hub: logging may switch
 
     def _error(self, exc: KazooException, path: str | None = None) -> Exception:
         """The exception to raise for a kazoo one: NoNodeError and NodeExistsError as they are."""
@@ -504,7 +526,11 @@ class _Session:
         self.orphans.add((parent, prefix))
         if not self.connected.is_set():
             raise StoreUnavailableError(f"cannot delete {parent}/{prefix}* now; they go when the session reconnects")
-        _outcome.result(self.store._spawn(_outcome.outcome, self._remove, parent, prefix, names))
+        try:
+            _outcome.result(self.store._spawn(_outcome.outcome, self._remove, parent, prefix, names))
+        except StoreError:
+            self.clean_up_orphans()
+            raise
 
     def _remove(self, parent: str, prefix: str, names: tuple[str, ...] = ()) -> None:
         # Requests of one session are served in order, so the listing sees the nodes of any

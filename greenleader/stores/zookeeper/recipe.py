@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -214,19 +215,39 @@ class _ZooKeeperLease(Lease):
         self.confirmed_at = started
         return True
 
+    def abandon(self) -> None:
+        """Give the hold up without waiting: a forked child's copy (its session is inert), or
+        a hold whose release kept failing. The nodes are recorded as orphans, which a greenlet
+        of the store deletes now if connected, else on the next (re)connection or acquire(),
+        rather than keeping them for as long as the session lives."""
+        session = self._session
+        if not self._released:
+            self._released = True
+            session.leases.discard(self)
+            session.orphans.add(self._orphan)
+        if self._orphan in session.orphans and session.connected.is_set():
+            session.clean_up_orphans()  # spawned, not run: no switch here
+
+    @property
+    def _orphan(self) -> tuple[str, str]:
+        """How this candidacy's nodes are recorded as orphans: (parent path, name prefix)."""
+        return self.path.rsplit("/", 1)[0], self.twin.rsplit("/", 1)[1].removesuffix(_LIVE)
+
     def release(self) -> None:
+        session = self._session
         if self._released:
+            # Released before: a release that failed left its nodes recorded as orphans; try
+            # their deletion again (StoreUnavailableError while disconnected).
+            if self._orphan in session.orphans and session.pid == os.getpid():
+                session.discard(*self._orphan)
             return
         self._released = True
-        session = self._session
         session.leases.discard(self)
         if self._gone or session.session_id not in (None, self._session_id) or session.store._closed:
             return  # its session has ended and the nodes with it
-        parent = self.path.rsplit("/", 1)[0]
-        twin = self.twin.rsplit("/", 1)[1]
         left = tuple(path.rsplit("/", 1)[1] for path in (self.path, self.twin) if path not in self._deleted)
         if left:  # both, as a rule; only the other one when one was deleted from outside
-            session.discard(parent, twin.removesuffix(_LIVE), left)
+            session.discard(*self._orphan, left)
 
 
 class ZooKeeperStore(ZooKeeperClient, Store):
