@@ -169,7 +169,7 @@ class Runner:
         return ident
 
     def bound(self) -> float | None:
-        """The crash-failover bound of DESIGN.md 2.4 for these settings (None: no bound)."""
+        """The crash-failover bound of the contract (docs/safety.md, rule 4) for these settings (None: no bound)."""
         return None
 
 

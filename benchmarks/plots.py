@@ -70,7 +70,7 @@ def failover(sections: dict[str, Any], path: Path) -> bool:
         runs = data[kind]
         _strips(ax, [(r["label"], r["samples"], r["peer"]) for r in runs], "s", [r.get("bound") for r in runs])
         ax.set_title(kind)
-    fig.suptitle("Crash failover after SIGKILL (red dashes: DESIGN.md 2.4 bound)", fontsize=10)
+    fig.suptitle("Crash failover after SIGKILL (red dashes: the bound of docs/safety.md rule 4)", fontsize=10)
     return _save(fig, path)
 
 
