@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install the real servers greenleader's tests run against (Debian bookworm, as root):
 #   etcd (etcd-server, etcd-client from bookworm), ZooKeeper (zookeeper from bookworm),
-#   Consul (consul from bullseye, pinned at priority 100 so nothing else comes from there).
+#   Consul (consul from bullseye, pinned at priority 100 so nothing else comes from there),
+#   PostgreSQL (postgresql from bookworm; tests run initdb and postgres themselves).
 # The packaged services are kept from starting: tests run their own servers on free ports.
 # Idempotent; when everything is installed it only checks and exits.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client zookeeper consul)
-SERVICES=(etcd zookeeper consul)
+PACKAGES=(etcd-server etcd-client zookeeper consul postgresql)
+SERVICES=(etcd zookeeper consul postgresql)
 SOURCES=/etc/apt/sources.list.d/debian-bullseye.sources
 PIN=/etc/apt/preferences.d/debian-bullseye-pin
 
@@ -102,4 +103,9 @@ if ! compgen -G '/usr/share/java/zookeeper*.jar' >/dev/null; then
     exit 1
 fi
 ls /usr/share/java/zookeeper*.jar | sed -n 1p
+if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+    log "PostgreSQL server binaries missing from /usr/lib/postgresql/*/bin"
+    exit 1
+fi
+ls /usr/lib/postgresql/*/bin/postgres | sed -n 1p
 log "ok"

@@ -29,6 +29,13 @@ from greenleader.stores.memory import MemoryStore
 
 KINDS = ["memory", "file", "consul", "etcd", "zookeeper"]
 REAL_KINDS = ["consul", "etcd", "zookeeper"]
+#: The stores every behavioural test (the ``kind`` fixture) runs on: KINDS and the stores that
+#: have joined that fixture before the suites that list KINDS or REAL_KINDS themselves (status,
+#: external deletion, recovery, processes, gunicorn) have cases for them. Appended, so the test
+#: ids of the other stores do not change.
+STORE_KINDS = [*KINDS, "postgres"]
+#: Stores whose tests need a running server (the ``<kind>_cluster`` fixture).
+SERVER_KINDS = [*REAL_KINDS, "postgres"]
 
 
 @dataclass

@@ -14,12 +14,12 @@ import zope.event  # noqa: E402
 
 from greenleader.events import LeadershipEvent  # noqa: E402
 from greenleader.stores import Store  # noqa: E402
-from tests.backends import KINDS, REAL_KINDS, BackendEnv, support  # noqa: E402
+from tests.backends import SERVER_KINDS, STORE_KINDS, BackendEnv, support  # noqa: E402
 
 pytest_plugins = ["tests.server_fixtures"]
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=STORE_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     """Every behavioural test runs once per store backend."""
     return request.param
@@ -27,7 +27,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def backend_env(request: pytest.FixtureRequest, kind: str, tmp_path) -> BackendEnv:
-    cluster = request.getfixturevalue(f"{kind}_cluster") if kind in REAL_KINDS else None
+    cluster = request.getfixturevalue(f"{kind}_cluster") if kind in SERVER_KINDS else None
     return BackendEnv(kind=kind, workdir=tmp_path, cluster=cluster)
 
 

@@ -1,6 +1,6 @@
 """Pytest fixtures with real servers; load with ``pytest_plugins = ["tests.server_fixtures"]``.
 
-``consul_cluster``, ``etcd_cluster``, ``zookeeper_cluster``: one node each, shared by the
+``consul_cluster``, ``etcd_cluster``, ``zookeeper_cluster``, ``postgres_cluster``: one node each, shared by the
 whole session and started on first use. ``consul_cluster3``, ``etcd_cluster3``,
 ``zookeeper_cluster3``: fresh 3-node clusters for one test. A missing server binary fails the
 test (it never skips): install the servers with ``scripts/install-servers.sh``.
@@ -44,6 +44,12 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.C
 def zookeeper_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Cluster]:
     """One standalone ZooKeeper server for the session."""
     yield from _cluster("zookeeper", tmp_path_factory.mktemp("zookeeper"), 1)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Cluster]:
+    """One PostgreSQL server for the session (run as ``nobody`` when the tests run as root)."""
+    yield from _cluster("postgres", tmp_path_factory.mktemp("postgres"), 1)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = [
     "Cluster", "Node", "ServerBinaryMissing",
-    "start", "start_consul", "start_etcd", "start_secure", "start_zookeeper",
+    "start", "start_consul", "start_etcd", "start_postgres", "start_secure", "start_zookeeper",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,10 @@ class Node:
             self._log_offset = logf.tell()
             logf.write(f"==== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
             logf.flush()
+            options: dict[str, Any] = {"cwd": self.dir, **self.cluster._popen_options()}
             self._proc = subprocess.Popen(
-                self.argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig,
+                self.argv, stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_pdeathsig, **options,
             )
         self.pid = self._proc.pid
         _live.add(self)
@@ -394,6 +395,10 @@ class Cluster:
         return "\n".join(n.log_tail(20) for n in self.nodes)
 
     # per-kind protocol ---------------------------------------------------------------------
+    def _popen_options(self) -> dict[str, Any]:
+        """Extra ``subprocess.Popen`` options of this kind's server processes (user, cwd)."""
+        return {}
+
     def _argv(self, node: Node) -> list[str]:
         raise NotImplementedError
 
@@ -586,11 +591,124 @@ class ZooKeeperCluster(Cluster):
         return True
 
 
+class PostgresCluster(Cluster):
+    """One PostgreSQL server (Debian's ``postgresql`` package): ``initdb`` once, then ``postgres``
+    on a loopback port, with ``fsync=off`` (a killed server keeps its commits in the page cache;
+    ``synchronous_commit`` stays on, so no acknowledged commit is lost to a SIGKILL).
+
+    The server refuses to run as root: then it runs as ``nobody``, with its data in a directory of
+    its own under the system's temporary directory (pytest's, under root's 0700 one, is out of
+    its reach). The superuser ``postgres`` connects without a password (``trust``), over TCP.
+    """
+
+    kind = "postgres"
+    binary = "postgres"
+    port_roles = ("client",)
+    SUPERUSER = "postgres"
+    DBNAME = "postgres"
+
+    def __init__(self, workdir: pathlib.Path, nodes: int) -> None:
+        if nodes != 1:
+            raise ValueError("postgres clusters have one node (no replication in tests)")
+        self.binary = _postgres_binary("postgres")
+        self._account = _unprivileged_account()
+        self.data_root = pathlib.Path(tempfile.mkdtemp(prefix="greenleader-pg-"))
+        if self._account is not None:
+            os.chown(self.data_root, *self._account)
+        super().__init__(workdir, nodes)
+
+    def _popen_options(self) -> dict[str, Any]:
+        if self._account is None:
+            return {"cwd": self.data_root}
+        uid, gid = self._account
+        return {"cwd": self.data_root, "user": uid, "group": gid, "extra_groups": []}
+
+    def _initdb(self, data: pathlib.Path) -> None:
+        argv = [_postgres_binary("initdb"), "-D", str(data), "-U", self.SUPERUSER, "--auth=trust",
+                "--no-sync", "-E", "UTF8", "--locale=C"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, **self._popen_options())
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def _argv(self, node: Node) -> list[str]:
+        data = self.data_root / node.name
+        if not data.exists():
+            self._initdb(data)
+        return [
+            self.binary, "-D", str(data), "-p", str(node.ports["client"]),
+            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+            "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=300",
+            "-c", "shared_buffers=32MB", "-c", "log_min_messages=warning",
+            *self._extra_settings(node),
+        ]
+
+    def _extra_settings(self, node: Node) -> list[str]:
+        return []
+
+    def connect(self, node: Node | None = None, **options: Any) -> Any:
+        """A psycopg connection (autocommit) as the superuser, unless ``options`` say otherwise."""
+        import psycopg
+
+        host, port = (node or self.nodes[0]).client_addr.rsplit(":", 1)
+        params = {"host": host, "port": int(port), "user": self.SUPERUSER, "dbname": self.DBNAME,
+                  "connect_timeout": 2, "autocommit": True, **options}
+        return psycopg.connect(**params)
+
+    def sql(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run one statement as the superuser; its rows."""
+        with self.connect() as conn:
+            cursor = conn.execute(statement, params)
+            return cursor.fetchall() if cursor.description is not None else []
+
+    def _answers(self, node: Node) -> bool:
+        import psycopg
+
+        try:
+            with self.connect(node) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            raise OSError(str(exc)) from None
+        return True
+
+    def _agreed_leader(self, nodes: list[Node]) -> Node | None:
+        return nodes[0] if nodes else None
+
+    def _serves(self, node: Node) -> bool:
+        return self._answers(node)
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.running():
+            shutil.rmtree(self.data_root, ignore_errors=True)
+
+
+def _postgres_binary(name: str) -> str:
+    """A PostgreSQL server program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(pathlib.Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if not versions:
+        raise ServerBinaryMissing(f"{name} (PostgreSQL) is not installed; {INSTALL_HINT}")
+    return str(versions[-1])
+
+
+def _unprivileged_account() -> tuple[int, int] | None:
+    """(uid, gid) of ``nobody`` when running as root (PostgreSQL refuses root), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
+
+
 # ---------------------------------------------------------------------------------------------
 # public entry points
 
 _CLASSES: dict[str, type[Cluster]] = {
-    "consul": ConsulCluster, "etcd": EtcdCluster, "zookeeper": ZooKeeperCluster,
+    "consul": ConsulCluster, "etcd": EtcdCluster, "zookeeper": ZooKeeperCluster, "postgres": PostgresCluster,
 }
 
 
@@ -621,6 +739,11 @@ def start_etcd(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
 def start_zookeeper(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
     """ZooKeeper ensemble (standalone ZooKeeperServerMain for one node)."""
     return start("zookeeper", workdir, nodes)
+
+
+def start_postgres(workdir: pathlib.Path, nodes: int = 1) -> Cluster:
+    """One PostgreSQL server (a restart keeps its data)."""
+    return start("postgres", workdir, nodes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,12 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "consul": ("consul", "ConsulStore", "consul"),
     "etcd": ("etcd", "EtcdStore", "etcd"),
     "zookeeper": ("zookeeper", "ZooKeeperStore", "zookeeper"),
+    "postgres": ("postgres", "PostgresStore", "postgres"),
 }
-_ALIASES = {"zk": "zookeeper", "etcd3": "etcd"}
+_ALIASES = {"zk": "zookeeper", "etcd3": "etcd", "postgresql": "postgres"}
+#: Backends whose URLs may carry ``user:password@`` before the host, as the DATABASE_URL that
+#: users of PostgreSQL already hold does (dj-database-url's form).
+_CREDENTIALS_IN_URL = ("postgres",)
 
 
 def _store_class(backend: object) -> type[Store]:
@@ -49,7 +53,8 @@ def _store_class(backend: object) -> type[Store]:
 
 
 def new_store(backend: str, addrs: Sequence[str] | str | None = None, **options: Any) -> Store:
-    """Create a store: ``backend`` is memory, file, consul, etcd or zookeeper (alias zk).
+    """Create a store: ``backend`` is memory, file, consul, etcd, zookeeper (alias zk) or
+    postgres (alias postgresql).
 
     ``addrs`` lists "host:port" endpoints of one cluster (a single string is one endpoint;
     for the file store, the directory). ``options`` are the backend's keyword options.
@@ -69,8 +74,8 @@ def new_store(backend: str, addrs: Sequence[str] | str | None = None, **options:
 
 def from_url(url: str) -> Store:
     """Create a store from a URL such as ``consul://h1:8500,h2:8500?lock_delay=1``,
-    ``etcd://h1:2379``, ``zookeeper://h1:2181,h2:2181/chroot``, ``file:///run/elections``
-    or ``memory://`` (options go in the query string)."""
+    ``etcd://h1:2379``, ``zookeeper://h1:2181,h2:2181/chroot``, ``file:///run/elections``,
+    ``postgres://user:password@h1:5432/db`` or ``memory://`` (options go in the query string)."""
     if not isinstance(url, str):
         raise InvalidURLError(f"store URL must be a str, not {type(url).__name__}")
     if "://" not in url:
@@ -90,6 +95,15 @@ def from_url(url: str) -> Store:
         if name in options:
             raise InvalidURLError(f"store URL {shown!r} repeats option {name!r}")
         options[name] = value
+    if "@" in parts.netloc and cls.backend in _CREDENTIALS_IN_URL:
+        credentials, _, host_part = parts.netloc.rpartition("@")
+        user, colon, password = credentials.partition(":")
+        for name, value in (("user", unquote(user)), ("password", unquote(password) if colon else "")):
+            if value:
+                if name in options:
+                    raise InvalidURLError(f"store URL {shown!r} gives {name} twice")
+                options[name] = value
+        parts = parts._replace(netloc=host_part)
     if "@" in parts.netloc:
         raise InvalidURLError(
             f"store URL {shown!r} has credentials before the host; give them as options instead: "

@@ -1,0 +1,44 @@
+"""PostgreSQL test support for the contract suite (see tests/backends.py)."""
+
+from __future__ import annotations
+
+import socket
+
+from greenleader.stores.postgres import PostgresStore
+from tests.backends import BackendEnv
+
+#: The store's rows expire on the server's clock; 2 s leaves the candidates' renew deadline
+#: (2/3 of it) a margin of several renewals on a loaded CI machine, as for etcd.
+FAST_TTL = 2.0
+TABLE = "greenleader_leases"
+
+
+def make_store(env: BackendEnv) -> PostgresStore:
+    return PostgresStore(env.cluster.addrs, user=env.cluster.SUPERUSER, dbname=env.cluster.DBNAME, timeout=5)
+
+
+def force_expire(store: PostgresStore, key: str) -> None:
+    """Delete the holder's row out of band, as its expiry would end it (the trigger NOTIFYs)."""
+    admin = PostgresStore(store.addrs, user=store.user, dbname=store.dbname, timeout=5)
+    try:
+        rows = admin.client.query("force expire", f"DELETE FROM {TABLE} WHERE key = %s RETURNING term", [key])
+        assert rows, f"nobody holds {key!r}"
+    finally:
+        admin.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unreachable_store(env: BackendEnv) -> PostgresStore:
+    return PostgresStore([f"127.0.0.1:{closed_port()}"], user="postgres", timeout=1)
+
+
+def leftovers(env: BackendEnv, key: str) -> list[str]:
+    """Every live (unexpired) lease row of ``key``."""
+    rows = env.cluster.sql(f"SELECT key FROM {TABLE} WHERE key = %s AND expires_at > clock_timestamp()", [key])
+    return [row[0] for row in rows]

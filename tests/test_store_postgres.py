@@ -1,0 +1,216 @@
+"""PostgreSQL-specific behaviour, against a real server (tests/servers.py runs initdb + postgres)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import gevent
+import gevent.event
+import gevent.queue
+import pytest
+
+from greenleader import Candidate, Follower
+from greenleader.errors import InvalidArgumentError, InvalidURLError, LeadershipLostError, StoreError
+from greenleader.retry import Backoff
+from greenleader.stores import LeaderInfo, from_url, new_store
+from greenleader.stores.postgres import PostgresStore
+from tests import servers
+from tests.support_postgres import FAST_TTL, TABLE, closed_port
+from tests.waiting import next_item, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = "pa55-w0rd-7f3d"
+
+
+@pytest.fixture
+def cluster(postgres_cluster):
+    return postgres_cluster
+
+
+@pytest.fixture
+def key() -> str:
+    return f"greenleader-test/pg-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def stores(cluster) -> Iterator[list[PostgresStore]]:
+    made: list[PostgresStore] = []
+    yield made
+    for store in made:
+        store.close()
+
+
+def _store(cluster, stores: list[PostgresStore], **options: object) -> PostgresStore:
+    store = PostgresStore(cluster.addrs, user=cluster.SUPERUSER, dbname=cluster.DBNAME, timeout=5, **options)
+    stores.append(store)
+    return store
+
+
+def test_the_database_url_form_is_accepted_and_its_password_never_shown(cluster, stores) -> None:
+    for scheme in ("postgres", "postgresql"):
+        store = from_url(f"{scheme}://{cluster.SUPERUSER}:{SECRET}@{cluster.addrs[0]}/{cluster.DBNAME}?timeout=3")
+        stores.append(store)  # type: ignore[arg-type]
+        assert isinstance(store, PostgresStore)
+        assert (store.user, store.dbname, store.timeout) == (cluster.SUPERUSER, cluster.DBNAME, 3.0)
+        assert SECRET not in repr(store) and cluster.SUPERUSER in repr(store)
+    with pytest.raises(InvalidURLError) as raised:
+        from_url(f"postgres://u:{SECRET}@{cluster.addrs[0]}/db?bogus=1")
+    assert SECRET not in str(raised.value)
+    with pytest.raises(InvalidURLError) as raised:  # the other stores still refuse credentials in URLs
+        from_url(f"etcd://u:{SECRET}@127.0.0.1:2379")
+    assert SECRET not in str(raised.value)
+
+
+def test_a_password_file_is_read_and_new_store_knows_postgres(cluster, stores, tmp_path) -> None:
+    secret_file = tmp_path / "pw"
+    secret_file.write_text(SECRET + "\n")
+    store = new_store("postgresql", cluster.addrs, user=cluster.SUPERUSER, dbname=cluster.DBNAME,
+                      password_file=str(secret_file))
+    stores.append(store)  # type: ignore[arg-type]
+    assert store.client._password == SECRET and SECRET not in repr(store)
+    with pytest.raises(InvalidArgumentError):
+        new_store("postgres", cluster.addrs, password=SECRET, password_file=str(secret_file))
+    with pytest.raises(InvalidArgumentError) as raised:
+        new_store("postgres", cluster.addrs, sslmode="sometimes")
+    assert "sslmode" in str(raised.value)
+
+
+def test_the_password_is_in_no_error_log_or_status(cluster, key: str, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = PostgresStore([f"127.0.0.1:{closed_port()}"], user="someone", password=SECRET, timeout=1)
+    candidate = Candidate(store, key, "alice", ttl=FAST_TTL, retry=Backoff(initial=0.1, maximum=0.2))
+    candidate.run_for_election()
+    try:
+        wait_until(lambda: candidate.status().store.errors >= 2, 30, "two store errors")
+        status = json.dumps(candidate.status().as_dict(), default=str)
+        assert "cannot connect" in status
+        assert SECRET not in status
+        assert SECRET not in caplog.text
+    finally:
+        candidate.stop()
+        store.close()
+
+
+def test_terms_come_from_a_sequence_and_increase_across_deleted_rows(cluster, stores, key: str) -> None:
+    store = _store(cluster, stores)
+    terms = []
+    for _ in range(3):
+        lease = store.acquire(key, "alice", FAST_TTL)
+        terms.append(lease.term)
+        lease.release()
+        assert cluster.sql(f"SELECT count(*) FROM {TABLE} WHERE key = %s", [key]) == [(0,)]  # deleted
+    assert terms == sorted(set(terms)), terms
+
+
+def test_a_renewal_that_updates_no_row_is_a_loss(cluster, stores, key: str) -> None:
+    store = _store(cluster, stores)
+    lease = store.acquire(key, "alice", 0.5)
+    wait_until(lambda: cluster.sql(f"SELECT 1 FROM {TABLE} WHERE key = %s AND expires_at <= clock_timestamp()",
+                                   [key]), 30, "the row to expire on the server's clock")
+    with pytest.raises(LeadershipLostError):
+        lease.renew()
+    lease.release()
+
+
+def test_a_release_wakes_a_waiter_by_notify_not_by_expiry(cluster, stores, key: str) -> None:
+    """With a 60 s TTL, only the NOTIFY of the deleted row can let bob in before the test's bound."""
+    alice_store, bob_store = _store(cluster, stores), _store(cluster, stores)
+    lease = alice_store.acquire(key, "alice", 60.0)
+    waiting = gevent.spawn(bob_store.acquire, key, "bob", 60.0)
+    gevent.sleep(0.2)
+    assert not waiting.ready()
+    lease.release()
+    bob = waiting.get(timeout=30)
+    assert bob.term > lease.term
+    bob.release()
+
+
+def test_a_crashed_holder_is_replaced_after_its_expiry(cluster, stores, key: str) -> None:
+    """The waiter has no NOTIFY to wake it: it wakes when the holder's expiry passes."""
+    store = _store(cluster, stores)
+    crashed = store.acquire(key, "alice", 1.0)
+    crashed.abandon()  # as a dead process: never renewed, never released
+    bob = _store(cluster, stores).acquire(key, "bob", 1.0)
+    assert bob.term > crashed.term
+    bob.release()
+
+
+def test_a_row_deleted_from_outside_ends_the_tenure_at_once(cluster, stores, key: str) -> None:
+    lease = _store(cluster, stores).acquire(key, "alice", 60.0)
+    lost = gevent.event.Event()
+    lease.on_lost = lost.set
+    cluster.sql(f"DELETE FROM {TABLE} WHERE key = %s", [key])
+    assert lost.wait(30), "the holder did not hear of its deleted row"
+    with pytest.raises(LeadershipLostError):
+        lease.renew()
+    lease.release()
+
+
+def test_followers_hear_of_changes_through_notify(cluster, stores, key: str) -> None:
+    store = _store(cluster, stores)
+    seen: gevent.queue.Queue = gevent.queue.Queue()
+    watch = _store(cluster, stores).watch(key)
+    reader = gevent.spawn(lambda: [seen.put(info) for info in watch])
+    try:
+        assert next_item(seen, 30, "the vacancy") is None
+        lease = store.acquire(key, "alice", 60.0)
+        wait_until(lambda: seen.get(timeout=30) == LeaderInfo("alice", lease.term), 30, "alice named by the watch")
+        lease.release()
+        wait_until(lambda: seen.get(timeout=30) is None, 30, "the vacancy after the release")
+    finally:
+        reader.kill()
+        watch.close()
+
+
+def test_a_follower_names_the_winner_only_once_claimed(cluster, stores, key: str) -> None:
+    store = _store(cluster, stores)
+    lease = store.acquire(key, "alice", 60.0)
+    assert store.leader(key) == LeaderInfo("alice", lease.term)  # claimed by the lease's greenlet
+    assert cluster.sql(f"SELECT claimed FROM {TABLE} WHERE key = %s", [key]) == [(True,)]
+    lease.release()
+
+
+def test_without_create_a_missing_table_is_a_clear_error(cluster, stores, key: str) -> None:
+    store = _store(cluster, stores, table=f"missing_{uuid.uuid4().hex[:8]}", create=False)
+    with pytest.raises(StoreError) as raised:
+        store.leader(key)
+    assert "create" in str(raised.value)
+
+
+def test_two_tables_hold_separate_elections(cluster, stores, key: str) -> None:
+    table = f"other_{uuid.uuid4().hex[:8]}"
+    one, other = _store(cluster, stores), _store(cluster, stores, table=table)
+    first = one.acquire(key, "alice", 60.0)
+    second = other.acquire(key, "bob", 60.0)
+    assert one.leader(key) == LeaderInfo("alice", first.term)
+    assert other.leader(key) == LeaderInfo("bob", second.term)
+    first.release()
+    second.release()
+    cluster.sql(f'DROP TABLE "{table}"; DROP SEQUENCE "{table}_term"; DROP FUNCTION "{table}_notify"')
+
+
+def test_a_killed_server_is_survived_by_candidates_and_followers(tmp_path, key: str) -> None:
+    """SIGKILL and restart of the server: the LISTEN connection breaks, the candidate leads
+    again (or still) and the follower names it again."""
+    own = servers.start("postgres", tmp_path, 1)
+    made = [PostgresStore(own.addrs, user=own.SUPERUSER, timeout=2) for _ in range(2)]
+    alice = Candidate(made[0], key, "alice", ttl=FAST_TTL, retry=Backoff(initial=0.1, maximum=0.5))
+    follower = Follower(made[1], key, retry=Backoff(initial=0.1, maximum=0.5))
+    try:
+        alice.run_for_election()
+        follower.follow_election()
+        wait_until(lambda: follower.leader() == "alice", 30, "the follower to name alice")
+        own.nodes[0].kill()
+        wait_until(lambda: follower.leader() is None, 30, "the follower to stop naming alice")
+        own.nodes[0].start()
+        wait_until(lambda: alice.is_leader() and follower.leader() == "alice", 60, "alice leads again, named")
+    finally:
+        follower.stop()
+        alice.stop()
+        for store in made:
+            store.close()
+        own.stop()
