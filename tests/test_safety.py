@@ -676,3 +676,31 @@ def test_a_release_that_keeps_failing_does_not_hold_the_key_while_the_process_li
     alice.stop()
     assert all(not call.forwarded for call in store.history if call.primitive == "release")
     assert next_item(bob_elected, 3 * ttl + 30, "bob to win though alice's release never went out") is True
+
+
+def test_a_release_that_keeps_failing_on_a_shared_store_frees_the_key_and_spares_the_other_leader(
+        make_store, key, ttl, stopping) -> None:
+    """Two leaders of two keys on one store object (on Consul they share one session): every
+    release of alice's key is refused, so alice gives her lease up. The key must still be freed
+    while the process lives, though carol keeps the shared session renewed, and carol's tenure
+    must not end with it (losing or releasing one key never ends another's tenure)."""
+    store = FaultyStore(make_store())
+    other_key = f"{key}-other"
+    alice = Candidate(store, key, "alice", ttl=ttl)
+    carol = Candidate(store, other_key, "carol", ttl=ttl)
+    bob = Candidate(make_store(), key, "bob", ttl=ttl)
+    stopping.extend([alice, carol, bob])
+    wins(alice, 3 * ttl)
+    carol_elected, _ = carol.run_for_election()
+    assert next_item(carol_elected, 3 * ttl, "carol's first item") is False
+    assert next_item(carol_elected, 3 * ttl, "carol to win") is True
+    bob_elected, _ = bob.run_for_election()
+    assert next_item(bob_elected, ttl, "bob's first item") is False
+    store.fail_when("release", StoreUnavailableError("injected: alice's releases are refused"),
+                    lambda call: call.key == key)
+    alice.stop()
+    assert all(not call.forwarded for call in store.history if call.primitive == "release" and call.key == key)
+    assert next_item(bob_elected, 3 * ttl + 30, "bob to win though alice's release never went out") is True
+    assert carol.is_leader(), "carol's tenure ended with alice's abandoned lease"
+    assert holder(make_store(), other_key) == "carol"
+    assert carol_elected.empty(), f"carol's election reported a change: {carol_elected.peek()}"

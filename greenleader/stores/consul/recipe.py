@@ -298,7 +298,24 @@ class ConsulLease(Lease):
         self._released = True  # the parent's hold: renew nothing, release nothing
 
     def abandon(self) -> None:
+        """Give the hold up without waiting: its release kept failing (or never went out). The
+        shared session would keep the key locked for as long as its other users keep it
+        renewed, so the key is released again in the background while they do (for as long
+        as Consul refuses that release and they lead, the key stays held: a limit of sharing),
+        and this lease's share of the session is given back (the last user destroys it, which
+        frees the key). Never switches greenlets: the network work runs in spawned greenlets."""
+        if self._released:
+            return
         self._released = True
+        session = self._session
+        session.leases.discard(self)
+        if session.inherited:
+            return
+        self._election._give_turn(self.key)
+        if not session.lost and session.users > 1:  # others keep the session alive: release again
+            session.users += 1
+            gevent.spawn(_release_later, self._election, self.key, session)
+        gevent.spawn(self._election.leave, session)  # the last user destroys the session
 
     def renew(self) -> None:
         """Join the session's next confirmation round: the session renewed, the key read."""
