@@ -139,14 +139,23 @@ def test_a_crashed_holder_is_replaced_after_its_expiry(cluster, stores, key: str
     bob.release()
 
 
-def test_a_row_deleted_from_outside_ends_the_tenure_at_once(cluster, stores, key: str) -> None:
-    lease = _store(cluster, stores).acquire(key, "alice", 60.0)
+def test_a_row_deleted_from_outside_ends_the_tenure_at_once_but_frees_the_key_at_its_expiry(
+        cluster, stores, key: str) -> None:
+    """The holder hears of the deletion by NOTIFY and steps down; since it may lead until it
+    hears, the key stays taken (the row revoked) until the expiry of its last renewal."""
+    store = _store(cluster, stores)
+    lease = store.acquire(key, "alice", 60.0)
     lost = gevent.event.Event()
     lease.on_lost = lost.set
     cluster.sql(f"DELETE FROM {TABLE} WHERE key = %s", [key])
     assert lost.wait(30), "the holder did not hear of its deleted row"
     with pytest.raises(LeadershipLostError):
         lease.renew()
+    assert cluster.sql(f"SELECT revoked, expires_at > clock_timestamp() FROM {TABLE} WHERE key = %s",
+                       [key]) == [(True, True)]
+    assert store.leader(key) is None
+    newcomer = {"key": key, "node": "bob", "owner": uuid.uuid4().hex, "ttl": 60.0}
+    assert store.client.query("take", store.sql.take, newcomer)[0][0] is None  # not before the expiry
     lease.release()
 
 

@@ -16,6 +16,7 @@ partition) costs the connection, never a hung greenlet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -78,10 +79,8 @@ def _after_fork_in_child() -> None:
         for client in list(_clients):
             for conn in (client._conn, client._listen_conn):
                 if conn is not None and not conn.closed:
-                    try:
+                    with contextlib.suppress(OSError, psycopg.Error):
                         os.dup2(devnull, conn.fileno())
-                    except (OSError, psycopg.Error):
-                        pass
     finally:
         os.close(devnull)
 
@@ -202,7 +201,13 @@ class PostgresClient:
                 params["password"] = self._password
             try:
                 with gevent.Timeout(self.timeout + 1):
-                    return psycopg.Connection.connect(**params)
+                    conn = psycopg.Connection.connect(**params)
+                    try:  # marks greenleader's own deletions for the table's trigger (the recipe's docs)
+                        conn.execute("SELECT set_config('greenleader.client', 'on', false)")
+                    except BaseException:
+                        _close_quietly(conn)
+                        raise
+                    return conn
             except gevent.Timeout:
                 last = TimeoutError(f"no answer in {self.timeout:g}s")
             except psycopg.Error as exc:
@@ -229,7 +234,7 @@ class PostgresClient:
                     self._conn = self.connect()
                 conn = self._conn
                 try:
-                    cursor = conn.execute(statement, params)
+                    cursor = conn.execute(statement, params or None)  # None: no placeholders
                     return cursor.fetchall() if cursor.description is not None else []
                 except gevent.Timeout:
                     self._drop(conn)

@@ -50,10 +50,21 @@ CREATE TABLE IF NOT EXISTS {table} (
     term bigint NOT NULL,
     owner text NOT NULL,
     expires_at timestamptz NOT NULL,
-    claimed boolean NOT NULL DEFAULT false
+    claimed boolean NOT NULL DEFAULT false,
+    revoked boolean NOT NULL DEFAULT false
 );
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- A live row deleted by anyone but greenleader: its holder loses at once (the row comes back
+    -- revoked), but the key stays taken until the row's expiry, since the holder may lead until
+    -- it hears of the deletion. TRUNCATE fires no row trigger (docs/stores/postgres.md).
+    IF TG_OP = 'DELETE' AND OLD.expires_at > clock_timestamp() AND NOT OLD.revoked
+            AND current_setting('greenleader.client', true) IS DISTINCT FROM 'on' THEN
+        EXECUTE format('INSERT INTO %I.%I (key, node, term, owner, expires_at, claimed, revoked) '
+                       'VALUES ($1, $2, $3, $4, $5, false, true) ON CONFLICT (key) DO NOTHING',
+                       TG_TABLE_SCHEMA, TG_TABLE_NAME)
+            USING OLD.key, OLD.node, OLD.term, OLD.owner, OLD.expires_at;
+    END IF;
     PERFORM pg_notify(TG_ARGV[0], COALESCE(NEW.key, OLD.key));
     RETURN NULL;
 END $$;
@@ -62,7 +73,8 @@ CREATE TRIGGER greenleader_notify_change AFTER INSERT OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}({channel});
 DROP TRIGGER IF EXISTS greenleader_notify_holder ON {table};
 CREATE TRIGGER greenleader_notify_holder AFTER UPDATE ON {table} FOR EACH ROW
-    WHEN (OLD.term IS DISTINCT FROM NEW.term OR OLD.claimed IS DISTINCT FROM NEW.claimed)
+    WHEN (OLD.term IS DISTINCT FROM NEW.term OR OLD.claimed IS DISTINCT FROM NEW.claimed
+          OR OLD.revoked IS DISTINCT FROM NEW.revoked)
     EXECUTE FUNCTION {function}({channel});
 COMMIT;
 """
@@ -71,12 +83,12 @@ COMMIT;
 # deleted rows or not). The outer SELECT sees the row as it was before: the holder's remaining time.
 _TAKE = """
 WITH won AS (
-    INSERT INTO {table} AS held (key, node, term, owner, expires_at, claimed)
+    INSERT INTO {table} AS held (key, node, term, owner, expires_at, claimed, revoked)
     VALUES (%(key)s, %(node)s, nextval({sequence}), %(owner)s,
-            clock_timestamp() + make_interval(secs => %(ttl)s), false)
+            clock_timestamp() + make_interval(secs => %(ttl)s), false, false)
     ON CONFLICT (key) DO UPDATE
         SET node = EXCLUDED.node, term = EXCLUDED.term, owner = EXCLUDED.owner,
-            expires_at = EXCLUDED.expires_at, claimed = false
+            expires_at = EXCLUDED.expires_at, claimed = false, revoked = false
         WHERE held.expires_at <= clock_timestamp()
     RETURNING held.term)
 SELECT (SELECT term FROM won),
@@ -84,17 +96,20 @@ SELECT (SELECT term FROM won),
 """
 _RENEW = """
 UPDATE {table} SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
-WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() RETURNING term
+WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() AND NOT revoked RETURNING term
 """
 _CLAIM = """
 UPDATE {table} SET claimed = true
-WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() RETURNING term
+WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() AND NOT revoked RETURNING term
 """
-_HOLDS = "SELECT term FROM {table} WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp()"
+_HOLDS = """
+SELECT term FROM {table} WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() AND NOT revoked
+"""
 _RELEASE = "DELETE FROM {table} WHERE key = %(key)s AND term = %(term)s"
 _WITHDRAW = "DELETE FROM {table} WHERE key = %(key)s AND owner = %(owner)s"
+# A revoked row names nobody, but its expiry is when the key comes free.
 _READ = """
-SELECT node, term, claimed, extract(epoch FROM expires_at - clock_timestamp())::float8
+SELECT node, term, claimed AND NOT revoked, revoked, extract(epoch FROM expires_at - clock_timestamp())::float8
 FROM {table} WHERE key = %(key)s AND expires_at > clock_timestamp()
 """
 _EXISTS = "SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(sequence)s) IS NOT NULL"
@@ -342,8 +357,8 @@ class PostgresStore(Store):
         rows = self.client.query("read", self.sql.read, {"key": key})
         if not rows:
             return None, False, None
-        node, term, claimed, remaining = rows[0]
-        return (LeaderInfo(node, int(term)) if claimed else None), not claimed, float(remaining)
+        node, term, named, revoked, remaining = rows[0]
+        return (LeaderInfo(node, int(term)) if named else None), not (named or revoked), float(remaining)
 
     def _withdraw_later(self, key: str, owner: str) -> None:
         """Delete a row this candidacy may have taken just as it was cut short (killed, timed out)."""
