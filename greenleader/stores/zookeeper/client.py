@@ -4,8 +4,9 @@ One kazoo client (one ZooKeeper session) per TTL, made lazily, whose negotiated 
 timeout is checked against the TTL (:class:`_Session`, hooking kazoo's handshake); TLS, digest
 authentication and the ACL of created nodes; kazoo's errors translated into greenleader's (a
 refusal explained from the readable ACLs); the workarounds for kazoo under gevent: its wake-up
-socket (:class:`_WakeSocket`), the watchdog on unanswered requests (:meth:`_Session._expect_answer`),
-a forked child's copy left inert. Nothing here knows about elections: that is :mod:`.recipe`.
+socket and its handler's select (:mod:`.transport`), the watchdog on unanswered requests
+(:meth:`_Session._expect_answer`), a forked child's copy left inert. Nothing here knows about
+elections: that is :mod:`.recipe`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ try:
         RolledBackError,
         SessionExpiredError,
     )
-    from kazoo.handlers.gevent import SequentialGeventHandler
     from kazoo.hosts import collect_hosts
     from kazoo.protocol.serialization import Auth, Connect
     from kazoo.protocol.states import KazooState, KeeperState, WatchedEvent
@@ -59,6 +59,7 @@ try:
 except ImportError as exc:  # new_store() turns this into MissingDependencyError
     raise ImportError(str(exc), name="kazoo") from exc
 
+from .transport import GeventHandler, WakeSocket
 
 if TYPE_CHECKING:
     from .recipe import _ZooKeeperLease
@@ -133,53 +134,6 @@ def _blocking_calls(hosts: list[tuple[str, int]], use_ssl: bool) -> str | None:
     return None
 
 
-class _WakeSocket:
-    """kazoo's wake-up socket, written without ever blocking the writer.
-
-    kazoo queues each request and writes one byte to a socketpair to wake its connection
-    greenlet, which sends one queued request per byte. A Unix socket charges every 1-byte
-    write a whole buffer, so about 280 requests queued at once fill it (1,000 candidates
-    starting in one process do). A writer would then wait in send(), which gevent refuses
-    to a second greenlet (ConcurrentObjectUseError) and to the hub's callbacks (kazoo queues
-    requests from result callbacks); kazoo reports ConnectionClosedError yet leaves the
-    request queued without its byte, never to be sent. Here a byte that does not fit is
-    owed, and one helper greenlet pays what is owed as room appears: bytes are all alike.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._owed = 0
-        self._payer: gevent.Greenlet | None = None
-        self.pid = os.getpid()
-
-    def send(self, data: bytes) -> int:
-        if self.pid != os.getpid():
-            return len(data)  # a forked child's copy: the socketpair wakes the parent's kazoo
-        if not self._owed:
-            try:
-                return os.write(self._sock.fileno(), data)
-            except BlockingIOError:
-                pass
-        self._owed += len(data)
-        if self._payer is None:
-            self._payer = gevent.spawn(self._pay)
-        return len(data)
-
-    def _pay(self) -> None:
-        try:
-            while self._owed:
-                gevent.socket.wait_write(self._sock.fileno())
-                with contextlib.suppress(BlockingIOError):
-                    self._owed -= os.write(self._sock.fileno(), b"\0" * self._owed)
-        except (OSError, ValueError):  # closed by kazoo: its connection is gone anyway
-            self._owed = 0
-        finally:
-            self._payer = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
 class _Session:
     """One kazoo client (one ZooKeeper session) with a fixed requested session timeout."""
 
@@ -198,6 +152,7 @@ class _Session:
         self.tls_refused: set[str] = set()  # addresses whose TLS handshake failed before the first connection
         self.log = _KazooLog(self._on_tls_refusal)
         self._answer_timer: Any = None  # see _expect_answer
+        self._ensuring: dict[str, Any] = {}  # path -> kazoo's ensure_path in flight (see ensure_path)
         #: Counts connection drops: kazoo forgets every watch with its connection.
         self.generation = 0
         self._confirming: tuple[float, int, Any] | None = None  # the sync in flight: started, generation
@@ -205,7 +160,7 @@ class _Session:
         self.client = KazooClient(
             hosts=store.hosts,
             timeout=timeout_ms / 1000.0,
-            handler=SequentialGeventHandler(),
+            handler=GeventHandler(),
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=0.5, sleep_func=gevent.sleep),
             logger=self.log,
             **store._client_options,
@@ -215,7 +170,7 @@ class _Session:
         self.client.start_async()
         connection = self.client._connection
         if connection._write_sock is not None:  # made by start_async (kazoo >= 2.10 internals)
-            connection._write_sock = _WakeSocket(connection._write_sock)
+            connection._write_sock = WakeSocket(connection._write_sock)
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -514,6 +469,15 @@ class _Session:
         except NoNodeError:
             return []
 
+    def ensure_path(self, path: str, acl: list[ACL]) -> None:
+        """Create ``path`` and its missing ancestors with ``acl``. Callers that ask for the same
+        path meanwhile share the requests (1,000 candidates of new keys under one new prefix
+        would otherwise send 2,000 requests for it, at once)."""
+        flight = self._ensuring.get(path)
+        if flight is None or flight.ready():
+            flight = self._ensuring[path] = self.client.ensure_path_async(path, acl)
+        self.result(flight, path=path)
+
     def discard(self, parent: str, prefix: str, names: tuple[str, ...] = ()) -> None:
         """Delete our nodes under ``parent``: ``names`` if given, else every ``prefix*``.
 
@@ -784,6 +748,8 @@ class _KazooLog(logging.LoggerAdapter):
         self._address = ""  # the address kazoo last said it connects to
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level < logging.INFO and not self.logger.isEnabledFor(level):
+            return  # kazoo's two lines a request, unread: the errors kept below are WARNINGs
         text = str(msg)
         if text.startswith("Connecting to") and len(args) >= 3:
             self._address = f"{args[0]}:{args[2]}"

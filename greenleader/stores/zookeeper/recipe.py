@@ -105,6 +105,7 @@ class _ZooKeeperLease(Lease):
         self.created: ZnodeStat | None = None  # our node's stat, as acquire() first found it
         self.watched_in: int | None = None  # the session generation in which acquire() armed its watches
         self._armed: int | None = None  # session generation whose watches on our nodes proved them claimed
+        self._claim: Any = None  # the claim's re-arming read, once sent (see claim)
 
     def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
         self.term = stat.czxid
@@ -120,8 +121,17 @@ class _ZooKeeperLease(Lease):
         request is only queued here: kazoo sends it once the calling greenlet yields, that
         is after the candidate has stepped up. A claim lost with the connection is made
         again by the next renewal.
+
+        The claim fires the watch on our node; the read queued right behind it arms the watch
+        again and proves the node claimed (ZooKeeper answers a session's requests in order,
+        and sends the watch's event before the next answer), so renewals may rely on the
+        watches from then on (:meth:`_rearmed`) without a request of their own.
         """
-        self._session.client.set_async(self.path, self.node.encode())
+        session = self._session
+        generation = session.generation
+        session.client.set_async(self.path, self.node.encode())
+        self._claim = session.client.exists_async(self.path, self.on_node_event)
+        self._claim.rawlink(lambda request: self._rearmed(request, generation))
 
     def lost(self, why: str, *, gone: bool = True) -> None:
         """The hold is lost (session expired, node deleted): tell the candidate at once.
@@ -145,7 +155,9 @@ class _ZooKeeperLease(Lease):
             self.woken.set()
             if self._session_id is not None:
                 self.lost(f"its node {event.path} was deleted", gone=False)
-        elif event.type == EventType.CHANGED and not self._released:  # our claim: watch on
+        elif event.type == EventType.CHANGED and not self._released:  # our claim, or a write: watch on
+            if self._claim is not None and not self._claim.ready():
+                return  # the claim's own read, sent after it, arms the watch again
             generation = self._session.generation
             self._session.client.exists_async(self.path, self.on_node_event).rawlink(
                 lambda request: self._rearmed(request, generation))
@@ -168,6 +180,12 @@ class _ZooKeeperLease(Lease):
             raise StoreUnavailableError("the ZooKeeper connection is down; the session may survive")
         if session.session_id != self._session_id:
             raise LeadershipLostError("the ZooKeeper session that held the key has ended")
+        claim = self._claim
+        if self._armed != session.generation and claim is not None and not claim.ready():
+            # the first renewal of a tenure: the claim's read, sent before anything it sends,
+            # is answered first (and arms the watches); wait for it rather than check anew
+            with contextlib.suppress(StoreError):
+                session.result(claim, max(0.0, session.store.timeout - (now() - started)))
         if self._armed == session.generation and self._renew_by_session():
             return
         # sync brings the server we talk to up to date with the ensemble's leader, so exists
@@ -333,7 +351,8 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                         sent = True
                         try:
                             created = self._register(session, path, uid, node)
-                        except NoNodeError:
+                        except NoNodeError:  # the transaction failed whole: nothing of ours exists
+                            sent = False
                             self._ensure_key(session, path)
                             continue
                         lease = _ZooKeeperLease(session, key, node, created, f"{path}/{uid}{_LIVE}")
@@ -419,9 +438,15 @@ class ZooKeeperStore(ZooKeeperClient, Store):
         digest ``user``, nothing the store creates can be deleted, joined or re-permissioned
         by anyone else, ancestors included (see "Access control" in docs/stores/zookeeper.md);
         ancestors that already exist keep their ACL."""
+        try:  # the parent is usually there (keys share a prefix): one request, not three
+            with contextlib.suppress(NodeExistsError):
+                session.call(session.client.create_async, path, b"")
+            return
+        except NoNodeError:
+            pass
         parent = path.rsplit("/", 1)[0]
         if parent:
-            session.call(session.client.ensure_path_async, parent, self._acl or OPEN_ACL_UNSAFE)
+            session.ensure_path(parent, self._acl or OPEN_ACL_UNSAFE)
         with contextlib.suppress(NodeExistsError):
             session.call(session.client.create_async, path, b"")
 
