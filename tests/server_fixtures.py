@@ -106,3 +106,10 @@ def etcd_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> I
 def zookeeper_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> Iterator[servers.Cluster]:
     """One ZooKeeper server for the session, on a TLS port only, with a super digest user."""
     yield from _secure("zookeeper", tmp_path_factory.mktemp("zookeeper-secure"), tls_certs)
+
+
+@pytest.fixture(scope="session")
+def postgres_secure(tmp_path_factory: pytest.TempPathFactory, tls_certs: Certs) -> Iterator[servers.Cluster]:
+    """One PostgreSQL server for the session: TLS only, SCRAM passwords, a client certificate
+    required of role ``greenleader``."""
+    yield from _secure("postgres", tmp_path_factory.mktemp("postgres-secure"), tls_certs)

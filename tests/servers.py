@@ -645,6 +645,11 @@ class PostgresCluster(Cluster):
     def _extra_settings(self, node: Node) -> list[str]:
         return []
 
+    @property
+    def url(self) -> str:
+        """The greenleader URL, with the superuser and the database."""
+        return f"postgres://{self.SUPERUSER}@{self.addrs[0]}/{self.DBNAME}"
+
     def connect(self, node: Node | None = None, **options: Any) -> Any:
         """A psycopg connection (autocommit) as the superuser, unless ``options`` say otherwise."""
         import psycopg
@@ -1004,8 +1009,68 @@ class SecureZooKeeperCluster(_SecureMixin, ZooKeeperCluster):
         return True
 
 
+class SecurePostgresCluster(_SecureMixin, PostgresCluster):
+    """One PostgreSQL server on TLS only (``hostssl``), passwords checked with SCRAM.
+
+    The superuser ``postgres`` logs in with :attr:`admin_password`. Role ``greenleader`` (the
+    test client certificate's CN, once :meth:`add_role` made it) needs its password *and* a
+    client certificate naming it (``clientcert=verify-full``); other roles need a password.
+    """
+
+    ROLE = "greenleader"
+
+    def __init__(self, workdir: pathlib.Path, nodes: int, certs: Any, server_cert: Any = None) -> None:
+        self._setup_tls(certs, server_cert)
+        self.admin_password = uuid.uuid4().hex
+        super().__init__(workdir, nodes)
+
+    def _initdb(self, data: pathlib.Path) -> None:
+        pwfile = self.data_root / "pwfile"
+        pwfile.write_text(self.admin_password + "\n")
+        argv = [_postgres_binary("initdb"), "-D", str(data), "-U", self.SUPERUSER, "--auth=scram-sha-256",
+                "--pwfile", str(pwfile), "--no-sync", "-E", "UTF8", "--locale=C"]
+        if self._account is not None:
+            os.chown(pwfile, *self._account)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, **self._popen_options())
+        pwfile.unlink()
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+        (data / "pg_hba.conf").write_text(
+            f"hostssl all {self.ROLE} 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n"
+            "hostssl all all 127.0.0.1/32 scram-sha-256\n")
+        for name, source in (("server.crt", self.server_cert.cert), ("server.key", self.server_cert.key),
+                             ("ca.crt", self.certs.ca)):
+            target = data / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if self._account is not None:
+                os.chown(target, *self._account)
+
+    def _extra_settings(self, node: Node) -> list[str]:
+        return ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key",
+                "-c", "ssl_ca_file=ca.crt", "-c", "password_encryption=scram-sha-256"]
+
+    def connect(self, node: Node | None = None, **options: Any) -> Any:
+        params = {"password": self.admin_password, "sslmode": "verify-ca", "sslrootcert": str(self.certs.ca),
+                  **options}
+        return super().connect(node, **params)
+
+    @property
+    def tls_options(self) -> dict[str, str]:
+        return {**super().tls_options, "user": self.SUPERUSER, "dbname": self.DBNAME}
+
+    def add_role(self, name: str, password: str) -> None:
+        """A login role with ``password`` and no privileges beyond PUBLIC's."""
+        from psycopg import sql
+
+        with self.connect() as conn:
+            create = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+            conn.execute(create.format(sql.Identifier(name), sql.Literal(password)))
+
+
 _SECURE_CLASSES: dict[str, type[Cluster]] = {
     "consul": SecureConsulCluster, "etcd": SecureEtcdCluster, "zookeeper": SecureZooKeeperCluster,
+    "postgres": SecurePostgresCluster,
 }
 
 

@@ -13,7 +13,13 @@ import gevent.queue
 import pytest
 
 from greenleader import Candidate, Follower
-from greenleader.errors import InvalidArgumentError, InvalidURLError, LeadershipLostError, StoreError
+from greenleader.errors import (
+    InvalidArgumentError,
+    InvalidURLError,
+    LeadershipLostError,
+    PermissionDeniedError,
+    StoreError,
+)
 from greenleader.retry import Backoff
 from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.postgres import PostgresStore
@@ -223,3 +229,92 @@ def test_a_killed_server_is_survived_by_candidates_and_followers(tmp_path, key: 
         for store in made:
             store.close()
         own.stop()
+
+
+# -- TLS and least privilege (a server on hostssl only, SCRAM passwords) ------------------------
+
+#: Exactly what the election needs of a role (docs/stores/postgres.md): the table's rows and
+#: the sequence's next value. No CREATE anywhere, no other table.
+LEAST_PRIVILEGES = [
+    f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {{role}}",
+    f"GRANT USAGE ON SEQUENCE {TABLE}_term TO {{role}}",
+]
+
+
+@pytest.fixture(scope="module")
+def least_privileged(postgres_secure) -> tuple[object, str]:
+    """The secure server, with the schema made by its owner and role ``greenleader`` granted
+    only :data:`LEAST_PRIVILEGES`; returns (cluster, the role's password)."""
+    cluster = postgres_secure
+    password = uuid.uuid4().hex
+    cluster.add_role(cluster.ROLE, password)
+    owner = PostgresStore(cluster.addrs, user=cluster.SUPERUSER, password=cluster.admin_password,
+                          dbname=cluster.DBNAME, ca_file=str(cluster.certs.ca), timeout=5)
+    try:
+        owner.leader("greenleader-test/schema")  # creates the table, sequence and trigger
+    finally:
+        owner.close()
+    for grant in LEAST_PRIVILEGES:
+        cluster.sql(grant.format(role=cluster.ROLE))
+    return cluster, password
+
+
+def _role_store(cluster, role_password: str, **options: object) -> PostgresStore:
+    certs = cluster.certs
+    given: dict[str, object] = {"user": cluster.ROLE, "password": role_password, "dbname": cluster.DBNAME,
+                                "ca_file": str(certs.ca), "cert_file": str(certs.client.cert),
+                                "key_file": str(certs.client.key), "create": False, "timeout": 3, **options}
+    return PostgresStore(cluster.addrs, **{k: v for k, v in given.items() if v is not None})
+
+
+def test_a_least_privileged_role_elects_over_tls_with_its_client_certificate(least_privileged, key: str) -> None:
+    cluster, password = least_privileged
+    alice_store, bob_store = _role_store(cluster, password), _role_store(cluster, password)
+    try:
+        assert alice_store.secure and "tls" in repr(alice_store) and password not in repr(alice_store)
+        alice = alice_store.acquire(key, "alice", 60.0)
+        waiting = gevent.spawn(bob_store.acquire, key, "bob", 60.0)
+        assert bob_store.leader(key) == LeaderInfo("alice", alice.term)
+        alice.renew()
+        alice.release()
+        bob = waiting.get(timeout=30)
+        assert bob.term > alice.term
+        bob.release()
+    finally:
+        alice_store.close()
+        bob_store.close()
+
+
+def test_a_least_privileged_role_cannot_create_the_schema(least_privileged, key: str) -> None:
+    cluster, password = least_privileged
+    store = _role_store(cluster, password, table=f"new_{uuid.uuid4().hex[:8]}", create=True)
+    try:
+        with pytest.raises(PermissionDeniedError) as raised:
+            store.leader(key)
+        assert password not in str(raised.value)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("change", ["no client certificate", "another client's certificate", "a rogue CA",
+                                    "a wrong password", "no TLS"])
+def test_the_secure_server_refuses_what_it_should(least_privileged, key: str, change: str) -> None:
+    cluster, password = least_privileged
+    certs = cluster.certs
+    options: dict[str, object] = {
+        "no client certificate": {"cert_file": None, "key_file": None},
+        "another client's certificate": {"cert_file": str(certs.other_client.cert),
+                                         "key_file": str(certs.other_client.key)},
+        "a rogue CA": {"ca_file": str(certs.rogue_ca)},
+        "a wrong password": {"password": SECRET},
+        "no TLS": {"ca_file": None, "cert_file": None, "key_file": None},
+    }[change]
+    store = _role_store(cluster, password, **options)
+    try:
+        with pytest.raises(StoreError) as raised:
+            store.leader(key)
+        assert password not in str(raised.value) and SECRET not in str(raised.value)
+        if change == "a wrong password":
+            assert isinstance(raised.value, PermissionDeniedError)
+    finally:
+        store.close()
