@@ -2,7 +2,8 @@
 
 A candidate registers (a lease and, in one transaction, its key ``<key>/<lease hex>`` and the
 key's twin ``<key>/<lease hex>/live``), waits for its predecessors to go, proves its win in
-one transaction, claims its key once it has stepped up, and resigns by revoking its lease.
+one transaction, claims its key once it has stepped up, and resigns by deleting its keys with a
+release mark (so the next candidate needs no look at its lease), then revoking its lease.
 docs/stores/etcd.md explains each step and why; the transport is in :mod:`.client`.
 """
 
@@ -34,6 +35,11 @@ _CLAIMED = 2
 _GONE_POLL = (0.005, 0.25)
 #: Suffix of a candidate key's twin, which shares its lease: ``<key>/<id>/live``.
 _TWIN = b"/live"
+#: Suffix of the mark ``<key>/<id>/done`` that a release writes, on its lease, in the transaction
+#: that deletes the key and its twin: only a holder that has stepped down writes it, so the
+#: waiter behind needs no look at the lease (an operator's deletion writes no mark). It sorts
+#: before the twin, so a waiter's watch from ``<key>/<id>`` to it sees the key and the mark only.
+_DONE = b"/done"
 #: The low bits of every lease id greenleader makes (so its keys ``<key>/<lease hex>`` end in
 #: ``91ead``): followers tell its candidates, which are named only once claimed, from other
 #: clients' (etcdctl elect), which never claim. 20 bits leave 41 random ones for the id.
@@ -51,6 +57,23 @@ def _is_direct_child(kv_key: bytes, prefix: bytes) -> bool:
 def _twin_of(kv_key: bytes) -> bytes:
     """The twin ``<key>/<id>/live`` of a candidate key ``<key>/<id>`` (see docs/stores/etcd.md)."""
     return kv_key + _TWIN
+
+
+def _done_of(kv_key: bytes) -> bytes:
+    """The release mark ``<key>/<id>/done`` of a candidate key ``<key>/<id>``."""
+    return kv_key + _DONE
+
+
+def _watched_with_mark(kv_key: bytes, prefix: bytes) -> tuple[bytes, bytes, bytes]:
+    """For a waiter's predecessor ``<key>/<id>`` or its twin ``<key>/<id>/live``: its release
+    mark ``<key>/<id>/done``, and the range (start, end) that holds both and nothing else of
+    that candidate (the mark sorts between the key and the twin)."""
+    rest = kv_key[len(prefix):]
+    if rest.count(b"/") == 1 and rest.endswith(_TWIN):  # a twin
+        mark = _done_of(kv_key[:-len(_TWIN)])
+        return mark, mark, kv_key + b"\0"
+    mark = _done_of(kv_key)
+    return mark, kv_key, mark + b"\0"
 
 
 def _is_registration(kv_key: bytes, prefix: bytes) -> bool:
@@ -150,7 +173,9 @@ class _EtcdLease(Lease):
         self._store = store
         self._pid = os.getpid()
         self._released = False
+        self._marked = self._revoked = False  # the release's two steps, each done once
         self._renewed = gevent.event.Event()  # set by each renewal: a failed claim or watch resumes then
+        self._claim_tried = gevent.event.Event()  # the key watch is made once the claim is answered
         self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
         self._claimer = gevent.spawn(self._claim_once_stepped_up)
 
@@ -167,16 +192,38 @@ class _EtcdLease(Lease):
         self._renewed.set()
 
     def release(self) -> None:
-        if self._released:
-            return
-        self._released = True  # from here on, the guard reports nothing and nothing is claimed
-        self._claimer.kill(block=True, timeout=1)
-        if self._pid != os.getpid():
+        """Delete the key and its twin and write the release mark, in one transaction: the
+        next candidate wins on it without looking at our lease; then revoke the lease, which
+        takes the mark. Idempotent; a retry after a failure does what is left."""
+        if not self._released:
+            self._released = True  # from here on, the guard reports nothing and nothing is claimed
+            self._claimer.kill(block=True, timeout=1)
+            self._claim_tried.set()  # (a claimer killed before it ran never says so)
+        if self._pid != os.getpid() or self._revoked:
             return  # a forked child's copy: the lease is the parent's to release
-        try:  # the key goes with the lease, in one step: the next candidate finds both gone
-            self._store.client.revoke(self.lease_id)
+        client = self._store.client
+        try:
+            if not self._marked:
+                self._marked = self._mark_released()
+            client.revoke(self.lease_id)
+            self._revoked = True
         finally:
             self._guard.kill(block=True, timeout=1)
+
+    def _mark_released(self) -> bool:
+        """The release's transaction (see :meth:`release`); True once sent, or once the lease
+        is found gone (its keys went with it)."""
+        request = etcdrpc.TxnRequest(success=[
+            etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=self.own_key)),
+            etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=self.twin)),
+            etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=_done_of(self.own_key), lease=self.lease_id)),
+        ])
+        try:
+            self._store.client.txn("release", request)
+        except StoreError as exc:
+            if "lease not found" not in str(exc):
+                raise
+        return True
 
     def _claim_once_stepped_up(self) -> None:
         """Claim the key for followers, retrying until claimed, released or lost.
@@ -188,16 +235,20 @@ class _EtcdLease(Lease):
         blocked hub) is not named by followers until it knows that it leads.
         """
         gevent.sleep(0)
-        while not self._released and self._pid == os.getpid():
-            self._renewed.clear()
-            try:
-                if not self._claim():
-                    self._notify_lost_once()  # the key is gone; the guard reports it too
-                return
-            except (StoreError, InvalidArgumentError) as exc:
-                log.warning("etcd: %r could not claim %r yet (followers see no leader); trying again after "
-                            "the next renewal: %s", self.node, self.own_key, exc)
-            self._renewed.wait()  # the candidate's renewals are paced by its own schedule
+        try:
+            while not self._released and self._pid == os.getpid():
+                self._renewed.clear()
+                try:
+                    if not self._claim():
+                        self._notify_lost_once()  # the key is gone; the guard reports it too
+                    return
+                except (StoreError, InvalidArgumentError) as exc:
+                    log.warning("etcd: %r could not claim %r yet (followers see no leader); trying again after "
+                                "the next renewal: %s", self.node, self.own_key, exc)
+                self._claim_tried.set()
+                self._renewed.wait()  # the candidate's renewals are paced by its own schedule
+        finally:
+            self._claim_tried.set()
 
     def _claim(self) -> bool:
         """Rewrite our value on our lease, on our key and its twin, if both are still ours:
@@ -218,6 +269,10 @@ class _EtcdLease(Lease):
         deleted from outside). One watch covers both: the range from the key to its twin."""
         store = self._store
         range_end = self.twin + b"\0"
+        # Made once the claim is answered, so that neither delays the candidate's step-up nor
+        # the first thing it does as leader. It misses nothing meanwhile: it watches from the
+        # revision of the win, and the claim itself checks that the key and twin are there.
+        self._claim_tried.wait()
         while not self._released and self._pid == os.getpid():
             self._renewed.clear()
             try:
@@ -389,8 +444,11 @@ class _Candidacy:
                     continue
                 created, predecessor, predecessor_lease = keys[position - 1]
                 # Watching from "now" rather than from the snapshot: etcd syncs a watch that
-                # starts in the past only every 100 ms, which would delay a handover.
-                self.stream = store.client.watch(predecessor, None, 0, [_NOPUT], prev_kv=True)
+                # starts in the past only every 100 ms, which would delay a handover. The
+                # predecessor is a key or (listed after its key) a twin; the range watched
+                # holds it and its release mark.
+                mark, start, end = _watched_with_mark(predecessor, self.prefix)
+                self.stream = store.client.watch(start, end, 0, prev_kv=True)
                 try:
                     if self.stream.revision > revision:  # the predecessor may have gone meanwhile
                         found = store.client.range("recheck", predecessor)
@@ -402,12 +460,20 @@ class _Candidacy:
                             continue
                     for response in self.stream:
                         resumed = False
-                        if response.events:  # the predecessor went: prove our turn, or wait on
-                            if predecessor_lease in self.older:
-                                gone.add(predecessor_lease)
-                            if any(event.prev_kv.version >= _CLAIMED for event in response.events):
-                                self._forget_checked_by(created)
-                            break
+                        deleted = [event for event in response.events
+                                   if event.type == _DELETE and event.kv.key == predecessor]
+                        if not deleted:
+                            continue  # its claim: wait on
+                        # The predecessor went: prove our turn, or wait on. Its release mark,
+                        # written in the same transaction (same revision, same response), says
+                        # that its holder stepped down: no need to see its lease go.
+                        if any(event.type != _DELETE and event.kv.key == mark for event in response.events):
+                            self.older.pop(predecessor_lease, None)
+                        elif predecessor_lease in self.older:
+                            gone.add(predecessor_lease)
+                        if any(event.prev_kv.version >= _CLAIMED for event in deleted):
+                            self._forget_checked_by(created)
+                        break
                 finally:
                     self.stream.close()
                     self.stream = None
