@@ -1,13 +1,34 @@
-"""Consul client adapter: HTTP transport, agents, TLS, the ACL token, timeouts, error translation.
+"""Consul client adapter: py-consul on a transport of greenleader's; agents, TLS, the ACL token,
+timeouts, error translation.
 
 The recipe (:mod:`.recipe`) calls the few Consul endpoints an election needs through
-:class:`ConsulClient`, whose methods answer in greenleader's terms: an entry or ``None``, a
-session id, :class:`SessionGone`, or a :mod:`greenleader.errors` exception.
+:class:`ConsulClient`, whose methods call py-consul's API (``session``, ``kv``, ``txn``) and
+answer in greenleader's terms: an entry or ``None``, a session id, :class:`SessionGone`, or a
+:mod:`greenleader.errors` exception translated from py-consul's (``ConsulException``,
+``NotFound``, ``ACLPermissionDenied``, ``Timeout``...).
 
-Requests go through urllib3 (the transport under requests and py-consul), two connection
-pools per agent: one for short requests, bounded, and one for blocking queries, sized for the
-keys watched. A request costs ~1.6 ms of CPU this way against ~3 ms through py-consul or
-requests (docs/stores/consul.md); py-consul supplies nothing the few endpoints below need.
+py-consul lets a client bring its transport, as its own ``std`` (requests) and ``aio``
+(aiohttp) modules do: :class:`_Transport` is a ``consul.base.HTTPClient`` over urllib3 pools,
+two per agent (short requests, bounded; blocking queries, sized for the keys watched), and
+:class:`_Consul`'s ``http_connect`` returns it. A request costs 0.5-0.9 ms of CPU this way,
+as raw urllib3 did, against 1.4-2.4 ms through py-consul's std client over requests
+(docs/stores/consul.md). What py-consul's callbacks cannot express, the transport does before
+it calls them:
+
+- it fails over to the next agent on connection errors, timeouts and 5xx answers (a callback
+  sees one answer), and raises ``consul.Timeout`` or ``ConsulException`` naming every failure;
+- every request has a connect and read timeout, a blocking query its ``wait`` plus Consul's
+  jitter on top (read from the request's ``index`` and ``wait``), and a hard deadline;
+- the ACL token is a header of the pools, sent with every request; the ``Consul`` object has
+  none, so py-consul neither omits it (``txn.put`` sends no headers) nor lets
+  ``CONSUL_HTTP_TOKEN`` (read by its constructor) override an explicit token;
+- ``dc`` is added to a request that lacks it (``txn.put`` sends none);
+- a transaction refused with 409 raises :class:`_TxnRefused` with the errors of its body
+  (py-consul's callback would raise a ClientError with the body as text);
+- an answer the callback cannot read (not JSON, no ``X-Consul-Index``) is a ConsulException.
+
+py-consul 1.6 to 1.8 share this API. 1.5 does not fit: its constructor parses
+``CONSUL_HTTP_ADDR`` even when an address is given (and raises on ``https://host:port``).
 """
 
 from __future__ import annotations
@@ -18,11 +39,16 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+import consul
+import consul.base
 import gevent
 import urllib3
+from consul.exceptions import BadRequest, ClientError
 from gevent.lock import BoundedSemaphore
 
 from ...errors import InvalidArgumentError, PermissionDeniedError, StoreError, StoreUnavailableError
@@ -57,23 +83,21 @@ class _Deadline(Exception):
     """A request outlived its hard time limit (a backstop behind the socket timeouts)."""
 
 
-class _Answer(Exception):
-    """An HTTP answer that is not a success: its status and body."""
+class _TxnRefused(consul.ConsulException):
+    """Consul refused a transaction (409): the ``What`` of each of its errors."""
 
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"{status} {body}")
-        self.status = status
-        self.body = body
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
 
 
 def holder_of(entry: dict[str, Any] | None) -> tuple[str, int] | None:
-    """``(node, term)`` of a locked entry, or None when it is vacant (absent or unlocked)."""
+    """``(node, term)`` of a locked entry, or None when it is vacant (absent or unlocked).
+    The entry's ``Value`` is bytes, as py-consul's ``kv.get`` gives it."""
     if entry is None or not entry.get("Session"):
         return None
-    value = entry.get("Value") or ""
-    node = base64.b64decode(value).decode("utf-8", "replace") if value else ""
+    node = (entry.get("Value") or b"").decode("utf-8", "replace")
     return node, int(entry["ModifyIndex"])
-
 
 
 def parse_addr(addr: object) -> tuple[str, int]:
@@ -152,6 +176,10 @@ class _Endpoint:
         self.long = _new_pool(*self._settings, size=POOL_SIZE)
         self.short_slots = BoundedSemaphore(SHORT_POOL_SIZE)  # short requests in flight
 
+    def slots(self, blocking: float) -> AbstractContextManager[Any]:
+        """What a request holds while it is sent: a short request, one of the short slots."""
+        return nullcontext() if blocking else self.short_slots
+
     def close(self) -> None:
         self.http.close()
         self.long.close()
@@ -163,8 +191,8 @@ class _Endpoint:
         self.long = _new_pool(*self._settings, size=POOL_SIZE)
 
 
-class ConsulClient:
-    """The Consul endpoints of an election, on agents ``addrs`` of one cluster.
+class _Transport(consul.base.HTTPClient):
+    """py-consul's HTTP client interface over urllib3 pools to the agents ``endpoints``.
 
     Requests go to the agent that last answered; connection errors, timeouts and 5xx answers
     fail over to the next. Every request has a connect and read timeout (``timeout``); a
@@ -172,183 +200,80 @@ class ConsulClient:
     deadline backs both, so a partition never hangs a caller.
     """
 
-    def __init__(self, addrs: list[str], *, scheme: str, dc: str | None, timeout: float, token: str | None,
-                 token_source: str | None, verify: bool | str, cert: str | tuple[str, str] | None) -> None:
-        self.dc = dc
+    def __init__(self, endpoints: list[_Endpoint], *, scheme: str, timeout: float, dc: str | None,
+                 token: str | None) -> None:
+        host, port = parse_addr(endpoints[0].addr)
+        super().__init__(host, port, scheme)
+        self.endpoints = endpoints
         self.timeout = timeout
-        self.token_source = token_source
+        self.dc = dc
+        self.current = 0
         self._token = token
-        self.endpoints = [_Endpoint(addr, scheme, token, verify, cert) for addr in addrs]
-        self._current = 0
 
-    @property
-    def active_addr(self) -> str:
-        return self.endpoints[self._current].addr
+    def get(self, callback: Callable[[Any], Any], path: str, params: Any = None,
+            headers: dict[str, str] | None = None, **_: Any) -> Any:
+        return self._send(callback, "GET", path, params, None, headers)
+
+    def put(self, callback: Callable[[Any], Any], path: str, params: Any = None, data: str | bytes | None = "",
+            headers: dict[str, str] | None = None, **_: Any) -> Any:
+        return self._send(callback, "PUT", path, params, data, headers)
+
+    def delete(self, callback: Callable[[Any], Any], path: str, params: Any = None, data: str | bytes | None = "",
+               headers: dict[str, str] | None = None, **_: Any) -> Any:
+        return self._send(callback, "DELETE", path, params, data, headers)
+
+    def post(self, callback: Callable[[Any], Any], path: str, params: Any = None, data: str | bytes | None = "",
+             headers: dict[str, str] | None = None, **_: Any) -> Any:
+        return self._send(callback, "POST", path, params, data, headers)
 
     def close(self) -> None:
         for endpoint in self.endpoints:
             endpoint.close()
 
-    def after_fork_in_child(self) -> None:
-        for endpoint in self.endpoints:
-            endpoint.reconnect_after_fork()
-
-    # -- the endpoints an election uses --------------------------------------------------------
-
-    def create_session(self, name: str, ttl: float, lock_delay: float) -> str:
-        """A session with ``ttl``, ``behavior=delete``, ``lock_delay`` and no health checks."""
-        body = {"Name": name[:200], "TTL": f"{_seconds(ttl)}s", "LockDelay": f"{_seconds(lock_delay)}s",
-                "Behavior": "delete", "Checks": [], "NodeChecks": []}
-        answer = self._call("create a session", "PUT", "/v1/session/create", data=json.dumps(body))
-        if not isinstance(answer, dict) or not isinstance(answer.get("ID"), str):
-            raise StoreUnavailableError(f"{self.active_addr} did not create a Consul session (is it a Consul agent?)")
-        return answer["ID"]
-
-    def renew_session(self, session_id: str) -> None:
-        """Extend the session by its TTL; SessionGone if Consul no longer has it."""
-        self._call("renew the session", "PUT", f"/v1/session/renew/{session_id}", gone_on_404=True)
-
-    def destroy_session(self, session_id: str) -> None:
-        self._call("destroy the session", "PUT", f"/v1/session/destroy/{session_id}")
-
-    def session_exists(self, session_id: str, index: int | None = None, wait: float = 0.0) -> tuple[int, bool]:
-        """``(index, whether Consul knows the session)``; with ``index``, a blocking query that
-        returns when the session changes (or after ``wait``). Consul hides a session the token
-        may not read (``session:read``): it then counts as gone."""
-        answer, new_index = self._read(f"/v1/session/info/{session_id}", index, wait, "read a session")
-        return new_index, bool(answer)
-
-    def get(self, key: str, index: int | None = None, wait: float = 0.0) -> tuple[int, dict[str, Any] | None]:
-        """``(index, entry or None)`` of ``key``; with ``index``, a blocking query."""
-        answer, new_index = self._read(f"/v1/kv/{quote(key)}", index, wait, "read the key" if index is None
-                                       else "watch the key")
-        entry = answer[0] if isinstance(answer, list) and answer else None
-        if index is not None and new_index < index:
-            new_index = 0  # the index went backwards (a restored snapshot): start over
-        return new_index, entry
-
-    def lock(self, key: str, node: str, session_id: str) -> dict[str, Any] | None:
-        """Lock ``key`` for the session (with :data:`LOCK_FLAG`) and read it back, in one
-        transaction: the entry if locked, None if refused (held, or a lock-delay);
-        SessionGone if Consul no longer knows the session."""
-        value = base64.b64encode(node.encode("utf-8")).decode("ascii")
-        ops = [{"KV": {"Verb": "lock", "Key": key, "Value": value, "Flags": LOCK_FLAG, "Session": session_id}},
-               {"KV": {"Verb": "get", "Key": key}}]
-        answer = self._call("lock the key", "PUT", "/v1/txn", data=json.dumps(ops), txn=True)
-        if isinstance(answer, list):  # the transaction's Errors
-            reasons = "; ".join(str(error.get("What")) for error in answer)
-            if "invalid session" in reasons:
-                raise SessionGone(f"Consul refused to lock {key!r}: {reasons}")
-            if "Permission denied" in reasons:  # Consul 1.8 answers 403, but a txn may say it so
-                raise PermissionDeniedError(f"Consul refused to lock {key!r}: {reasons}")
-            return None
-        if not isinstance(answer, dict) or not isinstance(answer.get("Results"), list):
-            raise StoreUnavailableError(f"{self.active_addr} did not answer a Consul transaction (not a Consul agent?)")
-        return answer["Results"][1]["KV"]
-
-    def read_many(self, keys: list[str]) -> dict[str, dict[str, Any] | None]:
-        """The entries of up to 64 keys (Consul's limit per transaction), in one request."""
-        ops = [{"KV": {"Verb": "get", "Key": key}} for key in keys]
-        # A get of a missing key fails the transaction; check-not-exists cannot be or-ed, so a
-        # refused batch is read again key by key (rare: it takes a key deleted from outside).
-        answer = self._call("read the keys", "PUT", "/v1/txn", data=json.dumps(ops), txn=True)
-        if isinstance(answer, dict) and isinstance(answer.get("Results"), list):
-            return {result["KV"]["Key"]: result["KV"] for result in answer["Results"]}
-        return {key: self.get(key)[1] for key in keys}
-
-    def release(self, key: str, session_id: str) -> bool:
-        """Unlock ``key`` if the session holds it (``?release=``); the key stays, vacant, and
-        Consul applies no lock-delay. False if the session did not hold it."""
-        return self._call("release the key", "PUT", f"/v1/kv/{quote(key)}",
-                          params={"release": session_id, "flags": str(LOCK_FLAG)}) is True
-
-    def put_vacant_if_absent(self, key: str) -> bool:
-        """Create ``key`` vacant (no session, the lock flag) unless it exists (``?cas=0``)."""
-        return self._call("write the key", "PUT", f"/v1/kv/{quote(key)}",
-                          params={"cas": "0", "flags": str(LOCK_FLAG)}) is True
-
-    # -- transport ------------------------------------------------------------------------------
-
-    def _read(self, path: str, index: int | None, wait: float, what: str) -> tuple[Any, int]:
-        params: dict[str, str] = {}
-        blocking = 0.0
-        if index is not None:
-            # Consul answers an index of 0 at once; never loop on it.
-            params = {"index": str(max(index, 1)), "wait": f"{math.ceil(wait * 1000)}ms"}
-            blocking = wait + wait / 16
-        return self._call(what, "GET", path, params=params, blocking=blocking, with_index=True)
-
-    def _call(self, what: str, method: str, path: str, *, params: dict[str, str] | None = None,
-              data: str | None = None, blocking: float = 0.0, gone_on_404: bool = False, txn: bool = False,
-              with_index: bool = False) -> Any:
-        """Send one request to the current agent, failing over to the next on connection
-        errors, timeouts and 5xx answers; translate every error."""
-        if self.dc:
-            params = {**(params or {}), "dc": self.dc}
-        failures: list[str] = []
+    def _send(self, callback: Callable[[Any], Any], method: str, path: str, params: Any,
+              data: str | bytes | None, headers: dict[str, str] | None) -> Any:
+        params = list(params or ())
+        names = {name for name, _ in params}
+        if self.dc and "dc" not in names:
+            params.append(("dc", self.dc))
+        blocking = _blocking(params) if "index" in names else 0.0
+        target = quote(path, safe="/:") + ("?" + urlencode(params) if params else "")
         limit = 2 * self.timeout + blocking + 1.0
+        failures: list[str] = []
+        timeouts = 0
         count = len(self.endpoints)
-        first = self._current
+        first = self.current
         for attempt in range(count):
             position = (first + attempt) % count
             endpoint = self.endpoints[position]
-            target = path + ("?" + urlencode(params) if params else "")
+            pool = endpoint.long if blocking else endpoint.http
+            sent = dict(pool.headers, **headers) if headers else None  # None: the pool's (the token)
             try:
-                if blocking:
-                    with gevent.Timeout(limit, _Deadline(f"no answer within {limit:g}s")):
-                        response = endpoint.long.urlopen(method, target, timeout=urllib3.Timeout(
-                            connect=self.timeout, read=self.timeout + blocking), redirect=False)
-                else:
-                    with endpoint.short_slots, gevent.Timeout(limit, _Deadline(f"no answer within {limit:g}s")):
-                        response = endpoint.http.urlopen(method, target, body=data, timeout=urllib3.Timeout(
-                            connect=self.timeout, read=self.timeout), redirect=False)
+                with endpoint.slots(blocking), gevent.Timeout(limit, _Deadline(f"no answer within {limit:g}s")):
+                    response = pool.urlopen(method, target, body=data or None, headers=sent, redirect=False,
+                                            timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout + blocking))
                 status, body = response.status, response.data.decode("utf-8", "replace")
-                index = int(response.headers.get("X-Consul-Index") or 0)
-                if status == 200 or (txn and status == 409) or (with_index and status == 404):
-                    answer = json.loads(body) if status != 404 and body else None
-                    if txn and status == 409:
-                        answer = (answer or {}).get("Errors") or [{"What": "transaction refused"}]
-                    result = (answer, index) if with_index else answer
-                else:
-                    self._raise_for(what, endpoint, _Answer(status, body.strip()), gone_on_404)
-                    failures.append(f"{endpoint.addr}: {status} {body.strip()[:200]}")
-                    continue
-            except (urllib3.exceptions.HTTPError, _Deadline, OSError, ValueError) as exc:
-                failures.append(f"{endpoint.addr}: {self._describe(exc)}")
-                log.debug("consul: could not %s: %s", what, failures[-1])
+            except (urllib3.exceptions.HTTPError, _Deadline, OSError) as exc:
+                timeouts += _timed_out(exc)
+                failures.append(f"{endpoint.addr}: {self.describe(exc)}")
+                log.debug("consul: %s %s failed: %s", method, path, failures[-1])
                 continue
-            if position != self._current:
+            if status >= 500 and "invalid session" not in body.lower():  # no leader, RPC failure: another agent
+                failures.append(f"{endpoint.addr}: {status} {self.hide(body.strip())[:200]}")
+                continue
+            if position != self.current:
                 log.warning("consul: now using agent %s (after: %s)", endpoint.addr, "; ".join(failures))
-                self._current = position
-            return result
-        raise StoreUnavailableError(f"could not {what} on Consul: {'; '.join(failures)}")
+                self.current = position
+            if status == 409 and path == "/v1/txn":
+                raise _TxnRefused(_txn_errors(body))
+            try:
+                return callback(consul.base.Response(status, response.headers, body))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:  # py-consul 1.6 lets these out
+                raise consul.ConsulException(f"{status} unreadable answer ({type(exc).__name__}: {exc})") from None
+        error = consul.Timeout if timeouts == count else consul.ConsulException
+        raise error("; ".join(failures))
 
-    def _raise_for(self, what: str, endpoint: _Endpoint, answer: _Answer, gone_on_404: bool) -> None:
-        """Raise the greenleader error for a Consul answer; return for one worth failing over."""
-        message = f"Consul agent {endpoint.addr} refused to {what}: {self._hide(str(answer))[:400]}"
-        if answer.status == 404:
-            if gone_on_404:
-                raise SessionGone(message)
-            raise StoreUnavailableError(f"{message} (is it a Consul agent?)")
-        if answer.status in (401, 403):
-            token = f"the ACL token (from {self.token_source})" if self._token else "the anonymous token (none given)"
-            if "ACL not found" in answer.body:
-                raise PermissionDeniedError(f"{message}: Consul does not know {token}")
-            raise PermissionDeniedError(f"{message}: {token} lacks the permission (see the ACL policy "
-                                        "in greenleader's docs/security.md)")
-        if "invalid session" in answer.body.lower():
-            raise SessionGone(message)
-        if answer.status == 429:
-            raise StoreUnavailableError(message)
-        if 400 <= answer.status < 500:
-            if answer.status == 400:
-                if "HTTPS server" in answer.body:
-                    message += "; this agent serves HTTPS: give ca_file (or tls=true)"
-                raise InvalidArgumentError(message)
-            raise StoreError(message)
-        # 5xx (no cluster leader, RPC failure): try another agent
-
-    def _describe(self, exc: BaseException) -> str:
+    def describe(self, exc: BaseException) -> str:
         errors = urllib3.exceptions
         if isinstance(exc, errors.NewConnectionError) and (errno := _ERRNO.search(str(exc))):
             text = f"connection failed: {errno.group(0)}"  # a subclass of ConnectTimeoutError
@@ -365,13 +290,212 @@ class ConsulClient:
             text = f"connection failed: {errno.group(0)}"
         else:
             text = f"{type(exc).__name__}: {exc}"
-        return self._hide(" ".join(text.split()))[:400]
+        return self.hide(" ".join(text.split()))[:400]
 
-    def _hide(self, text: str) -> str:
+    def hide(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+class _Consul(consul.base.Consul):
+    """py-consul's API on :class:`_Transport`. Every argument is explicit, so py-consul reads
+    nothing from the environment; the token is the transport's (the pools' header)."""
+
+    def __init__(self, transport: _Transport, dc: str | None) -> None:
+        self._transport = transport
+        super().__init__(host=transport.host, port=transport.port, scheme=transport.scheme, dc=dc, verify=True)
+        self.token = None  # the constructor read CONSUL_HTTP_TOKEN; the pools send the resolved token
+
+    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> Any:
+        return self._transport
+
+
+class ConsulClient:
+    """The Consul endpoints of an election, on agents ``addrs`` of one cluster, through
+    py-consul on :class:`_Transport` (which fails over between the agents)."""
+
+    def __init__(self, addrs: list[str], *, scheme: str, dc: str | None, timeout: float, token: str | None,
+                 token_source: str | None, verify: bool | str, cert: str | tuple[str, str] | None) -> None:
+        self.dc = dc
+        self.timeout = timeout
+        self.token_source = token_source
+        self._token = token
+        self.endpoints = [_Endpoint(addr, scheme, token, verify, cert) for addr in addrs]
+        self._transport = _Transport(self.endpoints, scheme=scheme, timeout=timeout, dc=dc, token=token)
+        self.consul = _Consul(self._transport, dc)
+
+    @property
+    def active_addr(self) -> str:
+        return self.endpoints[self._transport.current].addr
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def after_fork_in_child(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.reconnect_after_fork()
+
+    # -- the endpoints an election uses --------------------------------------------------------
+
+    def create_session(self, name: str, ttl: float, lock_delay: float) -> str:
+        """A session with ``ttl``, ``behavior=delete``, ``lock_delay`` and no health checks."""
+        session_id = self._call("create a session", self.consul.session.create, name=name[:200], checks=[],
+                                lock_delay=_seconds(lock_delay), behavior="delete", ttl=_seconds(ttl))
+        if not isinstance(session_id, str):
+            raise StoreUnavailableError(f"{self.active_addr} did not create a Consul session (is it a Consul agent?)")
+        return session_id
+
+    def renew_session(self, session_id: str) -> None:
+        """Extend the session by its TTL; SessionGone if Consul no longer has it."""
+        self._call("renew the session", self.consul.session.renew, session_id, gone_on_404=True)
+
+    def destroy_session(self, session_id: str) -> None:
+        self._call("destroy the session", self.consul.session.destroy, session_id)
+
+    def session_exists(self, session_id: str, index: int | None = None, wait: float = 0.0) -> tuple[int, bool]:
+        """``(index, whether Consul knows the session)``; with ``index``, a blocking query that
+        returns when the session changes (or after ``wait``). Consul hides a session the token
+        may not read (``session:read``): it then counts as gone."""
+        new_index, answer = self._read("read a session", self.consul.session.info, session_id, index, wait)
+        return new_index, bool(answer)
+
+    def get(self, key: str, index: int | None = None, wait: float = 0.0) -> tuple[int, dict[str, Any] | None]:
+        """``(index, entry or None)`` of ``key``; with ``index``, a blocking query."""
+        new_index, entry = self._read("read the key" if index is None else "watch the key", self.consul.kv.get,
+                                      key, index, wait)
+        if index is not None and new_index < index:
+            new_index = 0  # the index went backwards (a restored snapshot): start over
+        return new_index, entry
+
+    def lock(self, key: str, node: str, session_id: str) -> dict[str, Any] | None:
+        """Lock ``key`` for the session (with :data:`LOCK_FLAG`) and read it back, in one
+        transaction: the entry if locked, None if refused (held, or a lock-delay);
+        SessionGone if Consul no longer knows the session."""
+        value = base64.b64encode(node.encode("utf-8")).decode("ascii")
+        ops = [{"KV": {"Verb": "lock", "Key": key, "Value": value, "Flags": LOCK_FLAG, "Session": session_id}},
+               {"KV": {"Verb": "get", "Key": key}}]
+        try:
+            answer = self._call("lock the key", self.consul.txn.put, ops)
+        except _TxnRefused as refused:
+            reasons = str(refused)
+            if "invalid session" in reasons:
+                raise SessionGone(f"Consul refused to lock {key!r}: {reasons}") from None
+            if "Permission denied" in reasons:  # Consul 1.8 answers 403, but a txn may say it so
+                raise PermissionDeniedError(f"Consul refused to lock {key!r}: {reasons}") from None
+            return None
+        return _decoded(self._results(answer)[1]["KV"])
+
+    def read_many(self, keys: list[str]) -> dict[str, dict[str, Any] | None]:
+        """The entries of up to 64 keys (Consul's limit per transaction), in one request."""
+        ops = [{"KV": {"Verb": "get", "Key": key}} for key in keys]
+        # A get of a missing key fails the transaction; check-not-exists cannot be or-ed, so a
+        # refused batch is read again key by key (rare: it takes a key deleted from outside).
+        try:
+            answer = self._call("read the keys", self.consul.txn.put, ops)
+        except _TxnRefused:
+            return {key: self.get(key)[1] for key in keys}
+        return {result["KV"]["Key"]: _decoded(result["KV"]) for result in self._results(answer)}
+
+    def release(self, key: str, session_id: str) -> bool:
+        """Unlock ``key`` if the session holds it (``?release=``); the key stays, vacant, and
+        Consul applies no lock-delay. False if the session did not hold it."""
+        return self._call("release the key", self.consul.kv.put, key, None, release=session_id,
+                          flags=LOCK_FLAG) is True
+
+    def put_vacant_if_absent(self, key: str) -> bool:
+        """Create ``key`` vacant (no session, the lock flag) unless it exists (``?cas=0``)."""
+        return self._call("write the key", self.consul.kv.put, key, None, cas=0, flags=LOCK_FLAG) is True
+
+    # -- py-consul's answers and errors in greenleader's terms ---------------------------------
+
+    def _read(self, what: str, request: Callable[..., Any], name: str, index: int | None,
+              wait: float) -> tuple[int, Any]:
+        """A read through py-consul: ``(index, answer)``; with ``index``, a blocking query."""
+        if index is None:
+            new_index, answer = self._call(what, request, name)
+        else:  # Consul answers an index of 0 at once; never loop on it
+            new_index, answer = self._call(what, request, name, index=max(index, 1),
+                                           wait=f"{math.ceil(wait * 1000)}ms")
+        try:
+            return int(new_index or 0), answer
+        except ValueError:
+            raise StoreUnavailableError(f"{self.active_addr} answered a bad X-Consul-Index "
+                                        f"{str(new_index)[:40]!r} (is it a Consul agent?)") from None
+
+    def _results(self, answer: Any) -> list[dict[str, Any]]:
+        if not isinstance(answer, dict) or not isinstance(answer.get("Results"), list):
+            raise StoreUnavailableError(f"{self.active_addr} did not answer a Consul transaction (not a Consul agent?)")
+        return answer["Results"]
+
+    def _call(self, what: str, request: Callable[..., Any], *args: Any, gone_on_404: bool = False,
+              **kwargs: Any) -> Any:
+        """``request(*args, **kwargs)``, py-consul's exceptions translated (a refused
+        transaction, :class:`_TxnRefused`, is the caller's to read)."""
+        try:
+            return request(*args, **kwargs)
+        except _TxnRefused:
+            raise
+        except consul.ConsulException as exc:
+            raise self._translate(what, exc, gone_on_404) from None
+
+    def _translate(self, what: str, exc: consul.ConsulException, gone_on_404: bool) -> StoreError:
+        text = self._transport.hide(str(exc))
+        message = f"Consul agent {self.active_addr} refused to {what}: {text[:400]}"
+        if isinstance(exc, consul.NotFound):  # where a 404 is no answer (a renewal)
+            return SessionGone(message) if gone_on_404 else StoreUnavailableError(f"{message} (is it a Consul agent?)")
+        if isinstance(exc, (consul.ACLPermissionDenied, consul.ACLDisabled)):  # 403, 401
+            token = f"the ACL token (from {self.token_source})" if self._token else "the anonymous token (none given)"
+            if "ACL not found" in text:
+                return PermissionDeniedError(f"{message}: Consul does not know {token}")
+            return PermissionDeniedError(f"{message}: {token} lacks the permission (see the ACL policy "
+                                         "in greenleader's docs/security.md)")
+        if "invalid session" in text.lower():
+            return SessionGone(message)
+        if isinstance(exc, BadRequest):
+            if "HTTPS server" in text:
+                message += "; this agent serves HTTPS: give ca_file (or tls=true)"
+            return InvalidArgumentError(message)
+        if isinstance(exc, ClientError):  # another 4xx: "<status> <body>"
+            return StoreUnavailableError(message) if text.startswith("429") else StoreError(message)
+        # every agent failed (connection, timeout, 5xx), or an answer py-consul could not read
+        return StoreUnavailableError(f"could not {what} on Consul: {text[:800]}")
+
+
+def _blocking(params: list[tuple[str, Any]]) -> float:
+    """Seconds a blocking query may wait: its ``wait`` (Consul's default: 5 minutes) plus
+    Consul's jitter of up to ``wait/16``."""
+    wait = 300.0
+    for name, value in params:
+        if name == "wait" and (match := _DURATION.fullmatch(str(value))):
+            wait = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    return wait + wait / 16
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _timed_out(exc: BaseException) -> bool:
+    errors = urllib3.exceptions
+    return isinstance(exc, (_Deadline, errors.ReadTimeoutError)) or (
+        isinstance(exc, errors.ConnectTimeoutError) and not isinstance(exc, errors.NewConnectionError))
+
+
+def _txn_errors(body: str) -> list[str]:
+    """The ``What`` of each error in a refused transaction's body."""
+    try:
+        errors = json.loads(body).get("Errors") or []
+        return [str(error.get("What")) for error in errors] or ["transaction refused"]
+    except (ValueError, AttributeError, TypeError):
+        return [f"transaction refused: {body.strip()[:200]}"]
+
+
+def _decoded(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A transaction's entry as ``kv.get`` gives it: ``Value`` base64-decoded to bytes."""
+    if entry is not None and isinstance(entry.get("Value"), str):
+        entry["Value"] = base64.b64decode(entry["Value"])
+    return entry
 
 
 def _seconds(value: float) -> int | float:
     """Whole seconds as an int, so Consul gets "10s" rather than "10.0s"."""
     return int(value) if float(value).is_integer() else value
-

@@ -118,13 +118,17 @@ class Election:
             raise
         return session
 
-    def leave(self, session: SharedSession) -> None:
-        """One user fewer; the last one destroys the session."""
+    def leave(self, session: SharedSession, *, close_later: bool = False) -> None:
+        """One user fewer; the last one destroys the session (in a new greenlet with
+        ``close_later``: then this never switches)."""
         session.users -= 1
         if session.users == 0:
             if self._sessions.get(session.ttl) is session:
                 del self._sessions[session.ttl]
-            session.close()
+            if close_later:
+                gevent.spawn(session.close)
+            else:
+                session.close()
 
     def forget(self, session: SharedSession) -> None:
         if self._sessions.get(session.ttl) is session:
@@ -315,7 +319,7 @@ class ConsulLease(Lease):
         if not session.lost and session.users > 1:  # others keep the session alive: release again
             session.users += 1
             gevent.spawn(_release_later, self._election, self.key, session)
-        gevent.spawn(self._election.leave, session)  # the last user destroys the session
+        self._election.leave(session, close_later=True)  # the last user destroys the session
 
     def renew(self) -> None:
         """Join the session's next confirmation round: the session renewed, the key read."""
@@ -353,7 +357,10 @@ class ConsulLease(Lease):
 
 
 def _release_later(election: Election, key: str, session: SharedSession) -> None:
-    """Resume a failed release while the session lives (holding it as one more user)."""
+    """Resume a failed release while the session lives (holding it as one more user), until
+    it succeeds or this retry is the session's last user: then leaving destroys the session,
+    which frees the key, rather than this retry keeping it renewed for as long as Consul
+    refuses the release."""
     try:
         while not session.lost and not session.closed:
             gevent.sleep(session.ttl / 10)
@@ -363,6 +370,8 @@ def _release_later(election: Election, key: str, session: SharedSession) -> None
                 return
             except StoreError as exc:
                 log.debug("consul: releasing %r again failed: %s", key, exc)
+                if session.users <= 1:
+                    return
     finally:
         election.leave(session)
 
