@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ClassVar
 
 import gevent
+import zope.event
 from gevent import Greenlet, GreenletExit
 from gevent.event import Event
 from gevent.queue import Queue
@@ -231,13 +232,7 @@ class Follower:
         self._watch_share = share = _SharedWatch.subscribe(self.store, self.key, self.unknown_after / 2)
         share.on_confirmed = self._confirmed_by_peer
         try:
-            for info, received_at in share:
-                if self._inert:
-                    return  # a forked child's copy, woken by what was pending at the fork
-                self._confirmed_at = max(self._confirmed_at, received_at)
-                self._record.contact()
-                self._watch_yielded = True
-                self._report(info)
+            share.follow(self._receive)
         except _Resync:
             share.shared.restart()
             raise
@@ -245,6 +240,16 @@ class Follower:
             self._watch_yielded = False
             self._watch_share = None
             share.close()
+
+    def _receive(self, info: LeaderInfo | None, received_at: float) -> None:
+        """A value of the watch, received at ``received_at``: it confirms the leader, and is
+        reported if it is a change. Called from the shared watch's greenlet: never blocks."""
+        if self._inert or self._stopped:
+            return  # a forked child's copy, or a stopped follower whose watch is being closed
+        self._confirmed_at = max(self._confirmed_at, received_at)
+        self._record.contact()
+        self._watch_yielded = True
+        self._report(info)
 
     def _confirmed_by_peer(self, info: LeaderInfo | None, at: float) -> None:
         """Another follower of the shared watch read ``info`` at ``at``: a confirmation for this
@@ -261,7 +266,8 @@ class Follower:
         self._current = info
         assert self._channels is not None
         self._channels.put(node)
-        self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
+        if zope.event.subscribers:  # (nobody listens: no greenlet to spawn, 100 followers' worth per change)
+            self._publisher.publish(LeaderChanged(self, self.key, node, info.term if info else None))
 
     def _current_node(self) -> str | None:
         current = self._current
@@ -440,7 +446,7 @@ class _SharedWatch:
         finally:
             self._close()
         for subscription in list(self.subscribers):  # (no switch since _close: nobody joined meanwhile)
-            subscription.queue.put(error or StoreUnavailableError(
+            subscription.deliver(error or StoreUnavailableError(
                 f"the {self.store.backend} watch of {self.key!r} ended"))
 
     def _fan_out(self) -> None:
@@ -452,7 +458,7 @@ class _SharedWatch:
                     return  # a forked child's copy, woken by what was pending at the fork
                 self.last, self.confirmed_at = info, now()
                 for subscription in list(self.subscribers):
-                    subscription.queue.put((info, self.confirmed_at))
+                    subscription.deliver((info, self.confirmed_at))
         finally:
             watch.close()
 
@@ -467,25 +473,54 @@ class _SharedWatch:
 
 
 class _Subscription:
-    """One follower's share of a :class:`_SharedWatch`: iterate for ``(info, received_at)``."""
+    """One follower's share of a :class:`_SharedWatch`: :meth:`follow` it."""
 
     def __init__(self, shared: _SharedWatch) -> None:
         self.shared = shared
+        #: What the follower has not handled yet: the values before it began to follow, and the end.
         self.queue: Queue[tuple[LeaderInfo | None, float] | BaseException] = Queue()
         self.read_first = False  # joined a quiet watch: read the leader rather than trust its last value
         self.on_confirmed: Callable[[LeaderInfo | None, float], None] = lambda info, at: None
+        self._receive: Callable[[LeaderInfo | None, float], None] | None = None  # set while following
 
-    def __iter__(self) -> Iterator[tuple[LeaderInfo | None, float]]:
-        if self.read_first:
-            started = now()
-            info = self.shared.store.leader(self.shared.key)
-            if self.queue.empty():  # else the watch has news since: the read may be older than it
-                yield info, started
-        while True:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def deliver(self, item: tuple[LeaderInfo | None, float] | BaseException) -> None:
+        """A value ``(info, received_at)`` of the watch, or the error that ended it. While the
+        follower follows, a value is handed to it here, in the shared watch's greenlet: a
+        change costs no greenlet switch per follower. Otherwise (and for the end) it is queued."""
+        receive = self._receive
+        if receive is None or isinstance(item, BaseException):
+            self.queue.put(item)
+            return
+        try:
+            receive(*item)
+        except Exception as exc:  # a bug in one follower ends its watch, not its peers'
+            log.exception("follower of %r failed to take a value", self.shared.key)
+            self._receive = None
+            self.queue.put(exc)
+
+    def follow(self, receive: Callable[[LeaderInfo | None, float], None]) -> None:
+        """Hand every value of the watch to ``receive(info, received_at)`` (which must not block),
+        until the watch ends: then raise why. Returns only if ``receive`` raised (its error is raised)."""
+        try:
+            if self.read_first:
+                started = now()
+                info = self.shared.store.leader(self.shared.key)
+                if self.queue.empty():  # else the watch has news since: the read may be older than it
+                    receive(info, started)
+            while True:
+                while not self.queue.empty():  # what came before following (a late joiner's value)
+                    item = self.queue.get_nowait()
+                    if isinstance(item, BaseException):
+                        raise item
+                    receive(*item)
+                self._receive = receive  # (no switch since the queue was seen empty: nothing is lost)
+                item = self.queue.get()  # the end, or a value that came while receive was unset
+                self._receive = None
+                if isinstance(item, BaseException):
+                    raise item
+                receive(*item)
+        finally:
+            self._receive = None
 
     def close(self) -> None:
         self.shared.unsubscribe(self)

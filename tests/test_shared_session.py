@@ -36,7 +36,7 @@ import pytest
 import zope.event
 
 from greenleader import Candidate, Follower
-from greenleader.events import LeadershipAcquired, LeadershipEvent, LeadershipLost, LossReason
+from greenleader.events import LeaderChanged, LeadershipAcquired, LeadershipEvent, LeadershipLost, LossReason
 from greenleader.stores import Store
 from tests.backends import BackendEnv
 from tests.waiting import drain, next_item, wait_until
@@ -310,15 +310,16 @@ def assert_deduplicated(items: list) -> None:
     assert not repeats, f"a follower reported {repeats} twice in a row: {items}"
 
 
-def test_followers_on_one_store_all_name_the_new_leader(make_store, key, ttl, stopping) -> None:
+def test_followers_on_one_store_all_name_the_new_leader(make_store, key, ttl, stopping, seen) -> None:
     """Three followers of one key on one store object (one starting once the key is held)
     each name the leader, then the next one after a handover, then a vacancy; stopping one of
-    them leaves the others following."""
+    them leaves the others following. Each publishes its own LeaderChanged for each change it
+    names (the watch is shared, the events are not)."""
     shared, reader = make_store(), make_store()
     followers = [Follower(shared, key) for _ in range(2)]
     stopping.extend(followers)
     queues = [f.follow_election()[0] for f in followers]
-    seen: list[list] = [[] for _ in followers]
+    named: list[list] = [[] for _ in followers]
     alice = Campaign(make_store(), key, "alice", ttl)
     stopping.append(alice.candidate)
     alice.wins(3 * ttl + 10)
@@ -329,28 +330,34 @@ def test_followers_on_one_store_all_name_the_new_leader(make_store, key, ttl, st
     stopping.append(late)
     followers.append(late)
     queues.append(late.follow_election()[0])
-    seen.append([])
+    named.append([])
     # It hears what its shared watch last showed (a vacancy, if the watch has not yet caught up
     # with the read above), then alice.
-    seen[-1] += names_until(queues[-1], "alice", 3 * ttl, "the late follower to name alice")
-    assert seen[-1] in (["alice"], [None, "alice"]), seen[-1]
+    named[-1] += names_until(queues[-1], "alice", 3 * ttl, "the late follower to name alice")
+    assert named[-1] in (["alice"], [None, "alice"]), named[-1]
     for i, leaders in enumerate(queues[:-1]):
-        seen[i] += names_until(leaders, "alice", 3 * ttl, f"follower {i} to name alice")
+        named[i] += names_until(leaders, "alice", 3 * ttl, f"follower {i} to name alice")
 
     alice.candidate.stop()  # bob waits behind her: the handover
     bob.wins(3 * ttl + 10)
     for i, leaders in enumerate(queues):
-        seen[i] += names_until(leaders, "bob", 3 * ttl + 10, f"follower {i} to name bob")
+        named[i] += names_until(leaders, "bob", 3 * ttl + 10, f"follower {i} to name bob")
         assert followers[i].leader() == "bob"
 
     followers[0].stop()  # the others follow on
     drain(queues[0], 5, "the stopped follower's queue")
     bob.candidate.stop()
     for i, leaders in enumerate(queues[1:], start=1):
-        seen[i] += names_until(leaders, None, 3 * ttl + 10, f"follower {i} to report the vacancy")
+        named[i] += names_until(leaders, None, 3 * ttl + 10, f"follower {i} to report the vacancy")
         assert followers[i].leader() is None and followers[i].known
-    for items in seen:
+    for items in named:
         assert_deduplicated(items)
+    def published(follower: Follower) -> list:
+        return [e.leader for e in seen if isinstance(e, LeaderChanged) and e.source is follower]
+
+    for i, (follower, names) in enumerate(zip(followers, named, strict=True)):
+        wait_until(lambda f=follower, n=names: published(f) == n, 10,
+                   f"follower {i}'s LeaderChanged events, one per name on its queue ({names})")
 
 
 def test_candidates_and_followers_on_one_store_object(store, key, ttl, stopping, seen) -> None:
@@ -461,3 +468,32 @@ def test_followers_sharing_a_quiet_watch_share_its_leader_checks(key, stopping) 
         gevent.sleep(0.05)
     # Unshared, each follower reads every 0.5 s: about 120 reads in these 3 s.
     assert len(reads) - before < 20, f"{len(reads) - before} leader reads in 3 s for 20 followers"
+
+
+def test_a_follower_that_fails_on_a_value_ends_only_its_own_watch(key, stopping) -> None:
+    """Values of a shared watch are handed to its followers in one greenlet: one follower
+    failing on a value (a bug) ends that follower's watch with an error, while the others
+    sharing the watch go on and name the next leader."""
+    from greenleader.stores.memory import MemoryStore
+    store = MemoryStore()
+    followers = [Follower(store, key) for _ in range(3)]
+    stopping.extend(followers)
+    channels = [f.follow_election() for f in followers]
+    for i, (leaders, _) in enumerate(channels):
+        assert next_item(leaders, 5, f"follower {i}'s first item") is None
+
+    def broken(info: object) -> None:
+        raise RuntimeError("a bug in reporting")
+
+    followers[1]._report = broken  # type: ignore[method-assign]
+    alice = Campaign(store, key, "alice", 5.0)
+    stopping.append(alice.candidate)
+    alice.wins(10)
+    for i in (0, 2):
+        assert names_until(channels[i][0], "alice", 5, f"follower {i} to name alice") == ["alice"]
+    drain(channels[1][0], 5, "the failed follower's leaders")
+    errors = drain(channels[1][1], 5, "the failed follower's errors")
+    assert [type(e).__name__ for e in errors] == ["StoreError"] and "a bug in reporting" in str(errors[0]), errors
+    alice.candidate.stop()
+    for i in (0, 2):
+        assert names_until(channels[i][0], None, 10, f"follower {i} to report the vacancy") == [None]
