@@ -2,13 +2,14 @@
 # Install the real servers greenleader's tests run against (Debian bookworm, as root):
 #   etcd (etcd-server, etcd-client from bookworm), ZooKeeper (zookeeper from bookworm),
 #   Consul (consul from bullseye, pinned at priority 100 so nothing else comes from there),
-#   PostgreSQL (postgresql from bookworm; tests run initdb and postgres themselves).
+#   PostgreSQL and PgBouncer (postgresql, pgbouncer from bookworm; tests run initdb, postgres and
+#   pgbouncer themselves).
 # The packaged services are kept from starting: tests run their own servers on free ports.
 # Idempotent; when everything is installed it only checks and exits.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client zookeeper consul postgresql)
-SERVICES=(etcd zookeeper consul postgresql)
+PACKAGES=(etcd-server etcd-client zookeeper consul postgresql pgbouncer)
+SERVICES=(etcd zookeeper consul postgresql pgbouncer)
 SOURCES=/etc/apt/sources.list.d/debian-bullseye.sources
 PIN=/etc/apt/preferences.d/debian-bullseye-pin
 
@@ -108,4 +109,5 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
     exit 1
 fi
 ls /usr/lib/postgresql/*/bin/postgres | sed -n 1p
+pgbouncer --version | sed -n 1p
 log "ok"

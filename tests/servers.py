@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = [
     "Cluster", "Node", "ServerBinaryMissing",
-    "start", "start_consul", "start_etcd", "start_postgres", "start_secure", "start_zookeeper",
+    "start", "start_consul", "start_etcd", "start_pgbouncer", "start_postgres", "start_secure", "start_zookeeper",
 ]
 
 log = logging.getLogger(__name__)
@@ -685,6 +685,57 @@ class PostgresCluster(Cluster):
         super().stop()
         if not self.running():
             shutil.rmtree(self.data_root, ignore_errors=True)
+
+
+class PgBouncerCluster(Cluster):
+    """PgBouncer (Debian's ``pgbouncer``) in front of a :class:`PostgresCluster`, in
+    ``pool_mode`` (default ``transaction``: a server connection per transaction, so LISTEN
+    does not work through it). Any user name logs in as the server's superuser."""
+
+    kind = "postgres"  # its URL is a postgres:// one
+    binary = "pgbouncer"
+    port_roles = ("client",)
+    SUPERUSER = PostgresCluster.SUPERUSER
+    DBNAME = PostgresCluster.DBNAME
+
+    def __init__(self, workdir: pathlib.Path, server: PostgresCluster, pool_mode: str = "transaction") -> None:
+        self.server, self.pool_mode = server, pool_mode
+        self._account = _unprivileged_account()  # PgBouncer refuses root too
+        self.data_root = pathlib.Path(tempfile.mkdtemp(prefix="greenleader-pgbouncer-"))
+        if self._account is not None:
+            os.chown(self.data_root, *self._account)
+        super().__init__(workdir, 1)
+
+    _popen_options = PostgresCluster._popen_options
+    connect = PostgresCluster.connect
+    _answers = PostgresCluster._answers
+    _serves = PostgresCluster._serves
+    _agreed_leader = PostgresCluster._agreed_leader
+    url = PostgresCluster.url
+
+    def _argv(self, node: Node) -> list[str]:
+        host, port = self.server.addrs[0].rsplit(":", 1)
+        ini = self.data_root / "pgbouncer.ini"
+        ini.write_text("\n".join([
+            "[databases]",
+            f"{self.DBNAME} = host={host} port={port} dbname={self.DBNAME} user={self.SUPERUSER}",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1", f"listen_port = {node.ports['client']}", "unix_socket_dir =",
+            "auth_type = any", f"pool_mode = {self.pool_mode}", "default_pool_size = 4",
+            "max_client_conn = 200", "server_reset_query =", "",
+        ]))
+        if self._account is not None:
+            os.chown(ini, *self._account)
+        return [_require(self.binary), str(ini)]
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.data_root, ignore_errors=True)
+
+
+def start_pgbouncer(workdir: pathlib.Path | str, server: PostgresCluster, pool_mode: str = "transaction") -> Cluster:
+    """PgBouncer in front of ``server`` on a free loopback port, ready to serve."""
+    return PgBouncerCluster(pathlib.Path(workdir), server, pool_mode).start_all()
 
 
 def _postgres_binary(name: str) -> str:

@@ -20,11 +20,14 @@ def make_store(env: BackendEnv) -> PostgresStore:
 def force_expire(store: PostgresStore, key: str) -> None:
     """Delete the holder's row out of band, as its expiry would end it (the trigger NOTIFYs).
 
-    Through a store's own connection, which the trigger lets free the key at once (another
-    client's deletion leaves the row revoked until its expiry, see test_store_postgres)."""
+    As greenleader deletes (the statement sets ``greenleader.client``), which the trigger lets
+    free the key at once (another client's deletion leaves the row revoked until its expiry, see
+    test_store_postgres)."""
     admin = PostgresStore(store.addrs, user=store.user, dbname=store.dbname, timeout=5)
     try:
-        rows = admin.client.query("force expire", f"DELETE FROM {TABLE} WHERE key = %s RETURNING term", [key])
+        rows = admin.client.query("force expire", "WITH own AS (SELECT set_config('greenleader.client', 'on', true)"
+                                  f" AS flag) DELETE FROM {TABLE} WHERE key = %s AND (SELECT flag FROM own) = 'on'"
+                                  " RETURNING term", [key])
         assert rows, f"nobody holds {key!r}"
     finally:
         admin.close()

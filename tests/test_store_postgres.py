@@ -231,6 +231,39 @@ def test_a_killed_server_is_survived_by_candidates_and_followers(tmp_path, key: 
         own.stop()
 
 
+# -- PgBouncer in transaction pooling: no LISTEN, so the store polls -----------------------------
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(postgres_cluster, tmp_path_factory) -> Iterator[servers.Cluster]:
+    bouncer = servers.start_pgbouncer(tmp_path_factory.mktemp("pgbouncer"), postgres_cluster)
+    yield bouncer
+    bouncer.stop()
+
+
+def test_through_pgbouncer_transaction_pooling_the_store_detects_no_notify_and_polls(
+        pgbouncer, cluster, stores, key: str, caplog) -> None:
+    """Alice holds with a 60 s TTL: bob gets the key well before it only because his wait polls
+    (POLL_INTERVAL, 1 s) once the store found that its NOTIFY probe never arrives."""
+    direct = _store(cluster, stores)
+    pooled = [PostgresStore(pgbouncer.addrs, user=pgbouncer.SUPERUSER, dbname=pgbouncer.DBNAME, timeout=2)
+              for _ in range(2)]
+    stores.extend(pooled)
+    alice = pooled[0].acquire(key, "alice", 60.0)
+    waiting = gevent.spawn(pooled[1].acquire, key, "bob", 60.0)
+    wait_until(lambda: not pooled[1].client.notifications, 30, "bob's store to find that NOTIFY does not arrive")
+    assert "PgBouncer" in caplog.text
+    assert direct.leader(key) == LeaderInfo("alice", alice.term)
+    alice.renew()  # many statements through the pool: nothing is prepared, nothing lives in a session
+    alice.release()
+    bob = waiting.get(timeout=30)
+    assert bob.term > alice.term and direct.leader(key) == LeaderInfo("bob", bob.term)
+    bob.release()
+    assert direct.client.notifications is True
+    with direct.client.subscribe(key):  # a direct connection hears its probe
+        assert direct.client.notifications is True
+
+
 # -- TLS and least privilege (a server on hostssl only, SCRAM passwords) ------------------------
 
 #: Exactly what the election needs of a role (docs/stores/postgres.md): the table's rows and

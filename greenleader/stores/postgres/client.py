@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,10 @@ DEFAULT_TIMEOUT = 5.0
 #: Seconds between two liveness checks of the LISTEN connection while nothing is heard: a
 #: half-open connection (server stopped, partition) is found within this plus ``timeout``.
 LISTEN_HEARTBEAT = 2.0
+#: Seconds between two looks of a waiter, follower or holder when notifications do not arrive
+#: (PgBouncer's transaction pooling): a handover then takes up to this, and each waiting or
+#: following store object reads its key this often.
+POLL_INTERVAL = 1.0
 #: libpq sslmode values (https://www.postgresql.org/docs/current/libpq-ssl.html).
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _SQLSTATE_PERMISSION = ("42501", "28000", "28P01")  # insufficient privilege, invalid authorization, password
@@ -114,7 +119,10 @@ class Subscription:
         self.error: StoreError | None = None
 
     def wait(self, timeout: float | None) -> None:
-        """Until a change (or ``timeout``); raises StoreUnavailableError when LISTEN is broken."""
+        """Until a change (or ``timeout``); raises StoreUnavailableError when LISTEN is broken.
+        Without notifications (:attr:`PostgresClient.notifications` false), at most POLL_INTERVAL."""
+        if not self.client.notifications:
+            timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
         self.changed.wait(timeout)
         self.changed.clear()
         if self.error is not None:
@@ -163,6 +171,9 @@ class PostgresClient:
         self._listener: gevent.Greenlet | None = None
         self._listening = gevent.event.Event()
         self._listen_error: StoreError | None = None
+        #: False when a NOTIFY sent on another connection did not reach the LISTEN connection
+        #: (PgBouncer's transaction pooling): waits then poll every POLL_INTERVAL.
+        self.notifications = True
         self._closed = False
         self.requests: dict[str, int] = {}
         _clients.add(self)
@@ -202,11 +213,7 @@ class PostgresClient:
             try:
                 with gevent.Timeout(self.timeout + 1):
                     conn = psycopg.Connection.connect(**params)
-                    try:  # marks greenleader's own deletions for the table's trigger (the recipe's docs)
-                        conn.execute("SELECT set_config('greenleader.client', 'on', false)")
-                    except BaseException:
-                        _close_quietly(conn)
-                        raise
+                    conn.prepare_threshold = None  # never prepared: a pooler may change the server connection
                     return conn
             except gevent.Timeout:
                 last = TimeoutError(f"no answer in {self.timeout:g}s")
@@ -302,6 +309,7 @@ class PostgresClient:
             conn = self._listen_conn = self.connect()
             with gevent.Timeout(self.timeout, StoreUnavailableError(f"postgres LISTEN took over {self.timeout:g}s")):
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self._probe(conn)
             self._listening.set()
             for subscribers in list(self._subscriptions.values()):  # a notification may have been missed
                 for subscription in subscribers:
@@ -310,8 +318,7 @@ class PostgresClient:
                 heard = False
                 for notify in conn.notifies(timeout=LISTEN_HEARTBEAT):
                     heard = True
-                    for subscription in list(self._subscriptions.get(notify.payload, ())):
-                        subscription.changed.set()
+                    self._deliver(notify.payload)
                 if not heard:  # quiet: is the server still there?
                     with gevent.Timeout(self.timeout, StoreUnavailableError(
                             f"postgres did not answer the LISTEN connection's check within {self.timeout:g}s")):
@@ -325,6 +332,30 @@ class PostgresClient:
             self._listen_conn = None
             if conn is not None:
                 _close_quietly(conn)
+
+    def _deliver(self, key: str) -> None:
+        for subscription in list(self._subscriptions.get(key, ())):
+            subscription.changed.set()
+
+    def _probe(self, conn: psycopg.Connection[Any]) -> None:
+        """NOTIFY our own channel from the statement connection and wait for it on the LISTEN
+        one: it does not come through a pooler that shares server connections between
+        transactions (PgBouncer's transaction pooling), which keeps no LISTEN. Then every wait
+        polls (POLL_INTERVAL), and a warning says why."""
+        token = "\x01probe " + uuid.uuid4().hex  # a key has no control characters: never a key
+        self.query("notify probe", "SELECT pg_notify(%s, %s)", [self.channel, token])
+        for notify in conn.notifies(timeout=self.timeout):
+            if notify.payload == token:
+                if not self.notifications:
+                    log.info("postgres: notifications arrive again; waits no longer poll")
+                self.notifications = True
+                return
+            self._deliver(notify.payload)
+        if self.notifications:
+            log.warning("postgres: a NOTIFY did not reach the LISTEN connection within %gs (PgBouncer in "
+                        "transaction pooling?): waiters and followers poll every %gs, so a handover takes "
+                        "up to that; use session pooling or a direct connection", self.timeout, POLL_INTERVAL)
+        self.notifications = False
 
     def _fail_listeners(self, error: StoreError) -> None:
         log.info("postgres: the LISTEN connection failed: %s", error)

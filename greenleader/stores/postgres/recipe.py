@@ -105,8 +105,11 @@ WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() AND N
 _HOLDS = """
 SELECT term FROM {table} WHERE key = %(key)s AND term = %(term)s AND expires_at > clock_timestamp() AND NOT revoked
 """
-_RELEASE = "DELETE FROM {table} WHERE key = %(key)s AND term = %(term)s"
-_WITHDRAW = "DELETE FROM {table} WHERE key = %(key)s AND owner = %(owner)s"
+# greenleader's own deletions say so to the trigger, for this statement's transaction only (so
+# that it holds through a pooler too): the CTE is evaluated before any row goes.
+_OWN = "WITH own AS (SELECT set_config('greenleader.client', 'on', true) AS flag) "
+_RELEASE = _OWN + "DELETE FROM {table} WHERE key = %(key)s AND term = %(term)s AND (SELECT flag FROM own) = 'on'"
+_WITHDRAW = _OWN + "DELETE FROM {table} WHERE key = %(key)s AND owner = %(owner)s AND (SELECT flag FROM own) = 'on'"
 # A revoked row names nobody, but its expiry is when the key comes free.
 _READ = """
 SELECT node, term, claimed AND NOT revoked, revoked, extract(epoch FROM expires_at - clock_timestamp())::float8
