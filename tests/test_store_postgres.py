@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from greenleader.retry import Backoff
 from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.postgres import PostgresStore
 from tests import servers
+from tests.faults import Proxy
 from tests.support_postgres import FAST_TTL, TABLE, closed_port
 from tests.waiting import next_item, wait_until
 
@@ -351,3 +353,62 @@ def test_the_secure_server_refuses_what_it_should(least_privileged, key: str, ch
             assert isinstance(raised.value, PermissionDeniedError)
     finally:
         store.close()
+
+
+# -- a row deleted from outside never gives two leaders (as tests/test_external_deletion.py) -------
+
+
+def _deletion_round(cluster, proxy: Proxy, key: str, bob_comes: str, holder_delay: float) -> float:
+    """Alice (through ``proxy``) leads, bob waits or arrives, an operator deletes alice's row:
+    the time both said they lead, in ms (0: never)."""
+    alice_store = PostgresStore([proxy.addr], user=cluster.SUPERUSER, dbname=cluster.DBNAME, timeout=5)
+    bob_store = PostgresStore(cluster.addrs, user=cluster.SUPERUSER, dbname=cluster.DBNAME, timeout=5)
+    alice = Candidate(alice_store, key, "alice", ttl=FAST_TTL)
+    bob = Candidate(bob_store, key, "bob", ttl=FAST_TTL)
+    both: list[float] = []
+
+    def sample() -> None:
+        while True:
+            if alice.is_leader() and bob.is_leader():
+                both.append(time.monotonic())
+            gevent.sleep(0.001)
+
+    sampler = None
+    try:
+        alice_elected, _ = alice.run_for_election()
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice's first item") is False
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice to win") is True
+        if bob_comes == "waits":
+            bob.run_for_election()
+            # bob tried the key once and found alice's row: he waits for a NOTIFY or its expiry
+            wait_until(lambda: bob_store.requests.get("take", 0) >= 1, 3 * FAST_TTL, "bob to wait behind alice")
+        proxy.delay(holder_delay, "down")
+        sampler = gevent.spawn(sample)
+        cluster.sql(f"DELETE FROM {TABLE} WHERE key = %s", [key])
+        if bob_comes == "arrives":
+            bob.run_for_election()
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice to step down") is False
+        wait_until(lambda: bob.is_leader() or alice.is_leader(), 3 * FAST_TTL + 10, "a new leader", interval=0.001)
+    finally:
+        if sampler is not None:
+            sampler.kill()
+        proxy.heal()
+        bob.stop()
+        alice.stop()
+        alice_store.close()
+        bob_store.close()
+    return (both[-1] - both[0]) * 1000 + 1 if both else 0.0
+
+
+@pytest.mark.parametrize("holder_delay", [0.0, 0.05], ids=["prompt_holder", "slow_holder"])
+@pytest.mark.parametrize("bob_comes", ["waits", "arrives"])
+def test_deleting_the_leaders_row_never_gives_two_leaders(cluster, key: str, bob_comes: str,
+                                                          holder_delay: float) -> None:
+    """An operator deletes alice's row while bob waits (or just after it, bob arrives); what the
+    server sends alice may come late. Bob may lead only once alice has stepped down."""
+    proxy = Proxy(cluster.addrs[0], "alice->postgres")
+    try:
+        overlaps = [_deletion_round(cluster, proxy, f"{key}-{n}", bob_comes, holder_delay) for n in range(3)]
+    finally:
+        proxy.close()
+    assert not any(overlaps), f"two leaders at once: overlaps {overlaps} ms"
