@@ -255,8 +255,9 @@ class Node:
         _poll(repr(self), check, timeout, self.log_tail)
 
     def stop(self) -> None:
-        """SIGTERM the process group, wait up to STOP_GRACE seconds, then SIGKILL."""
-        self._signal(signal.SIGTERM)
+        """The kind's stop signal (SIGTERM) to the process group, wait up to STOP_GRACE seconds,
+        then SIGKILL."""
+        self._signal(self.cluster.stop_signal)
         self._reap()
 
     def kill(self) -> None:
@@ -304,6 +305,8 @@ class Cluster:
     kind = ""
     port_roles: tuple[str, ...] = ("client",)
     binary = ""
+    #: What asks the server to stop (then SIGKILL after STOP_GRACE).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, workdir: pathlib.Path, nodes: int) -> None:
         if nodes < 1:
@@ -368,7 +371,7 @@ class Cluster:
             leader = None
         for group in ([n for n in self.nodes if n is not leader], [leader] if leader else []):
             for node in group:
-                node._signal(signal.SIGTERM)
+                node._signal(self.stop_signal)
             for node in group:
                 node._reap()
 
@@ -604,6 +607,8 @@ class PostgresCluster(Cluster):
     kind = "postgres"
     binary = "postgres"
     port_roles = ("client",)
+    #: Fast shutdown: SIGTERM (smart) waits for every client to disconnect.
+    stop_signal = signal.SIGINT
     SUPERUSER = "postgres"
     DBNAME = "postgres"
 
@@ -664,6 +669,34 @@ class PostgresCluster(Cluster):
         with self.connect() as conn:
             cursor = conn.execute(statement, params)
             return cursor.fetchall() if cursor.description is not None else []
+
+    def processes(self, node: Node | None = None) -> list[int]:
+        """The postmaster's pid and its children's: each backend calls setsid(), so a signal
+        to the postmaster's process group reaches the postmaster alone."""
+        postmaster = (node or self.nodes[0]).pid
+        if postmaster is None:
+            return []
+        children = []
+        for entry in pathlib.Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rpartition(")")[2].split()[1]) == postmaster:
+                    children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def pause(self, node: Node | None = None) -> None:
+        """SIGSTOP the server and every backend: nothing answers, connections stay open."""
+        for pid in self.processes(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self, node: Node | None = None) -> None:
+        for pid in self.processes(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def _answers(self, node: Node) -> bool:
         import psycopg

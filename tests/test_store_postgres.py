@@ -412,3 +412,66 @@ def test_deleting_the_leaders_row_never_gives_two_leaders(cluster, key: str, bob
     finally:
         proxy.close()
     assert not any(overlaps), f"two leaders at once: overlaps {overlaps} ms"
+
+
+# -- the server frozen, the holder cut off ----------------------------------------------------------
+
+
+def test_a_holder_cut_off_steps_down_before_a_waiter_wins(cluster, key: str) -> None:
+    """A partition between alice and the server: her renewals get no answer, she steps down at
+    her renew deadline, and bob wins once her row has expired on the server's clock; never both."""
+    proxy = Proxy(cluster.addrs[0], "alice->postgres")
+    alice_store = PostgresStore([proxy.addr], user=cluster.SUPERUSER, dbname=cluster.DBNAME, timeout=1)
+    bob_store = PostgresStore(cluster.addrs, user=cluster.SUPERUSER, dbname=cluster.DBNAME, timeout=5)
+    alice = Candidate(alice_store, key, "alice", ttl=FAST_TTL, retry=Backoff(initial=0.1, maximum=0.5))
+    bob = Candidate(bob_store, key, "bob", ttl=FAST_TTL)
+    both: list[float] = []
+
+    def sample() -> None:
+        while True:
+            if alice.is_leader() and bob.is_leader():
+                both.append(time.monotonic())
+            gevent.sleep(0.001)
+
+    sampler = gevent.spawn(sample)
+    try:
+        alice_elected, _ = alice.run_for_election()
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice's first item") is False
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice to win") is True
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, 3 * FAST_TTL, "bob's first item") is False
+        proxy.partition("both")
+        assert next_item(alice_elected, 3 * FAST_TTL, "alice to step down") is False
+        assert next_item(bob_elected, 3 * FAST_TTL + 10, "bob to win after alice's expiry") is True
+        proxy.heal()
+        assert not alice.is_leader()
+    finally:
+        sampler.kill()
+        proxy.close()
+        bob.stop()
+        alice.stop()
+        alice_store.close()
+        bob_store.close()
+    assert not both, f"two leaders for {(both[-1] - both[0]) * 1000 + 1:.0f} ms"
+
+
+def test_a_frozen_server_ends_the_tenure_and_the_election_resumes(tmp_path, key: str) -> None:
+    """SIGSTOP of the server: nothing answers, the leader steps down at its renew deadline (no
+    hung greenlet); after SIGCONT a leader is elected again."""
+    own = servers.start("postgres", tmp_path, 1)
+    store = PostgresStore(own.addrs, user=own.SUPERUSER, timeout=1)
+    alice = Candidate(store, key, "alice", ttl=FAST_TTL, retry=Backoff(initial=0.1, maximum=0.5))
+    try:
+        elected, _ = alice.run_for_election()
+        assert next_item(elected, 3 * FAST_TTL, "alice's first item") is False
+        assert next_item(elected, 3 * FAST_TTL, "alice to win") is True
+        own.pause()
+        try:
+            assert next_item(elected, 3 * FAST_TTL, "alice to step down while the server is frozen") is False
+        finally:
+            own.resume()
+        assert next_item(elected, 30, "alice to lead again after SIGCONT") is True
+    finally:
+        alice.stop()
+        store.close()
+        own.stop()
