@@ -459,6 +459,96 @@ def test_an_unclaimed_greenleader_node_first_in_line_is_never_named(stores, key,
         watch.close()
 
 
+def test_a_watch_names_the_successor_at_its_claim_never_before(stores, key) -> None:
+    """The watch on a claimed leader also watches the next in line; when the leader's nodes go,
+    the successor is named once it claims, never while unclaimed (rule 10): first a successor
+    that claims only after the grace (the watch reports the vacancy meanwhile), then one that
+    claims at once."""
+    store = stores()
+    path = store.path_for(key)
+    session = store._lease_session(store.validate_ttl(TTL * 5))
+    store._ensure_key(session, path)
+    from greenleader.stores.zookeeper import recipe as zookeeper
+
+    uids = [zookeeper._new_uid() for _ in range(3)]
+    nodes = [ZooKeeperStore._register(session, path, uid, f"n{i}") for i, uid in enumerate(uids)]
+    reader = stores()
+    with admin_client(store.hosts) as zk:
+        zk.set(nodes[0], b"n0")  # n0 claims: it leads
+        watch = reader.watch(key)
+        assert next(watch) == LeaderInfo("n0", zk.exists(nodes[0]).czxid)
+        transaction = zk.transaction()  # a release: node and twin in one transaction
+        transaction.delete(nodes[0])
+        transaction.delete(f"{path}/{uids[0]}__live__")
+        transaction.commit()
+        assert next(watch) is None, "an unclaimed successor was named"
+        zk.set(nodes[1], b"n1")  # n1 claims, late
+        assert next(watch) == LeaderInfo("n1", zk.exists(nodes[1]).czxid)
+
+        def hand_over() -> None:
+            transaction = zk.transaction()
+            transaction.delete(nodes[1])
+            transaction.delete(f"{path}/{uids[1]}__live__")
+            transaction.commit()
+            zk.set(nodes[2], b"n2")  # the winner claims at once
+
+        handover = gevent.spawn(hand_over)
+        named = next(watch)
+        while named is None or named.node == "n1":  # n1 read again; a vacancy if n2 claimed late
+            named = next(watch)
+        handover.join()
+        assert named == LeaderInfo("n2", zk.exists(nodes[2]).czxid)
+        assert zk.exists(nodes[2]).version == 1
+        watch.close()
+
+
+def test_candidates_of_new_keys_under_a_missing_prefix_all_lead(stores) -> None:
+    """Many candidates starting at once on keys whose common parent does not exist yet: the
+    parent is made once for all of them (shared), every key is made, and all lead."""
+    store = stores()
+    prefix = f"new-{uuid.uuid4().hex[:8]}/deeper"
+    crowd = [Candidate(store, f"{prefix}/k{i}", f"c{i}", ttl=TTL * 5) for i in range(40)]
+    try:
+        for candidate in crowd:
+            candidate.run_for_election()
+        wait_until(lambda: all(c.is_leader() for c in crowd), WAIT, "every candidate to lead")
+        with admin_client(store.hosts) as zk:
+            assert sorted(zk.get_children(f"/{prefix}")) == sorted(f"k{i}" for i in range(40))
+    finally:
+        gevent.joinall([gevent.spawn(c.stop) for c in crowd], timeout=WAIT)
+
+
+def test_kazoos_select_answers_at_once_what_is_ready_and_waits_otherwise() -> None:
+    """The handler's select (transport.GeventHandler) returns what is ready without waiting,
+    waits for the timeout when nothing is, lets other greenlets run during a long run of
+    ready answers, and refuses a closed socket as kazoo's own handler does."""
+    from kazoo.handlers.gevent import SequentialGeventHandler
+
+    from greenleader.stores.zookeeper.transport import FAST_STREAK, GeventHandler
+
+    handler = GeventHandler()
+    reader, writer = gevent.socket.socketpair()
+    try:
+        started = time.monotonic()
+        assert handler.select([reader], [], [], 0.2) == ([], [], [])
+        assert time.monotonic() - started >= 0.19, "nothing was ready, yet it did not wait"
+        writer.send(b"x")
+        assert handler.select([reader], [writer], [], WAIT) == ([reader], [writer], [])
+        ran = gevent.spawn(lambda: None)
+        for _ in range(FAST_STREAK + 1):
+            assert handler.select([reader], [], [], WAIT)[0] == [reader]
+        assert ran.dead, "a run of ready selects never let another greenlet run"
+    finally:
+        reader.close()
+        writer.close()
+    errors = []
+    for each in (handler, SequentialGeventHandler()):
+        with pytest.raises(Exception) as refused:
+            each.select([reader], [], [], 0.1)
+        errors.append(type(refused.value))
+    assert errors[0] is errors[1]
+
+
 # -- sessions: SUSPENDED and LOST ------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from gevent.event import Event
+from gevent.queue import Empty, Queue
 
 from ...errors import (
     InvalidArgumentError,
@@ -484,9 +485,12 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                 continue
 
     def _read_leader(
-        self, session: _Session, path: str, watch: Callable[[Any], None] | None = None
+        self, session: _Session, path: str, watch: Callable[[Any], None] | None = None,
+        successor: list[_Unclaimed] | None = None,
     ) -> LeaderInfo | _Unclaimed | None:
-        """The leader of ``path``; with ``watch``, arm it on what would change the answer."""
+        """The leader of ``path``; with ``watch``, arm it on what would change the answer. With
+        ``successor``, a claimed leader's next in line, if it is greenleader's, is read in the
+        same round trip, watched, and appended to that list: its claim names it."""
         client = session.client
         while True:
             try:
@@ -502,6 +506,9 @@ class ZooKeeperStore(ZooKeeperClient, Store):
             if not contenders:
                 return None
             first = f"{path}/{contenders[0]}"
+            second = f"{path}/{contenders[1]}" if successor is not None and len(contenders) > 1 \
+                and _claims(contenders[1], children) else None
+            ahead = client.get_async(second, watch) if second else None
             try:  # the leader stays leader until its node goes: watch only that node
                 data, stat = session.call(client.get_async, first, watch)
             except NoNodeError:
@@ -509,44 +516,60 @@ class ZooKeeperStore(ZooKeeperClient, Store):
             info = LeaderInfo(data.decode("utf-8", "replace"), stat.czxid)
             if stat.version == 0 and _claims(contenders[0], children):
                 return _Unclaimed(first, info)  # the claim (or the node's deletion) fires the watch
+            if ahead is not None and successor is not None:
+                with contextlib.suppress(NoNodeError, StoreError):  # gone, or the connection with it
+                    next_data, next_stat = session.result(ahead, path=second)
+                    if second is not None and next_stat.version == 0:
+                        name = next_data.decode("utf-8", "replace")
+                        successor.append(_Unclaimed(second, LeaderInfo(name, next_stat.czxid)))
             return info  # a claimed greenleader node, or kazoo's: named at once (it never claims)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
         path = self.path_for(key)
+        waited: str | None = None  # a successor whose claim was waited for already, in vain
         while True:
-            changed = Event()
-            events: list[WatchedEvent] = []
+            fired: Queue[WatchedEvent] = Queue()
+            successor: list[_Unclaimed] = []
             try:
-                info = self._read_leader(self._session(), path, _recorder(events, changed))
+                info = self._read_leader(self._session(), path, fired.put, successor)
             except _ConnectionLost:
                 continue
-            if not isinstance(info, _Unclaimed):
-                yield info
-                changed.wait()  # kazoo also fires watches when the connection drops
+            if isinstance(info, _Unclaimed):
+                # The first node is not claimed yet: as a rule the winner of a handover, which
+                # claims it a round trip after its win. Wait that long before reporting a
+                # vacancy, so that followers hear of a handover once, with the new name (the
+                # vacancy first cost every follower a notification right before it, 30 ms for
+                # 100 followers on a loaded box).
+                event = _next(fired, 0.0 if info.path == waited else CLAIM_GRACE)
+                waited = None
+                if not _claimed(info, event):
+                    yield None
+                    event = event or fired.get()  # kazoo also fires watches when the connection drops
+                if _claimed(info, event):
+                    # The first node was claimed (its version left 0): its candidate leads, under
+                    # the name its node was created with. Named at once, then read again.
+                    yield info.leader
                 continue
-            # The first node is not claimed yet: as a rule the winner of a handover, which claims
-            # it a round trip after its win. Wait that long before reporting a vacancy, so that
-            # followers hear of a handover once, with the new name (the vacancy first cost every
-            # follower a notification right before it, 30 ms for 100 followers on a loaded box).
-            changed.wait(CLAIM_GRACE)
-            if not _claimed(info, events):
-                yield None
-                changed.wait()
-            if _claimed(info, events):
-                # The first node was claimed (its version left 0): its candidate leads, under
-                # the name its node was created with. Named at once, then read again.
-                yield info.leader
+            yield info
+            event = fired.get()
+            if successor and event.type == EventType.DELETED and event.path != successor[0].path:
+                # The leader's node went: its successor, next in line and watched, wins and
+                # claims a round trip later. Named at its claim, without reading the queue first.
+                following = successor[0]
+                if _claimed(following, _next(fired, CLAIM_GRACE)):
+                    yield following.leader
+                else:
+                    waited = following.path
 
 
-def _claimed(unclaimed: _Unclaimed, events: list[WatchedEvent]) -> bool:
-    """True if the first event of a watch on ``unclaimed`` is its claim (its data written)."""
-    return bool(events) and events[0].type == EventType.CHANGED and events[0].path == unclaimed.path
+def _next(fired: Queue[WatchedEvent], timeout: float) -> WatchedEvent | None:
+    """The next event of a watch within ``timeout`` seconds, or None."""
+    try:
+        return fired.get(timeout=timeout) if timeout > 0 else fired.get_nowait()
+    except Empty:
+        return None
 
 
-def _recorder(events: list[WatchedEvent], event: Event) -> Callable[[WatchedEvent], None]:
-    """A kazoo watch callback that records what fired and sets ``event``."""
-    def fired(watched: WatchedEvent) -> None:
-        events.append(watched)
-        event.set()
-
-    return fired
+def _claimed(unclaimed: _Unclaimed, event: WatchedEvent | None) -> bool:
+    """True if ``event``, from a watch on ``unclaimed``, is its claim (its data written)."""
+    return event is not None and event.type == EventType.CHANGED and event.path == unclaimed.path
