@@ -1,11 +1,14 @@
 """1,000 idle etcd candidates in one process (one key each): the process's CPU at rest.
 
-    python -m benchmarks.etcd_idle [--candidates 1000] [--window 30] [--url etcd://...] [--profile out.pstats]
+    python -m benchmarks.etcd_idle [--candidates 1000] [--window 30] [--url etcd://...]
+                                   [--profile out.pstats] [--sample]
 
 Starts a single etcd member (tests/servers.py) unless ``--url`` is given, runs the candidates
 on one store object with the cost benchmark's TTL (15 s) and retries, waits until all lead (or
 ``STARTUP`` seconds pass), then measures this process's CPU over ``--window`` seconds
-(optionally under cProfile, which slows it down: compare profiles with profiles only). Run it
+(optionally under cProfile, which slows it down: compare profiles with profiles only; or with
+``--sample``, a light stack sampler), and prints the keepalives' round trips (median / p99 /
+max) and how many were in flight at most. Run it
 with ``PYTHONPATH`` pointing at another checkout to measure that checkout's store (before/after).
 """
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--url")
     parser.add_argument("--profile")
+    parser.add_argument("--sample", action="store_true", help="sample the stack every 2 ms (benchmarks.zookeeper_idle)")
     args = parser.parse_args()
     cluster = None
     url = args.url
@@ -45,6 +49,21 @@ def main() -> None:
         cluster = servers.start("etcd", tempfile.mkdtemp(prefix="etcd-idle-"))
         url = cluster.url
     store = from_url(url)
+    latencies: list[float] = []
+    in_flight = [0, 0]  # now, most
+    keepalive = store.client.keepalive
+
+    def timed_keepalive(lease_id: int) -> int:
+        started = time.monotonic()
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            return keepalive(lease_id)
+        finally:
+            in_flight[0] -= 1
+            latencies.append(time.monotonic() - started)
+
+    store.client.keepalive = timed_keepalive
     prefix = f"bench/idle-{uuid.uuid4().hex[:6]}"
     candidates = [Candidate(store, f"{prefix}/{i}", f"c{i}", ttl=TTL, retry=True) for i in range(args.candidates)]
     started = time.monotonic()
@@ -58,6 +77,12 @@ def main() -> None:
     print(f"{leading} of {len(candidates)} lead after {time.monotonic() - started:.1f} s", flush=True)
     gevent.sleep(3.0)
     profiler = cProfile.Profile() if args.profile else None
+    sampler = None
+    if args.sample:
+        from benchmarks.zookeeper_idle import _Sampler
+        sampler = _Sampler()
+    del latencies[:]
+    in_flight[1] = 0
     cpu0, t0 = time.process_time(), time.monotonic()
     if profiler:
         profiler.enable()
@@ -68,6 +93,13 @@ def main() -> None:
     cpu, elapsed = time.process_time() - cpu0, time.monotonic() - t0
     leading = sum(c.is_leader() for c in candidates)
     print(f"cpu {cpu / elapsed * 100:.1f} % of a core over {elapsed:.0f} s; {leading} lead", flush=True)
+    if latencies:
+        ordered = sorted(latencies)
+        print(f"{len(ordered)} keepalives, round trip ms: median {ordered[len(ordered) // 2] * 1000:.1f}, "
+              f"p99 {ordered[int(len(ordered) * 0.99)] * 1000:.1f}, max {ordered[-1] * 1000:.1f}; "
+              f"at most {in_flight[1]} in flight", flush=True)
+    if sampler:
+        sampler.report()
     gevent.joinall([gevent.spawn(c.stop) for c in candidates], timeout=60)
     store.close()
     if cluster is not None:

@@ -241,6 +241,32 @@ def test_stop_and_release_leave_no_lease_and_no_key(stores, cluster, key):
     assert keys_under(store, key, twins=True) == [] and not lease_alive(store, lease.lease_id)
 
 
+def test_a_release_that_failed_is_finished_by_its_retry(stores, key, monkeypatch):
+    """A release whose revoke failed (after its transaction let the next candidate in) does
+    what is left when the candidate tries it again: the lease is revoked. (Before, the retry
+    returned at once and the lease lived on for its TTL.)"""
+    store = stores()
+    lease = store.acquire(key, "alice", FAST_TTL)
+    revoke = store.client.revoke
+    failures = []
+
+    def revoke_failing_once(lease_id: int) -> None:
+        if not failures:
+            failures.append(lease_id)
+            raise StoreUnavailableError("injected: etcd revoke failed")
+        revoke(lease_id)
+
+    monkeypatch.setattr(store.client, "revoke", revoke_failing_once)
+    with pytest.raises(StoreUnavailableError):
+        lease.release()
+    left = [kv.key for kv in store.client.range_prefix(key.encode()).kvs]
+    assert left == [f"{key}/{lease.lease_id:x}/done".encode()], "the transaction left only the mark"
+    assert lease_alive(store, lease.lease_id)
+    lease.release()
+    assert failures == [lease.lease_id] and not lease_alive(store, lease.lease_id)
+    assert [kv.key for kv in store.client.range_prefix(key.encode()).kvs] == [], "the mark went with the lease"
+
+
 def test_killed_acquire_leaves_nothing(stores, key):
     store = stores()
     holder = store.acquire(key, "alice", FAST_TTL)

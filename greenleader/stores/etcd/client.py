@@ -65,6 +65,8 @@ _ENDPOINT_RETRY = 5.0
 #: gRPC keepalive pings find a dead peer under a stream that would otherwise hang forever.
 #: etcd refuses pings more frequent than its --grpc-keepalive-min-time (5 s by default).
 _PING_INTERVAL_MS = 10_000
+#: etcd's lease keepalive method, called as a unary call (see :meth:`EtcdClient.keepalive`).
+_KEEPALIVE_METHOD = "/etcdserverpb.Lease/LeaseKeepAlive"
 #: Longest slice of gRPC's blocking waits once gevent runs it (gRPC's own is 0.1 s).
 _GRPC_WAIT_SLICE = 5.0
 
@@ -333,6 +335,7 @@ class EtcdClient:
         if self.user is not None and not self.secure:
             warn_plaintext_secret("etcd", "password", [host for host, _ in self._hosts])
         self._etcd: Any = None
+        self._keepalive_calls: dict[int, tuple[Any, Any]] = {}  # id(channel) -> (channel, call)
         self._pid = 0
         self._closed = False
         self.requests: Counter[str] = Counter()
@@ -371,6 +374,7 @@ class EtcdClient:
             log.debug("etcd store used in a new process (fork): making a fresh client")
             _inherited_clients.append(self._etcd)
             self._etcd = None
+            self._keepalive_calls = {}
         _init_grpc_gevent()
         options = [
             ("grpc.keepalive_time_ms", _PING_INTERVAL_MS),
@@ -503,9 +507,29 @@ class EtcdClient:
         self.call("lease grant", grant)
 
     def keepalive(self, lease_id: int) -> int:
-        """One keepalive; the lease's remaining TTL (0 if it is gone)."""
-        responses = self.call("keepalive", lambda client: list(client.refresh_lease(lease_id)))
-        return responses[0].TTL if responses else 0
+        """One keepalive; the lease's remaining TTL (0 if it is gone).
+
+        etcd's ``LeaseKeepAlive`` is a bidirectional stream, but its server answers each
+        request and ends the call when the client half-closes: one request and one answer,
+        which on the wire is a unary call. Made as one, it costs gRPC Python a quarter of the
+        CPU of a streaming call (0.6 against 2.4 ms) and no request-feeding greenlet; a
+        long-lived stream fed from a queue stalled under gevent (docs/stores/etcd.md).
+        """
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+        response = self.call("keepalive", lambda client: self._keepalive_call(client)(
+            request, self.timeout, credentials=client.call_credentials, metadata=client.metadata))
+        return int(response.TTL)
+
+    def _keepalive_call(self, client: Any) -> Any:
+        """The unary ``LeaseKeepAlive`` of the channel in use (made once per channel)."""
+        channel = client.channel
+        made = self._keepalive_calls.get(id(channel))
+        if made is None or made[0] is not channel:
+            made = (channel, channel.unary_unary(
+                _KEEPALIVE_METHOD, request_serializer=etcdrpc.LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=etcdrpc.LeaseKeepAliveResponse.FromString))
+            self._keepalive_calls[id(channel)] = made
+        return made[1]
 
     def lease_ttl(self, lease_id: int) -> int:
         """The lease's remaining TTL in whole seconds (it may read 0 while it lives); -1 once

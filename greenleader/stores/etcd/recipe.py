@@ -658,12 +658,17 @@ class EtcdStore(Store):
             candidacy.withdraw()  # lost while waiting (expired, deleted): campaign anew
 
     def leader(self, key: str) -> LeaderInfo | None:
-        prefix = (key + "/").encode()
+        return self._settled((key + "/").encode())[0].leader()
+
+    def _settled(self, prefix: bytes) -> tuple[_View, int]:
+        """The election under ``prefix`` and the revision it was read at, once its first
+        candidate has claimed its key (or the store's timeout has passed)."""
         deadline, delay = now() + self.timeout, 0.005
         while True:
-            view = _View(prefix, self.client.range_prefix(prefix).kvs)
+            response = self.client.range_prefix(prefix)
+            view = _View(prefix, response.kvs)
             if not view.awaits_claim() or now() >= deadline:
-                return view.leader()
+                return view, response.header.revision
             # A winner claims its key one round trip after it learnt it won: wait for that
             # (bounded: the first may be a waiter that is frozen, or lost) rather than report
             # a vacancy. Polled rather than watched: it also runs where gevent has not patched.
@@ -671,19 +676,19 @@ class EtcdStore(Store):
             delay = min(delay * 2, 0.25)
 
     def watch(self, key: str) -> Iterator[LeaderInfo | None]:
-        """The leader after a range of ``<key>/``, then after each change a watch from that
-        revision reports (repeats included: the follower de-duplicates). A broken stream is
-        resumed once, at once, with a fresh range; a second break before any news, or a
-        failed range, raises (the follower's Backoff decides)."""
+        """The leader after a range of ``<key>/`` (waiting, as :meth:`leader` does, for a
+        winner's claim), then after each change a watch from that revision reports (repeats
+        included: the follower de-duplicates). A broken stream is resumed once, at once, with
+        a fresh range; a second break before any news, or a failed range, raises (the
+        follower's Backoff decides)."""
         prefix = (key + "/").encode()
         range_end = prefix_range_end(prefix)
         resumed = False
         while True:
-            response = self.client.range_prefix(prefix)
-            view = _View(prefix, response.kvs)
+            view, revision = self._settled(prefix)  # a winner about to claim is not a vacancy
             yield view.leader()
             try:
-                stream = self.client.watch(prefix, range_end, response.header.revision + 1)
+                stream = self.client.watch(prefix, range_end, revision + 1)
                 try:
                     for watch_response in stream:
                         resumed = False
