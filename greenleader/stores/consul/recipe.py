@@ -162,12 +162,13 @@ class Election:
         watch.users += 1
         return watch
 
-    def unsubscribe(self, watch: KeyWatch) -> None:
+    def unsubscribe(self, watch: KeyWatch, *, wait: bool = True) -> None:
+        """One user fewer; the last one ends the watch (``wait``: until its greenlet is gone)."""
         watch.users -= 1
         if watch.users == 0:
             if self._watches.get(watch.key) is watch:
                 del self._watches[watch.key]
-            watch.close()
+            watch.close(wait=wait)
 
     def close(self) -> None:
         for watch in list(self._watches.values()):
@@ -226,7 +227,9 @@ class _Campaign:
                 pause = min(pause * 2, LOCK_DELAY_RETRY[1]) if changed == version else LOCK_DELAY_RETRY[0]
                 version, entry = changed, new_entry
         finally:
-            self.election.unsubscribe(watch)
+            # A win returns without a yield (a kill then would leave the key locked with no
+            # lease to release it): the watch ends after, in the hub's next turn.
+            self.election.unsubscribe(watch, wait=lease is None)
 
     def _try_lock(self) -> ConsulLease | None:
         """One lock transaction: the lease if won, None if refused (or the session was lost)."""
@@ -607,6 +610,7 @@ class KeyWatch:
                 index, entry = read(self.key, index=index, wait=self.election.wait)
                 if entry != self.state[1]:
                     self._publish(index, entry)
+                    gevent.sleep(0)  # the subscribers first (a waiter's lock), then the next query
         except StoreError as exc:
             self.error = exc
             self._wake()
@@ -620,8 +624,8 @@ class KeyWatch:
         changed, self._changed = self._changed, Event()
         changed.set()
 
-    def close(self) -> None:
-        self.greenlet.kill()
+    def close(self, *, wait: bool = True) -> None:
+        self.greenlet.kill(block=wait)
 
 
 def _info(entry: dict[str, Any] | None) -> LeaderInfo | None:
