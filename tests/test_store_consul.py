@@ -443,6 +443,40 @@ def test_a_hung_agent_fails_a_blocking_query_in_bounded_time(tmp_path, key):
         own.stop()
 
 
+def test_the_datacenter_goes_with_every_request_the_win_s_transaction_included(stores, key, tag):
+    """py-consul's ``txn.put`` sends no ``dc``: the store's transport adds it, so a store bound to
+    another datacenter never locks a key in its agent's own."""
+    local = stores()
+    session = local._client.create_session(f"greenleader {tag}", FAST_TTL, 0)
+    try:
+        elsewhere = stores(dc="nowhere", timeout=2.0)
+        with pytest.raises(StoreUnavailableError, match="datacenter"):
+            elsewhere._client.lock(key, f"{tag}-alice", session)
+        assert raw_entry(local.addrs[0], key) is None
+    finally:
+        local._client.destroy_session(session)
+
+
+def test_a_refused_lock_transaction_is_told_apart_by_its_errors(stores, key, tag):
+    """Consul answers a refused transaction 409 with its errors (py-consul would raise them as
+    text): a key held by another session is a plain refusal (None), an unknown session is
+    SessionGone."""
+    from greenleader.stores.consul.client import SessionGone
+
+    client = stores()._client
+    holder = client.create_session(f"greenleader {tag}-holder", FAST_TTL, 0)
+    other = client.create_session(f"greenleader {tag}-other", FAST_TTL, 0)
+    try:
+        assert client.lock(key, f"{tag}-holder", holder)["Session"] == holder
+        assert client.lock(key, f"{tag}-other", other) is None
+        client.destroy_session(other)
+        with pytest.raises(SessionGone, match="invalid session"):
+            client.lock(key, f"{tag}-other", other)
+    finally:
+        client.destroy_session(holder)
+        client.destroy_session(other)
+
+
 def test_a_dead_first_endpoint_is_skipped(stores, key, cluster):
     dead = f"127.0.0.1:{closed_port()}"
     store = stores(addrs=[dead, *cluster.addrs], timeout=1.0)
