@@ -187,7 +187,7 @@ def _zookeeper_owner(store: Store, key: str) -> int:
 def delete_key(kind: str, env: BackendEnv, store: Store, key: str) -> None:
     """Delete the holder's registration of ``key`` from outside, leaving its session or lease
     alive: ``consul kv delete``, ``etcdctl del <key>/<lease hex>``, a kazoo ``delete`` of its
-    node, an unlinked lock file; the memory store drops the one holder."""
+    node, an unlinked lock file, a DELETE of its row; the memory store drops the one holder."""
     if kind == "memory":
         assert store.expire(key), f"nobody held {key!r}"  # type: ignore[attr-defined]
     elif kind == "file":
@@ -199,6 +199,9 @@ def delete_key(kind: str, env: BackendEnv, store: Store, key: str) -> None:
         assert client.kv.delete(key)
     elif kind == "etcd":
         _etcdctl(env, "del", _etcd_leader_kv(env, key)["name"])
+    elif kind == "postgres":
+        from tests import support_postgres
+        support_postgres.force_expire(store, key)  # deletes the holder's row from a connection of its own
     else:
         from tests import support_zookeeper
         support_zookeeper.force_expire(store, key)  # deletes the holder's node from another session
@@ -278,8 +281,9 @@ def test_a_lost_session_ends_every_tenure_it_carried(kind, backend_env, store, k
     """The session (or lease) holding one key ends from outside: each tenure it carried ends,
     each with a LeadershipLost of its own and a LossReason; each candidate campaigns again and
     wins; a tenure on another session leads on."""
-    if kind in ("memory", "file"):
-        hold = {"memory": "its own expiry timer", "file": "a lock on its own file"}[kind]
+    if kind in ("memory", "file", "postgres"):
+        hold = {"memory": "its own expiry timer", "file": "a lock on its own file",
+                "postgres": "a row of its own, with its own expiry"}[kind]
         pytest.skip(f"the {kind} store has no session: each key's hold is {hold}, so the loss of one "
                     "key (test_leaving_or_losing_one_key_ends_only_that_tenure) is all there is to lose")
     everyone = campaigns(store, keys, ttl, stopping)
