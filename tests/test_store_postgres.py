@@ -16,6 +16,7 @@ import pytest
 from greenleader import Candidate, Follower
 from greenleader.errors import (
     InvalidArgumentError,
+    InvalidKeyError,
     InvalidURLError,
     LeadershipLostError,
     PermissionDeniedError,
@@ -475,3 +476,82 @@ def test_a_frozen_server_ends_the_tenure_and_the_election_resumes(tmp_path, key:
         alice.stop()
         store.close()
         own.stop()
+
+
+# -- bad input and unreachable servers (as tests/test_bad_input.py's table asks of the others) ------
+
+
+def _silent(sockets: list) -> str:
+    """A loopback address that accepts connections and never answers."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sockets.append(sock)
+    return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("case", ["refused", "silent", "name does not resolve", "an etcd-like HTTP port"])
+def test_an_unreachable_or_wrong_server_is_reported_within_its_timeout(case: str, key: str) -> None:
+    sockets: list = []
+    addr = {"refused": lambda: f"127.0.0.1:{closed_port()}", "silent": lambda: _silent(sockets),
+            "name does not resolve": lambda: "no-such-host.invalid:5432",
+            "an etcd-like HTTP port": lambda: _http_port(sockets)}[case]()
+    store = from_url(f"postgres://app:{SECRET}@{addr}/db?timeout=1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError) as raised:
+            store.leader(key)
+        assert time.monotonic() - started < 10, "not reported within a bounded time"
+        assert "postgres" in str(raised.value) and SECRET not in str(raised.value)
+    finally:
+        store.close()
+        for sock in sockets:
+            sock.close()
+
+
+def _http_port(sockets: list) -> str:
+    """A server that answers anything with an HTTP error and closes (not PostgreSQL)."""
+    addr = _silent(sockets)
+    listener = sockets[-1]
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+    sockets.append(_Killer(gevent.spawn(serve)))
+    return addr
+
+
+class _Killer:
+    def __init__(self, greenlet: gevent.Greenlet) -> None:
+        self.greenlet = greenlet
+
+    def close(self) -> None:
+        self.greenlet.kill()
+
+
+@pytest.mark.parametrize("make, error, says", [
+    (lambda: new_store("postgres", ["h:0"]), InvalidArgumentError, "port"),
+    (lambda: new_store("postgres", sslmode="sometimes"), InvalidArgumentError, "sslmode"),
+    (lambda: new_store("postgres", cert_file="/etc/hostname"), InvalidArgumentError, "key_file"),
+    (lambda: new_store("postgres", timeout=0), InvalidArgumentError, "timeout"),
+    (lambda: new_store("postgres", table=""), InvalidArgumentError, "table"),
+    (lambda: new_store("postgres", create="perhaps"), InvalidArgumentError, "create"),
+    (lambda: from_url("postgres://[::1"), InvalidURLError, "malformed"),
+    (lambda: from_url("postgres://h/db/extra"), InvalidArgumentError, "database"),
+    (lambda: from_url(f"postgres://u:{SECRET}@h/db?user=v"), InvalidURLError, "twice"),
+    (lambda: Candidate(new_store("postgres"), "k", "a", ttl=0.1), InvalidArgumentError, "ttl"),
+    (lambda: Follower(new_store("postgres"), "a\ud800"), InvalidKeyError, "Unicode"),
+], ids=["port zero", "bad sslmode", "cert without key", "zero timeout", "empty table", "bad create",
+        "unclosed bracket", "path with two parts", "user twice", "ttl below 0.5 s", "lone surrogate"])
+def test_bad_options_fail_fast_and_clearly(make, error, says: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(error) as raised:
+        made = make()
+        getattr(made, "close", lambda: None)()
+    assert says in str(raised.value) and SECRET not in str(raised.value)
+    assert time.monotonic() - started < 5

@@ -157,6 +157,7 @@ class _PostgresLease(Lease):
         self._store = store
         self._pid = os.getpid()
         self._released = False
+        self._deleted = False
         self._renewed = gevent.event.Event()  # set by each renewal: a failed claim or guard resumes then
         self._subscription = subscription
         self._guard = gevent.spawn(self._guard_row)
@@ -176,20 +177,28 @@ class _PostgresLease(Lease):
         self._renewed.set()
 
     def release(self) -> None:
-        if self._released:
+        """Delete our row (the trigger's NOTIFY wakes the waiters). A failed deletion raises and
+        is done again by the next call: the candidate retries a release within its bound."""
+        if self._deleted:
             return
-        self._released = True  # from here on, the guard reports nothing and nothing is claimed
-        self._claimer.kill(block=True, timeout=1)
-        if self._pid != os.getpid():
-            return  # a forked child's copy: the row is the parent's to release
-        try:  # the trigger's NOTIFY wakes the waiters
-            self._store.client.query("release", self._store.sql.release, self._params())
-        finally:
+        if not self._released:
+            self._released = True  # from here on, the guard reports nothing and nothing is claimed
+            self._claimer.kill(block=True, timeout=1)
             self._guard.kill(block=True, timeout=1)
             self._subscription.close()
+        if self._pid != os.getpid():
+            self._deleted = True  # a forked child's copy: the row is the parent's to release
+            return
+        self._store.client.query("release", self._store.sql.release, self._params())
+        self._deleted = True
 
     def abandon(self) -> None:
-        self._released = True  # the row expires after its TTL; no I/O here (a forked child)
+        """The row expires after its TTL. No I/O and no switch (a forked child calls this): the
+        greenlets are only told to die, and the subscription is dropped in memory."""
+        self._released = self._deleted = True
+        self._claimer.kill(block=False)
+        self._guard.kill(block=False)
+        self._subscription.close()
 
     def _claim_once_stepped_up(self) -> None:
         """Mark the row claimed, so that followers name us: retried until claimed, released or lost.
