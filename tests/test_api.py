@@ -86,7 +86,7 @@ def test_a_broken_store_module_is_not_taken_for_a_missing_dependency(monkeypatch
         raise ImportError(f"No module named {name!r}", name=name)
 
     monkeypatch.setattr(stores.importlib, "import_module", lambda _: missing("consul"))
-    with pytest.raises(MissingDependencyError, match=r'pip install "greenleader\[consul\]"'):
+    with pytest.raises(MissingDependencyError, match=r'"consul" extra \(in a clone: pip install -e "\.\[consul\]"\)'):
         new_store("consul")
     monkeypatch.setattr(stores.importlib, "import_module", lambda _: missing("greenleader.stores.consul.recipe"))
     with pytest.raises(ImportError) as raised:
