@@ -11,6 +11,13 @@ queue delivered the successor's name. A follower may hear of the new leader befo
 winner's ``acquire`` returns (the store shows the win to both at once), so the first figure
 can be slightly negative. At the end the tenures are checked: never two leaders at once,
 terms strictly increasing.
+
+Where the time goes: a bare ``store.watch(key)`` on the same store object, beside the followers'
+shared one, records when the store first showed each successor. ``store_delivery`` is the
+successor's ``elected`` -> that instant (the store's and its client's part, the same for one
+follower or a hundred); ``fan_out`` is that instant -> each follower's queue (the follower
+layer's part: the shared watch handing the value to every follower, their queues and events,
+and the consumers' turn on the hub).
 """
 
 from __future__ import annotations
@@ -45,6 +52,26 @@ class _Followers:
         self.seen: list[list[tuple[str | None, float]]] = [[] for _ in range(count)]
         self.greenlets = [gevent.spawn(self._consume, f, seen) for f, seen in zip(self.followers, self.seen,
                                                                                    strict=True)]
+        self.shown: list[tuple[str | None, float]] = []  # what a bare store watch showed, and when
+        self.bare = gevent.spawn(self._watch_bare, key)
+
+    def _watch_bare(self, key: str) -> None:
+        """The store's own delivery, without the follower layer: a watch of the store object
+        (watched again after an error, as the followers retry)."""
+        while True:
+            watch = self.store.watch(key)
+            try:
+                for info in watch:
+                    self.shown.append((info.node if info is not None else None, time.monotonic()))
+            except Exception as exc:  # any store error: watch again, as a follower would
+                log.info("bare watch of %s: %s; watching again", key, exc)
+            finally:
+                watch.close()
+            gevent.sleep(0.1)
+
+    def shown_at(self, node: str, after: float) -> float | None:
+        """When the bare store watch first showed ``node`` after ``after``."""
+        return next((t for leader, t in self.shown if leader == node and t > after), None)
 
     @staticmethod
     def _consume(follower: Follower, seen: list[tuple[str | None, float]]) -> None:
@@ -64,6 +91,7 @@ class _Followers:
         return times
 
     def close(self) -> None:
+        self.bare.kill(block=True, timeout=5)
         for follower in self.followers:
             follower.stop()
         gevent.killall(self.greenlets, timeout=5)
@@ -77,6 +105,8 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
     from_release: list[float] = []
     all_notified: list[float] = []
     handovers: list[float] = []
+    store_delivery: list[float] = []
+    fan_out: list[float] = []
     names = (f"c{i}" for i in itertools.count(1))
     followers = _Followers(url, key, config.followers)
     try:
@@ -97,6 +127,10 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
                 from_elected += [t - successor.t for t in times]
                 from_release += [t - released.t for t in times]
                 all_notified.append(max(times) - successor.t)
+                shown = followers.shown_at(successor.node, sent)
+                if shown is not None:
+                    store_delivery.append(shown - successor.t)
+                    fan_out += [t - shown for t in times]
                 handovers.append(successor.t - released.t)
                 leader.wait_exit(15)
                 leader = group.procs[successor.proc]
@@ -105,11 +139,14 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
             errors = [f"{line.proc}: {line.extra}" for line in group.lines("error")]
     finally:
         followers.close()
-    log.info("followers %s: elected->notified %s", kind, summary(from_elected))
+    log.info("followers %s: elected->notified %s; store delivery %s; fan-out %s", kind, summary(from_elected),
+             summary(store_delivery), summary(fan_out))
     return {"followers": config.followers, "changes": config.follower_changes, "ttl": ttl,
             "from_elected": from_elected, "from_release": from_release, "all_notified": all_notified,
             "handovers": handovers, "summary_elected": summary(from_elected),
             "summary_release": summary(from_release), "summary_all_notified": summary(all_notified),
+            "store_delivery": store_delivery, "fan_out": fan_out,
+            "summary_store_delivery": summary(store_delivery), "summary_fan_out": summary(fan_out),
             "history_checked": True, "errors": errors}
 
 
