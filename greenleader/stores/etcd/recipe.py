@@ -473,10 +473,15 @@ class _Candidacy:
                             gone.add(predecessor_lease)
                         if any(event.prev_kv.version >= _CLAIMED for event in deleted):
                             self._forget_checked_by(created)
+                        # Cancelling the stream costs about 0.5 ms of CPU: done while the
+                        # proof is on the wire rather than before it is sent.
+                        gevent.spawn(self.stream.close)
+                        self.stream = None
                         break
                 finally:
-                    self.stream.close()
-                    self.stream = None
+                    if self.stream is not None:
+                        self.stream.close()
+                        self.stream = None
             except StoreUnavailableError as exc:
                 # The transport is resumed once, at once (the proof fails over and waits for a
                 # server within its own deadline); a second failure before the watch has told
