@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.socket
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from ... import _fork, _outcome
 from ...errors import (
@@ -77,6 +78,12 @@ _CONFIRM_REUSE = 1 / 30
 ORPHAN_RETRY_DELAY = 0.1  # first pause before leftover nodes are deleted again (doubling)
 ORPHAN_RETRY_MAX = 1.0  # at most this long: a close() waits for the cleaner to see it
 _READER_SESSION_MS = 10_000  # session of a store that only reads (leader, watch)
+#: Candidacies of one session that register at once (the others wait their turn): each then
+#: lists the queue, arms its watches and claims, about 7 requests, so at most ~400 wait in
+#: kazoo's queue, under half a second of the server's answers on a loaded 2-core box. Without
+#: it 1,000 candidates starting at once queued ~4,000 requests, the last ones answered after
+#: the 5 s timeout, whose retries kept the queue full.
+REGISTERING_MAX = 64
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
 _CONNECTION_ERRORS = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
@@ -153,6 +160,7 @@ class _Session:
         self.log = _KazooLog(self._on_tls_refusal)
         self._answer_timer: Any = None  # see _expect_answer
         self._ensuring: dict[str, Any] = {}  # path -> kazoo's ensure_path in flight (see ensure_path)
+        self.registering = BoundedSemaphore(REGISTERING_MAX)  # held by acquire() while it registers
         #: Counts connection drops: kazoo forgets every watch with its connection.
         self.generation = 0
         self._confirming: tuple[float, int, Any] | None = None  # the sync in flight: started, generation

@@ -355,12 +355,13 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                             if name else None
                     if lease is None:
                         sent = True
-                        try:
-                            created = self._register(session, path, uid, node)
-                        except NoNodeError:  # the transaction failed whole: nothing of ours exists
-                            sent = False
-                            self._ensure_key(session, path)
-                            continue
+                        with session.registering:  # a crowd of candidates registers in turn
+                            try:
+                                created = self._register(session, path, uid, node)
+                            except NoNodeError:  # the transaction failed whole: nothing of ours exists
+                                sent = False
+                                self._ensure_key(session, path)
+                                continue
                         lease = _ZooKeeperLease(session, key, node, created, f"{path}/{uid}{_LIVE}")
                     lease.woken.clear()
                     # One round trip: the queue, and (once per connection: kazoo drops watches
