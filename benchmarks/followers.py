@@ -12,12 +12,11 @@ winner's ``acquire`` returns (the store shows the win to both at once), so the f
 can be slightly negative. At the end the tenures are checked: never two leaders at once,
 terms strictly increasing.
 
-Where the time goes: a bare ``store.watch(key)`` on the same store object, beside the followers'
-shared one, records when the store first showed each successor. ``store_delivery`` is the
-successor's ``elected`` -> that instant (the store's and its client's part, the same for one
-follower or a hundred); ``fan_out`` is that instant -> each follower's queue (the follower
-layer's part: the shared watch handing the value to every follower, their queues and events,
-and the consumers' turn on the hub).
+Where the time goes: ``store_delivery`` is the successor's ``elected`` -> the first follower's
+queue (the store's watch and its client, plus one hand-off: the same for one follower or a
+hundred); ``fan_out`` is the first follower's queue -> each follower's (the follower layer's
+part: the shared watch handing the value to every follower, their queues and events, and the
+consumers' turns on the hub).
 """
 
 from __future__ import annotations
@@ -52,26 +51,6 @@ class _Followers:
         self.seen: list[list[tuple[str | None, float]]] = [[] for _ in range(count)]
         self.greenlets = [gevent.spawn(self._consume, f, seen) for f, seen in zip(self.followers, self.seen,
                                                                                    strict=True)]
-        self.shown: list[tuple[str | None, float]] = []  # what a bare store watch showed, and when
-        self.bare = gevent.spawn(self._watch_bare, key)
-
-    def _watch_bare(self, key: str) -> None:
-        """The store's own delivery, without the follower layer: a watch of the store object
-        (watched again after an error, as the followers retry)."""
-        while True:
-            watch = self.store.watch(key)
-            try:
-                for info in watch:
-                    self.shown.append((info.node if info is not None else None, time.monotonic()))
-            except Exception as exc:  # any store error: watch again, as a follower would
-                log.info("bare watch of %s: %s; watching again", key, exc)
-            finally:
-                watch.close()
-            gevent.sleep(0.1)
-
-    def shown_at(self, node: str, after: float) -> float | None:
-        """When the bare store watch first showed ``node`` after ``after``."""
-        return next((t for leader, t in self.shown if leader == node and t > after), None)
 
     @staticmethod
     def _consume(follower: Follower, seen: list[tuple[str | None, float]]) -> None:
@@ -91,7 +70,6 @@ class _Followers:
         return times
 
     def close(self) -> None:
-        self.bare.kill(block=True, timeout=5)
         for follower in self.followers:
             follower.stop()
         gevent.killall(self.greenlets, timeout=5)
@@ -127,10 +105,8 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
                 from_elected += [t - successor.t for t in times]
                 from_release += [t - released.t for t in times]
                 all_notified.append(max(times) - successor.t)
-                shown = followers.shown_at(successor.node, sent)
-                if shown is not None:
-                    store_delivery.append(shown - successor.t)
-                    fan_out += [t - shown for t in times]
+                store_delivery.append(min(times) - successor.t)
+                fan_out += [t - min(times) for t in times]
                 handovers.append(successor.t - released.t)
                 leader.wait_exit(15)
                 leader = group.procs[successor.proc]
