@@ -189,6 +189,8 @@ def test_a_follower_names_the_winner_only_once_claimed(cluster, stores, key: str
     lease = store.acquire(key, "alice", 60.0)
     assert store.leader(key) == LeaderInfo("alice", lease.term)  # claimed by the lease's greenlet
     assert cluster.sql(f"SELECT claimed FROM {TABLE} WHERE key = %s", [key]) == [(True,)]
+    # The NOTIFYs of its own take and claim did not make the holder check its row.
+    assert store.requests.get("check own row", 0) == 0, store.requests
     lease.release()
 
 

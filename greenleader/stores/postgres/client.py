@@ -46,6 +46,10 @@ DEFAULT_ADDR = "127.0.0.1:5432"
 #: Default seconds for connecting and for each statement: a lease statement takes a millisecond
 #: on a healthy server, so 5 s only ever expires on a server that has stopped answering.
 DEFAULT_TIMEOUT = 5.0
+#: Statement connections per store object (besides its LISTEN connection): two keep a renewal
+#: from waiting behind a burst of takes, and a process's whole use of the server small (each
+#: gunicorn worker has its own store; servers allow 100 connections by default).
+DEFAULT_POOL_SIZE = 2
 #: Seconds between two liveness checks of the LISTEN connection while nothing is heard: a
 #: half-open connection (server stopped, partition) is found within this plus ``timeout``.
 LISTEN_HEARTBEAT = 2.0
@@ -82,7 +86,7 @@ def _after_fork_in_child() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for client in list(_clients):
-            for conn in (client._conn, client._listen_conn):
+            for conn in (*client._open, client._listen_conn):
                 if conn is not None and not conn.closed:
                     with contextlib.suppress(OSError, psycopg.Error):
                         os.dup2(devnull, conn.fileno())
@@ -117,6 +121,29 @@ class Subscription:
         self.key = key
         self.changed = gevent.event.Event()
         self.error: StoreError | None = None
+        #: A holder's term (:meth:`hold`): a NOTIFY that the key is live with this term (its own
+        #: take or claim) does not wake it.
+        self.own_term: int | None = None
+        self._heard: list[tuple[bool, int | None]] = []  # since the last wake: (live, term)
+        self.listened = False  # True once a LISTEN connection served it (set by subscribe)
+
+    def notify(self, live: bool, term: int | None) -> None:
+        """The key changed: it names a live holder with ``term`` (``live``), or none; (False,
+        None): something may have changed."""
+        self._heard.append((live, term))
+        if not self._own(live, term):
+            self.changed.set()
+
+    def hold(self, term: int) -> None:
+        """From now on the subscriber holds the key with ``term``: what it heard of its own
+        take meanwhile (the NOTIFY may come before the take's answer) wakes it no more."""
+        self.own_term = term
+        if self._heard and all(self._own(*heard) for heard in self._heard):
+            self._heard.clear()
+            self.changed.clear()
+
+    def _own(self, live: bool, term: int | None) -> bool:
+        return live and term is not None and term == self.own_term
 
     def wait(self, timeout: float | None) -> None:
         """Until a change (or ``timeout``); raises StoreUnavailableError when LISTEN is broken.
@@ -125,6 +152,7 @@ class Subscription:
             timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
         self.changed.wait(timeout)
         self.changed.clear()
+        self._heard.clear()
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -149,7 +177,8 @@ class PostgresClient:
                  password: object = None, password_file: object = None, timeout: object = DEFAULT_TIMEOUT,
                  sslmode: object = None, sslrootcert: object = None, sslcert: object = None,
                  sslkey: object = None, tls: object = None, ca_file: object = None, cert_file: object = None,
-                 key_file: object = None, verify: object = None, channel: str = "greenleader",
+                 key_file: object = None, verify: object = None, pool_size: object = DEFAULT_POOL_SIZE,
+                 channel: str = "greenleader",
                  application_name: object = "greenleader") -> None:
         _check_blocking_wait()
         self.addrs = [_format(*_parse_addr(a)) for a in (addrs or [DEFAULT_ADDR])]
@@ -164,8 +193,10 @@ class PostgresClient:
         self.secure = self._ssl.get("sslmode") in ("require", "verify-ca", "verify-full")
         if self._password is not None and not self.secure:
             warn_plaintext_secret("postgres", "password", [_parse_addr(a)[0] for a in self.addrs])
-        self._lock = gevent.lock.BoundedSemaphore()  # one statement at a time on the shared connection
-        self._conn: psycopg.Connection[Any] | None = None
+        self.pool_size = int(check_float("pool_size", pool_size, minimum=1, maximum=64))
+        self._slots = gevent.lock.BoundedSemaphore(self.pool_size)  # statements in flight at most
+        self._idle: list[psycopg.Connection[Any]] = []  # statement connections not in use
+        self._open: set[psycopg.Connection[Any]] = set()  # every statement connection, in use or not
         self._listen_conn: psycopg.Connection[Any] | None = None
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._listener: gevent.Greenlet | None = None
@@ -210,12 +241,15 @@ class PostgresClient:
                 params["user"] = self.user
             if self._password is not None:
                 params["password"] = self._password
+            timer = gevent.Timeout(self.timeout + 1)  # behind libpq's connect_timeout (whole seconds)
             try:
-                with gevent.Timeout(self.timeout + 1):
+                with timer:
                     conn = psycopg.Connection.connect(**params)
                     conn.prepare_threshold = None  # never prepared: a pooler may change the server connection
                     return conn
-            except gevent.Timeout:
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
                 last = TimeoutError(f"no answer in {self.timeout:g}s")
             except psycopg.Error as exc:
                 if _sqlstate(exc) in _SQLSTATE_PERMISSION or "password" in str(exc).lower():
@@ -225,53 +259,61 @@ class PostgresClient:
         raise StoreUnavailableError(f"cannot connect to postgres at {', '.join(self.addrs)}: {_message(last)}")
 
     def query(self, name: str, statement: Any, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run one statement on the shared connection (autocommit); its rows.
+        """Run one statement (autocommit) on one of the store's statement connections; its rows.
 
-        Raises StoreUnavailableError when the server does not answer within ``timeout`` (the
-        connection is then dropped: its state is unknown), PermissionDeniedError when refused.
+        Waits for a free connection first (``pool_size`` of them): that wait is not the
+        server's, and does not count against ``timeout``. Raises StoreUnavailableError when the
+        server does not answer within ``timeout`` (the connection is then dropped: its state is
+        unknown), PermissionDeniedError when refused.
         """
         if self._closed:
             raise StoreUnavailableError("the postgres store is closed")
         self.requests[name] = self.requests.get(name, 0) + 1
-        timer = gevent.Timeout(self.timeout)
-        timer.start()
-        try:
-            with self._lock:
-                if self._conn is None or self._conn.closed:
-                    self._conn = self.connect()
-                conn = self._conn
+        with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            timer = gevent.Timeout(self.timeout)
+            timer.start()
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self.connect()
+                    self._open.add(conn)
                 try:
                     cursor = conn.execute(statement, params or None)  # None: no placeholders
-                    return cursor.fetchall() if cursor.description is not None else []
-                except gevent.Timeout:
-                    self._drop(conn)
-                    raise
+                    rows = cursor.fetchall() if cursor.description is not None else []
                 except psycopg.Error as exc:
                     if conn.closed or conn.broken or _sqlstate(exc) is None:
                         self._drop(conn)
+                    else:
+                        self._give_back(conn)
                     raise _translate(name, exc) from None
-                except BaseException:  # killed mid-statement: the connection's state is unknown
+                except BaseException:  # timed out, or killed mid-statement: its state is unknown
                     self._drop(conn)
                     raise
-        except gevent.Timeout as exc:
-            if exc is not timer:
-                raise
-            raise StoreUnavailableError(f"postgres did not answer {name} within {self.timeout:g}s") from None
-        finally:
-            timer.close()
+                self._give_back(conn)
+                return rows
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                raise StoreUnavailableError(f"postgres did not answer {name} within {self.timeout:g}s") from None
+            finally:
+                timer.close()
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        if self._closed:
+            self._drop(conn)
+        else:
+            self._idle.append(conn)
 
     def _drop(self, conn: psycopg.Connection[Any]) -> None:
-        if self._conn is conn:
-            self._conn = None
+        self._open.discard(conn)
         _close_quietly(conn)
 
     def close(self) -> None:
         self._closed = True
         if self._listener is not None:
             self._listener.kill(block=True, timeout=self.timeout)
-        if self._conn is not None:
-            _close_quietly(self._conn)
-            self._conn = None
+        while self._idle:
+            self._drop(self._idle.pop())
 
     # -- LISTEN/NOTIFY --------------------------------------------------------------------------
 
@@ -292,6 +334,7 @@ class PostgresClient:
         except BaseException:
             self._unsubscribe(subscription)
             raise
+        subscription.listened = True
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
@@ -311,9 +354,10 @@ class PostgresClient:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
             self._probe(conn)
             self._listening.set()
-            for subscribers in list(self._subscriptions.values()):  # a notification may have been missed
+            for subscribers in list(self._subscriptions.values()):
                 for subscription in subscribers:
-                    subscription.changed.set()
+                    if subscription.listened:  # served by a LISTEN before: it may have missed a NOTIFY
+                        subscription.notify(False, None)
             while self._subscriptions and not self._closed:
                 heard = False
                 for notify in conn.notifies(timeout=LISTEN_HEARTBEAT):
@@ -333,9 +377,16 @@ class PostgresClient:
             if conn is not None:
                 _close_quietly(conn)
 
-    def _deliver(self, key: str) -> None:
+    def _deliver(self, payload: str) -> None:
+        """Wake the subscribers of the key a NOTIFY names (``<l|x><term> <key>``, the table's
+        trigger)."""
+        head, _, key = payload.partition(" ")
+        try:
+            live, term = head[:1] == "l", int(head[1:])
+        except ValueError:  # not the trigger's: wake everyone of that key
+            live, term = False, None
         for subscription in list(self._subscriptions.get(key, ())):
-            subscription.changed.set()
+            subscription.notify(live, term)
 
     def _probe(self, conn: psycopg.Connection[Any]) -> None:
         """NOTIFY our own channel from the statement connection and wait for it on the LISTEN

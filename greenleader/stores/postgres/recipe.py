@@ -65,7 +65,12 @@ BEGIN
                        TG_TABLE_SCHEMA, TG_TABLE_NAME)
             USING OLD.key, OLD.node, OLD.term, OLD.owner, OLD.expires_at;
     END IF;
-    PERFORM pg_notify(TG_ARGV[0], COALESCE(NEW.key, OLD.key));
+    -- "<l|x><term> <key>": l, the row now names a live holder with that term; x, it names none
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify(TG_ARGV[0], 'x' || OLD.term || ' ' || OLD.key);
+    ELSE
+        PERFORM pg_notify(TG_ARGV[0], CASE WHEN NEW.revoked THEN 'x' ELSE 'l' END || NEW.term || ' ' || NEW.key);
+    END IF;
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS greenleader_notify_change ON {table};
@@ -160,6 +165,7 @@ class _PostgresLease(Lease):
         self._deleted = False
         self._renewed = gevent.event.Event()  # set by each renewal: a failed claim or guard resumes then
         self._subscription = subscription
+        subscription.hold(term)  # our own take and claim need no check
         self._guard = gevent.spawn(self._guard_row)
         self._claimer = gevent.spawn(self._claim_once_stepped_up)
 
@@ -221,7 +227,7 @@ class _PostgresLease(Lease):
 
     def _guard_row(self) -> None:
         """Tell the candidate at once when our row changes hands or goes (deleted from outside):
-        each NOTIFY about the key is checked against our term."""
+        each NOTIFY about the key but our own take and claim is checked against our term."""
         subscription = self._subscription
         while not self._released and self._pid == os.getpid():
             try:
@@ -243,7 +249,8 @@ class _PostgresLease(Lease):
                     continue
                 subscription.close()
                 subscription = self._subscription = fresh
-                fresh.changed.set()  # a deletion may have been missed meanwhile
+                fresh.hold(self.term)
+                fresh.notify(False, None)  # a deletion may have been missed meanwhile
 
     def _notify_lost_once(self) -> None:
         if not self._released and self._pid == os.getpid():
@@ -258,6 +265,7 @@ class PostgresStore(Store):
     :param dbname, user: the database and the role to connect as (libpq's defaults otherwise).
     :param password, password_file: the role's password, or a file whose first line is it.
     :param timeout: seconds for connecting and for each statement (default 5).
+    :param pool_size: statement connections (default 2), besides the one LISTEN connection.
     :param sslmode, sslrootcert, sslcert, sslkey: libpq's TLS parameters; or the other stores'
         names ``tls``, ``ca_file``, ``cert_file``, ``key_file``, ``verify`` (a CA file means
         ``verify-full``: the chain and the host name are checked).
