@@ -9,6 +9,8 @@ when its work ends) and the holder exits; the figure of each step is the time fr
 to: the holder's release sent and answered, its session destroyed, each waiter's blocking
 query answered and lock transaction sent and answered, the new leader stepping up and its
 ``elected`` queue read. Timestamps are ``time.monotonic()``, one clock for all processes.
+Each process's CPU time is read at each step too, so the CPU a handover costs each contender
+(from its first step in the handover) is measured apart from the machine's load.
 Prints one JSON document: the median and max of each step (ms).
 """
 
@@ -42,7 +44,7 @@ def child(url: str, key: str, name: str) -> None:
     from greenleader.stores.consul.client import ConsulClient
 
     def mark(what: str) -> None:
-        print(json.dumps([name, what, time.monotonic()]), flush=True)
+        print(json.dumps([name, what, time.monotonic(), time.process_time()]), flush=True)
 
     def traced(label: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: ConsulClient, *args: Any, **kwargs: Any) -> Any:
@@ -86,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cluster = servers.start("consul", Path(tmp), 1)
         procs: dict[str, subprocess.Popen[str]] = {}
-        marks: list[tuple[str, str, float]] = []
+        marks: list[tuple[str, str, float, float]] = []
 
         def start(name: str) -> None:
             proc = procs[name] = subprocess.Popen(
@@ -106,40 +108,66 @@ def main() -> None:
                 start(f"c{i}")
                 gevent.sleep(0.5)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and sum(what == "get answered" for _, what, _ in marks) < args.waiters:
+            while time.monotonic() < deadline and sum(what == "get answered" for _, what, *_ in marks) < args.waiters:
                 gevent.sleep(0.05)  # the first leader elected, every waiter at its blocking query
             steps: dict[str, list[float]] = {}
+            cpu_steps: dict[str, list[float]] = {}
+            winner_order = {"lock before next query": 0, "handovers": 0}  # the winner's lock, its next query
             count = args.waiters + 1
             for _ in range(args.handovers):
                 gevent.sleep(1.5)  # every waiter's blocking query in place
-                leaders = [n for n, what, _ in marks if what == "stepped up"]
+                leaders = [n for n, what, *_ in marks if what == "stepped up"]
                 holder = leaders[-1]
                 first = len(marks)
                 procs[holder].stdin.write("stop\n")  # type: ignore[union-attr]
                 procs[holder].stdin.flush()  # type: ignore[union-attr]
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and not any(
-                        what == "elected read" and n != holder for n, what, _ in marks[first:]):
+                        what == "elected read" and n != holder for n, what, *_ in marks[first:]):
                     gevent.sleep(0.005)
                 gevent.sleep(0.2)
                 window = marks[first:]
-                stop_at = next(t for n, what, t in window if what == "stop" and n == holder)
-                winner = next(n for n, what, _ in window if what == "elected read" and n != holder)
+                stop_at = next(t for n, what, t, _ in window if what == "stop" and n == holder)
+                winner = next(n for n, what, *_ in window if what == "elected read" and n != holder)
                 seen: set[str] = set()
-                for n, what, t in window:
+                cpu_from: dict[str, float] = {}  # each process's CPU time at its first mark of the handover
+                for n, what, _, cpu in window:
+                    role = "holder" if n == holder else "winner" if n == winner else "loser"
+                    cpu_from.setdefault(role, cpu)
+                    if what in ("exit", "elected read", "lock answered"):
+                        cpu_label = f"{role} CPU to {what}"
+                        if cpu_label not in seen:
+                            seen.add(cpu_label)
+                            cpu_steps.setdefault(cpu_label, []).append((cpu - cpu_from[role]) * 1000)
+                for n, what, t, _ in window:
                     role = "holder" if n == holder else "winner" if n == winner else "loser"
                     label = f"{role}: {what}"
                     if label not in seen:
                         seen.add(label)
                         steps.setdefault(label, []).append((t - stop_at) * 1000)
+                winner_steps = [what for n, what, *_ in window if n == winner]
+                if "lock sent" in winner_steps and "get sent" in winner_steps:
+                    first_lock = winner_steps.index("lock sent") < winner_steps.index("get sent")
+                    winner_order["lock before next query"] += first_lock
+                    winner_order["handovers"] += 1
                 procs.pop(holder).wait(timeout=30)
-                start(f"c{count}")
+                newcomer = f"c{count}"
+                start(newcomer)
                 count += 1
+                deadline = time.monotonic() + 60  # the newcomer waits at its blocking query
+                while time.monotonic() < deadline and not any(
+                        n == newcomer and what == "get sent" for n, what, *_ in marks):
+                    gevent.sleep(0.05)
             order = sorted(steps, key=lambda label: statistics.median(steps[label]))
             print(json.dumps({"load": os.getloadavg()[0], "handovers": args.handovers, "waiters": args.waiters,
+                              "winner's order": winner_order,
                               "ms_from_stop": {label: f"{statistics.median(steps[label]):.2f} median, "
                                                       f"{max(steps[label]):.2f} max ({len(steps[label])})"
-                                               for label in order}}, indent=1))
+                                               for label in order},
+                              "cpu_ms_from_first_mark": {label: f"{statistics.median(values):.2f} median, "
+                                                                f"{max(values):.2f} max ({len(values)})"
+                                                         for label, values in sorted(cpu_steps.items())}},
+                             indent=1))
         finally:
             for proc in procs.values():
                 proc.kill()

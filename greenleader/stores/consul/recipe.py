@@ -53,6 +53,11 @@ GATHER = 0.2
 FRESH_AT_WIN = 0.1
 #: Keys read per transaction in a confirmation round (Consul's limit of operations per txn).
 KEYS_PER_TXN = 64
+#: Seconds the session's destroy waits after its last user's release, so that the waiters'
+#: locks (sent as soon as the release shows) reach Raft before it rather than queue behind its
+#: write: in a handover between processes the winner's lock took 7-8 ms instead of 10-14 ms
+#: (benchmarks/consul_handover_trace.py, load 5-7). The release itself is not delayed.
+DESTROY_AFTER_RELEASE = 0.05
 
 
 class Election:
@@ -118,9 +123,10 @@ class Election:
             raise
         return session
 
-    def leave(self, session: SharedSession, *, close_later: bool = False) -> None:
+    def leave(self, session: SharedSession, *, close_later: bool = False, released: bool = False) -> None:
         """One user fewer; the last one destroys the session (in a new greenlet with
-        ``close_later``: then this never switches)."""
+        ``close_later``: then this never switches; :data:`DESTROY_AFTER_RELEASE` later if
+        that user has just ``released`` its key)."""
         session.users -= 1
         if session.users == 0:
             if self._sessions.get(session.ttl) is session:
@@ -128,7 +134,7 @@ class Election:
             if close_later:
                 gevent.spawn(session.close)
             else:
-                session.close()
+                session.close(DESTROY_AFTER_RELEASE if released else 0.0)
 
     def forget(self, session: SharedSession) -> None:
         if self._sessions.get(session.ttl) is session:
@@ -340,11 +346,13 @@ class ConsulLease(Lease):
         self._released = True
         session, client = self._session, self._election.client
         session.leases.discard(self)
+        released = False
         try:
             if not session.lost and not session.inherited and not client.release(self.key, session.id):
                 # Not ours any more: deleted from outside. Put it back vacant, so that waiters
                 # who saw us hold it know we have stepped down (docs/stores/consul.md).
                 client.put_vacant_if_absent(self.key)
+            released = True
         except StoreError:
             if session.users > 1:  # others keep the session (and so the key) alive: retry
                 session.users += 1
@@ -352,7 +360,7 @@ class ConsulLease(Lease):
             raise
         finally:
             self._election._give_turn(self.key)
-            self._election.leave(session)  # the last user destroys the session
+            self._election.leave(session, released=released)  # the last user destroys the session
 
     def lost_with_session(self) -> None:
         if not self._released:
@@ -526,15 +534,20 @@ class SharedSession:
             if greenlet is not gevent.getcurrent():
                 greenlet.kill(block=False)
 
-    def close(self) -> None:
-        """The last user left: stop renewing and destroy the session (its keys are released)."""
+    def close(self, delay: float = 0.0) -> None:
+        """The last user left: stop renewing and destroy the session (its keys are released),
+        ``delay`` seconds from now. Returns once destroyed; if the caller is killed meanwhile,
+        the destroy still goes out (a greenlet of its own)."""
         self.closed = True
         if not self._creating.ready():
             self._creating.join(timeout=2 * self.election.client.timeout + 1.0)
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
         if self.id and not self.lost:
-            self._destroy()
+            if delay:
+                gevent.spawn_later(delay, self._destroy).join()
+            else:
+                self._destroy()
 
     def _destroy(self) -> None:
         if self._destroyed or self.inherited:
