@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -31,6 +32,8 @@ from tests.support_postgres import FAST_TTL, TABLE, closed_port
 from tests.waiting import next_item, wait_until
 
 pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parent.parent
 
 SECRET = "pa55-w0rd-7f3d"
 
@@ -557,3 +560,21 @@ def test_bad_options_fail_fast_and_clearly(make, error, says: str) -> None:
         getattr(made, "close", lambda: None)()
     assert says in str(raised.value) and SECRET not in str(raised.value)
     assert time.monotonic() - started < 5
+
+
+def test_the_benchmarks_run(tmp_path) -> None:
+    """benchmarks/postgres_handover.py and postgres_idle.py in their smallest form (figures are
+    printed, not judged: speed is measured in benchmarks/, not asserted)."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    runs = {"advisory-lock loop failover, holder frozen": ["benchmarks.postgres_handover", "--rounds", "2",
+                                                           "--crashes", "1", "--ttl", "1", "--poll", "0.2",
+                                                           "--bound", "5"],
+            "of 20 lead": ["benchmarks.postgres_idle", "--candidates", "20", "--ttl", "2", "--window", "1"]}
+    for printed, argv in runs.items():
+        done = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=150)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert printed in done.stdout, done.stdout
