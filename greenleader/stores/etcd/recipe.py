@@ -465,9 +465,13 @@ class _Candidacy:
                         if not deleted:
                             continue  # its claim: wait on
                         # The predecessor went: prove our turn, or wait on. Its release mark,
-                        # written in the same transaction (same revision, same response), says
-                        # that its holder stepped down: no need to see its lease go.
-                        if any(event.type != _DELETE and event.kv.key == mark for event in response.events):
+                        # written in the same transaction (same revision, on the predecessor's
+                        # lease), says that its holder stepped down: no need to see its lease
+                        # go. One response may carry several revisions, so both are compared.
+                        revision_deleted = deleted[0].kv.mod_revision
+                        if any(event.type != _DELETE and event.kv.key == mark
+                               and event.kv.mod_revision == revision_deleted and event.kv.lease == predecessor_lease
+                               for event in response.events):
                             self.older.pop(predecessor_lease, None)
                         elif predecessor_lease in self.older:
                             gone.add(predecessor_lease)
