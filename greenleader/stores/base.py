@@ -9,6 +9,13 @@ calling greenlet being killed with :class:`gevent.GreenletExit` at any blocking 
 leaving nothing behind in the store (:mod:`greenleader._outcome` has the helper for a call
 that makes something: ``made()``, or ``spawn()``/``result()``/``abandon()``).
 
+A renewal runs in the candidate's keepalive greenlet, under the candidate's own
+:class:`gevent.Timeout` (its renew deadline) and wake-up signal (a resign, a stop, a loss):
+both are raised inside ``renew`` at any blocking point. A store must let every exception it
+did not raise itself pass through: an ``except gevent.Timeout`` or ``except BaseException``
+that swallows the candidate's would let a renewal outlive its deadline (compare
+``timeout is mine`` before handling a Timeout of the store's own).
+
 What a store does not do, because the layer above does it once for every store:
 
 - check its arguments: ``acquire``, ``leader`` and ``watch`` get a key, node and TTL already
