@@ -22,7 +22,7 @@ import os
 import socket
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gevent
@@ -258,7 +258,7 @@ class PostgresClient:
                 last = exc
         raise StoreUnavailableError(f"cannot connect to postgres at {', '.join(self.addrs)}: {_message(last)}")
 
-    def query(self, name: str, statement: Any, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def query(self, name: str, statement: Any, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple[Any, ...]]:
         """Run one statement (autocommit) on one of the store's statement connections; its rows.
 
         Waits for a free connection first (``pool_size`` of them): that wait is not the
