@@ -48,3 +48,19 @@ def leftovers(env: BackendEnv, key: str) -> list[str]:
     """Every live (unexpired) lease row of ``key``."""
     rows = env.cluster.sql(f"SELECT key FROM {TABLE} WHERE key = %s AND expires_at > clock_timestamp()", [key])
     return [row[0] for row in rows]
+
+
+def registrations(env: BackendEnv, key: str) -> list[tuple[str, int, bool]]:
+    """``(node, term, holds)`` of the key's row as the server has it (no queue: waiters keep
+    nothing in the database); ``holds``: live, not revoked. For tests/faults.py's table."""
+    rows = env.cluster.sql(f"SELECT node, term, NOT revoked AND expires_at > clock_timestamp() FROM {TABLE} "
+                           "WHERE key = %s", [key])
+    return [(node, int(term), bool(holds)) for node, term, holds in rows]
+
+
+def delete_row(env: BackendEnv, key: str) -> str:
+    """Delete the key's row as an operator would (psql): its holder loses at once, the key
+    stays taken until the row's expiry (the table's trigger). Returns what was done."""
+    deleted = env.cluster.sql(f"DELETE FROM {TABLE} WHERE key = %s RETURNING node", [key])
+    assert deleted, f"nobody held {key!r}"
+    return f"postgres DELETE of {deleted[0][0]}'s row"
