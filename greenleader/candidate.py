@@ -405,6 +405,7 @@ class Candidate:
         :class:`gevent.Timeout` at ``timeout``: either ends the store's call where it waits,
         as a kill would."""
         timer = gevent.Timeout(max(0.0, timeout))
+        started = now()
         self._renewing = True
         timer.start()
         try:
@@ -418,6 +419,10 @@ class Candidate:
         finally:
             self._renewing = False  # (no switch from the call's end to here: nothing is thrown in after it)
             timer.close()
+        if now() - started >= timeout:
+            # A store swallowed the timeout (stores/base.py forbids it) and came back late:
+            # is_leader() turned False at the deadline, and no renewal may turn it back.
+            raise StoreError("renewal timed out")
         return True
 
     def _wake_up(self) -> None:

@@ -10,8 +10,11 @@ then, not when its reply comes. The renewal here hangs for an hour and the renew
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 
+import gevent
 import pytest
 import zope.event
 
@@ -76,4 +79,59 @@ def test_a_hanging_renewal_does_not_delay_a_resign_stop_or_loss(make_store, key,
         wait_until(lambda: all(c.ended is not None for c in store.history if c.primitive == "renew"), 10,
                    "the hanging renewal to be abandoned")
     finally:
+        alice.stop()
+
+
+def test_a_renewal_that_comes_back_past_its_deadline_still_ends_the_tenure(make_store, key, ttl, losses) -> None:
+    """A store that swallows the candidate's Timeout (a bug the store contract forbids, made
+    here on purpose) and then renews: the renewal comes back after the renew deadline, when
+    is_leader() has already turned False. The tenure must end ("renewal timed out"), not come
+    back to life: is_leader() never turns True again without a new win (review: a PostgreSQL
+    reconnect that caught every Timeout revived a deposed leader 20 ms after its deadline)."""
+    store = FaultyStore(make_store())
+    leases: list[Lease] = []
+    acquire = store.acquire
+
+    def acquire_and_keep(*args: object) -> Lease:
+        lease = acquire(*args)  # type: ignore[arg-type]
+        leases.append(lease)
+        return lease
+
+    store.acquire = acquire_and_keep  # type: ignore[method-assign]
+    alice = Candidate(store, key, "alice", ttl=ttl)
+    revived: list[float] = []
+    sampler = None
+    try:
+        elected, _ = alice.run_for_election()
+        assert next_item(elected, 3 * ttl, "alice's first item") is False
+        assert next_item(elected, 3 * ttl, "alice to win") is True
+        lease = leases[-1]
+        renew = lease.renew
+
+        def swallowing_renew() -> None:
+            lease.renew = renew  # type: ignore[method-assign]  # once
+            with contextlib.suppress(gevent.Timeout):  # the bug: the candidate's deadline swallowed
+                gevent.sleep(3 * ttl)
+            renew()
+
+        lease.renew = swallowing_renew  # type: ignore[method-assign]
+
+        def sample() -> None:
+            was = True
+            while True:
+                leading = alice.is_leader()
+                if leading and not was:
+                    revived.append(time.monotonic())
+                was = leading
+                gevent.sleep(0.001)
+
+        sampler = gevent.spawn(sample)
+        assert next_item(elected, 3 * ttl, "alice to step down") is False
+        assert not alice.is_leader()
+        wait_until(lambda: losses, 10, "alice's LeadershipLost")
+        assert [e.reason for e in losses] == [LossReason.STORE_ERROR], losses
+        assert not revived, "is_leader() turned True again after the renew deadline, with no new win"
+    finally:
+        if sampler is not None:
+            sampler.kill()
         alice.stop()
