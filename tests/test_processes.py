@@ -151,7 +151,9 @@ def test_store_restart(process_kind: str, backend, key: str, tmp_path: Path) -> 
             node.stop()
             renew_deadline = ttl * 2 / 3
             deposed = group.wait_line(leader, "deposed", renew_deadline + FAILOVER_MARGIN, after=down)
-            group.wait_line(leader, "error", FAILOVER_MARGIN, after=down)
+            # The error is reported once the campaign gives up on the store, after the step-down:
+            # a later gRPC or HTTP timeout, slower on a busy machine (etcd, load 8.6: over 2 s).
+            group.wait_line(leader, "error", ttl + 5 * FAILOVER_MARGIN, after=down)
             leader.kill()  # so that someone else must win: followers must notice the change
             restart = time.monotonic()
             node.start()
