@@ -3,7 +3,8 @@ and 10).
 
 An operator deletes the leader's registration while its session or lease lives: etcd's
 ``etcdctl del <key>/<lease hex>``, Consul's ``consul kv delete <key>`` (and, separately, the
-destruction of its session), ZooKeeper's ``delete`` of its ephemeral node. The holder learns
+destruction of its session), ZooKeeper's ``delete`` of its ephemeral node, PostgreSQL's
+``DELETE`` of its lease row (psql). The holder learns
 of it one notification later; the next candidate must not win before the holder has stepped
 down, or two candidates lead at once. (The nemesis long run found 19 overlaps of 2-886 ms on
 etcd in 600 s, each right after such a deletion.)
@@ -30,9 +31,10 @@ from greenleader import Candidate
 from greenleader.stores import Store
 from greenleader.stores.consul import ConsulStore
 from greenleader.stores.etcd import EtcdStore
+from greenleader.stores.postgres import PostgresStore
 from greenleader.stores.zookeeper import ZooKeeperStore
-from tests import support_consul, support_zookeeper
-from tests.backends import REAL_KINDS
+from tests import support_consul, support_postgres, support_zookeeper
+from tests.backends import SERVER_KINDS
 from tests.faults import Proxy
 from tests.waiting import next_item, wait_until
 
@@ -40,8 +42,9 @@ pytestmark = pytest.mark.timeout(300)
 
 log = logging.getLogger(__name__)
 
-#: Rounds per case: the overlap is a race (Consul's are slower: a lock-delay, a 10 s minimum TTL).
-ROUNDS = {"etcd": 10, "consul": 5, "zookeeper": 10}
+#: Rounds per case: the overlap is a race (Consul's are slower: a lock-delay, a 10 s minimum TTL;
+#: PostgreSQL's too: the deleted row keeps the key taken until its expiry, a TTL of 2 s).
+ROUNDS = {"etcd": 10, "consul": 5, "zookeeper": 10, "postgres": 5}
 
 #: How the registration goes, per store, and when bob comes: (kind, how, bob). "waits": bob
 #: queues (and sees alice hold the key) before the deletion; "arrives": bob starts just after it.
@@ -56,8 +59,10 @@ CASES = [
     ("consul", "destroy the session", "arrives"),
     ("zookeeper", "delete the node", "waits"),
     ("zookeeper", "delete the node", "arrives"),
+    ("postgres", "delete the row", "waits"),
+    ("postgres", "delete the row", "arrives"),
 ]
-assert {kind for kind, _, _ in CASES} == set(REAL_KINDS)
+assert {kind for kind, _, _ in CASES} == set(SERVER_KINDS)
 
 
 @pytest.fixture(params=CASES, ids=["-".join(part.replace(" ", "_") for part in case) for case in CASES])
@@ -122,6 +127,8 @@ def waiting_behind(kind: str, admin: Store, key: str, bob_store: Store) -> Calla
         return lambda: len(_etcd_keys(admin, key)) == 2
     if kind == "zookeeper":
         return lambda: len(_zookeeper_contenders(admin, key)) == 2
+    if kind == "postgres":
+        return _postgres_waiting(bob_store)
     # Consul keeps no queue: bob waits in a blocking query on the key, made once he read it held.
     blocking = gevent.event.Event()
     read = bob_store._get
@@ -133,6 +140,22 @@ def waiting_behind(kind: str, admin: Store, key: str, bob_store: Store) -> Calla
 
     bob_store._get = get  # type: ignore[method-assign]
     return blocking.is_set
+
+
+def _postgres_waiting(bob_store: PostgresStore) -> Callable[[], bool]:
+    """PostgreSQL keeps no queue either: bob waits for a NOTIFY once a try to take the row
+    found it held (``take`` returned no term)."""
+    found_held = gevent.event.Event()
+    query = bob_store.client.query
+
+    def observed(name: str, statement, params=()):
+        rows = query(name, statement, params)
+        if name == "take" and rows and rows[0][0] is None:
+            found_held.set()
+        return rows
+
+    bob_store.client.query = observed  # type: ignore[method-assign]
+    return found_held.is_set
 
 
 @contextlib.contextmanager
@@ -150,6 +173,14 @@ def deleter(kind: str, how: str, admin: Store, key: str) -> Iterator[Callable[[]
         path = admin.path_for(key)
         with support_zookeeper.admin_client(admin.hosts) as zk:
             yield lambda: zk.delete(f"{path}/{support_zookeeper.contenders(zk, path)[0]}")
+    elif kind == "postgres":
+        admin.client.query("connect", "SELECT 1")  # its connection made beforehand, kept idle
+
+        def delete() -> None:  # what psql's DELETE sends: not greenleader's own (the trigger)
+            rows = admin.client.query("operator delete", f"DELETE FROM {support_postgres.TABLE} WHERE key = %s"
+                                      " RETURNING node", [key])
+            assert rows, f"nobody holds {key!r}"
+        yield delete
     else:
         consul = support_consul.consul_client(admin.addrs[0])
 
@@ -166,6 +197,14 @@ def deleter(kind: str, how: str, admin: Store, key: str) -> Iterator[Callable[[]
 _STORES = {"consul": ConsulStore, "etcd": EtcdStore, "zookeeper": ZooKeeperStore}
 
 
+def holder_store(kind: str, admin: Store, proxies: list[Proxy]) -> Store:
+    """Alice's store: as ``admin``, through the proxies (PostgreSQL: its role and database too)."""
+    addrs = [proxy.addr for proxy in proxies]
+    if kind == "postgres":
+        return PostgresStore(addrs, user=admin.user, dbname=admin.dbname, timeout=5.0)
+    return _STORES[kind](addrs, timeout=5.0)
+
+
 # -- the test -----------------------------------------------------------------------------------
 
 
@@ -173,7 +212,7 @@ def one_round(kind: str, how: str, bob_comes: str, make_store, admin: Store, pro
               holder_delay: float, key: str, ttl: float) -> tuple[float, float]:
     """Alice leads, bob waits (or comes after), alice's registration goes: (overlap, time to a
     new leader) in ms."""
-    alice_store = _STORES[kind]([proxy.addr for proxy in proxies], timeout=5.0)
+    alice_store = holder_store(kind, admin, proxies)
     bob_store = make_store()
     alice = Candidate(alice_store, key, "alice", ttl=ttl)
     bob = Candidate(bob_store, key, "bob", ttl=ttl)

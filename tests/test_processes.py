@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests import servers
-from tests.backends import REAL_KINDS, BackendEnv
+from tests.backends import SERVER_KINDS, BackendEnv
 from tests.candidate_process import FAILOVER_MARGIN, ElectionProcess, ProcessGroup, crash_bound, process_url
 
 log = logging.getLogger(__name__)
 
-PROCESS_KINDS = ["file", *REAL_KINDS]
+PROCESS_KINDS = ["file", *SERVER_KINDS]
 #: Graceful handover takes a few store round trips; this only catches gross regressions.
 HANDOVER_BOUND = 2.0
 #: Seconds for freshly started processes to import, connect, and elect someone.
@@ -124,7 +124,7 @@ def test_crash_failover(group: ProcessGroup, backend_env: BackendEnv, kind: str,
     no_errors(group)
 
 
-@pytest.mark.parametrize("process_kind", REAL_KINDS)
+@pytest.mark.parametrize("process_kind", SERVER_KINDS)
 def test_store_restart(process_kind: str, backend, key: str, tmp_path: Path) -> None:
     """Stop the store server while a candidate leads, start it again: the leader steps down by
     its renew deadline and reports the error, and someone else (the old leader's process is

@@ -21,7 +21,7 @@ from greenleader import Backoff, Candidate, Follower
 from greenleader.events import ElectionError
 from greenleader.stores import Store, from_url
 from tests import servers
-from tests.backends import REAL_KINDS
+from tests.backends import SERVER_KINDS
 from tests.faults import Proxy
 from tests.waiting import next_item, wait_until
 
@@ -32,12 +32,13 @@ pytestmark = pytest.mark.timeout(180)
 #: Quick retries, so that recovery is measured rather than the backoff.
 RETRY = Backoff(initial=0.1, maximum=0.5)
 #: Short client timeouts, so that a silent partition is noticed within seconds.
-OPTIONS = {"consul": "timeout=2&wait=2&retry_for=2", "etcd": "timeout=2", "zookeeper": "timeout=2"}
+OPTIONS = {"consul": "timeout=2&wait=2&retry_for=2", "etcd": "timeout=2", "zookeeper": "timeout=2",
+           "postgres": "timeout=2&user=postgres&dbname=postgres"}
 #: TTLs: Consul's minimum; 2 s elsewhere.
-TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0}
+TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0, "postgres": 2.0}
 
 
-@pytest.fixture(params=REAL_KINDS)
+@pytest.fixture(params=SERVER_KINDS)
 def real_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
