@@ -66,7 +66,7 @@ def test_bad_store_arguments_are_rejected(tmp_path):
         FileStore(directory=tmp_path, poll_interval=0)
 
 
-@pytest.mark.parametrize("backend", ["memory", "file", "consul", "etcd", "zookeeper"])
+@pytest.mark.parametrize("backend", ["memory", "file", "consul", "etcd", "zookeeper", "postgres"])
 def test_each_backend_resolves_to_its_class_whether_module_or_package(backend):
     """A store may be one module (stores/file.py) or a package (stores/consul/ with its recipe
     and client): the class comes from its top level either way."""
@@ -139,6 +139,9 @@ def test_file_store_encodes_unsafe_keys(tmp_path):
         "bogus://user:s3cret@h?password=s3cret",
         "nohost?token=s3cret",
         "etcd://h:2379?password=s3cret&timeout=never",
+        "postgres://app:s3cret@h:5432/db?password=s3cret",
+        "postgres://app:s3cret@h:5432/db?timeout=never",
+        "postgres://app:s3cret@h:5432/a/b",
     ],
 )
 def test_url_errors_never_show_secrets(url):
