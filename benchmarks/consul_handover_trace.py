@@ -8,7 +8,8 @@ Consul store whose client requests are timestamped. The driver tells the holder 
 when its work ends) and the holder exits; the figure of each step is the time from that stop
 to: the holder's release sent and answered, its session destroyed, each waiter's blocking
 query answered and lock transaction sent and answered, the new leader stepping up and its
-``elected`` queue read. Timestamps are ``time.monotonic()``, one clock for all processes.
+``elected`` queue read, and a Follower in a process of its own hearing of no leader, then of
+the winner. Timestamps are ``time.monotonic()``, one clock for all processes.
 Each process's CPU time is read at each step too, so the CPU a handover costs each contender
 (from its first step in the handover) is measured apart from the machine's load.
 Prints one JSON document: the median and max of each step (ms).
@@ -35,6 +36,16 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.os  # noqa: E402
+
+
+def follower(url: str, key: str) -> None:
+    """A follower of the key in a process of its own: marks "saw NODE" at each change."""
+    from greenleader import Follower
+    from greenleader.stores import from_url
+
+    leaders, _ = Follower(from_url(url), key).follow_election()
+    for leader in leaders:
+        print(json.dumps(["follower", f"saw {leader}", time.monotonic(), time.process_time()]), flush=True)
 
 
 def child(url: str, key: str, name: str) -> None:
@@ -81,7 +92,10 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("URL", "KEY", "NAME"))
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        if args.child[2] == "follower":
+            follower(*args.child[:2])
+        else:
+            child(*args.child)
         return
     from tests import servers
 
@@ -107,6 +121,7 @@ def main() -> None:
             for i in range(args.waiters + 1):
                 start(f"c{i}")
                 gevent.sleep(0.5)
+            start("follower")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and sum(what == "get answered" for _, what, *_ in marks) < args.waiters:
                 gevent.sleep(0.05)  # the first leader elected, every waiter at its blocking query
@@ -132,7 +147,7 @@ def main() -> None:
                 seen: set[str] = set()
                 cpu_from: dict[str, float] = {}  # each process's CPU time at its first mark of the handover
                 for n, what, _, cpu in window:
-                    role = "holder" if n == holder else "winner" if n == winner else "loser"
+                    role = "holder" if n == holder else "winner" if n == winner else "loser" if n != "follower" else n
                     cpu_from.setdefault(role, cpu)
                     if what in ("exit", "elected read", "lock answered"):
                         cpu_label = f"{role} CPU to {what}"
@@ -141,6 +156,8 @@ def main() -> None:
                             cpu_steps.setdefault(cpu_label, []).append((cpu - cpu_from[role]) * 1000)
                 for n, what, t, _ in window:
                     role = "holder" if n == holder else "winner" if n == winner else "loser"
+                    if n == "follower":
+                        role, what = n, {f"saw {winner}": "saw the winner", "saw None": "saw no leader"}.get(what, what)
                     label = f"{role}: {what}"
                     if label not in seen:
                         seen.add(label)
