@@ -198,11 +198,65 @@ class _ZooKeeperAdmin(_Admin):
         return key
 
 
-_ADMINS = {"consul": _ConsulAdmin, "etcd": _EtcdAdmin, "zookeeper": _ZooKeeperAdmin}
+class _PostgresAdmin(_Admin):
+    """The secure PostgreSQL server's owner: makes the schema, then a login role per grant
+    with only the election's privileges (docs/stores/postgres.md). Access is per table, not
+    per key: ``prefix`` only names the role. For the secret checks (SECRET_KINDS) only; the
+    store's least privilege and TLS are tested in tests/test_store_postgres.py.
+
+    Access is per table, not per key: the first prefix granted (the test's) gets the table's
+    privileges, a later, other prefix a role with none (a client with valid credentials and
+    no access to the key, as a token for another prefix is elsewhere)."""
+
+    kind = "postgres"
+    ttl = 2.0
+    TABLE = "greenleader_leases"
+    PRIVILEGES = (f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {{role}}",
+                  f"GRANT USAGE ON SEQUENCE {TABLE}_term TO {{role}}")
+
+    def __init__(self, cluster: Any) -> None:
+        super().__init__(cluster)
+        self.prefix: str | None = None
+        owner = new_store("postgres", cluster.addrs, user=cluster.SUPERUSER, password=cluster.admin_password,
+                          dbname=cluster.DBNAME, ca_file=str(cluster.certs.ca), timeout=5)
+        try:
+            owner.leader("secure-tests/schema")  # creates the table, sequence and trigger
+        finally:
+            owner.close()
+
+    def _role(self, privileges: tuple[str, ...]) -> dict[str, str]:
+        from psycopg import sql
+
+        role, password = f"app_{uuid.uuid4().hex[:10]}", secrets.token_hex(16)
+        self.cluster.add_role(role, password)
+        for grant in privileges:
+            self.cluster.sql(sql.SQL(grant.replace("{role}", "{}")).format(sql.Identifier(role)))
+        return {"user": role, "password": password}
+
+    def grant(self, prefix: str) -> dict[str, str]:
+        self.prefix = self.prefix or prefix
+        return self._role(self.PRIVILEGES if prefix == self.prefix else ())
+
+    def grant_read(self, prefix: str) -> dict[str, str]:
+        return self._role((f"GRANT SELECT ON {self.TABLE} TO {{role}}",))
+
+    def url(self, **options: str) -> str:
+        """The server's URL, its TLS options and the database, as ``options``' role if given."""
+        query = {**self.cluster.tls_options, "create": "false", **options}
+        return f"postgres://{','.join(self.cluster.addrs)}?{urlencode(query)}"
+
+
+_ADMINS = {"consul": _ConsulAdmin, "etcd": _EtcdAdmin, "zookeeper": _ZooKeeperAdmin, "postgres": _PostgresAdmin}
 
 
 @pytest.fixture(params=KINDS)
 def admin(request: pytest.FixtureRequest) -> _Admin:
+    return _ADMINS[request.param](request.getfixturevalue(f"{request.param}_secure"))
+
+
+@pytest.fixture(params=SECRET_KINDS)
+def secret_admin(request: pytest.FixtureRequest) -> _Admin:
+    """As ``admin``, on the stores whose secrets are checked (PostgreSQL too)."""
     return _ADMINS[request.param](request.getfixturevalue(f"{request.param}_secure"))
 
 
@@ -677,10 +731,11 @@ def _texts_of(exc: BaseException) -> list[str]:
 
 
 def test_secrets_never_leak_into_logs_errors_reprs_or_events(
-    admin: _Admin, prefix: str, stores: Callable[[str], Store], caplog: pytest.LogCaptureFixture
+    secret_admin: _Admin, prefix: str, stores: Callable[[str], Store], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Everything a store touches, at the most verbose log level of every library: a working
     client's campaign, renewal, watch and release, and the errors of a wrong secret."""
+    admin = secret_admin
     caplog.set_level(1)  # below DEBUG: kazoo logs its session password at level 5
     creds = admin.grant(prefix)
     secret = creds.get("password") or creds["token"]
@@ -734,8 +789,9 @@ def _cli(env_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_cli_takes_the_store_from_the_environment_and_never_shows_secrets(
-    admin: _Admin, prefix: str, stores: Callable[[str], Store]
+    secret_admin: _Admin, prefix: str, stores: Callable[[str], Store]
 ) -> None:
+    admin = secret_admin
     creds = admin.grant(prefix)
     secret = creds.get("password") or creds["token"]
     key = f"{prefix}/election"
