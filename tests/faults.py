@@ -383,6 +383,10 @@ def registrations(backend: str, where: Any, key: str) -> list[tuple[str, str, bo
                 with contextlib.suppress(Exception):
                     found.append((zk.get(f"{path}/{name}")[0].decode(), f"{path}/{name}", not found))
             return found
+    if backend == "postgres":  # no queue: the holder's row only (waiters keep nothing there)
+        from tests.support_postgres import registrations_at
+
+        return registrations_at(where[0], key)
     if backend == "file":  # only the holder has a registration: the lock file names it
         from greenleader.stores.file import FileStore
 
@@ -436,6 +440,10 @@ def delete_registration(backend: str, where: Any, key: str, handle: str, *, whol
                 if ahead is None or any(isinstance(result, Exception) for result in transaction.commit()):
                     raise LookupError("it leads now")
         return "zookeeper delete of the candidate's node"
+    if backend == "postgres":  # whole_key or not: the row is the registration
+        from tests.support_postgres import delete_row_at
+
+        return delete_row_at(where[0], key, handle)
     if backend == "file":
         if whole_key:  # a copy moved over it: same name and content, another inode
             with contextlib.suppress(FileNotFoundError):

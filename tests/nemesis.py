@@ -22,10 +22,12 @@ TTLs apart, at most two lasting ones at a time (at most one of them on the store
 - ``block``: a candidate runs CPU-bound code that blocks its gevent hub for 1.5 TTL;
 - ``crash``: SIGKILL a candidate process, start a new one 0.2-2 TTL later;
 - ``kill-node``: SIGKILL one store node (its Raft/Zab leader half of the time), restart it;
+- ``freeze``: on a one-server store (PostgreSQL), in place of ``kill-node``: SIGSTOP the server
+  and every backend for 0.5-3 TTL (nothing answers, connections stay open), then SIGCONT;
 - ``outage``: SIGKILL every store node, restart them 0.5-2 TTL later;
 - ``delete-key``: delete the leader's or a waiter's registration from outside, as an
   operator would (Consul: the key itself or the session; etcd: the candidate's key;
-  ZooKeeper: its node), or the leading runner's;
+  ZooKeeper: its node; PostgreSQL: the holder's row, as psql would), or the leading runner's;
 - ``inject``: for 1-3 TTL, the candidate's store calls fail at random (``--inject-rate``)
   with injected exceptions of any class (:class:`greenleader.testing.FaultyStore`); a
   campaign ended by one (a bug-like exception) has its process restarted;
@@ -91,12 +93,17 @@ from tests.history import Verdict, check, load
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("consul", "etcd", "zookeeper")
+BACKENDS = ("consul", "etcd", "zookeeper", "postgres")
+#: Stores that run on one server here (no replication): ``kill-node`` freezes that server
+#: instead (the whole-store ``outage`` kills it).
+SINGLE_SERVER = ("postgres",)
+#: Options each client's URL needs besides its proxies' addresses (the role and the database).
+CLIENT_QUERY = {"postgres": f"user={servers.PostgresCluster.SUPERUSER}&dbname={servers.PostgresCluster.DBNAME}"}
 #: The file store runs too, on one host's directory: no network and no store server, so no
 #: network or store faults (the others apply; delete-key removes or replaces the lock file).
 ALL_BACKENDS = (*BACKENDS, "file")
 #: TTL per backend: Consul's minimum; 2 s elsewhere (many renewals per TTL on a loaded machine).
-DEFAULT_TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0, "file": 1.0}
+DEFAULT_TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0, "postgres": 2.0, "file": 1.0}
 #: First retry delay of the candidates' and follower's Backoff (up to 4 times as much).
 RETRY = 0.25
 STARTUP = 60.0  # seconds for the processes to start and elect a first leader
@@ -116,7 +123,7 @@ RESIGN_HEAVY = {
 PROFILES = {"mixed": WEIGHTS, "resign-heavy": RESIGN_HEAVY}
 #: Seconds between two fault starts, as fractions of the TTL (drawn uniformly).
 SPACING = (0.3, 1.0)
-STORE_FAULTS = ("kill-node", "outage")
+STORE_FAULTS = ("kill-node", "outage", "freeze")
 NETWORK_FAULTS = ("partition", "partition-node", "delay", "reset")
 #: Faults that signal a candidate process, which must have installed its handlers (it has
 #: once it printed ``campaigning``): their default action would kill it.
@@ -179,7 +186,8 @@ class Fault:
 
 def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, nodes: int = 3, *,
                   runners: int = 3, weights: dict[str, float] | None = None,
-                  spacing: tuple[float, float] = SPACING, delete_holders: bool = True) -> list[Fault]:
+                  spacing: tuple[float, float] = SPACING, delete_holders: bool = True,
+                  freeze: bool = False) -> list[Fault]:
     """A random schedule of faults starting in ``[0, duration)``, drawn from ``seed`` alone.
 
     The first faults are one of each kind in a random order, aimed at the leader, so that
@@ -188,7 +196,8 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
     on the store): a lasting fault drawn when two act is replaced by an instant one (one of the
     first round waits instead). Without ``delete_holders``, ``delete-key`` hits waiters only.
     Without runners there are no runner faults; without store nodes (the file store) no
-    network or store faults.
+    network or store faults. With ``freeze`` (a one-server store), ``kill-node`` freezes the
+    server instead of becoming a partition.
     """
     rng = random.Random(seed)
     weights = {k: w for k, w in (weights or WEIGHTS).items()
@@ -222,7 +231,7 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
                 kind = rng.choices(instant, [weights[k] for k in instant])[0]
         if at >= duration:
             return schedule
-        if kind in STORE_FAULTS and (not store_ok or (nodes < 3 and kind == "kill-node")):
+        if kind in STORE_FAULTS and (not store_ok or (nodes < 3 and kind == "kill-node" and not freeze)):
             kind = "partition"
         target = "leader" if pending or rng.random() < 0.7 else f"c{rng.randint(1, candidates)}"
         fault: Fault
@@ -264,6 +273,8 @@ def make_schedule(seed: int, duration: float, ttl: float, candidates: int = 5, n
         elif kind in RUN_FAULTS:
             target = "run-leader" if pending or rng.random() < 0.8 else f"r{rng.randint(1, runners)}"
             fault = Fault(at, kind, target, 0.0)
+        elif kind == "kill-node" and freeze and nodes < 3:
+            fault = Fault(at, "freeze", "store", rng.uniform(0.5, 3.0) * ttl)
         elif kind == "kill-node":
             node_target = "store-leader" if rng.random() < 0.5 else f"node{rng.randint(1, nodes)}"
             fault = Fault(at, kind, node_target, rng.uniform(0.5, 3.0) * ttl)
@@ -455,13 +466,14 @@ class Nemesis:
         self.workdir = Path(workdir)
         self.ttl = ttl or DEFAULT_TTL[backend]
         self.candidates = candidates
-        self.nodes = 0 if backend == "file" else nodes
+        self.nodes = 0 if backend == "file" else 1 if backend in SINGLE_SERVER else nodes
         self.inject_rate = inject_rate
         self.delete_holders = delete_holders
         self.options = options
         self.say = say
         self.schedule = make_schedule(seed, duration, self.ttl, candidates, self.nodes, runners=runners,
-                                      weights=weights, spacing=spacing, delete_holders=delete_holders)
+                                      weights=weights, spacing=spacing, delete_holders=delete_holders,
+                                      freeze=backend in SINGLE_SERVER)
         self.rng = random.Random(f"{seed}-targets")
         self.key = f"nemesis/{seed}"
         self.run_key = f"nemesis/{seed}-run"  # not under the candidates' key: etcd ranges would nest
@@ -769,6 +781,13 @@ class Nemesis:
                 faults.kill_cluster(cluster)
                 gevent.sleep(fault.duration)
                 faults.restart_cluster(cluster, timeout=90)
+            elif fault.kind == "freeze":
+                self.say(f"  {record.started - self.t0:7.2f}s inject #{index} {fault.what()}")
+                cluster.pause()
+                try:
+                    gevent.sleep(fault.duration)
+                finally:
+                    cluster.resume()
             else:
                 node = None
                 if fault.target == "store-leader":
@@ -812,7 +831,8 @@ class Nemesis:
         supervisors: list[gevent.Greenlet] = []
         try:
             self.proxies = (_Direct(url) if self.cluster is None
-                            else faults.ClientProxies(self.backend, self.cluster.addrs))
+                            else faults.ClientProxies(self.backend, self.cluster.addrs,
+                                                      CLIENT_QUERY.get(self.backend, "")))
             with ProcessGroup(url, self.key, self.ttl, self.workdir / "procs") as group:
                 self.group = group
                 follower = group.start("follower", follower=True, retry=RETRY, url=self.proxies.url("follower"))
@@ -920,7 +940,7 @@ def _weights(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.nemesis", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=[*ALL_BACKENDS, "all"], default="all",
-                        help="all: the three server stores, one after the other")
+                        help="all: the server stores, one after the other")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds during which faults start")
     parser.add_argument("--seed", type=int, default=None, help="schedule seed (default: random, printed)")
     parser.add_argument("--ttl", type=float, default=None, help="candidate TTL (default: per backend)")

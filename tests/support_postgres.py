@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from greenleader.stores.postgres import PostgresStore
 from tests.backends import BackendEnv
+from tests.servers import PostgresCluster
 
 #: The store's rows expire on the server's clock; 2 s leaves the candidates' renew deadline
 #: (2/3 of it) a margin of several renewals on a loaded CI machine, as for etcd.
@@ -56,6 +58,35 @@ def registrations(env: BackendEnv, key: str) -> list[tuple[str, int, bool]]:
     rows = env.cluster.sql(f"SELECT node, term, NOT revoked AND expires_at > clock_timestamp() FROM {TABLE} "
                            "WHERE key = %s", [key])
     return [(node, int(term), bool(holds)) for node, term, holds in rows]
+
+
+def sql_at(addr: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement as the test servers' superuser (trust login) on the server at
+    ``addr``, as psql would; its rows. For the fault tables, which know addresses only."""
+    import psycopg
+
+    host, port = addr.rsplit(":", 1)
+    with psycopg.connect(host=host, port=int(port), user=PostgresCluster.SUPERUSER, dbname=PostgresCluster.DBNAME,
+                         connect_timeout=5, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def registrations_at(addr: str, key: str) -> list[tuple[str, str, bool]]:
+    """``(node, handle, holds)`` of the key's row (the handle ``term:<term>``), for
+    tests/faults.py's table: as :func:`registrations`, through an address."""
+    rows = sql_at(addr, f"SELECT node, term, NOT revoked AND expires_at > clock_timestamp() FROM {TABLE} "
+                        "WHERE key = %s", [key])
+    return [(node, f"term:{term}", bool(holds)) for node, term, holds in rows]
+
+
+def delete_row_at(addr: str, key: str, handle: str) -> str:
+    """Delete the key's row of that term as an operator would (psql); LookupError if the key
+    has another row by now (the registration went on its own)."""
+    term = int(handle.removeprefix("term:"))
+    if not sql_at(addr, f"DELETE FROM {TABLE} WHERE key = %s AND term = %s RETURNING node", [key, term]):
+        raise LookupError("has no row now")
+    return "postgres DELETE of the candidate's row"
 
 
 def delete_row(env: BackendEnv, key: str) -> str:

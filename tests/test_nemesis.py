@@ -1,5 +1,5 @@
 """Safety under faults: the fault harness, the split-brain checker, and a short nemesis run per
-real backend (5 candidate processes on a 3-node cluster under a random schedule of faults).
+real backend (5 candidate processes on a 3-node cluster, one PostgreSQL server, under a random schedule of faults).
 
 The runs include key deletions from outside, injected client errors, forks of a leading
 process and HUP/QUIT/KILL of ``greenleader run``. The seed of each run is printed; set
@@ -31,8 +31,9 @@ from tests.history import check, load
 
 #: Seconds during which faults start, per backend: every fault kind at least once (Consul's
 #: 10 s minimum TTL makes its faults five times longer, so they start closer together).
-CI_DURATION = {"consul": 90.0, "etcd": 30.0, "zookeeper": 30.0, "file": 30.0}
-CI_SPACING = {"consul": (0.15, 0.5), "etcd": nemesis.SPACING, "zookeeper": nemesis.SPACING, "file": nemesis.SPACING}
+CI_DURATION = {"consul": 90.0, "etcd": 30.0, "zookeeper": 30.0, "postgres": 30.0, "file": 30.0}
+CI_SPACING = {"consul": (0.15, 0.5), "etcd": nemesis.SPACING, "zookeeper": nemesis.SPACING,
+              "postgres": nemesis.SPACING, "file": nemesis.SPACING}
 
 
 # -- the proxy ------------------------------------------------------------------------------------
