@@ -30,11 +30,11 @@ from greenleader.stores.memory import MemoryStore
 KINDS = ["memory", "file", "consul", "etcd", "zookeeper"]
 REAL_KINDS = ["consul", "etcd", "zookeeper"]
 #: The stores every behavioural test (the ``kind`` fixture) runs on: KINDS and the stores that
-#: have joined that fixture before the suites that list KINDS or REAL_KINDS themselves (status,
-#: external deletion, recovery, processes, gunicorn) have cases for them. Appended, so the test
-#: ids of the other stores do not change.
+#: have joined that fixture before every suite that lists KINDS or REAL_KINDS itself (status,
+#: gunicorn) has cases for them. Appended, so the test ids of the other stores do not change.
 STORE_KINDS = [*KINDS, "postgres"]
-#: Stores whose tests need a running server (the ``<kind>_cluster`` fixture).
+#: Stores whose tests need a running server (the ``<kind>_cluster`` fixture); the suites with
+#: per-store cases that PostgreSQL has joined (external deletion, recovery, processes) list these.
 SERVER_KINDS = [*REAL_KINDS, "postgres"]
 
 
