@@ -106,7 +106,7 @@ ALL_BACKENDS = (*BACKENDS, "file")
 DEFAULT_TTL = {"consul": 10.0, "etcd": 2.0, "zookeeper": 2.0, "postgres": 2.0, "file": 1.0}
 #: First retry delay of the candidates' and follower's Backoff (up to 4 times as much).
 RETRY = 0.25
-STARTUP = 60.0  # seconds for the processes to start and elect a first leader
+STARTUP = 150.0  # seconds for the processes to start and elect a first leader (up to 50 s seen at load 8-13)
 #: kind -> weight in the random schedule
 WEIGHTS = {
     "partition": 3, "partition-node": 1, "delay": 2, "reset": 2, "pause": 2, "block": 2,
