@@ -69,6 +69,13 @@ class ServerBinaryMissing(RuntimeError):
 _handed_out: set[int] = set()
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def free_ports(count: int) -> list[int]:
     """Return ``count`` distinct loopback ports, each free for both TCP and UDP right now.
 

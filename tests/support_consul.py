@@ -6,12 +6,11 @@ get; crash-failover bounds in the tests add it explicitly.
 
 from __future__ import annotations
 
-import socket
-
 import consul
 
 from greenleader.stores.consul import ConsulStore
 from tests.backends import BackendEnv
+from tests.servers import closed_port
 
 FAST_TTL = 10.0  # Consul's minimum session TTL
 
@@ -33,12 +32,6 @@ def force_expire(store: ConsulStore, key: str) -> None:
     assert entry is not None and entry.get("Session"), f"nobody holds {key!r}"
     assert client.session.destroy(entry["Session"])
 
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_store(env: BackendEnv) -> ConsulStore:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 from greenleader.stores.etcd import EtcdStore
 from tests.backends import BackendEnv
+from tests.servers import closed_port
 
 #: etcd leases have whole seconds and the test cluster's minimum lease TTL is 1 s
 #: (1.5 x its 500 ms election timeout, rounded up); 2 s leaves the candidates' renew
@@ -29,12 +28,6 @@ def force_expire(store: EtcdStore, key: str) -> None:
     finally:
         admin.close()
 
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_store(env: BackendEnv) -> EtcdStore:

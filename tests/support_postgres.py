@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from greenleader.stores.postgres import PostgresStore
 from tests.backends import BackendEnv
-from tests.servers import PostgresCluster
+from tests.servers import PostgresCluster, closed_port
 
 #: The store's rows expire on the server's clock; 2 s leaves the candidates' renew deadline
 #: (2/3 of it) a margin of several renewals on a loaded CI machine, as for etcd.
@@ -34,12 +33,6 @@ def force_expire(store: PostgresStore, key: str) -> None:
     finally:
         admin.close()
 
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_store(env: BackendEnv) -> PostgresStore:

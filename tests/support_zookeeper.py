@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 from collections.abc import Iterator
 
 from kazoo.client import KazooClient
@@ -13,6 +12,7 @@ from kazoo.handlers.gevent import SequentialGeventHandler
 
 from greenleader.stores.zookeeper import ZooKeeperStore
 from tests.backends import BackendEnv
+from tests.servers import closed_port
 
 # The fixture servers run with tickTime=200 ms, so they grant session timeouts of 0.4 s to
 # 60 s. kazoo pings every third of the session timeout and drops a connection after two
@@ -81,12 +81,6 @@ def expire_sessions(store: ZooKeeperStore) -> list[int]:
         expired.append(client_id[0])
     return expired
 
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_store(env: BackendEnv) -> ZooKeeperStore:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,6 +17,7 @@ import pytest
 
 from greenleader._env import VARIABLES
 from greenleader.stores.file import FileStore
+from tests.servers import closed_port
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -437,12 +437,6 @@ def store_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
         return f"file://{tmp_path / 'elections'}"
     return request.getfixturevalue(f"{kind}_cluster").url
 
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unreachable_url(kind: str, tmp_path: Path) -> str:
