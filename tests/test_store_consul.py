@@ -268,6 +268,51 @@ def test_killing_an_acquiring_greenlet_leaves_nothing(stores, key, tag, cluster)
             assert sessions_named(addr, f"{tag}-carol") == []
 
 
+@pytest.mark.parametrize("vacant", [True, False], ids=["vacant-key", "waiting"])
+def test_a_kill_while_the_lock_is_on_the_wire_leaves_no_lock_on_the_shared_session(stores, key, tag, cluster,
+                                                                                    vacant):
+    """bob leads another key on the same store object, so the session stays alive after alice
+    goes. alice's acquire is killed (a stop) after her lock request went out and before its
+    answer: Consul applies the lock for the shared session, so it must be given back, or the
+    key stays locked, by nobody, for as long as bob leads (review: 2 of 24 rounds left it so,
+    and a follower named alice, who never led, for good)."""
+    addr = cluster.addrs[0]
+    store = stores()
+    bob = Candidate(store, key + "/other", f"{tag}-bob", ttl=FAST_TTL)
+    holder = None if vacant else stores().acquire(key, f"{tag}-holder", FAST_TTL)
+    try:
+        win(bob)
+        client = store._election.client
+        lock = client.lock
+        sent = gevent.event.Event()
+
+        def slow_answer(*args):
+            answer = lock(*args)  # applied by Consul
+            sent.set()
+            gevent.sleep(0.5)  # and its answer late
+            return answer
+
+        client.lock = slow_answer
+        alice = gevent.spawn(store.acquire, key, f"{tag}-alice", FAST_TTL)
+        if holder is not None:
+            gevent.sleep(0.5)  # alice waits on the holder's lock
+            holder.release()
+        assert sent.wait(3 * FAST_TTL), "alice's lock never went out"
+        alice.kill(timeout=FAST_TTL)
+        assert alice.dead
+        client.lock = lock
+        wait_until(lambda: not (raw_entry(addr, key) or {}).get("Session"), 3 * FAST_TTL,
+                   "the key given back by the killed acquire")
+        carol = stores().acquire(key, f"{tag}-carol", FAST_TTL)
+        assert carol.node == f"{tag}-carol"
+        carol.release()
+        assert bob.is_leader(), "bob's tenure ended with alice's abandoned lock"
+    finally:
+        bob.stop()
+        if holder is not None:
+            holder.release()
+
+
 # -- one session per TTL, shared by the candidates of one store object ---------------------------
 
 

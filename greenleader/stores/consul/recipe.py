@@ -83,9 +83,10 @@ class Election:
             campaign = _Campaign(self, key, node, self.join(ttl, node))
             lease = campaign.run()
         except BaseException:
-            if campaign is not None:
-                self.leave(campaign.session)
-            self._give_turn(key)
+            if campaign is None or not campaign.handed_off:  # else _give_back gives them back
+                if campaign is not None:
+                    self.leave(campaign.session)
+                self._give_turn(key)
             raise
         return lease  # no yield since the win: a kill now would lose the lease
 
@@ -206,6 +207,9 @@ class _Campaign:
         #: Sessions seen holding the key, to wait out if the key then vanishes (deleted from
         #: outside while its holder may still lead: docs/stores/consul.md).
         self.holders: set[str] = set()
+        #: Killed with a lock on the wire: :meth:`_give_back` owns the key's turn and our share
+        #: of the session until the lock's answer is in (and the key given back if it locked).
+        self.handed_off = False
 
     def run(self) -> ConsulLease:
         lease = self._try_lock()  # first, without reading: a vacant key is won in one request
@@ -242,15 +246,25 @@ class _Campaign:
         if self.session.lost:
             self._new_session()
         renewal = self._renew_alongside()
+        # The lock runs in a greenlet of its own, which a kill of this one does not cut short:
+        # Consul may apply a lock whose answer we never read, and the shared session, kept alive
+        # by its other users, would then hold the key for nobody.
+        locking = gevent.spawn(outcome, self.election.client.lock, self.key, self.node, self.session.id)
         try:
-            locked = self.election.client.lock(self.key, self.node, self.session.id)
+            locked = locking.get()
+            if isinstance(locked, BaseException):
+                raise locked
+            if renewal is not None:
+                renewal.join()
         except SessionGone:
             self.session.lose("Consul refused it for a lock")
             return None
-        finally:
-            if renewal is not None:
-                renewal.join()
-        if locked is None or locked.get("Session") != self.session.id:
+        except BaseException:
+            if not self.session.inherited and not (locking.ready() and not self._ours(locking.value)):
+                self.handed_off = True
+                gevent.spawn(self._give_back, locking)
+            raise
+        if not self._ours(locked):
             return None
         if renewal is not None and isinstance(renewal.value, BaseException):
             self._unlock_unconfirmed()  # a win it cannot date: give it back
@@ -265,6 +279,29 @@ class _Campaign:
         if now() - self.session.confirmed_at < FRESH_AT_WIN * self.session.ttl:
             return None
         return gevent.spawn(outcome, self.session.confirm_now)
+
+    def _ours(self, answer: object) -> bool:
+        """Whether a lock's answer says the key is locked by our session."""
+        return isinstance(answer, dict) and answer.get("Session") == self.session.id
+
+    def _give_back(self, locking: gevent.Greenlet) -> None:
+        """After a kill with the lock on the wire: wait for its answer, unlock the key if it
+        locked it, then give back the key's turn (no other candidate of ours may lock it with
+        the same session before the unlock) and our share of the session."""
+        session = self.session
+        try:
+            if self._ours(locking.get()) and not session.inherited:
+                try:
+                    self.election.client.release(self.key, session.id)
+                except StoreError as exc:
+                    log.warning("consul: could not give back %r after a kill: %s", self.key, exc)
+                    if session.users > 1 and not session.lost:  # others keep the session: retry
+                        session.users += 1
+                        gevent.spawn(_release_later, self.election, self.key, session)
+        finally:
+            if not self.session.inherited:
+                self.election._give_turn(self.key)
+                self.election.leave(self.session)
 
     def _unlock_unconfirmed(self) -> None:
         try:
