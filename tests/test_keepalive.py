@@ -45,10 +45,9 @@ def losses(key: str) -> Iterator[list[LeadershipLost]]:
     zope.event.subscribers.remove(record)
 
 
-@pytest.mark.parametrize("how, reason", [("resign", LossReason.RESIGNED), ("stop", LossReason.STOPPED),
-                                         ("loss", LossReason.EXPIRED)])
-def test_a_hanging_renewal_does_not_delay_a_resign_stop_or_loss(make_store, key, how, reason, losses) -> None:
-    store = FaultyStore(make_store())
+def _keeping_leases(inner: object) -> tuple[FaultyStore, list[Lease]]:
+    """A FaultyStore over ``inner`` and the list of every lease its acquire returns."""
+    store = FaultyStore(inner)  # type: ignore[arg-type]
     leases: list[Lease] = []
     acquire = store.acquire
 
@@ -58,6 +57,13 @@ def test_a_hanging_renewal_does_not_delay_a_resign_stop_or_loss(make_store, key,
         return lease
 
     store.acquire = acquire_and_keep  # type: ignore[method-assign]
+    return store, leases
+
+
+@pytest.mark.parametrize("how, reason", [("resign", LossReason.RESIGNED), ("stop", LossReason.STOPPED),
+                                         ("loss", LossReason.EXPIRED)])
+def test_a_hanging_renewal_does_not_delay_a_resign_stop_or_loss(make_store, key, how, reason, losses) -> None:
+    store, leases = _keeping_leases(make_store())
     alice = Candidate(store, key, "alice", ttl=TTL, renew_interval=RENEW_INTERVAL, resign_holdoff=3600)
     try:
         elected, _ = alice.run_for_election()
@@ -88,16 +94,7 @@ def test_a_renewal_that_comes_back_past_its_deadline_still_ends_the_tenure(make_
     is_leader() has already turned False. The tenure must end ("renewal timed out"), not come
     back to life: is_leader() never turns True again without a new win (review: a PostgreSQL
     reconnect that caught every Timeout revived a deposed leader 20 ms after its deadline)."""
-    store = FaultyStore(make_store())
-    leases: list[Lease] = []
-    acquire = store.acquire
-
-    def acquire_and_keep(*args: object) -> Lease:
-        lease = acquire(*args)  # type: ignore[arg-type]
-        leases.append(lease)
-        return lease
-
-    store.acquire = acquire_and_keep  # type: ignore[method-assign]
+    store, leases = _keeping_leases(make_store())
     alice = Candidate(store, key, "alice", ttl=ttl)
     revived: list[float] = []
     sampler = None
