@@ -226,7 +226,9 @@ def test_a_killed_server_is_survived_by_candidates_and_followers(tmp_path, key: 
     try:
         alice.run_for_election()
         follower.follow_election()
-        wait_until(lambda: follower.leader() == "alice", 30, "the follower to name alice")
+        # status(), not leader(): leader() reads the store itself until the watch has reported,
+        # and the watch (LISTEN, then its NOTIFY probe) must be up before the kill.
+        wait_until(lambda: follower.status().leader == "alice", 30, "the follower's watch to name alice")
         own.nodes[0].kill()
         wait_until(lambda: follower.leader() is None, 30, "the follower to stop naming alice")
         own.nodes[0].start()
