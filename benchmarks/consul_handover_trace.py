@@ -53,6 +53,7 @@ def child(url: str, key: str, name: str) -> None:
     from greenleader import Candidate
     from greenleader.stores import from_url
     from greenleader.stores.consul.client import ConsulClient
+    from greenleader.stores.consul.recipe import Election
 
     def mark(what: str) -> None:
         print(json.dumps([name, what, time.monotonic(), time.process_time()]), flush=True)
@@ -68,6 +69,14 @@ def child(url: str, key: str, name: str) -> None:
 
     for label in ("release", "lock", "get", "destroy_session", "renew_session", "read_many"):
         setattr(ConsulClient, label, traced(label, getattr(ConsulClient, label)))
+    election_acquire = Election.acquire
+
+    def acquire(self: Election, *args: Any, **kwargs: Any) -> Any:
+        lease = election_acquire(self, *args, **kwargs)
+        mark("acquire returned")
+        return lease
+
+    Election.acquire = acquire  # type: ignore[method-assign]
     candidate = Candidate(from_url(url), key, name, ttl=15)
     original = candidate._step_up
 

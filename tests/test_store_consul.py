@@ -420,6 +420,67 @@ def test_two_candidates_for_one_key_on_one_store_take_turns(stores, key, tag, cl
         bob.stop()
 
 
+def test_a_waiter_s_lock_goes_out_before_its_next_blocking_query(stores, key, tag):
+    """After the key's watch answers a release, the waiter's lock goes out before the watch
+    asks again: a winner alone on its store object then ends the watch without another query,
+    and a follower sharing the watch with a winner still hears the win."""
+    sent: list[str] = []
+    bob_store, carol_store = stores(), stores()
+    get, lock = bob_store._get, bob_store._client.lock
+
+    def traced_get(key_, index=None, wait=None):
+        if index is None:
+            return get(key_)
+        sent.append("query")
+        answer = get(key_, index=index, wait=wait)
+        sent.append("answer")
+        return answer
+
+    def traced_lock(*args):
+        sent.append("lock")
+        return lock(*args)
+
+    bob_store._get = traced_get
+    bob_store._client.lock = traced_lock
+    alice = Candidate(stores(), key, f"{tag}-alice", ttl=FAST_TTL)
+    bob = Candidate(bob_store, key, f"{tag}-bob", ttl=FAST_TTL)
+    carol = Candidate(carol_store, key, f"{tag}-carol", ttl=FAST_TTL)
+    try:
+        win(alice)
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, FAST_TTL, "bob's first item") is False
+        wait_until(lambda: "query" in sent, FAST_TTL, "bob to wait on the key's blocking query")
+        watch = bob_store._election._watches[key]
+        alice.stop()
+        assert next_item(bob_elected, FAST_TTL, "bob to win after alice") is True
+        watch.greenlet.join(timeout=FAST_TTL)
+        assert watch.greenlet.dead, "the watch outlived bob's win"
+        assert sent[-2:] == ["answer", "lock"], f"a blocking query went out after the release showed: {sent}"
+
+        with Follower(carol_store, key) as follower:
+            leaders, _ = follower.follow_election()
+            wait_until(lambda: (info := carol_store.leader(key)) and info.node == f"{tag}-bob", FAST_TTL,
+                       "the store to name bob")
+            carol_elected, _ = carol.run_for_election()
+            assert next_item(carol_elected, FAST_TTL, "carol's first item") is False
+            bob.stop()
+            assert next_item(carol_elected, FAST_TTL, "carol to win after bob") is True
+            wait_until(lambda: _drain_to(leaders, f"{tag}-carol"), FAST_TTL,
+                       "the follower sharing carol's watch to name her")
+    finally:
+        alice.stop()
+        bob.stop()
+        carol.stop()
+
+
+def _drain_to(leaders, node: str) -> bool:
+    """Read ``leaders`` without waiting; True once it named ``node`` (then the rest is left)."""
+    while not leaders.empty():
+        if leaders.get() == node:
+            return True
+    return False
+
+
 def _open_sockets() -> int:
     count = 0
     for fd in os.listdir("/proc/self/fd"):
