@@ -85,6 +85,7 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
     handovers: list[float] = []
     store_delivery: list[float] = []
     fan_out: list[float] = []
+    elected_at: list[float] = []  # each successor's ``elected`` instant (a trace aligns its marks with them)
     names = (f"c{i}" for i in itertools.count(1))
     followers = _Followers(url, key, config.followers)
     try:
@@ -108,6 +109,7 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
                 store_delivery.append(min(times) - successor.t)
                 fan_out += [t - min(times) for t in times]
                 handovers.append(successor.t - released.t)
+                elected_at.append(successor.t)
                 leader.wait_exit(15)
                 leader = group.procs[successor.proc]
                 procs.append(group.start(next(names)))
@@ -121,7 +123,7 @@ def bench(kind: str, url: str, config: Config, workdir: Path) -> dict[str, Any]:
             "from_elected": from_elected, "from_release": from_release, "all_notified": all_notified,
             "handovers": handovers, "summary_elected": summary(from_elected),
             "summary_release": summary(from_release), "summary_all_notified": summary(all_notified),
-            "store_delivery": store_delivery, "fan_out": fan_out,
+            "store_delivery": store_delivery, "fan_out": fan_out, "elected_at": elected_at,
             "summary_store_delivery": summary(store_delivery), "summary_fan_out": summary(fan_out),
             "history_checked": True, "errors": errors}
 

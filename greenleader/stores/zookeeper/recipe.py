@@ -489,17 +489,16 @@ class ZooKeeperStore(ZooKeeperClient, Store):
         self, session: _Session, path: str, watch: Callable[[Any], None] | None = None,
         successor: list[_Unclaimed] | None = None,
     ) -> LeaderInfo | _Unclaimed | None:
-        """The leader of ``path``; with ``watch``, arm it on what would change the answer. With
+        """The leader of ``path``; with ``watch``, arm it on what would change the answer, and
+        on the key's children: a candidate joining a vacant key, or queueing behind a leader
+        with no successor yet (:meth:`watch` ignores the children's events otherwise). With
         ``successor``, a claimed leader's next in line, if it is greenleader's, is read in the
         same round trip, watched, and appended to that list: its claim names it."""
         client = session.client
         while True:
             try:
-                children = session.call(client.get_children_async, path)
+                children = session.call(client.get_children_async, path, watch)
                 contenders = _contenders(children)
-                if not contenders and watch is not None:  # vacant: wake up when someone joins
-                    children = session.call(client.get_children_async, path, watch)
-                    contenders = _contenders(children)
             except NoNodeError:
                 if session.call(client.exists_async, path, watch) is None:
                     return None  # the key does not exist yet: wake up when it is created
@@ -545,14 +544,17 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                 waited = None
                 if not _claimed(info, event):
                     yield None
-                    event = event or fired.get()  # kazoo also fires watches when the connection drops
+                    event = event or _next(fired, None)  # kazoo also fires watches when the connection drops
                 if _claimed(info, event):
                     # The first node was claimed (its version left 0): its candidate leads, under
                     # the name its node was created with. Named at once, then read again.
                     yield info.leader
                 continue
             yield info
-            event = fired.get()
+            # The children matter while the key is vacant, or while the leader has no successor
+            # watched: a candidate queueing behind it is read (and watched) at once, so that the
+            # leader's going names it at its claim, without reading the queue first.
+            event = _next(fired, None, children=info is None or not successor)
             if successor and event.type == EventType.DELETED and event.path != successor[0].path:
                 # The leader's node went: its successor, next in line and watched, wins and
                 # claims a round trip later. Named at its claim, without reading the queue first.
@@ -563,12 +565,22 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                     waited = following.path
 
 
-def _next(fired: Queue[WatchedEvent], timeout: float) -> WatchedEvent | None:
-    """The next event of a watch within ``timeout`` seconds, or None."""
-    try:
-        return fired.get(timeout=timeout) if timeout > 0 else fired.get_nowait()
-    except Empty:
-        return None
+def _next(fired: Queue[WatchedEvent], timeout: float | None, *, children: bool = False) -> WatchedEvent | None:
+    """The next event of a watch within ``timeout`` seconds (None: however long it takes), or
+    None. Without ``children``, the key's children changing is no news: skipped."""
+    deadline = None if timeout is None else now() + timeout
+    while True:
+        try:
+            if deadline is None:
+                event = fired.get()
+            elif deadline > now():
+                event = fired.get(timeout=deadline - now())
+            else:
+                event = fired.get_nowait()
+        except Empty:
+            return None
+        if children or event.type != EventType.CHILD:
+            return event
 
 
 def _claimed(unclaimed: _Unclaimed, event: WatchedEvent | None) -> bool:
