@@ -23,6 +23,7 @@ from greenleader.errors import (
     InvalidArgumentError,
     InvalidKeyError,
     InvalidURLError,
+    LeadershipLostError,
     PermissionDeniedError,
     StoreUnavailableError,
 )
@@ -289,6 +290,62 @@ def test_force_expire_is_noticed_without_waiting_for_a_renewal(stores, key):
     assert next_item(elected, 30, "alice to notice her revoked lease") is False
     assert store.requests["keepalive"] == renewals, "the loss should come from the key watch, not a renewal"
     alice.stop()
+
+
+def _hold_several(store: EtcdStore, key: str, count: int) -> tuple[list, list]:
+    """``count`` tenures of one store (elections ``key/0``, ``key/1``...), and the list that
+    each one's loss report is appended to."""
+    leases = [store.acquire(f"{key}/{n}", f"n{n}", 10) for n in range(count)]
+    lost: list = []
+    for lease in leases:
+        lease.on_lost = lambda lease=lease: lost.append(lease)
+    return leases, lost
+
+
+def test_a_lease_revoked_from_outside_ends_only_its_own_tenure(stores, key):
+    """Tenures of one store renewing at the same moment: the one whose lease an operator
+    revoked is lost, by its guard and by its renewal; the others renew and hear of no loss
+    (each candidacy keeps a lease of its own, docs/stores/etcd.md)."""
+    store = stores()
+    leases, lost = _hold_several(store, key, 5)
+    victim = leases[2]
+    stores().client.revoke(victim.lease_id)
+    wait_until(lambda: victim in lost, 30, "the revoked lease's holder to hear of its loss")
+    renewals = [gevent.spawn(lease.renew) for lease in leases]
+    gevent.joinall(renewals, timeout=30)
+    assert isinstance(renewals[2].exception, LeadershipLostError)
+    assert [renewal.successful() for renewal in renewals] == [True, True, False, True, True]
+    assert lost == [victim]
+    for n, lease in enumerate(leases):
+        assert [k for k, _, _ in keys_under(store, f"{key}/{n}")] == (
+            [] if lease is victim else [f"{key}/{n}/{lease.lease_id:x}"])
+        lease.release()
+
+
+def test_renewals_that_fail_together_each_fail_alone_and_report_no_loss(stores, cluster, key):
+    """Renewals of several tenures sent while the store is unreachable: each fails with an
+    error of its own that says so (not a loss), no tenure is reported lost, and once the
+    store answers again every one of them renews."""
+    proxy = faults.Proxy(cluster.addrs[0])
+    try:
+        store = stores([proxy.addr], timeout=1)
+        leases, lost = _hold_several(store, key, 4)
+        proxy.partition()
+        renewals = [gevent.spawn(lease.renew) for lease in leases]
+        gevent.joinall(renewals, timeout=30)
+        errors = [renewal.exception for renewal in renewals]
+        assert all(isinstance(error, StoreUnavailableError) and not isinstance(error, LeadershipLostError)
+                   for error in errors), errors
+        assert len({id(error) for error in errors}) == len(errors), "each renewal has an error of its own"
+        proxy.heal(reset=True)
+        renewals = [gevent.spawn(lease.renew) for lease in leases]
+        gevent.joinall(renewals, timeout=30)
+        assert all(renewal.successful() for renewal in renewals), [renewal.exception for renewal in renewals]
+        assert lost == []
+        for lease in leases:
+            lease.release()
+    finally:
+        proxy.close()
 
 
 # -- waiting in line --------------------------------------------------------------------------
