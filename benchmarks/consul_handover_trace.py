@@ -158,7 +158,7 @@ def main() -> None:
                 for n, what, _, cpu in window:
                     role = "holder" if n == holder else "winner" if n == winner else "loser" if n != "follower" else n
                     cpu_from.setdefault(role, cpu)
-                    if what in ("exit", "elected read", "lock answered"):
+                    if what in ("exit", "elected read", "lock answered", "lock sent", "acquire returned", "stepped up"):
                         cpu_label = f"{role} CPU to {what}"
                         if cpu_label not in seen:
                             seen.add(cpu_label)
