@@ -231,6 +231,7 @@ class Follower:
         The store's watch is shared with every follower of the key on this store object."""
         self._watch_share = share = _SharedWatch.subscribe(self.store, self.key, self.unknown_after / 2)
         share.on_confirmed = self._confirmed_by_peer
+        share.on_repeat = self._receive_again
         try:
             share.follow(self._receive)
         except _Resync:
@@ -250,6 +251,18 @@ class Follower:
         self._record.contact()
         self._watch_yielded = True
         self._report(info)
+
+    def _receive_again(self, info: LeaderInfo | None, received_at: float) -> None:
+        """The watch yielded the value it yielded last (ZooKeeper reads again after each event,
+        etcd and the file store after each wake-up): a confirmation only, if this follower
+        reports exactly that; a value otherwise (e.g. it reported "unknown" meanwhile)."""
+        if self._inert or self._stopped:
+            return
+        if self._current is not _UNKNOWN and self._current == info:
+            self._confirmed_at = max(self._confirmed_at, received_at)
+            self._record.contact()
+        else:
+            self._receive(info, received_at)
 
     def _confirmed_by_peer(self, info: LeaderInfo | None, at: float) -> None:
         """Another follower of the shared watch read ``info`` at ``at``: a confirmation for this
@@ -456,9 +469,10 @@ class _SharedWatch:
             for info in watch:
                 if self._inert:
                     return  # a forked child's copy, woken by what was pending at the fork
+                again = info == self.last  # (same leader, same term; never so for the first value)
                 self.last, self.confirmed_at = info, now()
                 for subscription in list(self.subscribers):
-                    subscription.deliver((info, self.confirmed_at))
+                    subscription.deliver((info, self.confirmed_at), again=again)
         finally:
             watch.close()
 
@@ -481,16 +495,21 @@ class _Subscription:
         self.queue: Queue[tuple[LeaderInfo | None, float] | BaseException] = Queue()
         self.read_first = False  # joined a quiet watch: read the leader rather than trust its last value
         self.on_confirmed: Callable[[LeaderInfo | None, float], None] = lambda info, at: None
+        #: Takes a value equal to the last one while following (a confirmation, as a rule).
+        self.on_repeat: Callable[[LeaderInfo | None, float], None] | None = None
         self._receive: Callable[[LeaderInfo | None, float], None] | None = None  # set while following
 
-    def deliver(self, item: tuple[LeaderInfo | None, float] | BaseException) -> None:
+    def deliver(self, item: tuple[LeaderInfo | None, float] | BaseException, *, again: bool = False) -> None:
         """A value ``(info, received_at)`` of the watch, or the error that ended it. While the
         follower follows, a value is handed to it here, in the shared watch's greenlet: a
-        change costs no greenlet switch per follower. Otherwise (and for the end) it is queued."""
+        change costs no greenlet switch per follower (``again``: the watch yielded it last
+        time too, for :attr:`on_repeat`). Otherwise (and for the end) it is queued."""
         receive = self._receive
         if receive is None or isinstance(item, BaseException):
             self.queue.put(item)
             return
+        if again and self.on_repeat is not None:
+            receive = self.on_repeat
         try:
             receive(*item)
         except Exception as exc:  # a bug in one follower ends its watch, not its peers'
