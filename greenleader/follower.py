@@ -254,8 +254,8 @@ class Follower:
 
     def _receive_again(self, info: LeaderInfo | None, received_at: float) -> None:
         """The watch yielded the value it yielded last (ZooKeeper reads again after each event,
-        etcd and the file store after each wake-up): a confirmation only, if this follower
-        reports exactly that; a value otherwise (e.g. it reported "unknown" meanwhile)."""
+        etcd and the memory store yield after each wake-up): a confirmation only, if this
+        follower reports exactly that; a value otherwise (e.g. it reported "unknown" meanwhile)."""
         if self._inert or self._stopped:
             return
         if self._current is not _UNKNOWN and self._current == info:
