@@ -1,6 +1,7 @@
 """1,000 idle etcd candidates in one process (one key each): the process's CPU at rest.
 
-    python -m benchmarks.etcd_idle [--candidates 1000] [--window 30] [--ttl 15] [--url etcd://...]
+    python -m benchmarks.etcd_idle [--candidates 1000] [--window 30] [--ttl 15] [--renew-interval S]
+                                   [--url etcd://...]
                                    [--profile out.pstats] [--sample]
 
 Starts a single etcd member (tests/servers.py) unless ``--url`` is given, runs the candidates
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--ttl", type=float, default=TTL, help="the candidates' TTL: renewals come every 2/9 of it")
+    parser.add_argument("--renew-interval", type=float, help="the candidates' renew_interval (default theirs)")
     parser.add_argument("--url")
     parser.add_argument("--profile")
     parser.add_argument("--sample", action="store_true", help="sample the stack every 2 ms (benchmarks.zookeeper_idle)")
@@ -66,7 +68,8 @@ def main() -> None:
 
     store.client.keepalive = timed_keepalive
     prefix = f"bench/idle-{uuid.uuid4().hex[:6]}"
-    candidates = [Candidate(store, f"{prefix}/{i}", f"c{i}", ttl=args.ttl, retry=True) for i in range(args.candidates)]
+    candidates = [Candidate(store, f"{prefix}/{i}", f"c{i}", ttl=args.ttl, retry=True,
+                            renew_interval=args.renew_interval) for i in range(args.candidates)]
     started = time.monotonic()
     for candidate in candidates:
         candidate.run_for_election()
