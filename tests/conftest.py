@@ -72,6 +72,15 @@ def ttl(backend) -> float:
 
 
 @pytest.fixture
+def stopping() -> Iterator[list]:
+    """Candidates and followers to stop at the end of the test, whatever happened."""
+    made: list = []
+    yield made
+    for obj in reversed(made):
+        obj.stop()
+
+
+@pytest.fixture
 def events(key: str) -> Iterator[list[LeadershipEvent]]:
     """Every greenleader event about this test's key, in delivery order (late events of earlier
     tests are not)."""

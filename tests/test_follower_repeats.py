@@ -8,31 +8,14 @@ no successor is read at once). Consul and the file store compare values before y
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from greenleader import Candidate, Follower
 from greenleader.errors import StoreUnavailableError
 from greenleader.testing import FaultyStore
-from tests.waiting import next_item, wait_until
+from tests.waiting import next_item, wait_until, wins
 
 REPEATING = ["memory", "etcd", "zookeeper"]
-
-
-@pytest.fixture
-def stopping() -> Iterator[list]:
-    """Candidates and followers to stop at the end of the test, whatever happened."""
-    made: list = []
-    yield made
-    for obj in reversed(made):
-        obj.stop()
-
-
-def _wins(candidate: Candidate, timeout: float) -> None:
-    elected, _ = candidate.run_for_election()
-    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
-    assert next_item(elected, timeout, f"{candidate.node} to win") is True
 
 
 def _repeats(store: FaultyStore, node: str) -> int:
@@ -64,7 +47,7 @@ def test_a_repeated_leader_brings_back_a_follower_that_reported_unknown(kind, ma
     faulty = FaultyStore(make_store())
     follower = Follower(faulty, key, unknown_after=0.5)
     stopping.extend([alice, follower])
-    _wins(alice, 3 * ttl)
+    wins(alice, 3 * ttl)
     leaders, _ = follower.follow_election()
     assert next_item(leaders, 3 * ttl, "the follower to name alice") == "alice"
 
@@ -86,7 +69,7 @@ def test_a_repeated_leader_confirms_the_followers_without_a_report(kind, make_st
     followers = [Follower(shared, key) for _ in range(3)]
     stopping.append(alice)
     stopping.extend(followers)
-    _wins(alice, 3 * ttl)
+    wins(alice, 3 * ttl)
     queues = [follower.follow_election()[0] for follower in followers]
     for leaders in queues:
         assert next_item(leaders, 3 * ttl, "each follower to name alice") == "alice"

@@ -38,25 +38,10 @@ from greenleader.events import (
     LossReason,
 )
 from greenleader.testing import Call, FaultyStore
-from tests.waiting import next_item, wait_until
+from tests.waiting import next_item, wait_until, wins
 
 pytestmark = pytest.mark.timeout(180)
 
-
-
-@pytest.fixture
-def stopping():
-    """Candidates and followers to stop at the end of the test, whatever happened."""
-    made: list = []
-    yield made
-    for obj in reversed(made):
-        obj.stop()
-
-
-def wins(candidate: Candidate, timeout: float) -> None:
-    elected, _ = candidate.run_for_election()
-    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
-    assert next_item(elected, timeout, f"{candidate.node} to win") is True
 
 
 def holder(store, key: str) -> str | None:

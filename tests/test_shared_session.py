@@ -52,15 +52,6 @@ CANDIDATES = 4
 
 
 @pytest.fixture
-def stopping() -> Iterator[list]:
-    """Candidates and followers to stop at the end of the test, whatever happened."""
-    made: list = []
-    yield made
-    for obj in reversed(made):
-        obj.stop()
-
-
-@pytest.fixture
 def keys(key: str) -> list[str]:
     """One key per candidate, none a prefix of another's path (``a`` and ``a/b`` share etcd's
     range ``a/``: that nesting is tested elsewhere)."""

@@ -30,3 +30,10 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
     with gevent.Timeout(timeout, AssertionError(f"timed out after {timeout:g}s waiting until {what}")):
         while not predicate():
             gevent.sleep(interval)
+
+
+def wins(candidate, timeout: float) -> None:
+    """Run ``candidate`` for election and wait for its first item (False) and its win."""
+    elected, _ = candidate.run_for_election()
+    assert next_item(elected, timeout, f"{candidate.node}'s first item") is False
+    assert next_item(elected, timeout, f"{candidate.node} to win") is True
