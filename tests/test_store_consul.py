@@ -25,6 +25,7 @@ from greenleader.events import LeadershipLost, LossReason
 from greenleader.stores import LeaderInfo, from_url, new_store
 from greenleader.stores.consul import DEFAULT_LOCK_DELAY, LOCK_FLAG, ConsulStore
 from tests import servers
+from tests.faults import Proxy
 from tests.support_consul import FAST_TTL, closed_port, consul_client
 from tests.waiting import next_item, wait_until
 
@@ -602,6 +603,22 @@ def test_a_dead_first_endpoint_is_skipped(stores, key, cluster):
         assert store.leader(key) == LeaderInfo("alice", alice.term)
     with Follower(stores(addrs=[dead, *cluster.addrs]), key) as follower:
         assert follower.leader() is None
+
+
+def test_connections_are_kept_alive_and_a_dropped_one_is_replaced(stores, key, cluster):
+    """Requests in turn reuse one connection to the agent; a kept connection reset while idle
+    (an agent restarted, a middlebox) is replaced, so the next request succeeds with one agent."""
+    proxy = Proxy(cluster.addrs[0], "store->agent")
+    try:
+        store = stores(addrs=[proxy.addr], timeout=2.0)
+        for _ in range(5):
+            assert store.leader(key) is None
+        assert len(proxy.connections) == 1, proxy.connections
+        for _ in range(3):
+            proxy.reset()
+            assert store.leader(key) is None
+    finally:
+        proxy.close()
 
 
 def test_unreachable_agents_fail_fast(key):

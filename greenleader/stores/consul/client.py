@@ -8,10 +8,11 @@ answer in greenleader's terms: an entry or ``None``, a session id, :class:`Sessi
 ``NotFound``, ``ACLPermissionDenied``, ``Timeout``...).
 
 py-consul lets a client bring its transport, as its own ``std`` (requests) and ``aio``
-(aiohttp) modules do: :class:`_Transport` is a ``consul.base.HTTPClient`` over urllib3 pools,
-two per agent (short requests, bounded; blocking queries, sized for the keys watched), and
-:class:`_Consul`'s ``http_connect`` returns it. A request costs 0.5-0.9 ms of CPU this way,
-as raw urllib3 did, against 1.4-2.4 ms through py-consul's std client over requests
+(aiohttp) modules do: :class:`_Transport` is a ``consul.base.HTTPClient`` over keep-alive
+``http.client`` connections (:mod:`.connections`), two pools per agent (short requests,
+bounded; blocking queries, sized for the keys watched), and :class:`_Consul`'s
+``http_connect`` returns it. A request costs less CPU this way than over urllib3, most after a
+pause (a waiter's requests), and a third of what py-consul's std client over requests costs
 (docs/stores/consul.md). What py-consul's callbacks cannot express, the transport does before
 it calls them:
 
@@ -39,20 +40,22 @@ import logging
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from http.client import HTTPException
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import consul
 import consul.base
 import gevent
-import urllib3
 from consul.exceptions import BadRequest, ClientError
 from gevent.lock import BoundedSemaphore
 
 from ...errors import InvalidArgumentError, PermissionDeniedError, StoreError, StoreUnavailableError
 from .._security import check_secret, read_secret
+from .connections import ConnectTimeout, Pool, ReadTimeout
 
 __all__ = ["DEFAULT_ADDR", "LOCK_FLAG", "POOL_SIZE", "ConsulClient", "SessionGone", "holder_of", "parse_addr",
            "resolve_token"]
@@ -64,8 +67,8 @@ DEFAULT_ADDR = "127.0.0.1:8500"
 #: (``api.Lock``) requires of an existing lock key before it waits for it (docs/interop.md).
 LOCK_FLAG = 0x2DDCCBC058A50C18
 #: Connections for blocking queries, per agent. Each holds one while it waits: one per key
-#: waited on or followed, one per shared session; past this urllib3 opens extra connections and
-#: closes them after use. Consul agents accept 200 connections per client address
+#: waited on or followed, one per shared session; past this a request opens an extra connection
+#: and closes it after use. Consul agents accept 200 connections per client address
 #: (``limits.http_max_conns_per_client``), which bounds the keys one process can watch at once.
 POOL_SIZE = 128
 #: Connections for short requests, per agent; a burst waits for a free one (1,000 candidates
@@ -117,7 +120,7 @@ def parse_addr(addr: object) -> tuple[str, int]:
         raise InvalidArgumentError(f"bad port in Consul address {text!r}")
     labels = parts.hostname.rstrip(".").split(".")
     if len(parts.hostname) > 253 or not all(0 < len(label) <= 63 for label in labels):
-        raise InvalidArgumentError(f"bad Consul address {text[:80]!r}: not a valid host name")  # urllib3 would raise
+        raise InvalidArgumentError(f"bad Consul address {text[:80]!r}: not a valid host name")  # idna would raise
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return host, port or 8500
 
@@ -147,20 +150,10 @@ def resolve_token(token: object, token_file: object) -> tuple[str | None, str | 
 
 
 def _new_pool(scheme: str, host: str, port: int, token: str | None, verify: bool | str,
-              cert: str | tuple[str, str] | None, *, size: int) -> urllib3.HTTPConnectionPool:
-    """A connection pool to one agent: ``size`` connections kept, no retries, no redirects."""
+              cert: str | tuple[str, str] | None, *, size: int) -> Pool:
+    """A connection pool to one agent: ``size`` connections kept; the token in a header."""
     headers = {"X-Consul-Token": token} if token else {}
-    host = host.strip("[]")
-    if scheme == "http":
-        return urllib3.HTTPConnectionPool(host, port, maxsize=size, headers=headers, retries=False)
-    cert_file, key_file = (cert if isinstance(cert, tuple) else (cert, None))
-    return urllib3.HTTPSConnectionPool(
-        host, port, maxsize=size, headers=headers, retries=False,
-        cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE",
-        ca_certs=verify if isinstance(verify, str) else None,
-        assert_hostname=None if verify else False,
-        cert_file=cert_file, key_file=key_file,
-    )
+    return Pool(host, port, headers, None if scheme == "http" else (verify, cert), size=size)
 
 
 class _Endpoint:
@@ -187,12 +180,12 @@ class _Endpoint:
     def reconnect_after_fork(self) -> None:
         """Use new connections: the pooled ones are shared with the parent. Dropping them only
         closes this process's descriptors, which sends nothing while the parent has its own."""
-        self.http = _new_pool(*self._settings, size=SHORT_POOL_SIZE)
-        self.long = _new_pool(*self._settings, size=POOL_SIZE)
+        self.http.forget()
+        self.long.forget()
 
 
 class _Transport(consul.base.HTTPClient):
-    """py-consul's HTTP client interface over urllib3 pools to the agents ``endpoints``.
+    """py-consul's HTTP client interface over connection pools to the agents ``endpoints``.
 
     Requests go to the agent that last answered; connection errors, timeouts and 5xx answers
     fail over to the next. Every request has a connect and read timeout (``timeout``); a
@@ -232,6 +225,7 @@ class _Transport(consul.base.HTTPClient):
 
     def _send(self, callback: Callable[[Any], Any], method: str, path: str, params: Any,
               data: str | bytes | None, headers: dict[str, str] | None) -> Any:
+        payload = (data.encode("utf-8") if isinstance(data, str) else data) or None  # py-consul's "": none
         params = list(params or ())
         names = {name for name, _ in params}
         if self.dc and "dc" not in names:
@@ -247,13 +241,12 @@ class _Transport(consul.base.HTTPClient):
             position = (first + attempt) % count
             endpoint = self.endpoints[position]
             pool = endpoint.long if blocking else endpoint.http
-            sent = dict(pool.headers, **headers) if headers else None  # None: the pool's (the token)
             try:
                 with endpoint.slots(blocking), gevent.Timeout(limit, _Deadline(f"no answer within {limit:g}s")):
-                    response = pool.urlopen(method, target, body=data or None, headers=sent, redirect=False,
-                                            timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout + blocking))
-                status, body = response.status, response.data.decode("utf-8", "replace")
-            except (urllib3.exceptions.HTTPError, _Deadline, OSError) as exc:
+                    answer = pool.request(method, target, payload, headers or {}, connect_timeout=self.timeout,
+                                          read_timeout=self.timeout + blocking)
+                status, body = answer.status, answer.body
+            except (ConnectTimeout, ReadTimeout, _Deadline, OSError, HTTPException) as exc:
                 timeouts += _timed_out(exc)
                 failures.append(f"{endpoint.addr}: {self.describe(exc)}")
                 log.debug("consul: %s %s failed: %s", method, path, failures[-1])
@@ -267,26 +260,20 @@ class _Transport(consul.base.HTTPClient):
             if status == 409 and path == "/v1/txn":
                 raise _TxnRefused(_txn_errors(body))
             try:
-                return callback(consul.base.Response(status, response.headers, body))
+                return callback(consul.base.Response(status, answer.headers, body))
             except (ValueError, KeyError, TypeError, IndexError) as exc:  # py-consul 1.6 lets these out
                 raise consul.ConsulException(f"{status} unreadable answer ({type(exc).__name__}: {exc})") from None
         error = consul.Timeout if timeouts == count else consul.ConsulException
         raise error("; ".join(failures))
 
     def describe(self, exc: BaseException) -> str:
-        errors = urllib3.exceptions
-        if isinstance(exc, errors.NewConnectionError) and (errno := _ERRNO.search(str(exc))):
-            text = f"connection failed: {errno.group(0)}"  # a subclass of ConnectTimeoutError
-        elif isinstance(exc, errors.ConnectTimeoutError):
-            text = f"connect timed out after {self.timeout:g}s"
-        elif isinstance(exc, errors.ReadTimeoutError):
-            text = "read timed out"
-        elif isinstance(exc, errors.SSLError) or "[SSL" in str(exc):
+        if isinstance(exc, (ConnectTimeout, ReadTimeout)):
+            text = str(exc)
+        elif isinstance(exc, ssl.SSLError) or "[SSL" in str(exc):
             reason = _SSL_REASON.search(str(exc))
             text = (f"TLS failed: {reason.group(0) if reason else exc}; check ca_file, cert_file and key_file, "
                     "that the agent serves HTTPS on this port, and that its certificate names the host connected to")
-        elif isinstance(exc, (errors.NewConnectionError, errors.ProtocolError, OSError)) and (
-                errno := _ERRNO.search(str(exc))):
+        elif isinstance(exc, OSError) and (errno := _ERRNO.search(str(exc))):
             text = f"connection failed: {errno.group(0)}"
         else:
             text = f"{type(exc).__name__}: {exc}"
@@ -475,9 +462,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _timed_out(exc: BaseException) -> bool:
-    errors = urllib3.exceptions
-    return isinstance(exc, (_Deadline, errors.ReadTimeoutError)) or (
-        isinstance(exc, errors.ConnectTimeoutError) and not isinstance(exc, errors.NewConnectionError))
+    return isinstance(exc, (_Deadline, ReadTimeout, ConnectTimeout))
 
 
 def _txn_errors(body: str) -> list[str]:
