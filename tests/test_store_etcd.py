@@ -268,6 +268,35 @@ def test_a_release_that_failed_is_finished_by_its_retry(stores, key, monkeypatch
     assert [kv.key for kv in store.client.range_prefix(key.encode()).kvs] == [], "the mark went with the lease"
 
 
+def test_the_successor_wins_before_the_release_revokes_and_an_interrupted_release_is_finished(
+        stores, key, monkeypatch):
+    """The release's transaction hands the key over; its revoke comes a pause later (so that the
+    successor's proof and claim are not queued behind it). The waiter wins on the transaction
+    alone, with no look at the lease; a release interrupted in the pause (as by the
+    candidate's release timeout) revokes the lease when tried again, and leaves nothing."""
+    from greenleader.stores.etcd import recipe
+    monkeypatch.setattr(recipe, "_REVOKE_AFTER", 60.0)  # the pause outlasts the test
+    store = stores()
+    lease = store.acquire(key, "alice", FAST_TTL)
+    waiter = gevent.spawn(stores().acquire, key, "bob", FAST_TTL)
+    wait_until(lambda: len(keys_under(store, key)) == 2, FAST_TTL * 3, "bob's key to appear")
+    revokes = []
+    revoke = store.client.revoke
+    monkeypatch.setattr(store.client, "revoke", lambda lease_id: (revokes.append(lease_id), revoke(lease_id))[1])
+    releasing = gevent.spawn(lease.release)
+    won = waiter.get(timeout=30)
+    wait_until(lambda: lease._marked, 30, "alice's release transaction to be answered")
+    assert revokes == [] and lease_alive(store, lease.lease_id), "bob won on the transaction alone"
+    releasing.kill(gevent.Timeout())  # in the pause, as the candidate's release timeout would
+    assert revokes == [] and lease_alive(store, lease.lease_id)
+    monkeypatch.setattr(recipe, "_REVOKE_AFTER", 0.0)
+    lease.release()
+    assert revokes == [lease.lease_id] and not lease_alive(store, lease.lease_id)
+    assert sorted(name for name, _, _ in keys_under(store, key, twins=True)) == sorted(
+        [won.own_key.decode(), won.twin.decode()]), "alice's keys and mark are gone, bob's are there"
+    won.release()
+
+
 def test_killed_acquire_leaves_nothing(stores, key):
     store = stores()
     holder = store.acquire(key, "alice", FAST_TTL)
