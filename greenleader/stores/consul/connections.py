@@ -123,7 +123,7 @@ class Pool:
         self._idle = []
 
     def _message(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_line()}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
         if body or method != "GET":
             lines.append(f"Content-Length: {len(body or b'')}")
         for name, value in (dict(self.headers, **headers) if headers else self.headers).items():
@@ -131,15 +131,6 @@ class Pool:
                 raise ValueError(f"invalid header {name!r}")  # never sent; the token is checked before
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-    def _host_line(self) -> str:
-        """The ``Host`` header: the name as given, in its IDNA (ASCII) form if it is not ASCII."""
-        if self._host_header.isascii():
-            return self._host_header
-        try:
-            return self._host_header.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise OSError(f"cannot resolve {self._host[:80]!r}: {exc}") from None
 
     def _reusable(self) -> socket.socket | None:
         while self._idle:
@@ -154,8 +145,6 @@ class Pool:
             sock = socket.create_connection((self._host, self._port), timeout)
         except TimeoutError:
             raise ConnectTimeout(f"connect timed out after {timeout:g}s") from None
-        except UnicodeError as exc:  # a name the resolver's IDNA codec refuses
-            raise OSError(f"cannot resolve {self._host[:80]!r}: {exc}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
