@@ -621,23 +621,6 @@ def test_connections_are_kept_alive_and_a_dropped_one_is_replaced(stores, key, c
         proxy.close()
 
 
-def test_a_large_answer_is_read_whole_on_a_kept_connection(stores, key, cluster):
-    """An answer over a few kilobytes comes chunked (Go's HTTP server): the transport reads it
-    whole, and the next requests go on the same connection."""
-    value = bytes(range(256)) * 80  # 20 KiB: about 27 KB of base64 in Consul's JSON
-    servers.http("PUT", f"http://{cluster.addrs[0]}/v1/kv/{key}", value)
-    proxy = Proxy(cluster.addrs[0], "store->agent")
-    try:
-        client = stores(addrs=[proxy.addr])._client
-        for _ in range(3):
-            assert client.get(key)[1]["Value"] == value
-            assert client.read_many([key])[key]["Value"] == value
-        assert len(proxy.connections) == 1, proxy.connections
-    finally:
-        proxy.close()
-        servers.http("DELETE", f"http://{cluster.addrs[0]}/v1/kv/{key}")
-
-
 def test_unreachable_agents_fail_fast(key):
     store = ConsulStore([f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"], timeout=0.5)
     started = time.monotonic()

@@ -9,11 +9,11 @@ answer in greenleader's terms: an entry or ``None``, a session id, :class:`Sessi
 
 py-consul lets a client bring its transport, as its own ``std`` (requests) and ``aio``
 (aiohttp) modules do: :class:`_Transport` is a ``consul.base.HTTPClient`` over keep-alive
-HTTP/1.1 connections of :mod:`.connections`, two pools per agent (short requests, bounded;
-blocking queries, sized for the keys watched), and :class:`_Consul`'s ``http_connect`` returns
-it. After a pause (a waiter's requests) a request costs 0.5-0.7 ms of CPU this way, against
-1.0-1.1 through ``http.client`` and 1.5-1.8 through urllib3, and a fifth of py-consul's std
-client over requests (docs/stores/consul.md). What py-consul's callbacks cannot express, the transport does before
+``http.client`` connections (:mod:`.connections`), two pools per agent (short requests,
+bounded; blocking queries, sized for the keys watched), and :class:`_Consul`'s
+``http_connect`` returns it. A request costs less CPU this way than over urllib3, most after a
+pause (a waiter's requests), and a third of what py-consul's std client over requests costs
+(docs/stores/consul.md). What py-consul's callbacks cannot express, the transport does before
 it calls them:
 
 - it fails over to the next agent on connection errors, timeouts and 5xx answers (a callback
