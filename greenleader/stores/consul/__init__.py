@@ -120,7 +120,7 @@ class ConsulStore(Store):
             warn_plaintext_secret("consul", "ACL token", [e.addr.rpartition(":")[0] for e in self._client.endpoints])
         if not monkey.is_module_patched("socket"):
             warnings.warn(
-                "greenleader's Consul store talks to Consul through urllib3, whose sockets block "
+                "greenleader's Consul store talks to Consul through http.client, whose sockets block "
                 "the gevent hub because gevent has not monkey-patched socket: "
                 "call gevent.monkey.patch_all() first, before importing anything else",
                 RuntimeWarning,
