@@ -800,3 +800,33 @@ def test_no_warning_in_this_patched_process(stores):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stores()
+
+
+# -- fork: the parent's requests in flight stay the parent's --------------------------------------
+
+
+def test_a_request_in_flight_at_a_fork_is_answered_to_the_parent_only(stores, key):
+    """A blocking query is waiting for its answer when the process forks, and the answer comes
+    while the parent's hub is busy: the child's copy of the request must not read it from the
+    shared connection (before the fix it did, and the parent waited out its read timeout, 15 s).
+    The child's copies of the parent's sockets are /dev/null from the fork on."""
+    store, writer = stores(), stores()
+    client = store._client
+    index, _ = client.get(key)  # leaves an idle kept-alive connection: the next request reuses it
+    reading = gevent.spawn(client.get, key, index, 10.0)
+    for _ in range(3):  # (a reused connection: no connect to wait for; the send does not yield)
+        gevent.sleep(0)
+    assert not reading.ready(), f"the blocking query returned at once: {reading.value or reading.exception!r}"
+    writer._client.put_vacant_if_absent(key)  # the change the blocking query waits for
+    pid = os.fork()
+    if pid == 0:  # the child: let its copies of the parent's greenlets run, then leave
+        try:
+            gevent.sleep(0.5)
+        finally:
+            os._exit(0)
+    try:
+        gevent.monkey.get_original("time", "sleep")(0.3)  # the parent's hub waits: only the child could read
+        new_index, entry = reading.get(timeout=5)
+        assert new_index > index and entry is not None, (new_index, entry)
+    finally:
+        os.waitpid(pid, 0)

@@ -245,7 +245,10 @@ class _Campaign:
             self.election.unsubscribe(watch, wait=lease is None)
 
     def _try_lock(self) -> ConsulLease | None:
-        """One lock transaction: the lease if won, None if refused (or the session was lost)."""
+        """One lock transaction: the lease if won, None if refused (or the session was lost, or
+        this is a forked child's copy of the campaign, which locks nothing)."""
+        if self.session.inherited:
+            return None
         if self.session.lost:
             self._new_session()
         renewal = self._renew_alongside()
@@ -388,13 +391,14 @@ class ConsulLease(Lease):
         session.leases.discard(self)
         released = False
         try:
-            if not session.lost and not session.inherited and not client.release(self.key, session.id):
+            if not session.lost and not session.inherited and not client.release(self.key, session.id) \
+                    and not session.inherited:  # (a fork during the release: the child writes nothing)
                 # Not ours any more: deleted from outside. Put it back vacant, so that waiters
                 # who saw us hold it know we have stepped down (docs/stores/consul.md).
                 client.put_vacant_if_absent(self.key)
             released = True
         except StoreError:
-            if session.users > 1:  # others keep the session (and so the key) alive: retry
+            if session.users > 1 and not session.inherited:  # others keep the session (and so the key) alive: retry
                 session.users += 1
                 gevent.spawn(_release_later, self._election, self.key, session)
             raise
