@@ -95,6 +95,11 @@ def summary(values: Iterable[float]) -> dict[str, Any]:
             "max": max(data), "min": min(data)}
 
 
+def brief(values: list[float]) -> str:
+    """``"<median> median, <max> max (<count>)"`` in ms, as the trace scripts print a step."""
+    return f"{statistics.median(values):.2f} median, {max(values):.2f} max ({len(values)})"
+
+
 def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs and not math.isnan(theirs) and not math.isnan(ours) else math.nan
 

@@ -37,6 +37,8 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import gevent.os  # noqa: E402
 
+from benchmarks.common import brief  # noqa: E402
+
 
 def follower(url: str, key: str) -> None:
     """A follower of the key in a process of its own: marks "saw NODE" at each change."""
@@ -187,11 +189,8 @@ def main() -> None:
             order = sorted(steps, key=lambda label: statistics.median(steps[label]))
             print(json.dumps({"load": os.getloadavg()[0], "handovers": args.handovers, "waiters": args.waiters,
                               "winner's order": winner_order,
-                              "ms_from_stop": {label: f"{statistics.median(steps[label]):.2f} median, "
-                                                      f"{max(steps[label]):.2f} max ({len(steps[label])})"
-                                               for label in order},
-                              "cpu_ms_from_first_mark": {label: f"{statistics.median(values):.2f} median, "
-                                                                f"{max(values):.2f} max ({len(values)})"
+                              "ms_from_stop": {label: brief(steps[label]) for label in order},
+                              "cpu_ms_from_first_mark": {label: brief(values)
                                                          for label, values in sorted(cpu_steps.items())}},
                              indent=1))
         finally:

@@ -204,10 +204,9 @@ def main() -> None:
                 start(f"c{count}")
                 count += 1
             order = sorted(steps, key=lambda label: statistics.median(steps[label]))
+            from benchmarks.common import brief  # (here: the --kazoo peer process imports no more than it needs)
             print(json.dumps({"load": os.getloadavg()[0], "handovers": args.handovers, "kazoo": args.kazoo,
-                              "ms_from_stop": {label: f"{statistics.median(steps[label]):.2f} median, "
-                                                      f"{max(steps[label]):.2f} max ({len(steps[label])})"
-                                               for label in order},
+                              "ms_from_stop": {label: brief(steps[label]) for label in order},
                               "process_cpu_ms_from_first_mark": {
                                   label: f"{statistics.median(cpu_steps[label]):.2f} median" for label in order}},
                              indent=1))
