@@ -216,6 +216,8 @@ CASES = [
          InvalidArgumentError, "ca_file"),
     Case("consul token with a newline", lambda env: new_store("consul", token="s3cret\n"), InvalidArgumentError,
          "control characters"),
+    Case("consul token outside ASCII", lambda env: new_store("consul", token="s\u00e9cret\u2013"),
+         InvalidArgumentError, "must be ASCII"),
     Case("consul host label too long", lambda env: new_store("consul", ["a" * 64 + ".example:8500"]),
          InvalidArgumentError, "not a valid host name"),
     Case("consul url port out of range", lambda env: from_url("consul://h:99999"), InvalidArgumentError, "99999"),

@@ -108,6 +108,10 @@ class ConsulStore(Store):
         if self.tls.cert_file is not None and self.tls.key_file is not None:
             cert = (self.tls.cert_file, self.tls.key_file)
         self._token, source = resolve_token(token, token_file)
+        if self._token is not None and not self._token.isascii():
+            # It travels in the X-Consul-Token header, which HTTP/1.1 encodes as Latin-1; Consul's
+            # tokens are UUIDs, so anything else is a mistake best named here, not on each request.
+            raise InvalidArgumentError(f"the Consul ACL token (from {source}) must be ASCII text")
         #: Where the ACL token came from: "token", "token_file", "CONSUL_HTTP_TOKEN",
         #: "CONSUL_HTTP_TOKEN_FILE", or None (no token: Consul's anonymous token).
         self.token_source: str | None = source
