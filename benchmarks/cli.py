@@ -167,6 +167,7 @@ def _interleaved_handover(config: Config, stores: Stores, workdir: Path, passes:
     for kind in config.kinds:
         runners = handover.handover_runners(kind)
         pooled: dict[str, dict[str, Any]] = {}
+        load_before = loadavg()
         for number in range(passes):
             shift = number % len(runners)
             ctx = handover.Ctx(config, stores, workdir / f"{kind}-pass-{number + 1}")  # its FIFOs, its names
@@ -178,8 +179,10 @@ def _interleaved_handover(config: Config, stores: Stores, workdir: Path, passes:
                         into[field] += result[field]
             finally:
                 ctx.close()
+        load = [load_before[0], loadavg()[0]]  # the 1-minute load average as this store began and ended
         for result in pooled.values():
             result["summary"] = summary(result["samples"])
+            result["load"] = load
             log.info("handover %s %s over %d passes: %s", kind, result["label"], passes, result["summary"])
         data[kind] = [pooled[runner.label] for runner in runners]
     return data

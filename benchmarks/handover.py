@@ -41,6 +41,7 @@ from .common import (
     child_env,
     consul_sessions,
     etcd_count,
+    loadavg,
     stop_all,
     summary,
     unique_key,
@@ -435,9 +436,14 @@ def failover(ctx: Ctx, runners: list[Runner], pairs: int) -> list[dict[str, Any]
 
 def run_handover(config: Config, stores: Stores, workdir: Path) -> dict[str, Any]:
     ctx = Ctx(config, stores, workdir)
+    data: dict[str, Any] = {}
     try:
-        return {kind: [handover(ctx, runner, config.handover_trials) for runner in handover_runners(kind)]
-                for kind in config.kinds}
+        for kind in config.kinds:
+            load_before = loadavg()
+            data[kind] = [handover(ctx, runner, config.handover_trials) for runner in handover_runners(kind)]
+            for result in data[kind]:  # the 1-minute load average as this store began and ended
+                result["load"] = [load_before[0], loadavg()[0]]
+        return data
     finally:
         ctx.close()
 

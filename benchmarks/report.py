@@ -102,11 +102,12 @@ def handover_table(data: dict[str, Any]) -> str:
     for kind in _kinds(data):
         peer = next((r for r in data[kind] if r["peer"]), None)
         for ours in [r for r in data[kind] if not r["peer"]]:
+            load = " -> ".join(_f(x) for x in ours["load"]) if ours.get("load") else "-"
             rows.append([kind, ours["label"], _triple(ours["summary"], 1000), peer["label"] if peer else "-",
                          _triple(peer and peer["summary"], 1000), _ratio(ours["summary"], peer and peer["summary"]),
-                         _ratio(ours["summary"], peer and peer["summary"], "p95")])
+                         _ratio(ours["summary"], peer and peer["summary"], "p95"), load])
     return _md(["store", "greenleader", "ms (median / p95 / max)", "peer", "peer ms (median / p95 / max)",
-                "ratio median", "ratio p95"], rows)
+                "ratio median", "ratio p95", "load (1 min), begin -> end"], rows)
 
 
 def failover_table(data: dict[str, Any]) -> str:
@@ -264,7 +265,8 @@ def table(results: dict[str, Any], headings: bool = False, before: dict[str, Any
     if env:
         out.append(f"greenleader {env.get('commit')} on {env.get('cpus')} CPUs, {env.get('date')}")
     if before is not None and (goals := goals_table(before, results, reference)):
-        out.append(f"\n{'### ' if headings else ''}Issue 11's goals, before and after\n\n{goals}")
+        title = "Issue 11's goals, before and after, and issue 12's `greenleader run` handover"
+        out.append(f"\n{'### ' if headings else ''}{title}\n\n{goals}")
     for name, (title, render) in TABLES.items():
         section = _section(results, name)
         if not section or not section.get("data"):

@@ -66,3 +66,31 @@ def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None
             "File store, each idle follower (cost section)",
             "File store, each idle waiter (file_idle)", "File store, each idle follower (file_idle)",
             "File store, SIGKILL -> waiter's win, median (file_idle)"} <= measured, goals
+
+
+def _handover_results(commit: str, run_ms: float, library_ms: float, peer_ms: float) -> dict:
+    def runner(label: str, median_ms: float, peer: bool = False) -> dict:
+        summary = {"n": 15, "median": median_ms / 1000, "p95": 1.5 * median_ms / 1000,
+                   "max": 2 * median_ms / 1000, "min": median_ms / 2000}
+        return {"label": label, "peer": peer, "summary": summary}
+
+    runs = [runner("greenleader run", run_ms), runner("greenleader library", library_ms),
+            runner("consul lock", peer_ms, peer=True)]
+    return {"environment": {"commit": commit},
+            "sections": {"handover": {"data": {"consul": runs}, "commits": {"consul": commit}}}}
+
+
+def test_the_goals_table_judges_issue_12s_cli_handover_against_the_peer() -> None:
+    """Issue 12's row: ``greenleader run``'s median over the peer's, judged on the after
+    column, with median / p95 / max of both (the library's row stays beside it)."""
+    from benchmarks import goals
+
+    before = _handover_results("aaaaaaa", run_ms=40, library_ms=30, peer_ms=10)
+    after = _handover_results("bbbbbbb", run_ms=9, library_ms=12, peer_ms=10)
+    rows = {row[0]: row for row in goals.rows(before, after) if row[1] == "consul"}
+    cli = rows[goals.ISSUE_12_ROW]
+    assert cli[2] == "4.00x (40.0 / 60.0 / 80.0 ms; consul lock 10.0 / 15.0 / 20.0 ms) [aaaaaaa]", cli
+    assert cli[3] == "0.90x (9.0 / 13.5 / 18.0 ms; consul lock 10.0 / 15.0 / 20.0 ms) [bbbbbbb]", cli
+    assert cli[-1] == "yes", cli
+    library = rows["Graceful handover through the library, median (ratio to the peer)"]
+    assert library[3] == "1.20x (12.0 ms; consul lock 10.0 ms) [bbbbbbb]" and library[-1] == "**no**", library
