@@ -16,7 +16,7 @@ from greenleader.events import LeadershipEvent  # noqa: E402
 from greenleader.stores import Store  # noqa: E402
 from tests.backends import SERVER_KINDS, STORE_KINDS, BackendEnv, support  # noqa: E402
 
-pytest_plugins = ["tests.server_fixtures"]
+pytest_plugins = ["tests.server_fixtures", "tests.sharding"]
 
 
 @pytest.fixture(params=STORE_KINDS)

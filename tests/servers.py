@@ -69,11 +69,34 @@ class ServerBinaryMissing(RuntimeError):
 _handed_out: set[int] = set()
 
 
+def _shard() -> tuple[int, int]:
+    """This process's (index, count) among the pytest processes of one run (scripts/test sets
+    GREENLEADER_TEST_SHARD=index/count); (0, 1) when it runs alone."""
+    index, _, count = os.environ.get("GREENLEADER_TEST_SHARD", "0/1").partition("/")
+    return int(index), int(count)
+
+
+def _ours(port: int) -> bool:
+    """Ports are split between the processes of one run by remainder, so that one process never
+    starts a server on (or calls closed) a port another one holds for a stopped server's restart."""
+    index, count = _shard()
+    return port % count == index
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    held: list[socket.socket] = []  # ports of other processes stay bound, so each try is a new one
+    try:
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if _ours(port):
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def free_ports(count: int) -> list[int]:
@@ -90,7 +113,7 @@ def free_ports(count: int) -> list[int]:
             held.append(tcp)
             tcp.bind(("127.0.0.1", 0))
             port = tcp.getsockname()[1]
-            if port in _handed_out:
+            if port in _handed_out or not _ours(port):
                 continue
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # consul serf uses UDP too
             held.append(udp)
