@@ -1,7 +1,8 @@
 """Run pytest as TEST_SHARDS processes (default 2) that share the suite file by file.
 
 Usage (scripts/test does this): ``python3 scripts/run_shards.py [pytest arguments]``. Each
-process gets the same arguments plus ``--shard-claims DIR``, and takes test files from the suite
+process gets the same arguments plus ``--shard-claims=DIR`` (one word, or pytest would take DIR
+for a test path when it looks for its rootdir), and takes test files from the suite
 as it becomes free (tests/sharding.py). The first process prints as it goes; the others' output
 follows when all have ended, then one line per process with its summary. The exit status is the first
 failing process's (pytest's "no tests ran", 5, counts as a failure only when every process has
@@ -37,7 +38,7 @@ def main(args: list[str]) -> int:
                 output = (files.enter_context(open(os.path.join(claims, f"output-{index}"), "w+"))
                           if index else subprocess.PIPE)
                 outputs.append(output)
-                processes.append(subprocess.Popen([*command, "--shard-claims", claims], env=env,
+                processes.append(subprocess.Popen([*command, f"--shard-claims={claims}"], env=env,
                                                   stdout=output, stderr=subprocess.STDOUT, text=True))
             last = "(no output)"
             for line in processes[0].stdout:  # the first process's output, as it comes
