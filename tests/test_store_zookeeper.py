@@ -15,6 +15,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.socket
 import pytest
 from kazoo.exceptions import NoAuthError
@@ -908,6 +909,68 @@ def test_use_after_fork_is_refused(stores, key) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, status
     assert store.leader(key) is None  # the parent's store still works
+
+
+@pytest.mark.parametrize("moment", ["queued", "sent"])
+def test_a_request_in_flight_at_a_fork_is_answered_to_the_parent_only(stores, key, moment) -> None:
+    """The process forks while a request of its session is in flight, from a greenlet that
+    the hub woke in the same turn as kazoo's connection greenlet: the child's copy of that
+    greenlet then runs once more before its kill. It must neither take the parent's wake-up
+    byte and send the queued request again ("queued": a duplicated answer killed kazoo's loop
+    for good) nor read the parent's answer ("sent": the parent timed out, dropped the
+    connection and its leaders lost their keys). The parent keeps its connection and session."""
+    store = stores()
+    assert store.leader(key) is None  # connects
+    session = next(iter(store._sessions.values()))
+    client, session_id = session.client, session.session_id
+    states: list[str] = []
+    client.add_listener(states.append)
+    for _ in range(3):  # the race is the hub's order of two ready greenlets: a few tries
+        request = client.exists_async("/")  # queued, its wake-up byte written
+        if moment == "sent":
+            _wait_sent(client, request)
+        pid = _fork_in_the_same_turn()
+        try:
+            assert request.get(timeout=WAIT) is not None  # "/" exists
+            assert store.leader(key) is None  # a round trip after it: a duplicated answer would be read by now
+        finally:
+            os.waitpid(pid, 0)
+        assert states == [], f"the parent's connection changed state: {states}"
+        assert session.session_id == session_id and session.connected.is_set()
+        assert not client._connection._connection_routine.dead, "kazoo's connection loop died"
+
+
+def _wait_sent(client: Any, request: Any) -> None:
+    """Until kazoo has sent ``request`` (kazoo internals: its requests sent, unanswered);
+    polled at every turn of the hub, since the answer follows within a millisecond. (On a
+    loaded machine kazoo may read the answer in the same turn: then the fork that follows
+    finds the request answered, and the round tests less.)"""
+    deadline = time.monotonic() + WAIT
+    while not any(pending[1] is request for pending in client._pending) and not request.ready():
+        assert time.monotonic() < deadline, "kazoo did not send the request"
+        gevent.sleep(0)
+
+
+def _fork_in_the_same_turn() -> int:
+    """Fork from a greenlet woken by a timer while the hub was blocked, so that the hub finds
+    it ready in the same turn as whatever else became ready meanwhile (an answer, a wake-up
+    byte); then keep the parent's hub blocked a while: only the child's copies can run. The
+    child lets its copies of the parent's greenlets run, then exits. Returns its pid."""
+    hub_busy = gevent.monkey.get_original("time", "sleep")
+
+    def fork() -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery from here on
+            try:
+                gevent.sleep(0.5)
+            finally:
+                os._exit(0)
+        hub_busy(0.3)
+        return pid
+
+    forker = gevent.spawn_later(0.001, fork)
+    hub_busy(0.05)  # the timer expires, and the answer or wake-up byte arrives, meanwhile
+    return forker.get(timeout=WAIT)
 
 
 # -- processes and ensembles --------------------------------------------------------------------

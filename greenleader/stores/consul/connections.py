@@ -19,73 +19,27 @@ module keeps only what the store needs of urllib3's pool:
 - in a forked child, /dev/null takes the place of every socket the parent opened (idle, busy
   or still connecting), before any greenlet runs there: a child's copy of a request in flight
   then fails in the child, and can neither read the parent's answer nor send the parent's
-  request a second time on the shared connection.
+  request a second time on the shared connection (:mod:`greenleader._inherited_sockets`, each
+  socket registered before it connects).
 
 Sockets are gevent's once gevent has monkey-patched ``socket`` (the store warns otherwise).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
 import select
-import socket
 import ssl
-import weakref
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from gevent import monkey
+
+from ... import _inherited_sockets
 
 __all__ = ["Answer", "ConnectTimeout", "Pool", "ReadTimeout"]
 
 #: The unpatched ``select.poll``: a poll with a timeout of 0 never blocks, so it needs no hub.
 _poll = monkey.get_original("select", "poll")
-
-#: Every socket this process opened to an agent, registered before it connects.
-_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """Put /dev/null in place of every inherited socket, in the child only (see the module
-    docstring). The parent's connections are untouched: nothing is sent, nothing shut down."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        for sock in list(_sockets):
-            with contextlib.suppress(OSError, ValueError):
-                fd = sock.fileno()
-                if fd >= 0:  # (-1: closed, or handed to the SSL socket registered beside it)
-                    os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    _sockets.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _create_connection(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
-                       source_address: Any = None) -> socket.socket:
-    """``socket.create_connection``, each socket registered in :data:`_sockets` before it
-    connects (a fork while it connects must not leave the child a live copy)."""
-    host, port = address
-    errors: list[OSError] = []
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        _sockets.add(sock)
-        try:
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
-                sock.settimeout(timeout)
-            if source_address:
-                sock.bind(source_address)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as exc:
-            errors.append(exc)
-            sock.close()
-    raise errors[0] if errors else OSError(f"getaddrinfo returned no address for {host!r}")
-
 
 class ConnectTimeout(Exception):
     """No connection (or no TLS handshake) within the connect timeout."""
@@ -160,10 +114,10 @@ class Pool:
         else:
             connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
                                                      context=self._tls_context())
-        connection._create_connection = _create_connection  # type: ignore[attr-defined]
+        connection._create_connection = _inherited_sockets.create_connection  # type: ignore[attr-defined]
         try:
             connection.connect()
-            _sockets.add(connection.sock)  # the TLS socket, which took over the plain one's descriptor
+            _inherited_sockets.register(connection.sock)  # the TLS socket, which took over the plain one's descriptor
         except TimeoutError:
             connection.close()
             raise ConnectTimeout(f"connect timed out after {timeout:g}s") from None

@@ -16,12 +16,9 @@ partition) costs the connection, never a hung greenlet.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import socket
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +31,7 @@ import psycopg.errors
 import psycopg.waiting
 from psycopg import sql
 
+from ... import _inherited_sockets
 from ...errors import InvalidArgumentError, PermissionDeniedError, StoreError, StoreUnavailableError
 from .._security import read_secret, tls_options, warn_plaintext_secret
 from ..base import check_float, check_text
@@ -70,32 +68,6 @@ def _check_blocking_wait() -> None:
             psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
         log.warning("postgres store: psycopg was imported before gevent.monkey.patch_all(), so its queries "
                     "block the gevent hub; patch first (gunicorn's gevent worker does)")
-
-
-_clients: weakref.WeakSet[PostgresClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """Put /dev/null in place of every inherited connection's socket, in the child only.
-
-    The parent's sessions live on: a child that read from them would steal the parent's
-    answers and notifications, and one that closed them through libpq would end them (its
-    Terminate message). With /dev/null in their place, the child's copies fail at their next
-    use and are replaced by connections of its own; the parent's are untouched.
-    """
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        for client in list(_clients):
-            for conn in (*client._open, client._listen_conn):
-                if conn is not None and not conn.closed:
-                    with contextlib.suppress(OSError, psycopg.Error):
-                        os.dup2(devnull, conn.fileno())
-    finally:
-        os.close(devnull)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
@@ -207,7 +179,6 @@ class PostgresClient:
         self.notifications = True
         self._closed = False
         self.requests: dict[str, int] = {}
-        _clients.add(self)
 
     def describe(self) -> str:
         """Secret-free, for ``repr()``."""
@@ -245,6 +216,9 @@ class PostgresClient:
             try:
                 with timer:
                     conn = psycopg.Connection.connect(**params)
+                    # A forked child's copy must not read this session's answers and
+                    # notifications, nor end it (libpq's Terminate when closed): /dev/null there.
+                    _inherited_sockets.register(conn)
                     conn.prepare_threshold = None  # never prepared: a pooler may change the server connection
                     return conn
             except gevent.Timeout as exc:

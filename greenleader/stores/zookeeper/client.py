@@ -182,9 +182,15 @@ class _Session:
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
-        """The session is the parent's: stop this copy of kazoo's connection loop before it
-        reads the parent's replies (killing it only closes this process's descriptors)."""
+        """The session is the parent's: stop this copy of kazoo's connection loop (killing it
+        only closes this process's descriptors). One that the hub had scheduled already runs
+        once more first, on /dev/null (the transport's sockets go dead at the fork): it then
+        sees a dropped connection, which must not make it reconnect with the parent's session
+        id (``_stopped``), report states to this copy's leases, or log about the parent's
+        session."""
         self.connected.clear()
+        self.client._stopped.set()
+        self.log.silent = True
         routine = getattr(self.client._connection, "_connection_routine", None)
         if routine is not None:
             routine.kill(block=False)
@@ -214,6 +220,8 @@ class _Session:
     # -- connection state (kazoo calls these from its connection greenlet: never block) ----
 
     def _on_state(self, state: str) -> None:
+        if self.pid != os.getpid():
+            return  # a forked child's copy of the loop ending (see _after_fork_in_child)
         if state == KazooState.CONNECTED:
             client_id = self.client.client_id
             session_id = client_id[0] if client_id else None
@@ -754,8 +762,11 @@ class _KazooLog(logging.LoggerAdapter):
         self.last_error: str | None = None
         self._on_tls_refusal = on_tls_refusal
         self._address = ""  # the address kazoo last said it connects to
+        self.silent = False  # set in a forked child: its copy of kazoo speaks of the parent's session
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.silent:
+            return
         if level < logging.INFO and not self.logger.isEnabledFor(level):
             return  # kazoo's two lines a request, unread: the errors kept below are WARNINGs
         text = str(msg)

@@ -7,11 +7,14 @@ and closes them each time (most of kazoo's CPU: about 0.45 ms a request on this 
 so 1,000 candidates starting at once spent seconds in it). :class:`GeventHandler` asks the
 kernel first, without waiting, and only waits through gevent when nothing is ready.
 :class:`WakeSocket` is kazoo's wake-up socket written without ever blocking the writer.
+The handler also registers every socket kazoo opens with :mod:`greenleader._inherited_sockets`
+(a forked child's copies go dead at the fork).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select as _select
@@ -21,7 +24,10 @@ import gevent
 import gevent.socket
 from gevent import monkey
 
+from ... import _inherited_sockets
+
 try:
+    from kazoo.handlers import utils as kazoo_utils
     from kazoo.handlers.gevent import SequentialGeventHandler
 except ImportError as exc:  # new_store() turns this into MissingDependencyError
     raise ImportError(str(exc), name="kazoo") from exc
@@ -64,6 +70,25 @@ class GeventHandler(SequentialGeventHandler):
         self._streak = 0
         return super().select(rlist, wlist, xlist, timeout)
 
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """kazoo's connection to a server (plain or TLS), its socket registered with
+        :mod:`greenleader._inherited_sockets` before it connects.
+
+        After a fork, the child's copy of kazoo's connection greenlet may run one more turn
+        before its kill (the hub had scheduled it already): on the shared socket it would read
+        the parent's answer (the parent then times out and its session's leaders lose their
+        keys) or send a request of the parent's a second time (a duplicated answer, on which
+        kazoo's loop dies for good). With /dev/null in the child, that turn sees a dropped
+        connection of the child's own."""
+        sock = kazoo_utils.create_tcp_connection(_REGISTERING_SOCKETS, *args, **kwargs)
+        return _inherited_sockets.register(sock)  # (TLS: the SSL socket, which took the plain one's descriptor)
+
+    def create_socket_pair(self) -> tuple[Any, Any]:
+        """kazoo's wake-up socketpair, registered too: a child's copy of the loop must not
+        take the parent's wake-up bytes (each sends one queued request of the parent's)."""
+        read, write = super().create_socket_pair()
+        return _inherited_sockets.register(read), _inherited_sockets.register(write)
+
     def dispatch_callback(self, callback: Any) -> None:
         """Run a watch's callback at once, in the connection greenlet that read its event.
 
@@ -77,6 +102,23 @@ class GeventHandler(SequentialGeventHandler):
             callback.func(*callback.args)
         except Exception:
             log.exception("ZooKeeper watch callback %r failed", callback.func)
+
+
+class _RegisteringSocketModule:
+    """``gevent.socket`` as kazoo's ``create_tcp_connection`` uses it, but each socket it
+    makes is registered with :mod:`greenleader._inherited_sockets` before it connects."""
+
+    create_connection = staticmethod(functools.partial(_inherited_sockets.create_connection, module=gevent.socket))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gevent.socket, name)
+
+    @staticmethod
+    def socket(*args: Any, **kwargs: Any) -> Any:  # kazoo's TLS path: wrapped, then connected
+        return _inherited_sockets.register(gevent.socket.socket(*args, **kwargs))
+
+
+_REGISTERING_SOCKETS = _RegisteringSocketModule()
 
 
 def _ready_now(rlist: list[Any], wlist: list[Any]) -> tuple[list[Any], list[Any], list[Any]] | None:
