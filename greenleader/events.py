@@ -94,8 +94,18 @@ class EventPublisher:
         self._greenlet: gevent.Greenlet | None = None
 
     def publish(self, event: LeadershipEvent) -> Event:
-        """Queue ``event`` for every subscriber; the returned Event is set once they all ran."""
+        """Queue ``event`` for every subscriber; the returned Event is set once they all ran.
+
+        With nothing queued or being delivered and no subscriber for ``event``, there is
+        nobody to run: the Event comes back set, with no greenlet started. This is the
+        common case on a handover's critical path (a step-down waits for this Event before
+        the release; a step-up publishes just before the new leader's code runs), where a
+        greenlet spawned and switched to for nothing cost about a tenth of a millisecond.
+        """
         delivered = Event()
+        if self._pending.empty() and (self._greenlet is None or self._greenlet.dead) and not _handlers(event):
+            delivered.set()
+            return delivered
         self._pending.put((event, delivered))
         if self._greenlet is None or self._greenlet.dead:
             self._greenlet = gevent.spawn(self._drain)
