@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -68,6 +69,12 @@ class ServerBinaryMissing(RuntimeError):
 
 _handed_out: set[int] = set()
 
+#: Where test servers' ports come from: below Linux's ephemeral range (32768-60999), so no
+#: connect() or bind() to port 0, of this process or any other, takes a port between the check
+#: that it is free and the server's own bind, nor while a stopped server waits for its restart.
+PORT_RANGE = range(20000, 32768)
+_pick = random.Random()  # seeded from the system: the tests' seeding of ``random`` leaves it alone
+
 
 def _shard() -> tuple[int, int]:
     """This process's (index, count) among the pytest processes of one run (scripts/test sets
@@ -76,27 +83,32 @@ def _shard() -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _ours(port: int) -> bool:
-    """Ports are split between the processes of one run by remainder, so that one process never
-    starts a server on (or calls closed) a port another one holds for a stopped server's restart."""
+def _free(port: int) -> bool:
+    """Nothing uses ``port`` on the loopback for TCP (listening, connected or in TIME_WAIT) or UDP."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):  # consul serf uses UDP too
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _new_port() -> int:
+    """A free port of PORT_RANGE that this process has never handed out. The processes of one
+    run take ports of different remainders, so that one never takes a port another holds for a
+    stopped server's restart."""
     index, count = _shard()
-    return port % count == index
+    while True:
+        port = _pick.randrange(PORT_RANGE.start + index, PORT_RANGE.stop, count)
+        if port not in _handed_out and _free(port):
+            _handed_out.add(port)
+            return port
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    held: list[socket.socket] = []  # ports of other processes stay bound, so each try is a new one
-    try:
-        while True:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if _ours(port):
-                return port
-    finally:
-        for sock in held:
-            sock.close()
+    """A loopback port nothing listens on (and that no server of this process will get)."""
+    return _new_port()
 
 
 def free_ports(count: int) -> list[int]:
@@ -105,28 +117,7 @@ def free_ports(count: int) -> list[int]:
     A port is never handed out twice by this process, so the ports of a stopped server stay
     reserved for its restart, and the many ports of a cluster never collide with each other.
     """
-    ports: list[int] = []
-    held: list[socket.socket] = []
-    try:
-        while len(ports) < count:
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(tcp)
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            if port in _handed_out or not _ours(port):
-                continue
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # consul serf uses UDP too
-            held.append(udp)
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            ports.append(port)
-            _handed_out.add(port)
-    finally:
-        for sock in held:
-            sock.close()
-    return ports
+    return [_new_port() for _ in range(count)]
 
 
 def _require(name: str) -> str:
