@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 NO_TESTS = 5  # pytest's exit status when it ran no test
+STOP_GRACE = 10.0  # seconds a pytest process has to end after SIGTERM before SIGKILL
 
 
 def main(args: list[str]) -> int:
@@ -47,13 +48,15 @@ def main(args: list[str]) -> int:
             summaries = [last]
             codes = [process.wait() for process in processes]
         finally:
-            for process in processes:
+            for process in processes:  # interrupted: stop them too (their servers die with them)
                 if process.poll() is None:
-                    process.send_signal(signal.SIGINT)  # pytest stops its servers on the way out
-                    try:
-                        process.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+                    process.terminate()
+            for process in processes:
+                try:
+                    process.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         for index, output in enumerate(outputs[1:], start=1):
             output.seek(0)
             text = output.read()
