@@ -28,20 +28,22 @@ from pathlib import Path
 
 import pytest
 
-#: Rough minutes each test file takes on its own (a CI run on two shared cores, load 2-4),
-#: to start the long files first so that no process is left with a long file at the end.
-#: Only the order depends on these: a wrong figure costs time, never a test.
-MINUTES = {
-    "test_contract.py": 9.0, "test_safety.py": 6.0, "test_store_zookeeper.py": 3.0,
-    "test_store_etcd.py": 3.0, "test_store_consul.py": 2.5, "test_nemesis.py": 2.5,
-    "test_gunicorn.py": 2.5, "test_security.py": 2.0, "test_store_postgres.py": 2.0,
-    "test_cli.py": 2.0, "test_properties.py": 2.0, "test_bad_input.py": 1.6,
-    "test_shared_session.py": 1.5, "test_recovery.py": 1.5, "test_external_deletion.py": 1.2,
-    "test_property_regressions.py": 1.2, "test_keepalive.py": 1.0, "test_store_file.py": 1.0,
-    "test_contrib_apscheduler.py": 1.0, "test_hygiene.py": 1.0, "test_processes.py": 1.0,
+#: Seconds each test file took in a two-process run of the whole suite (2 shared cores, load
+#: 1.5-3.3; the nemesis runs alone take 12 minutes), to start the long files first so that no
+#: process is left with a long file at the end. Only the order depends on these: a wrong figure
+#: costs time, never a test.
+SECONDS = {
+    "test_nemesis.py": 732, "test_safety.py": 169, "test_cli.py": 130, "test_properties.py": 129,
+    "test_contract.py": 88, "test_recovery.py": 86, "test_processes.py": 83, "test_bad_input.py": 82,
+    "test_gunicorn.py": 81, "test_store_consul.py": 78, "test_external_deletion.py": 74,
+    "test_shared_session.py": 69, "test_store_postgres.py": 53, "test_security.py": 52,
+    "test_keepalive.py": 48, "test_benchmarks_smoke.py": 42, "test_store_zookeeper.py": 40,
+    "test_store_etcd.py": 40, "test_contrib_django.py": 29, "test_hygiene.py": 23,
+    "test_store_file.py": 22, "test_servers.py": 21, "test_status.py": 19, "test_contrib_flask.py": 18,
+    "test_property_regressions.py": 16, "test_contrib_apscheduler.py": 15,
 }
-#: A file not in the table: most of the rest take well under a minute.
-DEFAULT_MINUTES = 0.5
+#: A file not in the table: the rest took under 15 seconds each.
+DEFAULT_SECONDS = 10
 
 #: The name of the marker a process leaves when it stops at a failure under -x.
 STOP = "STOP"
@@ -63,7 +65,7 @@ class _Claims:
 
     def __init__(self, directory: Path, groups: dict[Path, list[pytest.Item]]) -> None:
         self.directory = directory
-        self.order = sorted(groups, key=lambda path: -MINUTES.get(path.name, DEFAULT_MINUTES))
+        self.order = sorted(groups, key=lambda path: -SECONDS.get(path.name, DEFAULT_SECONDS))
         self.groups = groups
 
     def __iter__(self) -> Iterator[list[pytest.Item]]:
