@@ -12,7 +12,15 @@ connect must not leave the child a live copy either), and right after a fork, in
 only and before any greenlet runs there, /dev/null takes the place of each registered
 descriptor (``dup2``): the child's copies read an end of file and write into nothing, and
 its libraries see a dropped connection. The parent's connections are untouched: nothing is
-sent on them, nothing is shut down.
+sent on them, nothing is shut down. A connection still being set up is registered too: the
+TLS socket of Consul's transport before its handshake, and libpq's socket at each step of its
+connect (a holder whose ``fileno()`` follows it, -1 once the attempt ends).
+
+One gap remains: kazoo wraps a ZooKeeper TLS socket before connecting it, inside its own
+``create_tcp_connection``, with no hook, so a ZooKeeper connection over TLS that is still
+connecting or shaking hands at a fork is registered only once kazoo returns it. The child's
+copy then may send or read handshake bytes on it: the parent's handshake fails and kazoo
+connects again (within the session's timeout: a reconnect, not the session).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import os
 import socket
 import weakref
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["create_connection", "register"]
 
@@ -31,11 +39,13 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
+_Registered = TypeVar("_Registered", bound=_HasFileno)
+
 #: Every registered socket or connection of this process, weakly: a collected socket is closed.
 _registered: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def register(sock: _HasFileno) -> _HasFileno:
+def register(sock: _Registered) -> _Registered:
     """Make ``sock`` (anything with a ``fileno()``, weakly referenced) /dev/null in any child
     forked from now on; returns it. A closed one is skipped (``fileno()`` -1 or an error)."""
     _registered.add(sock)

@@ -112,12 +112,10 @@ class Pool:
         if self._tls is None:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         else:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                                     context=self._tls_context())
+            connection = _HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls_context())
         connection._create_connection = _inherited_sockets.create_connection  # type: ignore[attr-defined]
         try:
             connection.connect()
-            _inherited_sockets.register(connection.sock)  # the TLS socket, which took over the plain one's descriptor
         except TimeoutError:
             connection.close()
             raise ConnectTimeout(f"connect timed out after {timeout:g}s") from None
@@ -169,6 +167,26 @@ class Pool:
                 context.load_cert_chain(cert)
             self._context = context
         return self._context
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """``HTTPSConnection`` whose TLS socket is registered before its handshake.
+
+    The standard library's ``connect`` wraps the connected socket and shakes hands in one
+    call; the TLS socket takes over the plain one's descriptor (the plain one then reports
+    -1), so until the handshake ends a fork would leave the child a live copy. Here the
+    wrap does not shake hands: the TLS socket is registered, then shakes hands (the same
+    certificate and host name checks, within the connection's timeout)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls_context = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP (its socket registered before it connects), no delay
+        self.sock = _inherited_sockets.register(self._tls_context.wrap_socket(
+            self.sock, server_hostname=self.host, do_handshake_on_connect=False))
+        self.sock.do_handshake()
 
 
 class _Unanswered(Exception):

@@ -139,6 +139,48 @@ class Subscription:
         self.close()
 
 
+class _Connecting:
+    """The socket of a libpq connect in progress, for :mod:`greenleader._inherited_sockets`:
+    the descriptor libpq waits on now, -1 once the attempt ends (its number may then be reused)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class _RegisteredConnection(psycopg.Connection[Any]):
+    """A connection that a forked child cannot use, from its first socket on.
+
+    A forked child's copy must not read this session's answers and notifications, send its
+    requests (a startup packet of its own on the parent's socket: the server drops the
+    session), nor end it (libpq's Terminate when closed): /dev/null takes its place there.
+    libpq's connect (TCP, TLS, startup, authentication) takes several hub turns, so the
+    socket is registered from the first one: psycopg's connect generator yields
+    ``(fileno, wait)`` at each, and this one follows it (psycopg's private
+    ``Connection._connect_gen``, as in psycopg 3.3; tests/test_inherited_sockets.py fails
+    loudly if it goes or changes shape).
+    """
+
+    @classmethod
+    def _connect_gen(cls, conninfo: str = "") -> Any:
+        connecting = _inherited_sockets.register(_Connecting())
+        attempt = super()._connect_gen(conninfo)
+        try:
+            try:
+                fileno, wait = next(attempt)
+                while True:
+                    connecting.fd = fileno  # before the hub runs anything else: libpq waits on it now
+                    fileno, wait = attempt.send((yield fileno, wait))
+            except StopIteration as done:
+                conn = done.value
+        finally:
+            connecting.fd = -1  # before libpq may close it (the attempt closed below, or collected)
+            attempt.close()
+        return _inherited_sockets.register(conn)
+
+
 class PostgresClient:
     """Connections to one PostgreSQL database, their options checked once.
 
@@ -215,10 +257,8 @@ class PostgresClient:
             timer = gevent.Timeout(self.timeout + 1)  # behind libpq's connect_timeout (whole seconds)
             try:
                 with timer:
-                    conn = psycopg.Connection.connect(**params)
-                    # A forked child's copy must not read this session's answers and
-                    # notifications, nor end it (libpq's Terminate when closed): /dev/null there.
-                    _inherited_sockets.register(conn)
+                    # Registered while it connects and once connected (_RegisteredConnection).
+                    conn = _RegisteredConnection.connect(**params)
                     conn.prepare_threshold = None  # never prepared: a pooler may change the server connection
                     return conn
             except gevent.Timeout as exc:
