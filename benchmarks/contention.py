@@ -89,15 +89,25 @@ class _Field:
             return 0
 
     def _registered(self) -> int:
-        if self.kind == "consul":  # distinct names: a session whose destroy failed lingers
-            return len({str(s.get("Name")) for s in consul_sessions(self.addr)
-                        if str(s.get("Name", "")).startswith(f"greenleader w{self.tag}")})
+        if self.kind == "consul":
+            # A process's candidates share one session (named after the candidate that made it),
+            # and a waiter leaves no other trace in Consul: the field is complete once every
+            # process has its session and every candidate is in acquire (as on the file store).
+            # Distinct processes: a session whose destroy failed lingers.
+            with_session = {str(s.get("Name")).removeprefix("greenleader ").rsplit("-", 1)[0]
+                            for s in consul_sessions(self.addr)
+                            if str(s.get("Name", "")).startswith(f"greenleader w{self.tag}")}
+            return min(len(with_session) * self.n // len(self.procs), self._campaigning())
         if self.kind == "etcd":
             return etcd_count(self.addr, self.key + "/")
         if self.kind == "zookeeper":
             assert self.zk is not None
             return self.zk.count("/" + self.key)
         # file: flock waiters are invisible; every candidate in acquire (and a little time) will do
+        return self._campaigning()
+
+    def _campaigning(self) -> int:
+        """Candidates in acquire, and the leader: every win ends one campaign."""
         return len(self.lines("campaigning")) - len(self.lines("elected")) + 1
 
     def wait_complete(self) -> None:
