@@ -71,5 +71,6 @@ def main(args: list[str]) -> int:
         return failed[0]
     return NO_TESTS if all(code == NO_TESTS for code in codes) else 0
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

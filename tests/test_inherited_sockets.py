@@ -52,6 +52,25 @@ def test_registered_sockets_are_dev_null_in_a_child_only() -> None:
             sock.close()
 
 
+def test_a_closed_socket_s_number_reused_by_a_file_is_left_alone(tmp_path) -> None:
+    """The registry holds sockets, not numbers: once a registered socket is closed, the file
+    that takes its number is the child's own, and must not become /dev/null there."""
+    closed, closed_peer = socket.socketpair()
+    number = closed.fileno()
+    _inherited_sockets.register(closed)
+    closed.close()
+    closed_peer.close()
+    gevent.sleep(0.05)  # let gevent's deferred close of the descriptor run first
+    file = os.open(tmp_path / "reuses-the-number", os.O_RDWR | os.O_CREAT)
+    if file != number:  # (as a rule it is the lowest free number: the socket's)
+        os.dup2(file, number)
+        os.close(file)
+    try:
+        assert _in_child(lambda: not _is_devnull(number)) == 0, "a reused number was put to /dev/null"
+    finally:
+        os.close(number)
+
+
 def test_create_connection_registers_its_socket() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         sock = _inherited_sockets.create_connection(server.getsockname(), timeout=5)

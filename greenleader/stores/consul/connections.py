@@ -41,6 +41,7 @@ __all__ = ["Answer", "ConnectTimeout", "Pool", "ReadTimeout"]
 #: The unpatched ``select.poll``: a poll with a timeout of 0 never blocks, so it needs no hub.
 _poll = monkey.get_original("select", "poll")
 
+
 class ConnectTimeout(Exception):
     """No connection (or no TLS handshake) within the connect timeout."""
 

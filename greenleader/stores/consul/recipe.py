@@ -391,11 +391,12 @@ class ConsulLease(Lease):
         session.leases.discard(self)
         released = False
         try:
-            if not session.lost and not session.inherited and not client.release(self.key, session.id) \
-                    and not session.inherited:  # (a fork during the release: the child writes nothing)
-                # Not ours any more: deleted from outside. Put it back vacant, so that waiters
-                # who saw us hold it know we have stepped down (docs/stores/consul.md).
-                client.put_vacant_if_absent(self.key)
+            if not session.lost and not session.inherited:
+                unlocked = client.release(self.key, session.id)
+                if not unlocked and not session.inherited:  # (a fork during the release: the child writes nothing)
+                    # Not ours any more: deleted from outside. Put it back vacant, so that waiters
+                    # who saw us hold it know we have stepped down (docs/stores/consul.md).
+                    client.put_vacant_if_absent(self.key)
             released = True
         except StoreError:
             if session.users > 1 and not session.inherited:  # others keep the session (and so the key) alive: retry
