@@ -3,7 +3,7 @@ and 10).
 
 An operator deletes the leader's registration while its session or lease lives: etcd's
 ``etcdctl del <key>/<lease hex>``, Consul's ``consul kv delete <key>`` (and, separately, the
-destruction of its session), ZooKeeper's ``delete`` of its ephemeral node, PostgreSQL's
+destruction of its session), ZooKeeper's ``delete`` of its ephemeral node (or of its twin), PostgreSQL's
 ``DELETE`` of its lease row (psql). The holder learns
 of it one notification later; the next candidate must not win before the holder has stepped
 down, or two candidates lead at once. (The nemesis long run found 19 overlaps of 2-886 ms on
@@ -59,6 +59,7 @@ CASES = [
     ("consul", "destroy the session", "arrives"),
     ("zookeeper", "delete the node", "waits"),
     ("zookeeper", "delete the node", "arrives"),
+    ("zookeeper", "delete the twin", "waits"),
     ("postgres", "delete the row", "waits"),
     ("postgres", "delete the row", "arrives"),
 ]
@@ -172,7 +173,13 @@ def deleter(kind: str, how: str, admin: Store, key: str) -> Iterator[Callable[[]
     elif kind == "zookeeper":
         path = admin.path_for(key)
         with support_zookeeper.admin_client(admin.hosts) as zk:
-            yield lambda: zk.delete(f"{path}/{support_zookeeper.contenders(zk, path)[0]}")
+            def delete() -> None:
+                first = support_zookeeper.contenders(zk, path)[0]
+                # the node, or its twin <uid>__live__ (then the holder deletes its node once it
+                # has stepped down): the candidate behind it waits for both to go
+                zk.delete(f"{path}/{first.partition('__lock__')[0]}__live__" if how == "delete the twin"
+                          else f"{path}/{first}")
+            yield delete
     elif kind == "postgres":
         admin.client.query("connect", "SELECT 1")  # its connection made beforehand, kept idle
 

@@ -4,6 +4,7 @@ candidate process, and a 3-node ensemble losing servers under a running election
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -358,8 +359,8 @@ def test_stop_and_release_leave_no_node(stores, key) -> None:
 
 def test_waiters_queue_in_order_and_each_watches_only_its_predecessor(stores, key) -> None:
     """Five candidates queue up; each watches its predecessor's node and its own (and its own
-    twin), nobody watches the key's children (no thundering herd); releasing the leader wakes only the
-    next one, so the winners come in queue order."""
+    twin; the second also the leader's twin), nobody watches the key's children (no thundering
+    herd); releasing the leader wakes only the next one, so the winners come in queue order."""
     store = stores()
     path = store.path_for(key)
     crowd = []
@@ -377,8 +378,10 @@ def test_waiters_queue_in_order_and_each_watches_only_its_predecessor(stores, ke
             f"{path}/{name}": {owners[i]} | ({owners[i + 1]} if i + 1 < len(queue) else set())
             for i, name in enumerate(queue)
         }
-        expected.update({f"{path}/{name.partition('__lock__')[0]}__live__": {owners[i]}  # its twin: by itself
-                         for i, name in enumerate(queue)})
+        # a twin is watched by its owner, and the first one also by the second in line, which
+        # then needs no listing once the first releases
+        expected.update({f"{path}/{name.partition('__lock__')[0]}__live__":
+                         {owners[i]} | ({owners[1]} if i == 0 else set()) for i, name in enumerate(queue)})
         seen: dict[str, set[int]] = {}
 
         def watched_as_expected() -> bool:
@@ -765,6 +768,76 @@ def test_a_waiter_whose_twin_was_deleted_queues_anew(stores, key) -> None:
         if c is not None:
             c.kill()
         a.release()
+
+
+
+@contextlib.contextmanager
+def _second_in_line(stores, key: str, ttl: float) -> Iterator[tuple[Any, gevent.Greenlet, ZooKeeperStore, Any]]:
+    """Leader a, and b's acquire() waiting right behind it with its watches on a's node and
+    twin armed (so that a's release is all b needs): (a's lease, b's greenlet, b's store, an
+    admin client)."""
+    store = stores()
+    a = store.acquire(key, "a", ttl)
+    b_store = stores()
+    b = gevent.spawn(b_store.acquire, key, "b", ttl)
+    try:
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: _watchers_of_twin(zk, a) == 2, WAIT, "b to queue up and watch a's twin as well as a")
+            yield a, b, b_store, zk
+    finally:
+        b.kill()
+        a.release()
+
+
+def _watchers_of_twin(zk: Any, lease: Any) -> int:
+    """How many sessions watch the twin of ``lease``'s node."""
+    return len(_watches_by_path(zk.command(b"wchp")).get(lease.twin, set()))
+
+
+def test_the_second_in_line_wins_a_release_without_reading_the_queue(stores, key) -> None:
+    """b waits right behind leader a, which was first in b's listing: nothing older can queue
+    later, so once a's node and twin are deleted by its release, b has won, with no listing of
+    the queue in between (a round trip less on a handover)."""
+    with _second_in_line(stores, key, TTL * 5) as (a, b, b_store, _):
+        (session,) = b_store._sessions.values()
+        listings = []
+        get_children_async = session.client.get_children_async
+        session.client.get_children_async = lambda *args, **kw: listings.append(args) or get_children_async(*args, **kw)
+        a.release()
+        won = b.get(timeout=WAIT)
+        assert won.node == "b" and won.term > a.term
+        assert listings == [], f"b read the queue after a's release: {listings}"
+        won.release()
+
+
+def test_a_long_wait_behind_the_leader_leaves_the_winner_its_renew_deadline(stores, key) -> None:
+    """b waits behind a for longer than the TTL, then wins without a listing: its session was
+    confirmed while it waited, so the win's renew deadline runs from a recent confirmation, not
+    from the listing made when it queued (which would leave it stale: the winner would step
+    down at once)."""
+    ttl = 4.0
+    with _second_in_line(stores, key, ttl) as (a, b, _, _):
+        gevent.sleep(ttl)  # the scenario: a long tenure (not a synchronisation)
+        released = time.monotonic()
+        a.release()
+        won = b.get(timeout=WAIT)
+        assert won.confirmed_at >= released - ttl / 2, (
+            f"the win's confirmation is {released - won.confirmed_at:.2f}s older than the release")
+        won.release()
+
+
+def test_a_write_to_the_leaders_node_is_not_taken_for_a_release(stores, key) -> None:
+    """An operator's write to leader a's node fires b's watch on it: b reads the queue again
+    and waits on, and wins only at a's release."""
+    with _second_in_line(stores, key, TTL * 5) as (a, b, _, zk):
+        zk.set(a.path, b"operator")
+        b.join(timeout=1.0)
+        assert not b.ready(), f"b won while a led: {b.value or b.exception!r}"
+        wait_until(lambda: _watchers_of_twin(zk, a) == 2, WAIT, "b to watch a's twin again")
+        a.release()
+        won = b.get(timeout=WAIT)
+        assert won.node == "b" and won.term > a.term
+        won.release()
 
 
 def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:

@@ -87,6 +87,11 @@ def _claims(contender: str, children: list[str]) -> bool:
     return uid.endswith(_OWN_UID_TAG) or f"{uid}{_LIVE}" in children
 
 
+def _twin_of(contender: str) -> str:
+    """The twin of a contender node (a name or a path)."""
+    return contender.rsplit(_CONTENDER, 1)[0] + _LIVE
+
+
 def _orphaned_twins(children: list[str], contenders: list[str]) -> list[str]:
     """The twin nodes ``<uuid>__live__`` among ``children`` whose ``<uuid>__lock__<n>`` is gone."""
     queued = {name.partition(_CONTENDER)[0] for name in contenders}
@@ -406,6 +411,15 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                         log.debug("%s won %s with term %d", node, key, lease.term)
                         return lease
                     predecessor = f"{path}/{contenders[position - 1]}"
+                    behind_first = position == 1 and _twin_of(contenders[0]) in children
+                    if behind_first and not _orphaned_twins(children, contenders):
+                        confirmed_at = self._await_release(session, lease, predecessor, started, ttl)
+                        if confirmed_at is not None:  # a win, proven by the watches (see there)
+                            lease.won(stat, confirmed_at)
+                            lease.claim()
+                            log.debug("%s won %s with term %d, on its predecessor's release", node, key, lease.term)
+                            return lease
+                        continue
                     # kazoo also fires this watch when the connection drops or the session ends
                     if session.call(client.exists_async, predecessor, _waker(lease.woken)) is not None:
                         lease.woken.wait()
@@ -415,6 +429,54 @@ class ZooKeeperStore(ZooKeeperClient, Store):
             if sent:
                 self._withdraw(session, path, uid, lease)
             raise
+
+    @staticmethod
+    def _await_release(session: _Session, lease: _ZooKeeperLease, first: str, listed_at: float,
+                       ttl: float) -> float | None:
+        """Wait behind ``first``, the oldest candidate in a listing (sent at ``listed_at``) that
+        showed it just before us and no orphaned twin; return when something happens.
+
+        Nothing older than ``first`` can join the queue (sequence numbers only grow), so once
+        its node and its twin are both deleted, which is how a candidate releases (one
+        ``multi``) or how its session ends, we are first: the same conclusion a new listing
+        would reach, one round trip sooner. Our own nodes still exist if their watches,
+        armed on this connection, have not fired: ZooKeeper sends a session its watch events
+        in order, so the deletion of our nodes before ``first``'s would have come first.
+
+        Returns when our session was last known alive (a round trip begun then was answered;
+        the win's renew deadline runs from it) if that is what happened; None if anything else
+        woke us (``first`` written, say, as by its claim; one of its nodes gone before it was
+        watched; a deletion of ours; a new connection): then the queue is read again. While
+        waiting, the session is confirmed every ``ttl / 8``, so that a win leaves most of the
+        renew deadline, as the slow path's listing would.
+        """
+        client, generation, twin = session.client, session.generation, _twin_of(first)
+        deleted: set[str] = set()
+        other: list[WatchedEvent] = []
+
+        def on_event(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                deleted.add(event.path)
+            else:
+                other.append(event)
+            lease.woken.set()
+
+        lease.woken.clear()
+        watches = client.exists_async(first, on_event), client.exists_async(twin, on_event)
+        if any(session.result(request) is None for request in watches):
+            return None  # released meanwhile, or deleted from outside: the listing tells which
+        confirmed_at = listed_at
+        while True:
+            if not lease.woken.wait(ttl / 8):
+                confirmed_at, confirmed_in = session.confirm(confirmed_at)
+                if confirmed_in != generation:
+                    return None
+                continue
+            if other or session.generation != generation or not lease.watched():
+                return None
+            if deleted >= {first, twin}:
+                return confirmed_at
+            lease.woken.clear()  # one of the two: the other follows (a release deletes both at once)
 
     @staticmethod
     def _register(session: _Session, path: str, uid: str, node: str) -> str:
