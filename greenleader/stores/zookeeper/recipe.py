@@ -448,7 +448,8 @@ class ZooKeeperStore(ZooKeeperClient, Store):
         woke us (``first`` written, say, as by its claim; one of its nodes gone before it was
         watched; a deletion of ours; a new connection): then the queue is read again. While
         waiting, the session is confirmed every ``ttl / 8``, so that a win leaves most of the
-        renew deadline, as the slow path's listing would.
+        renew deadline, as the slow path's listing would (a win on an older confirmation, the
+        confirms failing, goes back to the listing).
         """
         client, generation, twin = session.client, session.generation, _twin_of(first)
         deleted: set[str] = set()
@@ -468,14 +469,18 @@ class ZooKeeperStore(ZooKeeperClient, Store):
         confirmed_at = listed_at
         while True:
             if not lease.woken.wait(ttl / 8):
-                confirmed_at, confirmed_in = session.confirm(confirmed_at)
+                try:
+                    confirmed_at, confirmed_in = session.confirm(confirmed_at)
+                except StoreUnavailableError as exc:  # a slow server: the win, if any, reads the queue
+                    log.debug("ZooKeeper: a waiter could not confirm its session: %s", exc)
+                    continue
                 if confirmed_in != generation:
                     return None
                 continue
             if other or session.generation != generation or not lease.watched():
                 return None
             if deleted >= {first, twin}:
-                return confirmed_at
+                return confirmed_at if now() - confirmed_at <= ttl / 6 else None  # stale: the listing proves it
             lease.woken.clear()  # one of the two: the other follows (a release deletes both at once)
 
     @staticmethod
