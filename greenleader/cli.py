@@ -59,7 +59,7 @@ from gevent.queue import Empty, Queue  # noqa: E402
 
 from . import __version__  # noqa: E402
 from ._env import VARIABLES, choose_store  # noqa: E402
-from ._spawn import CommandGroup  # noqa: E402
+from ._spawn import CommandGroup, adopt_orphans  # noqa: E402
 from .candidate import Candidate  # noqa: E402
 from .errors import GreenleaderError, InvalidArgumentError, MissingDependencyError  # noqa: E402
 from .events import LeaderChanged  # noqa: E402
@@ -183,9 +183,11 @@ def _handle(signum: int, handler, *args) -> None:
         gevent.signal_handler(signum, handler, *args)
 
 
-def _command_env(candidate: Candidate) -> dict[str, str]:
-    """The command's environment: this one, plus the key, node and fencing term it leads with."""
-    return {**os.environ, "GREENLEADER_KEY": candidate.key, "GREENLEADER_NODE": candidate.node,
+def _command_env(environ: dict[str, str], candidate: Candidate) -> dict[str, str]:
+    """The command's environment: ``environ`` (this one, copied before the election: copying
+    ``os.environ`` takes ~0.1 ms, on the new leader's path), plus the key, node and fencing term
+    it leads with."""
+    return {**environ, "GREENLEADER_KEY": candidate.key, "GREENLEADER_NODE": candidate.node,
             "GREENLEADER_TERM": str(candidate.term)}
 
 
@@ -213,6 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # | ("timeout", wait number)
     inbox: Queue = Queue()
     restarts = _Restarts()
+    environ = dict(os.environ)
+    adopt_orphans()  # the command's exit then ends its group without scanning /proc (see _spawn)
 
     def pump_elections(elected: Queue) -> None:
         for is_leader in elected:
@@ -262,14 +266,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                     timer.kill(block=False)
                     timer = None
                 try:
-                    group.start(args.command, _command_env(candidate))
+                    group.start(args.command, _command_env(environ, candidate))
                 except OSError as exc:
                     _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
                     return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
                 started_at = time.monotonic()
                 log.info("elected (term %s): started %s (pid %s)", candidate.term, " ".join(args.command), group.pid)
                 running = True
-                gevent.spawn(lambda g: inbox.put(("exit", g.wait())), group)
+                group.on_exit(lambda code: inbox.put(("exit", code)))
             elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True

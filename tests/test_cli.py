@@ -264,6 +264,61 @@ def test_run_ends_what_the_command_left_running_when_it_exits(url, tmp_path):
 
 
 @needs_proc
+def test_run_gives_what_the_command_left_running_sigterm_and_ends_it_before_the_next_command(url, tmp_path):
+    """The command exits at once, leaving a subshell that cleans up on SIGTERM: the subshell gets
+    SIGTERM (not SIGKILL: ``greenleader run`` must see that something was left, although the
+    command's own process is gone), and is gone before the next runner's command starts."""
+    marker = uuid.uuid4().hex
+    termed, trapping, survivors = tmp_path / "termed", tmp_path / "trapping", tmp_path / "survivors"
+    left = (f"(trap 'touch {termed}; exit 0' TERM; touch {trapping}; sleep 60 & wait) & "
+            f"until [ -e {trapping} ]; do sleep 0.01; done; exit 0")  # exits once the subshell's trap is set
+    probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
+    second = start("-v", "run", "--store", url, "--key", "job", "--node", "b", "--", "sh", "-c", probe)
+    with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
+        while "campaigning" not in second.stderr.readline():
+            pass
+    # the second runner may win first: then the first waits for its release
+    first = start_marked(marker, "run", "--store", url, "--key", "job", "--node", "a", "--", "sh", "-c", left)
+    with gevent.Timeout(60, AssertionError("greenleader run did not end after its command exited")):
+        assert first.wait() == 0
+    assert finish(second)[0] == 0
+    assert termed.exists(), "what the command left running got no SIGTERM"
+    if survivors.exists():  # the second command ran after the first tree's end
+        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
+        assert not alive, f"the first command's tree was still running when the second started: {alive}"
+    wait_for_no_tree(marker, "the processes the command left behind to end")
+
+
+@needs_proc
+def test_run_restart_reaps_the_orphans_of_its_command(url, tmp_path):
+    """``greenleader run`` adopts what its command leaves behind (to know without scanning /proc
+    that nothing was left): it must also reap them, leaving no zombie while it lives on."""
+    runs = tmp_path / "runs"
+    command = ["sh", "-c", f"echo >> {runs}; sleep 0.1 & exit 0"]
+    runner = start("run", "--restart", "--store", url, "--key", "job", "--", *command)
+    try:
+        wait_until(lambda: runs.exists() and len(runs.read_text().splitlines()) >= 2, 60,
+                   "the command to run twice")
+
+        def zombie_children() -> set[int]:
+            return {pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if state(pid) == "Z" and _parent(pid) == runner.pid}
+
+        wait_until(lambda: not zombie_children(), 30, "greenleader run to reap its command's orphans")
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        finish(runner)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+@needs_proc
 @pytest.mark.parametrize("ignores_term", [False, True], ids=["tree", "tree-ignoring-sigterm"])
 def test_run_ends_the_command_tree_when_leadership_is_lost(url, tmp_path, ignores_term):
     """On a loss the tree gets SIGTERM, and SIGKILL after --grace if it ignores SIGTERM."""

@@ -1,0 +1,71 @@
+"""greenleader._spawn's shortcut: after the command's exit, its group is ended without scanning
+/proc only when the command left nothing running. Run in a process of its own, since adopting
+orphans (``PR_SET_CHILD_SUBREAPER``) is process-wide and would stay with the test process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")]
+
+SCRIPT = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import json, os, sys
+    import gevent
+    from greenleader import _spawn
+
+    def zombie(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                stat = file.read()
+        except OSError:
+            return False
+        return stat[stat.rfind(")") + 2] == "Z"
+
+    report = {"adopting": _spawn.adopt_orphans(), "runs": []}
+    for command in sys.argv[1:]:
+        group = _spawn.CommandGroup()
+        group.start(["sh", "-c", command], dict(os.environ))
+        code = group.wait()
+        left_nothing = group._left_nothing()
+        group.end(10)
+        with gevent.Timeout(30, False):  # the watchdog and what was adopted are reaped (gevent SIGCHLD handler)
+            while any(zombie(pid) or pid == group.pgid for pid in _spawn._children()):
+                gevent.sleep(0.01)
+        report["runs"].append({"code": code, "left_nothing": left_nothing, "children": sorted(_spawn._children())})
+    print(json.dumps(report))
+""")
+
+
+def test_the_group_is_ended_without_a_scan_only_when_the_command_left_nothing(tmp_path):
+    termed, trapping, detached = tmp_path / "termed", tmp_path / "trapping", tmp_path / "detached"
+    commands = [
+        "exit 3",  # nothing left: the shortcut
+        "sleep 60 & exit 4",  # a process left in the group: SIGTERM, then the scans
+        # a subshell that cleans up on SIGTERM (once its trap is set: the file)
+        f"(trap 'touch {termed}; exit 0' TERM; touch {trapping}; sleep 60 & wait) & "
+        f"until [ -e {trapping} ]; do sleep 0.01; done; exit 0",
+        # a process that left the group (once it has: the file): adopted, so no shortcut; not ended
+        f"setsid sh -c 'touch {detached}; exec sleep 60' >/dev/null 2>&1 & "
+        f"until [ -e {detached} ]; do sleep 0.01; done; exit 5",
+    ]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *commands], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["adopting"]
+    codes = [run["code"] for run in report["runs"]]
+    shortcut = [run["left_nothing"] for run in report["runs"]]
+    assert codes == [3, 4, 0, 5]
+    assert shortcut == [True, False, False, False]
+    assert [run["children"] for run in report["runs"][:3]] == [[], [], []], "an adopted orphan was not reaped"
+    assert termed.exists(), "the subshell left behind got no SIGTERM"
+    escaped = report["runs"][3]["children"]
+    assert len(escaped) == 1  # the setsid sleep: not in the group, so left alone (and adopted)
+    subprocess.run(["kill", str(escaped[0])], check=False)
