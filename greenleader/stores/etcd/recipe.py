@@ -47,6 +47,13 @@ _DONE = b"/done"
 #: took 3.1-3.3 ms instead of 2.1-2.9 and resign -> elected 9.8-11.4 ms instead of 7.7-8.3 (in
 #: one process, benchmarks/etcd_handover.py). ``release()`` still returns only once revoked.
 _REVOKE_AFTER = 0.05
+#: Seconds before a watch stream that has done its job is cancelled: the waiter's watch on its
+#: predecessor once the deletion came (its proof, step-up and new leader's start come first), and
+#: a released holder's key watch, which hears of the release's own deletion while the successor
+#: proves its win. A cancel costs gRPC Python about 0.5 ms of CPU in the caller and more in the
+#: hops after it; on a 2-core machine that CPU is the successor's (docs/stores/etcd.md, "Where a
+#: handover's time goes"). As long as the revoke's pause, so both land after the handover.
+_CLOSE_AFTER = 0.05
 #: The low bits of every lease id greenleader makes (so its keys ``<key>/<lease hex>`` end in
 #: ``91ead``): followers tell its candidates, which are named only once claimed, from other
 #: clients' (etcdctl elect), which never claim. 20 bits leave 41 random ones for the id.
@@ -300,7 +307,10 @@ class _EtcdLease(Lease):
                             self._notify_lost_once()
                             return
                 finally:
-                    stream.close()
+                    if self._released:  # our own release's deletion: the successor hurries now
+                        stream.close_later(_CLOSE_AFTER)
+                    else:
+                        stream.close()
             except (StoreError, InvalidArgumentError) as exc:
                 # No schedule of our own: the candidate renews (or gives up) on its own, and
                 # the next renewal that gets through says etcd answers again.
@@ -489,9 +499,9 @@ class _Candidacy:
                             gone.add(predecessor_lease)
                         if any(event.prev_kv.version >= _CLAIMED for event in deleted):
                             self._forget_checked_by(created)
-                        # Cancelling the stream costs about 0.5 ms of CPU: done while the
-                        # proof is on the wire rather than before it is sent.
-                        gevent.spawn(self.stream.close)
+                        # Cancelling the stream costs about 0.5 ms of CPU: done after the
+                        # proof, and after the step-up if it wins (see the constant).
+                        self.stream.close_later(_CLOSE_AFTER)
                         self.stream = None
                         break
                 finally:
