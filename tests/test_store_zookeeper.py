@@ -840,6 +840,72 @@ def test_a_write_to_the_leaders_node_is_not_taken_for_a_release(stores, key) -> 
         won.release()
 
 
+
+def test_a_waiter_whose_node_is_written_then_deleted_never_wins_with_it(stores, key) -> None:
+    """An operator writes b's node, then deletes it (one multi): the write's event takes b's
+    watch, so the deletion sends b none, and kazoo keeps the watch b arms again on the missing
+    node as one for its creation. b must still learn that its node is gone and queue anew,
+    never win with it. (Reproduced by the review of issue 12: b won with a deleted node.)"""
+    with _second_in_line(stores, key, TTL * 5) as (a, b, _, zk):
+        path = a.path.rsplit("/", 1)[0]
+        _, b_node = contenders(zk, path)
+        written_then_deleted = zk.transaction()
+        written_then_deleted.set_data(f"{path}/{b_node}", b"operator")
+        written_then_deleted.delete(f"{path}/{b_node}")
+        results = written_then_deleted.commit()
+        assert not any(isinstance(result, Exception) for result in results), results
+        wait_until(lambda: len(contenders(zk, path)) == 2 and contenders(zk, path)[1] != b_node, WAIT,
+                   "b to queue anew with a new node")
+        a.release()
+        won = b.get(timeout=WAIT)
+        assert won.path != f"{path}/{b_node}" and zk.exists(won.path), f"b won with {won.path}"
+        won.release()
+
+
+
+def test_a_leader_whose_node_is_written_then_deleted_steps_down(stores, key) -> None:
+    """The same write-then-delete on the leader's node: no event tells of the deletion, and the
+    leader's renewals rely on its watches; it must still step down, and the next one lead."""
+    store = stores()
+    path = store.path_for(key)
+    alice = Candidate(store, key, "alice", ttl=TTL * 5)
+    bob = Candidate(stores(), key, "bob", ttl=TTL * 5)
+    try:
+        elected, _ = alice.run_for_election()
+        assert next_item(elected, WAIT, "alice's first item") is False
+        assert next_item(elected, WAIT, "alice to win") is True
+        bob_elected, _ = bob.run_for_election()
+        assert next_item(bob_elected, WAIT, "bob's first item") is False
+        with admin_client(store.hosts) as zk:
+            wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "bob to queue up")
+            node = f"{path}/{contenders(zk, path)[0]}"
+            wait_until(lambda: zk.exists(node).version == 1, WAIT, "alice to claim her win")
+            written_then_deleted = zk.transaction()
+            written_then_deleted.set_data(node, b"operator")
+            written_then_deleted.delete(node)
+            results = written_then_deleted.commit()
+            assert not any(isinstance(result, Exception) for result in results), results
+            assert next_item(elected, WAIT, "alice to step down") is False
+            assert next_item(bob_elected, WAIT, "bob to win") is True
+    finally:
+        bob.stop()
+        alice.stop()
+
+def test_writes_to_the_leaders_node_leave_no_watches_behind(stores, key) -> None:
+    """Each write to leader a's node sends b, right behind it, back to the listing, and b then
+    watches a's nodes again: with one callback each, not one more per write."""
+    with _second_in_line(stores, key, TTL * 5) as (a, b, b_store, zk):
+        (session,) = b_store._sessions.values()
+        watchers = session.client._data_watchers
+        for n in range(20):
+            zk.set(a.path, f"write {n}".encode())
+            wait_until(lambda: watchers.get(a.path), WAIT, "b to watch a's node again")
+        assert [len(watchers.get(path, ())) for path in (a.path, a.twin)] == [1, 1], dict(watchers)
+        a.release()
+        won = b.get(timeout=WAIT)
+        assert won.node == "b"
+        won.release()
+
 def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:
     """Whichever order kazoo tries the endpoints in, a dead one is skipped."""
     for i in range(4):

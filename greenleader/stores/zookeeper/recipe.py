@@ -117,6 +117,10 @@ class _ZooKeeperLease(Lease):
         self.watched_in: int | None = None  # the session generation in which acquire() armed its watches
         self._armed: int | None = None  # session generation whose watches on our nodes proved them claimed
         self._claim: Any = None  # the claim's re-arming read, once sent (see claim)
+        self.writes = 0  # writes to our node seen by its watch (our claim; anything else is from outside)
+        # What the watches on the first candidate's nodes reported (see ZooKeeperStore._await_release)
+        self.first_deleted: set[str] = set()
+        self.first_written = False
 
     def won(self, stat: ZnodeStat, confirmed_at: float) -> None:
         self.term = stat.czxid
@@ -167,17 +171,37 @@ class _ZooKeeperLease(Lease):
             if self._session_id is not None:
                 self.lost(f"its node {event.path} was deleted", gone=False)
         elif event.type == EventType.CHANGED and not self._released:  # our claim, or a write: watch on
+            self.writes += 1
             if self._claim is not None and not self._claim.ready():
                 return  # the claim's own read, sent after it, arms the watch again
             generation = self._session.generation
             self._session.client.exists_async(self.path, self.on_node_event).rawlink(
                 lambda request: self._rearmed(request, generation))
 
+    def on_first_event(self, event: WatchedEvent) -> None:
+        """kazoo watch on the first candidate's node and twin, while we wait right behind it;
+        one bound method, so that arming it again on a node adds no second watch."""
+        if event.type == EventType.DELETED:
+            self.first_deleted.add(event.path)
+        else:
+            self.first_written = True
+        self.woken.set()
+
     def _rearmed(self, request: Any, generation: int) -> None:
-        """The watch on our node is armed again after our claim: renewals may rely on it (and
-        on the twin's watch, still armed if :meth:`_Session.watching` says so)."""
+        """The watch on our node is armed again after a write to it (our claim): renewals may
+        rely on it (and on the twin's watch, still armed if :meth:`_Session.watching` says so).
+
+        An answer that finds no node means it was deleted after the write, whose event took
+        the watch (a write then a delete, from outside): no event tells of the deletion, and
+        kazoo keeps the new watch as one for the node's creation, so it is recorded here.
+        """
         stat = request.value if request.successful() else None
-        if stat is not None and stat.version > 0 and stat.ephemeralOwner == self._session_id:
+        if request.successful() and stat is None:
+            self._deleted.add(self.path)
+            self.woken.set()
+            if self._session_id is not None:
+                self.lost(f"its node {self.path} was deleted", gone=False)
+        elif stat is not None and stat.version > 0 and stat.ephemeralOwner == self._session_id:
             self._armed = generation
 
     def renew(self) -> None:
@@ -222,8 +246,10 @@ class _ZooKeeperLease(Lease):
         self.confirmed_at = started
 
     def watched(self) -> bool:
-        """True while the watches on our node and its twin are armed and have not fired."""
-        return all(self._session.watching(path, self.on_node_event) for path in (self.path, self.twin))
+        """True while the watches on our node and its twin are armed and have not fired, and
+        neither node is known to be deleted."""
+        return not self._deleted and all(self._session.watching(path, self.on_node_event)
+                                         for path in (self.path, self.twin))
 
     def _renew_by_session(self) -> bool:
         """Renew with a confirmation of the session shared by its leaders (see
@@ -446,26 +472,23 @@ class ZooKeeperStore(ZooKeeperClient, Store):
         Returns when our session was last known alive (a round trip begun then was answered;
         the win's renew deadline runs from it) if that is what happened; None if anything else
         woke us (``first`` written, say, as by its claim; one of its nodes gone before it was
-        watched; a deletion of ours; a new connection): then the queue is read again. While
+        watched; a deletion of ours, or a write to our node, which only we make once we lead;
+        a new connection): then the queue is read again. While
         waiting, the session is confirmed every ``ttl / 8``, so that a win leaves most of the
         renew deadline, as the slow path's listing would (a win on an older confirmation, the
         confirms failing, goes back to the listing).
         """
         client, generation, twin = session.client, session.generation, _twin_of(first)
-        deleted: set[str] = set()
-        other: list[WatchedEvent] = []
-
-        def on_event(event: WatchedEvent) -> None:
-            if event.type == EventType.DELETED:
-                deleted.add(event.path)
-            else:
-                other.append(event)
-            lease.woken.set()
-
+        writes = lease.writes
+        lease.first_deleted.clear()
+        lease.first_written = False
         lease.woken.clear()
-        watches = client.exists_async(first, on_event), client.exists_async(twin, on_event)
-        if any(session.result(request) is None for request in watches):
-            return None  # released meanwhile, or deleted from outside: the listing tells which
+        watches = {path: client.exists_async(path, lease.on_first_event) for path in (first, twin)}
+        gone = [path for path, request in watches.items() if session.result(request) is None]
+        if gone:  # released meanwhile, or deleted from outside: the listing tells which
+            for path in gone:  # a watch for its creation: never made again (unique names)
+                client._data_watchers.get(path, set()).discard(lease.on_first_event)
+            return None
         confirmed_at = listed_at
         while True:
             if not lease.woken.wait(ttl / 8):
@@ -477,9 +500,10 @@ class ZooKeeperStore(ZooKeeperClient, Store):
                 if confirmed_in != generation:
                     return None
                 continue
-            if other or session.generation != generation or not lease.watched():
+            if lease.first_written or lease.writes != writes or session.generation != generation \
+                    or not lease.watched():
                 return None
-            if deleted >= {first, twin}:
+            if lease.first_deleted >= {first, twin}:
                 return confirmed_at if now() - confirmed_at <= ttl / 6 else None  # stale: the listing proves it
             lease.woken.clear()  # one of the two: the other follows (a release deletes both at once)
 
