@@ -108,10 +108,12 @@ class CommandGroup:
         self._exit: gevent.event.AsyncResult[int] = gevent.event.AsyncResult()
         self._exit_callbacks: list[Callable[[int], object]] = []
         self._ended = False
+        self._settled = False  # ended when only the watchdog was left (see end)
         self._watchdog_gone = gevent.event.Event()
         loop = gevent.get_hub().loop
         loop.install_sigchld()
-        lifeline_read, self._lifeline = _pipe()
+        lifeline_read, lifeline = _pipe()
+        self._lifeline: int | None = lifeline  # None once closed
         ready_read, ready_write = _pipe()
         self._ready: int | None = ready_read  # None once the watchdog said it is ready
         try:
@@ -124,7 +126,7 @@ class CommandGroup:
                 setsigmask=(),
             )
         except BaseException:
-            os.close(self._lifeline)
+            os.close(lifeline)
             os.close(ready_read)
             raise
         finally:
@@ -137,6 +139,22 @@ class CommandGroup:
         self._watchdog_gone.set()
         if not self._ended:
             self.watchdog_lost.set()
+        elif self._settled:
+            self._close()
+
+    def _close_pipes(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+
+    def _close(self) -> None:
+        """Close the pipes and stop the child watchers: the group is over."""
+        self._close_pipes()
+        for watcher in self._watchers:
+            watcher.stop()
 
     def start(self, argv: list[str], env: dict[str, str]) -> int:
         """Start ``argv`` in the group once the watchdog is ready; its pid. ``OSError`` if the
@@ -198,8 +216,10 @@ class CommandGroup:
         if self._ended:
             return
         if self.pid is not None and self._left_nothing():
-            self._ended = True
-            self._kill(settled=True)  # only the watchdog is left: nothing to wait for
+            self._ended = self._settled = True
+            self.signal(signal.SIGKILL)  # only the watchdog is left: nothing else to kill or wait for
+            if self._watchdog_gone.is_set():
+                self._close()  # else once it has exited (SIGKILLed, it runs nothing): off the key's path
             return
         try:
             if self.pid is not None and self._members() != set():
@@ -240,20 +260,13 @@ class CommandGroup:
         children = _children()
         return children is not None and children <= {self.pgid}
 
-    def _kill(self, settled: bool = False) -> None:
-        """SIGKILL the group, the watchdog included, and return once no process of it is left
-        (``settled``: the caller knows that only the watchdog is)."""
+    def _kill(self) -> None:
+        """SIGKILL the group, the watchdog included, and return once no process of it is left."""
         self.signal(signal.SIGKILL)  # the watchdog included
-        os.close(self._lifeline)  # were it alive still, the watchdog would SIGKILL the group
-        if self._ready is not None:
-            os.close(self._ready)
-            self._ready = None
+        self._close_pipes()  # were it alive still, the watchdog would SIGKILL the group
         if self.pid is not None and not self._exit.wait(_KILL_TIMEOUT) and not self._exit.ready():
             log.error("the command (pid %d) did not end after SIGKILL", self.pid)
             self._exited(128 + signal.SIGKILL)  # so that nothing waits for it forever
-        if settled:
-            gevent.spawn(self._reap_watchdog)  # SIGKILLed, it runs nothing: the key need not wait
-            return
         deadline = time.monotonic() + _KILL_TIMEOUT
         members = self._members()
         while members and time.monotonic() < deadline:
@@ -267,8 +280,7 @@ class CommandGroup:
     def _reap_watchdog(self) -> None:
         if not self._watchdog_gone.wait(_KILL_TIMEOUT):
             log.error("the watchdog (pid %d) of the command's process group did not end", self.pgid)
-        for watcher in self._watchers:
-            watcher.stop()
+        self._close()
 
     def _members(self) -> set[int] | None:
         """Live processes of the group other than the watchdog; None if /proc cannot tell."""

@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent("""
         with gevent.Timeout(30, False):  # the watchdog and what was adopted are reaped (gevent SIGCHLD handler)
             while any(zombie(pid) or pid == group.pgid for pid in _spawn._children()):
                 gevent.sleep(0.01)
-        report["runs"].append({"code": code, "left_nothing": left_nothing, "children": sorted(_spawn._children())})
+        report["runs"].append({"code": code, "left_nothing": left_nothing, "children": sorted(_spawn._children()),
+                               "pipes closed": group._lifeline is None and group._ready is None})
     print(json.dumps(report))
 """)
 
@@ -66,6 +67,7 @@ def test_the_group_is_ended_without_a_scan_only_when_the_command_left_nothing(tm
     assert shortcut == [True, False, False, False]
     assert [run["children"] for run in report["runs"][:3]] == [[], [], []], "an adopted orphan was not reaped"
     assert termed.exists(), "the subshell left behind got no SIGTERM"
+    assert [run["pipes closed"] for run in report["runs"]] == [True] * 4
     escaped = report["runs"][3]["children"]
     assert len(escaped) == 1  # the setsid sleep: not in the group, so left alone (and adopted)
     subprocess.run(["kill", str(escaped[0])], check=False)
