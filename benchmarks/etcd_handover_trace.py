@@ -1,6 +1,6 @@
 """Where an etcd handover between processes spends its time, step by step, against ``etcdctl lock``.
 
-    python -m benchmarks.etcd_handover_trace [--handovers 10] [--waiters 2] [--raw] [--etcdctl]
+    python -m benchmarks.etcd_handover_trace [--handovers 10] [--waiters 2] [--raw] [--etcdctl] [--fine]
 
 As the handover benchmark does, with one holder and ``--waiters`` waiting processes on one key:
 each contender is a process of its own (this module with ``--child``) that waits to lead, then
@@ -10,7 +10,9 @@ its own start and end; the driver ends the holder's child. Every contender marks
 etcd client sends and each answer, each watch response it reads, the win, the step-up, the read
 of ``elected``, the child's spawn and exit, the release. The figure of each step is the time from
 the holder's child's end (the benchmark's start) to that step, in the holder's and the winner's
-process, with each process's CPU time spent since its first step of the handover.
+process, with each process's CPU time spent since its first step of the handover. An
+``etcdctl watch`` on the election's keys marks when etcd sent the release's deletion ("etcd:
+deletion sent", as a Go client sees it and the driver reads it).
 Timestamps are the wall clock (``time.time()``, bash's ``$EPOCHREALTIME``), one clock for all.
 
 With ``--etcdctl`` the contenders are ``etcdctl lock KEY bash child`` instead: only the children's
@@ -91,6 +93,17 @@ def _trace(mark: Any) -> None:
         return lease
 
     recipe.EtcdStore.acquire = traced_acquire  # type: ignore[method-assign]
+    if os.environ.get("BENCH_FINE"):  # --fine: the waiter's steps between its watch and its win
+        for name in ("_prove", "_await_gone", "_fresh_lease", "_won"):
+            def fine(method: Any, name: str = name) -> Any:
+                def traced(self: Any, *args: Any) -> Any:
+                    mark(f"{name} in")
+                    try:
+                        return method(self, *args)
+                    finally:
+                        mark(f"{name} out")
+                return traced
+            setattr(recipe._Candidacy, name, fine(getattr(recipe._Candidacy, name)))
     step_up, step_down, release = Candidate._step_up, Candidate._step_down, Candidate._release
     Candidate._step_up = lambda self, lease: (mark("stepped up"), step_up(self, lease))[1]  # type: ignore[method-assign]
     Candidate._step_down = lambda self, *args: (mark("step-down"), step_down(self, *args))[1]  # type: ignore[method-assign]
@@ -134,6 +147,9 @@ def main() -> None:
     parser.add_argument("--waiters", type=int, default=2)
     parser.add_argument("--raw", action="store_true", help="print each handover's steps to stderr")
     parser.add_argument("--etcdctl", action="store_true", help="run etcdctl lock contenders instead")
+    parser.add_argument("--fine", action="store_true",
+                        help="also mark the waiter's steps between its watch response and its win (each mark "
+                             "costs its process about 0.05 ms of CPU)")
     parser.add_argument("--url", help="an etcd:// URL (default: start a single member)")
     parser.add_argument("--child", nargs=4, metavar=("URL", "KEY", "NAME", "DIR"))
     args = parser.parse_args()
@@ -163,7 +179,8 @@ def main() -> None:
             else:
                 argv = [sys.executable, "-m", "benchmarks.etcd_handover_trace", "--child", url, key, name, tmp]
             proc = procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                                  env={**os.environ, "BENCH_ID": name, "BENCH_DIR": tmp})
+                                                  env={**os.environ, "BENCH_ID": name, "BENCH_DIR": tmp,
+                                                       **({"BENCH_FINE": "1"} if args.fine else {})})
 
             def read() -> None:
                 assert proc.stdout is not None
