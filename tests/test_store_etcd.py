@@ -582,6 +582,44 @@ def test_the_second_in_line_wins_a_release_without_a_proof(stores, key):
         won.release()
 
 
+
+def test_the_second_in_line_waits_on_while_other_keys_are_written(stores, key):
+    """Other clients write other keys of the same etcd while b queues behind leader a, so its
+    watch starts at a later revision than its snapshot: b checks that a's and its own keys are
+    still there and waits on that watch, rather than proving and watching again and again
+    (the review of issue 12 counted 9-31 proofs in 2.3 s with three writers)."""
+    admin = stores()
+    a = stores().acquire(key, "a", 10)
+    b_store = stores()
+    b = None
+    writes = 0
+
+    def write_other_keys() -> None:
+        nonlocal writes
+        while True:
+            admin.client.library().put(f"{key}-other-app", str(writes))
+            writes += 1
+            gevent.sleep(0)
+
+    writer = gevent.spawn(write_other_keys)
+    try:
+        wait_until(lambda: writes > 10, 10, "the other client to write")
+        b = gevent.spawn(b_store.acquire, key, "b", 10)
+        wait_until(lambda: b_store.requests["watch"] >= 1, 10, "b to watch the election")
+        started = writes
+        wait_until(lambda: writes > started + 200, 30, "200 more writes while b waits")
+        writer.kill()
+        assert (b_store.requests["prove"], b_store.requests["watch"]) == (0, 1), dict(b_store.requests)
+        a.release()
+        won = b.get(timeout=10)
+        assert won.node == "b" and won.term > a.term
+        won.release()
+    finally:
+        writer.kill()
+        if b is not None:
+            b.kill()
+        a.release()
+
 def test_the_second_in_line_whose_key_was_deleted_never_wins_on_the_release(stores, cluster, key):
     """An operator deletes b's key while b waits right behind leader a; a then releases. b's
     watch shows its own key's deletion before the release: b must campaign again with a new

@@ -542,8 +542,12 @@ class _Candidacy:
         marked: set[int] = set()  # revisions that wrote first's release mark
         stream = self.stream = self.store.client.watch(self.prefix, prefix_range_end(self.prefix), 0, prev_kv=True)
         try:
-            if stream.revision > revision:
-                return None  # something happened between the snapshot and the watch, unseen
+            if stream.revision > revision:  # etcd's revision moved (any write): are the four still there?
+                found = self.store.client.range("recheck", self.prefix, prefix_range_end(self.prefix), keys_only=True)
+                present = {kv.key: kv.create_revision for kv in found.kvs}
+                expected = {key: created for key in wanted} | {key: self.term for key in mine}
+                if any(present.get(key) != revision_made for key, revision_made in expected.items()):
+                    return None  # changed between the snapshot and the watch: the proof decides
             for response in stream:
                 for event in response.events:
                     if event.kv.key in mine and event.type == _DELETE:
@@ -559,9 +563,10 @@ class _Candidacy:
                 if len(deleted) < len(wanted):
                     continue
                 released = len(set(deleted.values())) == 1 and set(deleted.values()) <= marked
+                if released:  # it stepped down: its lease need not be seen gone
+                    self.older.pop(first_lease, None)
                 if not released or now() - self.confirmed_at > self.ttl / 6:
                     return None  # deleted from outside (the proof waits for its lease), or a stale lease
-                self.older.pop(first_lease, None)
                 self.stream = None
                 gevent.spawn(stream.close)  # about 0.5 ms of CPU: not before the step-up
                 return self._won()
