@@ -464,6 +464,11 @@ class _Candidacy:
                         return self._won()
                     gone.update(self.older)  # every older key is gone: are their leases too?
                     continue
+                if self._behind_first(keys, position):
+                    won = self._await_release(revision, keys[0])
+                    if won is not None or self.lost:
+                        return won
+                    continue  # anything else: the proof decides
                 created, predecessor, predecessor_lease = keys[position - 1]
                 # Watching from "now" rather than from the snapshot: etcd syncs a watch that
                 # starts in the past only every 100 ms, which would delay a handover. The
@@ -517,6 +522,69 @@ class _Candidacy:
                 resumed = True
                 log.info("etcd: %r resumes its wait after: %s", self.node, exc)
         return None
+
+    def _behind_first(self, keys: list[_Candidate], position: int) -> bool:
+        """True when everything older than us in ``keys`` is the first candidate's key and
+        twin, a greenleader candidate, and no other older lease is waited for."""
+        if position != 2:
+            return False
+        (created, first, lease), (twin_created, twin, twin_lease) = keys[:2]
+        return twin == _twin_of(first) and (twin_created, twin_lease) == (created, lease) \
+            and set(self.older) <= {lease}
+
+    def _await_release(self, revision: int, first: _Candidate) -> _EtcdLease | None:
+        """Wait right behind ``first``, the oldest candidate at ``revision``, on one watch of
+        the whole election made "now"; won if ``first`` released: its key and twin deleted
+        with its release mark, in one revision (only a holder that stepped down writes it).
+        None otherwise, and then the proof decides; our candidacy is lost (``self.lost``) if
+        our own key or twin was deleted.
+
+        Nothing older than ``first`` can join later (create revisions only grow), and one
+        watch delivers every change of its range in revision order, our key's and twin's
+        included: so at the release we hold the oldest key, which is what the proof would
+        say, one round trip sooner. The watch covers the whole election (the mark is a put:
+        no filter) but only the second in line makes one, so a change wakes one waiter more.
+        """
+        created, first_key, first_lease = first
+        wanted, mark = {first_key, _twin_of(first_key)}, _done_of(first_key)
+        mine = {self.own_key, _twin_of(self.own_key)}
+        deleted: dict[bytes, int] = {}  # first's key and twin -> the revision that deleted each
+        marked: set[int] = set()  # revisions that wrote first's release mark
+        stream = self.stream = self.store.client.watch(self.prefix, prefix_range_end(self.prefix), 0, prev_kv=True)
+        try:
+            if stream.revision > revision:  # etcd's revision moved (any write): are the four still there?
+                found = self.store.client.range("recheck", self.prefix, prefix_range_end(self.prefix), keys_only=True)
+                present = {kv.key: kv.create_revision for kv in found.kvs}
+                expected = {key: created for key in wanted} | {key: self.term for key in mine}
+                if any(present.get(key) != revision_made for key, revision_made in expected.items()):
+                    return None  # changed between the snapshot and the watch: the proof decides
+            for response in stream:
+                for event in response.events:
+                    if event.kv.key in mine and event.type == _DELETE:
+                        log.info("etcd: candidate key %r of %r was deleted; campaigning anew", event.kv.key, self.node)
+                        self.lost = True
+                        return None
+                    if event.kv.key in wanted and event.type == _DELETE:
+                        deleted[event.kv.key] = event.kv.mod_revision
+                        if event.prev_kv.version >= _CLAIMED:
+                            self._forget_checked_by(created)
+                    elif event.kv.key == mark and event.type != _DELETE and event.kv.lease == first_lease:
+                        marked.add(event.kv.mod_revision)
+                if len(deleted) < len(wanted):
+                    continue
+                released = len(set(deleted.values())) == 1 and set(deleted.values()) <= marked
+                if released:  # it stepped down: its lease need not be seen gone
+                    self.older.pop(first_lease, None)
+                if not released or now() - self.confirmed_at > self.ttl / 6:
+                    return None  # deleted from outside (the proof waits for its lease), or a stale lease
+                self.stream = None
+                gevent.spawn(stream.close)  # about 0.5 ms of CPU: not before the step-up
+                return self._won()
+            return None  # the stream ended (our keepalive failed, a server went)
+        finally:
+            if self.stream is stream:
+                self._interrupt()
+                self.stream = None
 
     def _forget_checked_by(self, winner: int) -> None:
         """Our predecessor, created at revision ``winner``, had won (it claimed its key): it
