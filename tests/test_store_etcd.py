@@ -381,6 +381,37 @@ def test_renewals_that_fail_together_each_fail_alone_and_report_no_loss(stores, 
 # -- waiting in line --------------------------------------------------------------------------
 
 
+def test_the_watches_a_handover_ends_are_cancelled_after_it(tmp_path, key):
+    """A handover ends two watch streams: the waiter's watch on its predecessor and the
+    released holder's watch on its own key. Both are cancelled once the handover is done (a
+    moment later, not among its steps), so etcd's count of watch streams comes back to the new
+    leader's key watch alone, and to none once it has released too. A member of its own, so
+    that no other test's streams are counted."""
+    fresh = servers.start("etcd", tmp_path)
+    made = [EtcdStore(fresh.addrs), EtcdStore(fresh.addrs)]
+
+    def streams() -> int:
+        metrics = servers.http("GET", f"http://{fresh.addrs[0]}/metrics").decode()
+        return int(float(next(line.split()[1] for line in metrics.splitlines()
+                              if line.startswith("etcd_debugging_mvcc_watch_stream_total "))))
+
+    try:
+        lease = made[0].acquire(key, "holder", 10)
+        wait_until(lambda: streams() == 1, 10, "the holder's watch on its own key")
+        waiting = gevent.spawn(made[1].acquire, key, "waiter", 10)
+        wait_until(lambda: streams() == 2, 10, "the waiter's watch on the holder's key")
+        lease.release()
+        successor = waiting.get(timeout=10)
+        assert successor.node == "waiter"
+        wait_until(lambda: streams() == 1, 10, "only the new leader's watch on its key")
+        successor.release()
+        wait_until(lambda: streams() == 0, 10, "no watch stream once both released")
+    finally:
+        for store in made:
+            store.close()
+        fresh.stop()
+
+
 def test_release_wakes_only_the_next_waiter_in_fifo_order(stores, key):
     ttl = 10  # no lease trouble during the test
     leader_store = stores()
