@@ -21,6 +21,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -87,6 +88,7 @@ def _instrument_store(make: Callable[..., Any]) -> Callable[..., Any]:
 def wrapped(kind: str, marks: str, argv: list[str]) -> int:
     """Run ``greenleader run`` (``kind`` "run") or the library runner with marks."""
     _MARKS.append(os.open(marks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    gc.callbacks.append(lambda phase, info: mark(f"gc{info['generation']} {phase}"))
     import greenleader._spawn as spawn
     from greenleader.candidate import Candidate
 
