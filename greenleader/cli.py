@@ -6,7 +6,8 @@ command runs in a process group of its own, led by a watchdog that SIGKILLs the 
 out of ``run`` ends the whole group first, then releases the key:
 
 - the command's exit: what it left running in its group gets SIGTERM, then SIGKILL after
-  ``--grace`` seconds;
+  ``--grace`` seconds. On Linux ``run`` adopts (and reaps) what its command leaves behind
+  (a child subreaper), so that when the command left nothing it knows so without a scan of /proc;
 - loss of leadership, a store error, an internal error: the group gets SIGTERM, then SIGKILL after
   ``--grace`` seconds;
 - the signals in ``FORWARDED`` (HUP, INT, QUIT, TERM, USR1, USR2, ALRM, VTALRM, PROF, XCPU, IO,
