@@ -17,7 +17,7 @@ any POSIX system. It costs nothing at the command's start: the watchdog is spawn
 and the command is started with one ``os.posix_spawnp`` (vfork + exec in C) that joins the group
 (``setpgroup``): no ``preexec_fn``, no Python code in the child.
 
-Ending the group after the command's own exit costs nothing when the command left nothing
+Ending the group after the command's own exit costs little when the command left nothing
 behind: ``greenleader run`` calls :func:`adopt_orphans` (Linux's ``PR_SET_CHILD_SUBREAPER``), so
 every process the command leaves running is re-parented to ``greenleader run`` rather than to
 init. Once the command has exited and been reaped, a process of its tree that is still alive has
@@ -86,8 +86,9 @@ def adopt_orphans() -> bool:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             _adopting = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-            pid = os.getpid()
-            _children_file = (pid, os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC))
+            if _adopting:
+                pid = os.getpid()
+                _children_file = (pid, os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC))
         except (OSError, AttributeError):
             pass  # without the list of children, CommandGroup.end scans /proc
     return _adopting
