@@ -429,11 +429,17 @@ def test_release_wakes_only_the_next_waiter_in_fifo_order(stores, key):
         lease = greenlet.get(timeout=10)
         assert lease.node == name, f"{lease.node} won before {name}"
         winners.append(lease.node)
+        if waiters:  # the next one watched the winner: at its claim, it waits as the second in line
+            next_name, next_store, _ = waiters[0]
+            watches = settled[next_name]["watch"] + 1
+            wait_until(lambda s=next_store, n=watches: s.requests["watch"] == n, 10,
+                       f"{next_name} to watch the election behind {name}")
         gevent.sleep(0.3)  # a window in which a thundering herd would show
-        for other, other_store, _ in waiters:
+        for position, (other, other_store, _) in enumerate(waiters):
             counts = dict(other_store.requests)
-            for kind in ("range", "watch", "transaction"):
-                assert counts.get(kind, 0) == settled[other].get(kind, 0), (
+            for kind in ("range", "watch", "transaction", "recheck"):
+                expected = settled[other].get(kind, 0) + (position == 0 and kind in ("watch", "recheck"))
+                assert counts.get(kind, 0) == expected, (
                     f"releasing woke {other} too: {kind} requests {settled[other].get(kind)} -> {counts.get(kind)}"
                 )
         # One read at most: none if its predecessor was the leader when it began to wait.
@@ -613,6 +619,27 @@ def test_the_second_in_line_wins_a_release_without_a_proof(stores, key):
         won.release()
 
 
+
+
+def test_the_third_in_line_becomes_the_second_at_its_predecessors_claim(stores, key):
+    """a leads, b and c wait. When a releases, b wins and claims its key; c, which watched b,
+    then waits as the second in line, and wins b's release without a proof either: in a queue
+    that keeps refilling, every handover skips the proof, not only the first."""
+    with second_in_line(stores, key, 10) as (a, b, b_store, _):
+        c_store = stores()
+        c = gevent.spawn(c_store.acquire, key, "c", 10)
+        try:
+            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
+            a.release()
+            b_won = b.get(timeout=10)
+            wait_until(lambda: c_store.requests["watch"] == 2, 10, "c to watch the election, behind b")
+            b_won.release()
+            c_won = c.get(timeout=10)
+            assert c_won.node == "c" and c_won.term > b_won.term > a.term
+            assert (b_store.requests["prove"], c_store.requests["prove"]) == (0, 0), "a proof after a release"
+            c_won.release()
+        finally:
+            c.kill()
 
 def test_the_second_in_line_waits_on_while_other_keys_are_written(stores, key):
     """Other clients write other keys of the same etcd while b queues behind leader a, so its

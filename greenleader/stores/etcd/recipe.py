@@ -489,8 +489,19 @@ class _Candidacy:
                         resumed = False
                         deleted = [event for event in response.events
                                    if event.type == _DELETE and event.kv.key == predecessor]
+                        claim = next((event.kv.mod_revision for event in response.events if event.type != _DELETE
+                                      and event.kv.key == predecessor and event.kv.version >= _CLAIMED), None)
+                        if not deleted and claim is not None:
+                            # It won, so it is first, and we are right behind it: wait as the
+                            # second in line (on the release itself, without a proof).
+                            self._forget_checked_by(created)
+                            self.stream.close_later(_CLOSE_AFTER)
+                            self.stream = None
+                            snapshot = claim, self._behind(created, predecessor, predecessor_lease)
+                            gevent.sleep(_CLOSE_AFTER)  # off the new leader's first milliseconds
+                            break
                         if not deleted:
-                            continue  # its claim: wait on
+                            continue  # a write of its value: wait on
                         # The predecessor went: prove our turn, or wait on. Its release mark,
                         # written in the same transaction (same revision, on the predecessor's
                         # lease), says that its holder stepped down: no need to see its lease
@@ -522,6 +533,12 @@ class _Candidacy:
                 resumed = True
                 log.info("etcd: %r resumes its wait after: %s", self.node, exc)
         return None
+
+    def _behind(self, created: int, predecessor: bytes, lease: int) -> list[_Candidate]:
+        """The candidates as they are once ``predecessor`` (a key or its twin, made at revision
+        ``created`` on ``lease``) has claimed its win: it first, then us."""
+        first = predecessor[:-len(_TWIN)] if predecessor.endswith(_TWIN) else predecessor
+        return [(created, first, lease), (created, _twin_of(first), lease), (self.term, self.own_key, self.lease_id)]
 
     def _behind_first(self, keys: list[_Candidate], position: int) -> bool:
         """True when everything older than us in ``keys`` is the first candidate's key and
