@@ -489,15 +489,18 @@ class _Candidacy:
                         resumed = False
                         deleted = [event for event in response.events
                                    if event.type == _DELETE and event.kv.key == predecessor]
-                        claim = next((event.kv.mod_revision for event in response.events if event.type != _DELETE
-                                      and event.kv.key == predecessor and event.kv.version >= _CLAIMED), None)
-                        if not deleted and claim is not None:
+                        claimed = any(event.type != _DELETE and event.kv.key == predecessor
+                                      and event.kv.version >= _CLAIMED for event in response.events)
+                        if not deleted and claimed:
                             # It won, so it is first, and we are right behind it: wait as the
                             # second in line (on the release itself, without a proof).
                             self._forget_checked_by(created)
                             self.stream.close_later(_CLOSE_AFTER)
                             self.stream = None
-                            snapshot = claim, self._behind(created, predecessor, predecessor_lease)
+                            # Revision 0: this stream never watched our own keys, so the second
+                            # in line's watch must check that they are still there (it always
+                            # does when its watch starts after the snapshot's revision).
+                            snapshot = 0, self._behind(created, predecessor, predecessor_lease)
                             gevent.sleep(_CLOSE_AFTER)  # off the new leader's first milliseconds
                             break
                         if not deleted:
