@@ -16,6 +16,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -25,11 +26,13 @@ from greenleader import Candidate  # noqa: E402
 from greenleader.stores import from_url  # noqa: E402
 
 
-def spawn_and_wait(argv: list[str]) -> int:
-    """Run ``argv`` to its end without blocking the hub; its exit status (128+N for signal N)."""
+def spawn_and_wait(argv: list[str], executable: str | None) -> int:
+    """Run ``argv`` (found beforehand at ``executable``, as ``greenleader run`` does) to its end
+    without blocking the hub; its exit status (128+N for signal N)."""
     hub = gevent.get_hub()
     hub.loop.install_sigchld()
-    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    pid = os.posix_spawnp(argv[0], argv, os.environ) if executable is None else \
+        os.posix_spawn(executable, argv, os.environ)
     watcher = hub.loop.child(pid, False)
     hub.wait(watcher)
     code = os.waitstatus_to_exitcode(watcher.rstatus)
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    executable = shutil.which(command[0])
     store = from_url(args.url)
     candidate = Candidate(store, args.key, args.id, ttl=args.ttl)
     gevent.signal_handler(signal.SIGTERM, candidate.stop)
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"campaigning for {args.key!r} as {args.id!r}", file=sys.stderr, flush=True)
         for is_leader in elected:
             if is_leader:
-                status = spawn_and_wait(command)
+                status = spawn_and_wait(command, executable)
                 break
     finally:
         candidate.stop()

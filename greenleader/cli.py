@@ -217,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     inbox: Queue = Queue()
     restarts = _Restarts()
     environ = dict(os.environ)
+    executable = shutil.which(args.command[0])  # found now, not on the way to the command's start
     adopt_orphans()  # the command's exit then ends its group without scanning /proc (see _spawn)
 
     def pump_elections(elected: Queue) -> None:
@@ -267,7 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     timer.kill(block=False)
                     timer = None
                 try:
-                    group.start(args.command, _command_env(environ, candidate))
+                    group.start(args.command, _command_env(environ, candidate), executable)
                 except OSError as exc:
                     _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
                     return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE

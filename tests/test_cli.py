@@ -410,6 +410,30 @@ def test_run_leaves_a_signal_ignored_at_start_ignored_by_itself_and_its_command(
         assert runner.wait() == 128 + signal.SIGTERM
 
 
+
+def test_run_finds_its_command_in_path_once_and_keeps_its_name(url, tmp_path):
+    """run looks the command up in PATH as it starts (not on the way from the election to the
+    command), starts it by that path, and passes the name it was given as its argv[0]; a
+    command that appears in PATH only after run started is still found when run leads."""
+    code, out, err = finish(start("run", "--store", url, "--key", "job", "--", "sh", "-c",
+                                  'tr "\\0" " " < /proc/$$/cmdline'))
+    assert (code, out.split()[:2]) == (0, ["sh", "-c"]), (out, err)
+    late, go = tmp_path / "bin", tmp_path / "go"
+    late.mkdir()
+    holder = start("run", "--store", url, "--key", "job", "--", "sh", "-c",
+                   f'while [ ! -e "{go}" ]; do sleep 0.02; done')
+    waiter = start("-v", "run", "--store", url, "--key", "job", "--", "late-command",
+                   env=clean_env(PATH=f"{late}:{os.environ['PATH']}"))
+    with gevent.Timeout(30, AssertionError("the waiter never said it campaigns")):
+        while "campaigning for" not in waiter.stderr.readline():
+            pass
+    (late / "late-command").write_text("#!/bin/sh\necho found late\n")
+    (late / "late-command").chmod(0o755)
+    go.touch()
+    assert finish(holder)[0] == 0
+    assert finish(waiter)[:2] == (0, "found late\n")
+
+
 def test_run_reports_a_command_it_cannot_run(url, tmp_path):
     code, _, err = finish(start("run", "--store", url, "--key", "job", "--", str(tmp_path / "no-such-command")))
     assert code == 127 and "cannot run" in err and "Traceback" not in err, err
