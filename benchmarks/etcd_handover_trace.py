@@ -4,7 +4,7 @@
 
 As the handover benchmark does, with one holder and ``--waiters`` waiting processes on one key:
 each contender is a process of its own (this module with ``--child``) that waits to lead, then
-runs a ``bash`` child (``os.posix_spawnp``, awaited with a gevent child watcher, as
+runs a ``bash`` child (``os.posix_spawn``, awaited with a gevent child watcher, as
 benchmarks/library_runner.py does) and stops its Candidate when the child exits. The child marks
 its own start and end; the driver ends the holder's child. Every contender marks each request its
 etcd client sends and each answer, each watch response it reads, the win, the step-up, the read
@@ -32,6 +32,7 @@ if __name__ == "__main__" and "--child" in sys.argv:
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -122,6 +123,7 @@ def child(url: str, key: str, name: str, workdir: str) -> None:
     os.environ.update(BENCH_ID=name, BENCH_DIR=workdir)
     store = from_url(url)
     candidate = Candidate(store, key, name, ttl=15)
+    bash = shutil.which("bash")  # found beforehand, as benchmarks/library_runner.py and run do
     elected, _ = candidate.run_for_election()
     for is_leader in elected:
         if is_leader:
@@ -129,7 +131,7 @@ def child(url: str, key: str, name: str, workdir: str) -> None:
             hub = gevent.get_hub()
             hub.loop.install_sigchld()
             argv = ["bash", str(Path(workdir) / "child.sh")]
-            pid = os.posix_spawnp(argv[0], argv, os.environ)  # as benchmarks/library_runner.py
+            pid = os.posix_spawn(bash, argv, os.environ)  # as benchmarks/library_runner.py
             mark("child spawned")
             hub.wait(hub.loop.child(pid, False))
             mark("child exited")
