@@ -665,6 +665,52 @@ def test_the_third_in_line_whose_key_was_deleted_never_wins_with_it(stores, key)
         finally:
             c.kill()
 
+
+def test_a_predecessor_that_claims_then_releases_and_dies_at_once_is_not_waited_for(stores, key):
+    """b wins, claims and releases at once, then dies before revoking its lease: c, third in
+    line, saw b's claim and was about to wait right behind it. c must see b's release mark
+    and win at once, not wait for b's lease to expire (the review of issue 12: 10.15 s, the
+    whole TTL, when c's pause hid the release)."""
+    with second_in_line(stores, key, 10) as (a, b, _, admin):
+        c_store = stores()
+        c = gevent.spawn(c_store.acquire, key, "c", 10)
+        try:
+            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
+            a.release()
+            b_won = b.get(timeout=10)
+            wait_until(b_won._claim_tried.is_set, 10, "b's claim")
+            b_won._released = True
+            b_won._mark_released()  # b's release transaction; b dies before its revoke
+            c_won = c.get(timeout=30)
+            assert c_won.node == "c" and lease_alive(admin, b_won.lease_id), "c waited for b's lease to expire"
+            c_won.release()
+        finally:
+            c.kill()
+
+
+def test_a_go_leader_that_proclaims_is_not_taken_for_a_claim(stores, key):
+    """A Go election's leader (no twin, another client's lease) rewrites its key (Proclaim:
+    version 2), then resigns keeping its session: a greenleader candidate behind it must win
+    as at any resignation, not take the rewrite for a greenleader claim and wait for the Go
+    session's lease (the review of issue 12: no win while the Go process lived)."""
+    client = stores()._client()
+    go_lease = _untagged_lease(client)
+    go_key = f"{key}/{go_lease:x}"
+    client.put(go_key, "go-leader", lease=go_lease)
+    store = stores()
+    ours = Candidate(store, key, "py", ttl=FAST_TTL)
+    try:
+        elected, _ = ours.run_for_election()
+        assert next_item(elected, FAST_TTL * 3, "the first item") is False
+        wait_until(lambda: store.requests["watch"] >= 1, 10, "py to watch the Go key")
+        client.put(go_key, "proclaimed", lease=go_lease)
+        gevent.sleep(0.5)  # a window in which a (wrong) switch to the second in line's wait would act
+        client.delete(go_key)  # Resign: the Go session's lease lives on
+        assert next_item(elected, 15, "py to win after the Go leader resigned") is True
+    finally:
+        ours.stop()
+        client.revoke_lease(go_lease)
+
 def test_the_second_in_line_waits_on_while_other_keys_are_written(stores, key):
     """Other clients write other keys of the same etcd while b queues behind leader a, so its
     watch starts at a later revision than its snapshot: b checks that a's and its own keys are

@@ -438,8 +438,13 @@ class _Candidacy:
         store, resumed = self.store, False
         snapshot: tuple[int, list[_Candidate]] | None = (revision, keys)
         gone: set[int] = set()  # leases of older candidates whose keys are gone
+        claimed: tuple[int, _Candidate] | None = None  # our predecessor's claim: its revision, the key
         while not self.lost:
             try:
+                if claimed is not None:  # our predecessor won: wait right behind it
+                    won, claimed = self._await_release(*claimed, replay=True), None
+                    if won is not None or self.lost:
+                        return won
                 if snapshot is None:
                     if not self._await_gone(gone) or not self._fresh_lease():
                         return None
@@ -489,19 +494,21 @@ class _Candidacy:
                         resumed = False
                         deleted = [event for event in response.events
                                    if event.type == _DELETE and event.kv.key == predecessor]
-                        claimed = any(event.type != _DELETE and event.kv.key == predecessor
-                                      and event.kv.version >= _CLAIMED for event in response.events)
-                        if not deleted and claimed:
-                            # It won, so it is first, and we are right behind it: wait as the
-                            # second in line (on the release itself, without a proof).
+                        # A greenleader predecessor (its twin: other clients' keys have none,
+                        # and may rewrite their value) that claims has won, so it is first, and
+                        # we are right behind it: wait as the second in line, on the release
+                        # itself, with a watch that replays everything after the claim.
+                        claim = next((event.kv.mod_revision for event in response.events
+                                      if event.type != _DELETE and event.kv.key == predecessor
+                                      and predecessor.endswith(_TWIN) and event.kv.version >= _CLAIMED), None)
+                        if not deleted and claim is not None:
                             self._forget_checked_by(created)
+                            if not set(self.older) <= {predecessor_lease}:
+                                continue  # another older lease to see gone first: the proof's way
                             self.stream.close_later(_CLOSE_AFTER)
                             self.stream = None
-                            # Revision 0: this stream never watched our own keys, so the second
-                            # in line's watch must check that they are still there (it always
-                            # does when its watch starts after the snapshot's revision).
-                            snapshot = 0, self._behind(created, predecessor, predecessor_lease)
                             gevent.sleep(_CLOSE_AFTER)  # off the new leader's first milliseconds
+                            claimed = claim, (created, predecessor[:-len(_TWIN)], predecessor_lease)
                             break
                         if not deleted:
                             continue  # a write of its value: wait on
@@ -537,12 +544,6 @@ class _Candidacy:
                 log.info("etcd: %r resumes its wait after: %s", self.node, exc)
         return None
 
-    def _behind(self, created: int, predecessor: bytes, lease: int) -> list[_Candidate]:
-        """The candidates as they are once ``predecessor`` (a key or its twin, made at revision
-        ``created`` on ``lease``) has claimed its win: it first, then us."""
-        first = predecessor[:-len(_TWIN)] if predecessor.endswith(_TWIN) else predecessor
-        return [(created, first, lease), (created, _twin_of(first), lease), (self.term, self.own_key, self.lease_id)]
-
     def _behind_first(self, keys: list[_Candidate], position: int) -> bool:
         """True when everything older than us in ``keys`` is the first candidate's key and
         twin, a greenleader candidate, and no other older lease is waited for."""
@@ -552,27 +553,47 @@ class _Candidacy:
         return twin == _twin_of(first) and (twin_created, twin_lease) == (created, lease) \
             and set(self.older) <= {lease}
 
-    def _await_release(self, revision: int, first: _Candidate) -> _EtcdLease | None:
+    def _await_release(self, revision: int, first: _Candidate, *, replay: bool = False) -> _EtcdLease | None:
         """Wait right behind ``first``, the oldest candidate at ``revision``, on one watch of
-        the whole election made "now"; won if ``first`` released: its key and twin deleted
-        with its release mark, in one revision (only a holder that stepped down writes it).
-        None otherwise, and then the proof decides; our candidacy is lost (``self.lost``) if
-        our own key or twin was deleted.
+        the whole election; won if ``first`` released: its key and twin deleted with its
+        release mark, in one revision (only a holder that stepped down writes it). None
+        otherwise, and then the proof decides; our candidacy is lost (``self.lost``) if our own
+        key or twin was deleted.
 
         Nothing older than ``first`` can join later (create revisions only grow), and one
         watch delivers every change of its range in revision order, our key's and twin's
         included: so at the release we hold the oldest key, which is what the proof would
         say, one round trip sooner. The watch covers the whole election (the mark is a put:
         no filter) but only the second in line makes one, so a change wakes one waiter more.
+
+        The watch starts "now", and if that is after ``revision`` (any write to etcd moves it),
+        the four keys are read once first. With ``replay`` (``revision`` is our predecessor's
+        claim, seen on a watch that did not cover our own keys), the watch starts right after
+        ``revision`` instead, so that a release since then is seen with its mark, and only our
+        own keys are read first.
         """
         created, first_key, first_lease = first
         wanted, mark = {first_key, _twin_of(first_key)}, _done_of(first_key)
         mine = {self.own_key, _twin_of(self.own_key)}
         deleted: dict[bytes, int] = {}  # first's key and twin -> the revision that deleted each
         marked: set[int] = set()  # revisions that wrote first's release mark
-        stream = self.stream = self.store.client.watch(self.prefix, prefix_range_end(self.prefix), 0, prev_kv=True)
         try:
-            if stream.revision > revision:  # etcd's revision moved (any write): are the four still there?
+            stream = self.stream = self.store.client.watch(self.prefix, prefix_range_end(self.prefix),
+                                                           revision + 1 if replay else 0, prev_kv=True)
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:  # refused: a revision compacted meanwhile, say
+            log.info("etcd: %r could not watch the election: %s", self.node, exc)
+            return None
+        try:
+            if replay:  # every change after the claim comes on the watch; our keys before it, not
+                found = self.store.client.range("recheck", self.own_key, _twin_of(self.own_key) + b"\0",
+                                                keys_only=True)
+                if {kv.key: kv.create_revision for kv in found.kvs if kv.key in mine} != dict.fromkeys(mine, self.term):
+                    log.info("etcd: candidate key %r of %r was deleted; campaigning anew", self.own_key, self.node)
+                    self.lost = True
+                    return None
+            elif stream.revision > revision:  # etcd's revision moved (any write): are the four still there?
                 found = self.store.client.range("recheck", self.prefix, prefix_range_end(self.prefix), keys_only=True)
                 present = {kv.key: kv.create_revision for kv in found.kvs}
                 expected = {key: created for key in wanted} | {key: self.term for key in mine}
