@@ -621,49 +621,51 @@ def test_the_second_in_line_wins_a_release_without_a_proof(stores, key):
 
 
 
+@contextlib.contextmanager
+def third_in_line(stores, key, ttl):
+    """Leader a, b waiting right behind it, and c's acquire() waiting behind b, watching b's
+    keys: (a's lease, b's greenlet, b's store, c's greenlet, c's store, an admin store)."""
+    with second_in_line(stores, key, ttl) as (a, b, b_store, admin):
+        c_store = stores()
+        c = gevent.spawn(c_store.acquire, key, "c", ttl)
+        try:
+            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
+            yield a, b, b_store, c, c_store, admin
+        finally:
+            c.kill()
+
+
 def test_the_third_in_line_becomes_the_second_at_its_predecessors_claim(stores, key):
     """a leads, b and c wait. When a releases, b wins and claims its key; c, which watched b,
     then waits as the second in line, and wins b's release without a proof either: in a queue
     that keeps refilling, every handover skips the proof, not only the first. (c checks that
     its own keys are still there as it begins to wait so: its watch on b never covered them.)"""
-    with second_in_line(stores, key, 10) as (a, b, b_store, _):
-        c_store = stores()
-        c = gevent.spawn(c_store.acquire, key, "c", 10)
-        try:
-            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
-            a.release()
-            b_won = b.get(timeout=10)
-            wait_until(lambda: c_store.requests["recheck"] == 1, 10, "c to watch the election, behind b")
-            b_won.release()
-            c_won = c.get(timeout=10)
-            assert c_won.node == "c" and c_won.term > b_won.term > a.term
-            assert (b_store.requests["prove"], c_store.requests["prove"]) == (0, 0), "a proof after a release"
-            c_won.release()
-        finally:
-            c.kill()
+    with third_in_line(stores, key, 10) as (a, b, b_store, c, c_store, _):
+        a.release()
+        b_won = b.get(timeout=10)
+        wait_until(lambda: c_store.requests["recheck"] == 1, 10, "c to watch the election, behind b")
+        b_won.release()
+        c_won = c.get(timeout=10)
+        assert c_won.node == "c" and c_won.term > b_won.term > a.term
+        assert (b_store.requests["prove"], c_store.requests["prove"]) == (0, 0), "a proof after a release"
+        c_won.release()
 
 
 def test_the_third_in_line_whose_key_was_deleted_never_wins_with_it(stores, key):
     """An operator deletes c's key while c waits third in line, watching only b's keys. When b
     wins and claims, c waits as the second in line: it must first find that its key is gone,
     and campaign again, never win b's release with the deleted key."""
-    with second_in_line(stores, key, 10) as (a, b, _, admin):
-        c_store = stores()
-        c = gevent.spawn(c_store.acquire, key, "c", 10)
-        try:
-            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
-            _, _, (c_key, c_term, _) = keys_under(admin, key)
-            assert admin._client().delete(c_key.encode())
-            a.release()
-            b_won = b.get(timeout=10)
-            wait_until(lambda: c_store.requests["transaction"] == 2, 10, "c to campaign again")
-            b_won.release()
-            c_won = c.get(timeout=10)
-            assert c_won.term > c_term, f"c won with its deleted key (term {c_term})"
-            assert [k for k, _, _ in keys_under(admin, key)] == [c_won.own_key.decode()]
-            c_won.release()
-        finally:
-            c.kill()
+    with third_in_line(stores, key, 10) as (a, b, _, c, c_store, admin):
+        _, _, (c_key, c_term, _) = keys_under(admin, key)
+        assert admin._client().delete(c_key.encode())
+        a.release()
+        b_won = b.get(timeout=10)
+        wait_until(lambda: c_store.requests["transaction"] == 2, 10, "c to campaign again")
+        b_won.release()
+        c_won = c.get(timeout=10)
+        assert c_won.term > c_term, f"c won with its deleted key (term {c_term})"
+        assert [k for k, _, _ in keys_under(admin, key)] == [c_won.own_key.decode()]
+        c_won.release()
 
 
 def test_a_predecessor_that_claims_then_releases_and_dies_at_once_is_not_waited_for(stores, key):
@@ -671,21 +673,15 @@ def test_a_predecessor_that_claims_then_releases_and_dies_at_once_is_not_waited_
     line, saw b's claim and was about to wait right behind it. c must see b's release mark
     and win at once, not wait for b's lease to expire (the review of issue 12: 10.15 s, the
     whole TTL, when c's pause hid the release)."""
-    with second_in_line(stores, key, 10) as (a, b, _, admin):
-        c_store = stores()
-        c = gevent.spawn(c_store.acquire, key, "c", 10)
-        try:
-            wait_until(lambda: c_store.requests["watch"] == 1, 10, "c to watch b's key")
-            a.release()
-            b_won = b.get(timeout=10)
-            wait_until(b_won._claim_tried.is_set, 10, "b's claim")
-            b_won._released = True
-            b_won._mark_released()  # b's release transaction; b dies before its revoke
-            c_won = c.get(timeout=30)
-            assert c_won.node == "c" and lease_alive(admin, b_won.lease_id), "c waited for b's lease to expire"
-            c_won.release()
-        finally:
-            c.kill()
+    with third_in_line(stores, key, 10) as (a, b, _, c, _, admin):
+        a.release()
+        b_won = b.get(timeout=10)
+        wait_until(b_won._claim_tried.is_set, 10, "b's claim")
+        b_won._released = True
+        b_won._mark_released()  # b's release transaction; b dies before its revoke
+        c_won = c.get(timeout=30)
+        assert c_won.node == "c" and lease_alive(admin, b_won.lease_id), "c waited for b's lease to expire"
+        c_won.release()
 
 
 def test_a_go_leader_that_proclaims_is_not_taken_for_a_claim(stores, key):

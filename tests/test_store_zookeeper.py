@@ -713,10 +713,13 @@ def test_a_waiter_never_wins_while_a_deleted_leaders_twin_lives(stores, key) -> 
         a.release()
 
 
-@pytest.mark.parametrize("which", ["node", "twin"])
+@pytest.mark.parametrize("which", ["node", "twin", "node written then deleted"])
 def test_deleting_either_node_of_a_leader_ends_its_tenure(stores, key, which) -> None:
     """Either of the leader's two nodes deleted from outside ends the lease at once; its
-    release then deletes the other, and the next candidate wins."""
+    release then deletes the other, and the next candidate wins. Also when the node is written,
+    then deleted (one multi): the write's event takes the watch, so the deletion sends none,
+    and kazoo keeps the watch armed again on the missing node as one for its creation (the
+    review of issue 12 found the leader leading on without its node)."""
     store = stores()
     path = store.path_for(key)
     alice = Candidate(store, key, "alice", ttl=TTL * 5)
@@ -730,7 +733,14 @@ def test_deleting_either_node_of_a_leader_ends_its_tenure(stores, key, which) ->
         with admin_client(store.hosts) as zk:
             wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "bob to queue up")
             node = contenders(zk, path)[0]
-            zk.delete(f"{path}/{node if which == 'node' else _twin(node)}")
+            if which == "node written then deleted":
+                written_then_deleted = zk.transaction()
+                written_then_deleted.set_data(f"{path}/{node}", b"operator")
+                written_then_deleted.delete(f"{path}/{node}")
+                results = written_then_deleted.commit()
+                assert not any(isinstance(result, Exception) for result in results), results
+            else:
+                zk.delete(f"{path}/{node if which == 'node' else _twin(node)}")
             assert next_item(elected, WAIT, "alice to step down") is False
             assert next_item(bob_elected, WAIT, "bob to win") is True
             assert not zk.exists(f"{path}/{node}") and not zk.exists(f"{path}/{_twin(node)}")
@@ -862,34 +872,6 @@ def test_a_waiter_whose_node_is_written_then_deleted_never_wins_with_it(stores, 
         won.release()
 
 
-
-def test_a_leader_whose_node_is_written_then_deleted_steps_down(stores, key) -> None:
-    """The same write-then-delete on the leader's node: no event tells of the deletion, and the
-    leader's renewals rely on its watches; it must still step down, and the next one lead."""
-    store = stores()
-    path = store.path_for(key)
-    alice = Candidate(store, key, "alice", ttl=TTL * 5)
-    bob = Candidate(stores(), key, "bob", ttl=TTL * 5)
-    try:
-        elected, _ = alice.run_for_election()
-        assert next_item(elected, WAIT, "alice's first item") is False
-        assert next_item(elected, WAIT, "alice to win") is True
-        bob_elected, _ = bob.run_for_election()
-        assert next_item(bob_elected, WAIT, "bob's first item") is False
-        with admin_client(store.hosts) as zk:
-            wait_until(lambda: len(contenders(zk, path)) == 2, WAIT, "bob to queue up")
-            node = f"{path}/{contenders(zk, path)[0]}"
-            wait_until(lambda: zk.exists(node).version == 1, WAIT, "alice to claim her win")
-            written_then_deleted = zk.transaction()
-            written_then_deleted.set_data(node, b"operator")
-            written_then_deleted.delete(node)
-            results = written_then_deleted.commit()
-            assert not any(isinstance(result, Exception) for result in results), results
-            assert next_item(elected, WAIT, "alice to step down") is False
-            assert next_item(bob_elected, WAIT, "bob to win") is True
-    finally:
-        bob.stop()
-        alice.stop()
 
 def test_writes_to_the_leaders_node_leave_no_watches_behind(stores, key) -> None:
     """Each write to leader a's node sends b, right behind it, back to the listing, and b then
