@@ -779,37 +779,28 @@ def test_a_write_of_the_leaders_keys_is_not_taken_for_a_release(stores, key):
 def test_a_release_mark_not_written_by_the_predecessor_lets_no_waiter_in(stores, key, mark_lease):
     """A client other than the holder deletes leader a's key and twin and, in the same
     transaction, writes a's release mark, without a's lease (or on another lease): only a's own
-    release writes its mark on its lease, so x must still wait for a's lease. (Before the mark
-    was matched on its lease and revision, x won 4 ms later while a's lease had 5 s left.)"""
+    release writes its mark on its lease, so b must still wait for a's lease. (Before the mark
+    was matched on its lease and revision, the waiter won 4 ms later while a's lease had 5 s left.)"""
     from greenleader.stores.etcd import recipe
     from greenleader.stores.etcd.client import etcdrpc
 
-    ttl = 10  # no lease trouble during the test
-    admin = stores()
-    a_lease = stores().acquire(key, "a", ttl)
-    x_store = stores()
-    x = gevent.spawn(x_store.acquire, key, "x", ttl)
-    try:
-        wait_until(lambda: x_store.requests["watch"] == 1, 10, "x to watch a's key")
-        own = a_lease.own_key
+    with second_in_line(stores, key, 10) as (a, b, b_store, admin):
+        own = a.own_key
         mark = etcdrpc.PutRequest(key=recipe._done_of(own))
         if mark_lease != "none":
-            mark.lease = keys_under(admin, key)[-1][2]  # x's lease
+            mark.lease = keys_under(admin, key)[-1][2]  # b's lease
         admin.client.txn("forge", etcdrpc.TxnRequest(success=[
             etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=own)),
             etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=recipe._twin_of(own))),
             etcdrpc.RequestOp(request_put=mark),
         ]))
-        wait_until(lambda: x_store.requests["lease info"] >= 2, 10, "x to find a's lease alive")
-        assert not x.ready(), f"x won while a's lease lived: {x.value or x.exception!r}"
-        assert lease_alive(admin, a_lease.lease_id)
-        a_lease.release()
-        x_won = x.get(timeout=10)
-        assert x_won.node == "x" and x_won.term > a_lease.term
-        x_won.release()
-    finally:
-        x.kill()
-        a_lease.release()
+        wait_until(lambda: b_store.requests["lease info"] >= 2, 10, "b to find a's lease alive")
+        assert not b.ready(), f"b won while a's lease lived: {b.value or b.exception!r}"
+        assert lease_alive(admin, a.lease_id)
+        a.release()
+        b_won = b.get(timeout=10)
+        assert b_won.node == "b" and b_won.term > a.term
+        b_won.release()
 
 
 @pytest.mark.parametrize("which", ["key", "twin"])
