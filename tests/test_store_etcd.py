@@ -914,6 +914,51 @@ def test_a_winner_claims_its_key_only_after_stepping_up(stores, key, monkeypatch
         f"a claim went out before its candidate stepped up: {at_claim}")
 
 
+def test_a_winner_whose_hub_is_never_idle_still_claims_its_key(stores, key, monkeypatch):
+    """The claim waits for the winner's hub to have nothing else to run (the leader's work
+    first), but not for ever: with a greenlet that keeps the hub busy from the win on,
+    followers still name the winner, whose claim went out while that greenlet ran."""
+    from greenleader.stores.etcd import recipe as etcd
+
+    busy_at_claim: list[bool] = []
+    claim = etcd._EtcdLease._claim
+    monkeypatch.setattr(etcd._EtcdLease, "_claim", lambda lease: (busy_at_claim.append(not spinner.dead),
+                                                                  claim(lease))[1])
+    admin = stores()
+    lease = stores().acquire(key, "alice", 10)
+    spinning = True
+
+    def spin() -> None:
+        while spinning:
+            gevent.sleep(0)  # always ready to run again: the hub is never idle
+
+    spinner = gevent.spawn(spin)  # no switch since the win: the claimer has not started
+    try:
+        wait_until(lambda: store_leader_is(admin, key, "alice"), 10, "alice's claim")
+        assert busy_at_claim == [True]
+    finally:
+        spinning = False
+        spinner.join(timeout=5)
+        lease.release()
+
+
+def test_a_winner_that_releases_before_its_claim_leaves_nothing_running(stores, key):
+    """A lease released before its hub was idle, when its claim, the stop of the waiting
+    candidacy's keepalive greenlet and its key watch were still to come: nothing is claimed,
+    the keepalive greenlet ends without renewing the released lease, the key watch ends, and
+    nothing is left in etcd."""
+    admin = stores()
+    store = stores()
+    lease = store.acquire(key, "alice", 10)
+    keeper, keepalives = lease._keeper, store.requests["keepalive"]
+    assert keeper is not None and not keeper.dead
+    lease.release()  # no switch since the win: the claimer has not started
+    assert store.requests["claim"] == 0
+    wait_until(lambda: keeper.dead and lease._claimer.dead and lease._guard.dead, 10, "alice's greenlets to end")
+    assert store.requests["claim"] == 0 and keys_under(admin, key, twins=True) == []
+    assert store.requests["keepalive"] == keepalives, "the keepalive greenlet renewed the released lease"
+
+
 def store_leader_is(store: EtcdStore, key: str, node: str) -> bool:
     info = store.leader(key)
     return info is not None and info.node == node

@@ -54,6 +54,13 @@ _REVOKE_AFTER = 0.05
 #: hops after it; on a 2-core machine that CPU is the successor's (docs/stores/etcd.md, "Where a
 #: handover's time goes"). As long as the revoke's pause, so both land after the handover.
 _CLOSE_AFTER = 0.05
+#: Longest wait, in seconds, between a win and its claim for the winner's hub to have nothing
+#: else ready to run (:func:`_spawn_when_idle`). The claim's request holds the hub for about 1 ms
+#: of gRPC CPU; sent as the step-up wakes the leader's work, it came before that work (in
+#: ``greenleader run``: the command's start, 1.8 ms later than on Consul). Idle, the hub has
+#: started it. The bound keeps followers' news from waiting on a hub that stays busy: they name
+#: a winner only once claimed.
+_CLAIM_WITHIN = 0.005
 #: The low bits of every lease id greenleader makes (so its keys ``<key>/<lease hex>`` end in
 #: ``91ead``): followers tell its candidates, which are named only once claimed, from other
 #: clients' (etcdctl elect), which never claim. 20 bits leave 41 random ones for the id.
@@ -170,6 +177,27 @@ class _View:
         return LeaderInfo(value.decode("utf-8", errors="replace"), revision)
 
 
+def _spawn_when_idle(run: Any, within: float) -> gevent.Greenlet:
+    """A greenlet that starts ``run`` once this thread's hub has nothing else ready to run (a
+    libev idle watcher; gevent's libuv loop runs it on the loop's next turn), or ``within``
+    seconds from now if that comes first. Killed before it starts, it never starts.
+
+    Either way it starts after every greenlet that was already due to run, as its start is one
+    more callback queued behind theirs (no greenlet switch is made before the hub turns)."""
+    glet = gevent.Greenlet(run)
+    loop = gevent.get_hub().loop
+    idle, timer = loop.idle(), loop.timer(within)
+
+    def start() -> None:
+        idle.close()
+        timer.close()
+        glet.start()  # does nothing once killed
+
+    idle.start(start)
+    timer.start(start)
+    return glet
+
+
 def _owns(key: bytes, create_revision: int) -> Any:
     """A transaction comparison: ``key`` exists with this create revision (is still ours)."""
     return etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
@@ -179,7 +207,7 @@ class _EtcdLease(Lease):
     """A won election: the key ``<key>/<lease id>`` on a lease that the candidate renews."""
 
     def __init__(self, store: EtcdStore, key: str, node: str, term: int, confirmed_at: float,
-                 lease_id: int, own_key: bytes) -> None:
+                 lease_id: int, own_key: bytes, keeper: gevent.Greenlet | None = None) -> None:
         super().__init__(key, node, term, confirmed_at)
         self.lease_id = lease_id
         self.own_key = own_key
@@ -190,8 +218,13 @@ class _EtcdLease(Lease):
         self._marked = self._revoked = False  # the release's two steps, each done once
         self._renewed = gevent.event.Event()  # set by each renewal: a failed claim or watch resumes then
         self._claim_tried = gevent.event.Event()  # the key watch is made once the claim is answered
-        self._guard = gevent.spawn(self._guard_own_key, term)  # any deletion since its creation
-        self._claimer = gevent.spawn(self._claim_once_stepped_up)
+        # Nothing of this runs before the candidate has stepped up and its leader's work has
+        # started (see _claim_once_stepped_up): the waiting candidacy's keepalive greenlet,
+        # stopped by the claimer; the key watch, started by it once the claim is answered; the
+        # claimer itself, started when the hub is idle.
+        self._keeper = keeper
+        self._guard = gevent.Greenlet(self._guard_own_key, term)  # any deletion since its creation
+        self._claimer = _spawn_when_idle(self._claim_once_stepped_up, _CLAIM_WITHIN)
 
     def __repr__(self) -> str:
         return f"<EtcdLease key={self.key!r} node={self.node!r} term={self.term} lease={self.lease_id:x}>"
@@ -214,6 +247,7 @@ class _EtcdLease(Lease):
             self._released = True  # from here on, the guard reports nothing and nothing is claimed
             self._claimer.kill(block=True, timeout=1)
             self._claim_tried.set()  # (a claimer killed before it ran never says so)
+            self._stop_keeper()
         if self._pid != os.getpid() or self._revoked:
             return  # a forked child's copy: the lease is the parent's to release
         client = self._store.client
@@ -241,19 +275,32 @@ class _EtcdLease(Lease):
                 raise
         return True
 
+    def _stop_keeper(self) -> None:
+        """Stop the waiting candidacy's keepalive greenlet (the candidate renews a won lease)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.kill(block=False)
+
+    def _start_guard(self) -> None:
+        """Start the key watch (a second start, or one after a kill, does nothing), unless
+        released: a released key is watched no more."""
+        if not self._released and self._pid == os.getpid():
+            self._guard.start()
+
     def _claim_once_stepped_up(self) -> None:
         """Claim the key for followers, retrying until claimed, released or lost.
 
-        This greenlet is spawned as the lease is made, in the greenlet that runs ``acquire``;
-        it first lets every greenlet already due to run go first, twice. The first time lets
-        the candidate run, woken by ``acquire`` returning, which steps up without yielding: so
-        the claim goes out after the step-up, and a winner stopped just as it won (SIGSTOP, a
-        blocked hub) is not named by followers until it knows that it leads. The second lets
-        the reader of the candidate's ``elected`` queue, woken by the step-up, start the
-        leader's work before the claim's request holds the hub (about 1 ms of gRPC CPU).
+        This greenlet is made as the lease is, in the greenlet that runs ``acquire``, and
+        started once the hub is idle (:func:`_spawn_when_idle`), after every greenlet that was
+        due to run then. The candidate is one, woken by ``acquire`` returning, and it steps up
+        without yielding: so the claim goes out after the step-up, and a winner stopped just as
+        it won (SIGSTOP, a blocked hub) is not named by followers until it knows that it leads.
+        The readers of the candidate's ``elected`` queue, woken by the step-up, are others:
+        the leader's work (``greenleader run``'s command) starts before the claim's request
+        holds the hub (about 1 ms of gRPC CPU), and so do the win's chores, the keepalive
+        greenlet's stop and the key watch.
         """
-        gevent.sleep(0)
-        gevent.sleep(0)
+        self._stop_keeper()
         try:
             while not self._released and self._pid == os.getpid():
                 self._renewed.clear()
@@ -265,9 +312,11 @@ class _EtcdLease(Lease):
                     log.warning("etcd: %r could not claim %r yet (followers see no leader); trying again after "
                                 "the next renewal: %s", self.node, self.own_key, exc)
                 self._claim_tried.set()
+                self._start_guard()
                 self._renewed.wait()  # the candidate's renewals are paced by its own schedule
         finally:
             self._claim_tried.set()
+            self._start_guard()
 
     def _claim(self) -> bool:
         """Rewrite our value on our lease, on our key and its twin, if both are still ours:
@@ -713,8 +762,11 @@ class _Candidacy:
         return True
 
     def _won(self) -> _EtcdLease:
-        self.stop_keepalive(block=False)  # not yielding here lets the candidate step up at once
-        return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key)
+        # The keepalive greenlet is the lease's to stop, after the step-up: a kill here (a
+        # greenlet switch and an exception) would come before it. A renewal meanwhile is harmless.
+        keeper, self._keeper = self._keeper, None
+        return _EtcdLease(self.store, self.key, self.node, self.term, self.confirmed_at, self.lease_id, self.own_key,
+                          keeper)
 
 
 class EtcdStore(Store):
