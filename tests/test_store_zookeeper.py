@@ -820,6 +820,28 @@ def test_the_second_in_line_wins_a_release_without_reading_the_queue(stores, key
         won.release()
 
 
+def test_the_third_in_line_wins_a_release_made_just_after_its_predecessors_claim(stores, key) -> None:
+    """c waits behind b, b behind leader a. a releases; b wins and claims, which wakes c, and
+    releases at once. c reads the queue again a moment after the claim (RELIST_AFTER_CLAIM),
+    so it must find b gone then and win, long before any TTL could free the key."""
+    ttl = 60.0  # a release missed would show as a wait of the whole TTL
+    with _second_in_line(stores, key, ttl) as (a, b, b_store, zk):
+        c = gevent.spawn(stores().acquire, key, "c", ttl)
+        try:
+            wait_until(lambda: len(contenders(zk, b_store.path_for(key))) == 3, WAIT, "c to queue up")
+            a.release()
+            won = b.get(timeout=WAIT)
+            wait_until(lambda: zk.exists(won.path).version > 0, WAIT, "b's claim")
+            released = time.monotonic()
+            won.release()
+            third = c.get(timeout=WAIT)
+            assert third.node == "c" and third.term > won.term
+            assert time.monotonic() - released < ttl / 4, "c waited for a TTL, not for b's release"
+            third.release()
+        finally:
+            c.kill()
+
+
 def test_a_long_wait_behind_the_leader_leaves_the_winner_its_renew_deadline(stores, key) -> None:
     """b waits behind a for longer than the TTL, then wins without a listing: its session was
     confirmed while it waited, so the win's renew deadline runs from a recent confirmation, not
