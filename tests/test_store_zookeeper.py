@@ -27,6 +27,7 @@ from greenleader.errors import (
     InvalidArgumentError,
     InvalidKeyError,
     InvalidURLError,
+    LeadershipLostError,
     PermissionDeniedError,
     StoreError,
     StoreUnavailableError,
@@ -909,6 +910,22 @@ def test_writes_to_the_leaders_node_leave_no_watches_behind(stores, key) -> None
         won = b.get(timeout=WAIT)
         assert won.node == "b"
         won.release()
+
+def test_a_close_just_after_a_release_ends_a_session_that_still_holds_a_lease_at_once(stores, key) -> None:
+    """A session's close waits CLOSE_AFTER_RELEASE after a release only when it holds nothing:
+    with another lease still held, the session is taken down before the close first yields
+    (no renewal may succeed while the store closes), and that lease is reported lost."""
+    store = stores()
+    held = store.acquire(key + "-held", "b", TTL * 5)
+    store.acquire(key, "a", TTL * 5).release()
+    (session,) = store._sessions.values()
+    closing = gevent.spawn(session.close)
+    gevent.sleep(0)  # the close runs until it first yields
+    assert not session.connected.is_set(), "the close paused with a lease still held"
+    closing.join(WAIT)
+    with pytest.raises((LeadershipLostError, StoreUnavailableError)):
+        held.renew()
+
 
 def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:
     """Whichever order kazoo tries the endpoints in, a dead one is skipped."""

@@ -88,7 +88,8 @@ REGISTERING_MAX = 64
 #: shutdown, about 1.2 ms of CPU, and the server's session close) stays off the next leader's
 #: first milliseconds when it runs on the same host: `greenleader run` releases and then exits,
 #: while the winner, woken by the release, starts its command. Consul's and etcd's stores
-#: defer their session's end in the same way. Nothing is held meanwhile: the nodes are gone.
+#: defer their session's end in the same way. Only a session that holds no lease waits: its
+#: nodes are gone; a lease still held is lost with the session, at once.
 CLOSE_AFTER_RELEASE = 0.05
 # ZooKeeper's PathUtils.validatePath refuses these code points in node names.
 _BAD_PATH_CHARS = re.compile("[\u0000-\u001f\u007f-\u009f\ud800-\uf8ff\ufff0-\uffff]")
@@ -540,7 +541,8 @@ class _Session:
         if self.pid != os.getpid():
             self.connected.clear()
             return  # inherited across fork: closing would end the parent's session
-        gevent.sleep(max(0.0, self.released_at + CLOSE_AFTER_RELEASE - now()))
+        if not self.leases:  # a lease still held ends with the session, at once
+            gevent.sleep(max(0.0, self.released_at + CLOSE_AFTER_RELEASE - now()))
         self.connected.clear()
         if self.session_id is None:
             # No session to end: kazoo may be waiting for a handshake's answer from a silent
