@@ -105,26 +105,13 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
     else:
         for name in ("release", "lock", "destroy_session"):
             _around(ConsulClient, name, f"consul {name}")
-    spawn_p = os.posix_spawnp
+    import benchmarks.library_runner as runner
 
-    def posix_spawnp(*args: Any, **kwargs: Any) -> int:
-        mark("posix_spawnp begin")
-        try:
-            return spawn_p(*args, **kwargs)
-        finally:
-            mark("posix_spawnp end")
-
-    os.posix_spawnp = posix_spawnp
-    spawn_plain = os.posix_spawn
-
-    def posix_spawn(*args: Any, **kwargs: Any) -> int:
-        mark("posix_spawn begin")
-        try:
-            return spawn_plain(*args, **kwargs)
-        finally:
-            mark("posix_spawn end")
-
-    os.posix_spawn = posix_spawn
+    for name in ("posix_spawn", "posix_spawnp"):
+        for module in (os, spawn, runner):  # (_spawn and the runner keep their own, unpatched)
+            for attribute in (name, f"_{name}"):
+                if hasattr(module, attribute):
+                    _around(module, attribute, name)
     to_code = os.waitstatus_to_exitcode
 
     def waitstatus_to_exitcode(status: int) -> int:
@@ -144,8 +131,6 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
         finally:
             mark("exit")
         cli._exit_at_once(code)  # as the command does
-    import benchmarks.library_runner as runner
-
     _around(runner, "spawn_and_wait")
     runner.from_url = _instrument_store(runner.from_url)
     try:

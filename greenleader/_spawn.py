@@ -50,6 +50,7 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 import gevent.os
+from gevent import monkey
 
 from .errors import GreenleaderError
 
@@ -70,6 +71,12 @@ _RESTORED = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if ha
 _PR_SET_CHILD_SUBREAPER = 36  # prctl option, <linux/prctl.h> (Linux 3.4)
 _READY_TIMEOUT = 10.0  # seconds for a /bin/sh to start and run `trap`
 _KILL_TIMEOUT = 10.0  # seconds for SIGKILLed processes to be gone
+#: The unpatched ``os.posix_spawn(p)``: gevent's own (after ``monkey.patch_all``) adds a second
+#: child watcher per process, for its ``os.waitpid``, which nothing here calls; that watcher's
+#: bookkeeping ran on both ends of a handover (after the new command's start, and when the
+#: command's exit is seen). A group's processes are watched by its own child watchers only.
+_posix_spawn = monkey.get_original("os", "posix_spawn")
+_posix_spawnp = monkey.get_original("os", "posix_spawnp")
 
 
 _adopting = False  # whether adopt_orphans() made this process its descendants' reaper
@@ -119,7 +126,7 @@ class CommandGroup:
         ready_read, ready_write = _pipe()
         self._ready: int | None = ready_read  # None once the watchdog said it is ready
         try:
-            self.pgid = os.posix_spawn(
+            self.pgid = _posix_spawn(
                 SHELL,
                 [SHELL, "-c", _WATCHDOG, "greenleader-watchdog"],
                 os.environ,
@@ -176,7 +183,7 @@ class CommandGroup:
         the program's path, found beforehand (else ``argv[0]`` is searched for in ``PATH`` now,
         which took 0.9 ms against 0.4 with bash in the seventh directory of ``PATH``)."""
         self._wait_ready()
-        spawn = os.posix_spawnp if executable is None else os.posix_spawn
+        spawn = _posix_spawnp if executable is None else _posix_spawn
         self.pid = spawn(executable or argv[0], argv, env, setpgroup=self.pgid, setsigdef=_RESTORED, setsigmask=())
         watcher = gevent.get_hub().loop.child(self.pid, False)
         watcher.start(lambda: self._exited(_exit_code(watcher.rstatus)))
