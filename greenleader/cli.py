@@ -249,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         nonlocal running
         if not args.restart:
             gc.disable()  # run ends within moments: no collection (0.3-0.8 ms each) on the release's path
-            if not lost and group.end_if_left_nothing():
+            if not lost and group.end_if_left_nothing(spare_watchdog=True):  # dismissed after the release
                 running = False  # so the loop takes the step-down's False, before ("exit"), for no loss
                 candidate._stop_soon()
         inbox.put(("exit", code))
@@ -344,6 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             group.end(args.grace)  # whatever ends run ends the command first...
         finally:
             candidate.stop()  # ...and only then releases the key
+            group.dismiss()  # a watchdog spared by exited(), if any
             store.close()
             if collecting:
                 gc.enable()  # (main() called from Python goes on)
