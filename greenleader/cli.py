@@ -3,7 +3,8 @@
 ``greenleader run`` never lets its command outlive its leadership (docs/safety.md, rule 13). The
 command runs in a process group of its own, led by a watchdog that SIGKILLs the group as soon as
 ``greenleader run`` dies in any way, SIGKILL included (see ``greenleader._spawn``), and every way
-out of ``run`` ends the whole group first, then releases the key:
+out of ``run`` ends the whole group first, then releases the key (a watchdog left alone in its
+group, which runs nothing, is SIGKILLed once the key is released):
 
 - the command's exit: what it left running in its group gets SIGTERM, then SIGKILL after
   ``--grace`` seconds. On Linux ``run`` adopts (and reaps) what its command leaves behind
@@ -536,7 +537,7 @@ after the command exits (for what it left running), and SIGKILL from a watchdog 
 itself dies (SIGKILL included). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and
 the other signals that end a process are passed on to the whole group, and greenleader then
 exits when the command does; signals ignored at start stay ignored. SIGTSTP stops the group too.
-The key is released only once the whole group is gone.
+The key is released only once every process of the command is gone.
 
 The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
 fencing term to pass to the systems it writes to.
