@@ -21,9 +21,15 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
+from gevent import monkey  # noqa: E402
 
 from greenleader import Candidate  # noqa: E402
 from greenleader.stores import from_url  # noqa: E402
+
+#: The unpatched ``os.posix_spawn(p)``, as greenleader._spawn uses: gevent's adds a second child
+#: watcher per process for its ``os.waitpid``, which nothing here calls.
+_posix_spawn = monkey.get_original("os", "posix_spawn")
+_posix_spawnp = monkey.get_original("os", "posix_spawnp")
 
 
 def spawn_and_wait(argv: list[str], executable: str | None) -> int:
@@ -31,8 +37,8 @@ def spawn_and_wait(argv: list[str], executable: str | None) -> int:
     without blocking the hub; its exit status (128+N for signal N)."""
     hub = gevent.get_hub()
     hub.loop.install_sigchld()
-    pid = os.posix_spawnp(argv[0], argv, os.environ) if executable is None else \
-        os.posix_spawn(executable, argv, os.environ)
+    pid = _posix_spawnp(argv[0], argv, os.environ) if executable is None else \
+        _posix_spawn(executable, argv, os.environ)
     watcher = hub.loop.child(pid, False)
     hub.wait(watcher)
     code = os.waitstatus_to_exitcode(watcher.rstatus)

@@ -1,6 +1,6 @@
 """Where ``greenleader run`` spends a handover, step by step, beside the library runner.
 
-    python -m benchmarks.run_trace [--kind consul] [--handovers 10] [--passes 2] [--only run|library]
+    python -m benchmarks.run_trace [--kind consul] [--handovers 10] [--passes 2] [--only run|library] [--each]
 
 The handover benchmark's field (three contenders on one key, the same ``bash`` child, the same
 FIFOs; see :mod:`benchmarks.handover`), with each contender wrapped by this module
@@ -94,6 +94,9 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
 
     _around(Candidate, "stop")
     _around(Candidate, "_step_up")
+    for owner, name in [(Candidate, n) for n in os.environ.get("RUN_TRACE_MORE", "").split(",") if n]:
+        if hasattr(owner, name):
+            _around(owner, name)
     _around(spawn.CommandGroup, "_on_watchdog_exit")
     try:
         from greenleader.stores.consul.client import ConsulClient
@@ -102,16 +105,13 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
     else:
         for name in ("release", "lock", "destroy_session"):
             _around(ConsulClient, name, f"consul {name}")
-    spawn_p = os.posix_spawnp
+    import benchmarks.library_runner as runner
 
-    def posix_spawnp(*args: Any, **kwargs: Any) -> int:
-        mark("posix_spawnp begin")
-        try:
-            return spawn_p(*args, **kwargs)
-        finally:
-            mark("posix_spawnp end")
-
-    os.posix_spawnp = posix_spawnp
+    for name in ("posix_spawn", "posix_spawnp"):
+        for module in (os, spawn, runner):  # (_spawn and the runner keep their own, unpatched)
+            for attribute in (name, f"_{name}"):
+                if hasattr(module, attribute):
+                    _around(module, attribute, name)
     to_code = os.waitstatus_to_exitcode
 
     def waitstatus_to_exitcode(status: int) -> int:
@@ -122,7 +122,7 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
     if kind == "run":
         import greenleader.cli as cli
 
-        for name in ("start", "wait", "end", "_members", "_kill", "signal"):
+        for name in ("start", "_wait_ready", "wait", "end", "_members", "_kill", "signal"):
             _around(spawn.CommandGroup, name)
         _around(cli, "_command_env")
         cli._store = _instrument_store(cli._store)
@@ -131,8 +131,6 @@ def wrapped(kind: str, marks: str, argv: list[str]) -> int:
         finally:
             mark("exit")
         cli._exit_at_once(code)  # as the command does
-    import benchmarks.library_runner as runner
-
     _around(runner, "spawn_and_wait")
     runner.from_url = _instrument_store(runner.from_url)
     try:
@@ -198,7 +196,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     if args.only:
         runners = {args.only: runners[args.only]}
     results: dict[str, dict[str, Any]] = {name: {"holder": {}, "winner": {}, "holder CPU": {}, "winner CPU": {},
-                                                 "handover": []} for name in runners}
+                                                 "handover": [], "each": []} for name in runners}
     load = [loadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -228,13 +226,16 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                             field_.reap(holder)
                             out = results[name]
                             out["handover"].append((successor.t - ended.t) * 1000)
+                            steps = {}
                             for role, ident in (("holder", holder), ("winner", successor.ident)):
                                 times, cpus = _steps(_read_marks(ctx.workdir / f"{ident}.marks"), ended.t,
                                                      successor.t + 0.5)
+                                steps[role], steps[f"{role} CPU"] = times, cpus
                                 for label, value in times.items():
                                     out[role].setdefault(label, []).append(value)
                                 for label, value in cpus.items():
                                     out[f"{role} CPU"].setdefault(label, []).append(value)
+                            out["each"].append(steps)
                             holder, started = successor.ident, successor
                             field_.add()
                     finally:
@@ -250,6 +251,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"load": load, "kind": args.kind}
     for name, out in results.items():
         report[name] = {"handover ms (median / max)": brief(out["handover"])}
+        if args.each:
+            report[name]["each"] = out["each"]
         for section in ("holder", "winner", "holder CPU", "winner CPU"):
             order = sorted(out[section], key=lambda label: statistics.median(out[section][label]))
             report[name][section] = {label: brief(out[section][label]) for label in order}
@@ -262,6 +265,7 @@ def main() -> None:
     parser.add_argument("--handovers", type=int, default=10)
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--only", choices=("run", "library"))
+    parser.add_argument("--each", action="store_true", help="also give every handover's steps (as \"each\")")
     parser.add_argument("--wrap", choices=("run", "library"), help=argparse.SUPPRESS)
     parser.add_argument("--marks", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -121,6 +121,7 @@ class Candidate:
         #: Called in the teardown greenlet after each step-down, before the release (duties).
         self._step_down_hooks: list[Callable[[], None]] = []
         self._lease: Lease | None = None
+        self._ended: Lease | None = None  # the last lease whose tenure _end_tenure ended
         # Where the keepalive waits, for _wake_up: the next renewal (a waiter), or a renewal.
         self._woken = False
         self._sleeping: Waiter | None = None
@@ -208,15 +209,14 @@ class Candidate:
         event subscriber or duty-teardown path it cannot wait for itself: it then returns at
         once and the step-down and release complete in the background.
         """
-        self._stopped = True
-        self._stopping.set()
-        self._wake_up()
         greenlet = self._greenlet
-        if greenlet is None:
-            return
         current = gevent.getcurrent()
-        if current is greenlet or current in self._teardowns or self._publisher.is_current():
+        if greenlet is None or current is greenlet or current in self._teardowns or self._publisher.is_current():
+            self._stopped = True
+            self._stopping.set()
+            self._wake_up()
             return
+        self._stop_soon()
         greenlet.join(timeout=STOP_TIMEOUT)
         if not greenlet.dead:
             log.warning("%r: the campaign did not end within %gs; killing it", self, STOP_TIMEOUT)
@@ -344,6 +344,8 @@ class Candidate:
         while True:
             self._sleep(next_renewal - now())
             self._woken = False
+            if self._lease is not lease:  # the tenure was ended by stop() (_end_tenure_here)
+                return LossReason.STOPPED
             if self._lost:  # (the loss also zeroed the deadline)
                 return LossReason.EXPIRED
             if now() >= self._deadline:  # checked first: after a blocked hub, nothing else may run
@@ -454,6 +456,28 @@ class Candidate:
         self._deadline = 0.0
         self._wake_up()
 
+    def _stop_soon(self) -> None:
+        """What :meth:`stop` does before it waits; never blocks, so that ``greenleader run``
+        calls it from the hub (its command's exit) and then :meth:`stop` to wait. Not from the
+        campaign, a teardown or a subscriber (stop() handles those)."""
+        self._stopped = True
+        self._stopping.set()
+        if self._sleeping is not None:
+            self._end_tenure_here()
+        self._wake_up()
+
+    def _end_tenure_here(self) -> None:
+        """stop() while the campaign waits for its next renewal: end the tenure from the caller.
+
+        The step-down and the start of the release are the campaign greenlet's own
+        (:meth:`_end_tenure`), in the same order, just run here, without waking the campaign
+        greenlet first: on the path of a handover that wake-up (a hub callback, a switch into
+        the campaign and back out of its wait, then a switch into the teardown) cost ~0.1-0.2
+        ms of a cold process's CPU. The campaign greenlet, woken next, finds its tenure over."""
+        lease = self._lease
+        if lease is not None and self._leading and not self._inert:
+            self._end_tenure(lease, LossReason.STOPPED, join=False)
+
     def _step_up(self, lease: Lease) -> None:
         self._leading = True
         self._not_leading.clear()
@@ -463,23 +487,34 @@ class Candidate:
         self._publisher.publish(LeadershipAcquired(self, self.key, self.node, lease.term))
         self._record.stepped_up(lease.term)
 
-    def _end_tenure(self, lease: Lease, reason: LossReason) -> None:
-        """Step down, then release ``lease`` from a greenlet that nothing kills half-way.
+    def _end_tenure(self, lease: Lease, reason: LossReason, join: bool = True) -> None:
+        """Step down, then release ``lease`` from a greenlet that nothing kills half-way; with
+        ``join``, wait for it. Once per lease: a tenure already ended is left alone.
 
         The step-down never yields to other greenlets, so no kill can land in its middle:
         when it returns, ``is_leader()`` is False, False is on ``elected`` and
         ``LeadershipLost`` is queued. The teardown greenlet then stops the duties and waits
         for the event's subscribers (both bounded), and only then releases the key.
+
+        The teardown greenlet is spawned just before the step-down (nothing yields in between,
+        so it cannot start before the step-down is done): it then runs before the greenlets
+        that the step-down wakes (the readers of ``elected``), which saved ~0.1-0.2 ms before
+        the release request on the path of a handover.
         """
         self._resigning = False
+        if lease is self._ended:
+            return  # ended by stop() (_end_tenure_here), whose teardown releases it
+        self._ended = lease
         if self._inert:
             lease.abandon()  # won in a forked child by a wake-up pending at the fork
             return
-        delivered = self._step_down(lease, reason)
-        teardown = gevent.spawn(self._teardown, lease, delivered)
+        delivery: list[Event | None] = []  # the LeadershipLost delivery, once stepped down
+        teardown = gevent.spawn(self._teardown, lease, delivery)
         self._teardowns.add(teardown)
         teardown.link(self._teardowns.discard)
-        teardown.join()
+        delivery.append(self._step_down(lease, reason))
+        if join:
+            teardown.join()
 
     def _step_down(self, lease: Lease, reason: LossReason) -> Event | None:
         """Stop leading at once (no greenlet switch); return the LeadershipLost delivery."""
@@ -496,7 +531,11 @@ class Candidate:
         self._record.stepped_down(lease.term, reason)
         return delivered
 
-    def _teardown(self, lease: Lease, lost_delivered: Event | None) -> None:
+    def _teardown(self, lease: Lease, delivery: list[Event | None]) -> None:
+        if not delivery:  # the step-down raised: no release without it (the store's TTL frees the key)
+            log.error("%r: the step-down from term %d failed; the key is not released", self, lease.term)
+            return
+        lost_delivered = delivery[0]
         if lost_delivered is not None:
             for hook in list(self._step_down_hooks):
                 try:

@@ -74,3 +74,56 @@ def test_the_group_is_ended_without_a_scan_only_when_the_command_left_nothing(tm
     escaped = report["runs"][3]["children"]
     assert len(escaped) == 1  # the setsid sleep: not in the group, so left alone (and adopted)
     subprocess.run(["kill", str(escaped[0])], check=False)
+
+
+SPARING = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import json, os, sys
+    import gevent
+    from greenleader import _spawn
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                stat = file.read()
+        except OSError:
+            return False
+        return stat[stat.rfind(")") + 2] != "Z"
+
+    _spawn.adopt_orphans()
+    report = {}
+    left = _spawn.CommandGroup()
+    left.start(["sh", "-c", "sleep 60 & exit 0"], dict(os.environ))
+    left.wait()
+    report["left something: ended"] = left.end_if_left_nothing(spare_watchdog=True)
+    left.end(10)
+    group = _spawn.CommandGroup()
+    group.start(["sh", "-c", "exit 0"], dict(os.environ))
+    group.wait()
+    report["ended"] = group.end_if_left_nothing(spare_watchdog=True)
+    report["ended again"] = group.end_if_left_nothing(spare_watchdog=True)
+    group.end(10)  # ended already: leaves the spared watchdog alone
+    gevent.sleep(0.2)
+    report["spared watchdog alive"] = alive(group.pgid)
+    report["lifeline open"] = group._lifeline is not None
+    group.dismiss()
+    with gevent.Timeout(30, False):
+        while alive(group.pgid) or group._lifeline is not None:
+            gevent.sleep(0.01)
+    report["dismissed watchdog alive"] = alive(group.pgid)
+    report["pipes closed"] = group._lifeline is None and group._ready is None
+    report["lost"] = group.watchdog_lost.is_set()
+    print(json.dumps(report))
+""")
+
+
+def test_a_spared_watchdog_guards_the_empty_group_until_it_is_dismissed():
+    """greenleader run spares the watchdog of a group whose command left nothing (so that its
+    SIGKILL and exit are off the release's path): it lives, its lifeline open, until dismissed."""
+    out = subprocess.run([sys.executable, "-c", SPARING], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "left something: ended": False, "ended": True, "ended again": False, "spared watchdog alive": True,
+        "lifeline open": True, "dismissed watchdog alive": False, "pipes closed": True, "lost": False,
+    }
