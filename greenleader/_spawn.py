@@ -117,6 +117,7 @@ class CommandGroup:
         self._exit_callbacks: list[Callable[[int], object]] = []
         self._ended = False
         self._ending = False  # end() is ending the group the long way (SIGTERM, grace, SIGKILL)
+        self._end_done = gevent.event.Event()  # ...and is done
         self._settled = False  # ended when only the watchdog was left (see end)
         self._spared = False  # ...and the watchdog not killed yet (see end_if_left_nothing)
         self._watchdog_gone = gevent.event.Event()
@@ -241,6 +242,9 @@ class CommandGroup:
         return once every process of it is gone. Idempotent; safe before :meth:`start`."""
         if self._ended or self.end_if_left_nothing():
             return
+        if self._ending:  # another greenlet is ending it: return when it has
+            self._end_done.wait()
+            return
         self._ending = True
         try:
             if self.pid is not None and self._members() != set():
@@ -250,7 +254,10 @@ class CommandGroup:
                     log.warning("the command ignored SIGTERM for %gs; sending SIGKILL", grace)
         finally:
             self._ended = True
-            self._kill()
+            try:
+                self._kill()
+            finally:
+                self._end_done.set()
 
     def end_if_left_nothing(self, spare_watchdog: bool = False) -> bool:
         """End the group at once if the command has exited leaving nothing running (see

@@ -463,7 +463,10 @@ class Candidate:
         self._stopped = True
         self._stopping.set()
         if self._sleeping is not None:
-            self._end_tenure_here()
+            try:
+                self._end_tenure_here()
+            except Exception:  # (a failing step-down: the campaign's own path reports it no better)
+                log.exception("%r: stepping down on stop failed; the key is left to its TTL", self)
         self._wake_up()
 
     def _end_tenure_here(self) -> None:
@@ -473,9 +476,12 @@ class Candidate:
         (:meth:`_end_tenure`), in the same order, just run here, without waking the campaign
         greenlet first: on the path of a handover that wake-up (a hub callback, a switch into
         the campaign and back out of its wait, then a switch into the teardown) cost ~0.1-0.2
-        ms of a cold process's CPU. The campaign greenlet, woken next, finds its tenure over."""
+        ms of a cold process's CPU. The campaign greenlet, woken next, finds its tenure over.
+
+        Only a tenure that is still sound ends here as STOPPED: one already lost, or past its
+        renew deadline, is left to the campaign greenlet, which reports why (EXPIRED, DEADLINE)."""
         lease = self._lease
-        if lease is not None and self._leading and not self._inert:
+        if lease is not None and self._leading and not self._inert and not self._lost and now() < self._deadline:
             self._end_tenure(lease, LossReason.STOPPED, join=False)
 
     def _step_up(self, lease: Lease) -> None:

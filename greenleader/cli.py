@@ -255,6 +255,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 candidate._stop_soon()
         inbox.put(("exit", code))
 
+    def end_before_release() -> None:
+        """A step-down hook (in the teardown greenlet, before the release): whatever ended the
+        tenure (a loss, the renew deadline after a pause, a stop), the key is released only
+        once the running command's group is gone (``--grace``), so that no next leader's command
+        starts beside it. The loop ends the group too, on the step-down's False; both wait."""
+        if running:
+            group.end(args.grace)
+
+    candidate._step_down_hooks.append(end_before_release)
     waits = itertools.count(1)
 
     def start_waiting(after: float = 0.0) -> tuple[int, gevent.Greenlet | None]:

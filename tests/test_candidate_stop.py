@@ -10,12 +10,14 @@ once, and the campaign and its queues end.
 from __future__ import annotations
 
 import gevent
+import gevent.monkey
 import pytest
 import zope.event
 
 from greenleader import Candidate
 from greenleader.duties import Duties
 from greenleader.events import LeadershipLost, LossReason
+from greenleader.stores.base import now
 from greenleader.testing import Call, FaultyStore
 from tests.waiting import next_item, wait_until
 
@@ -125,3 +127,31 @@ def test_stop_of_a_waiting_leader_lets_the_next_candidate_win(make_store, key, t
         assert not witness.violations, witness.violations
     finally:
         zope.event.subscribers.remove(witness.subscriber)
+
+
+@pytest.mark.parametrize("how", ["lost", "past the deadline"])
+def test_stop_of_a_tenure_already_lost_reports_why_it_ended(make_store, key, ttl, stopping, how) -> None:
+    """The shortcut ends only a sound tenure as STOPPED: one the store reported lost, or past its
+    renew deadline (a blocked hub), still steps down as EXPIRED or DEADLINE, which the losses
+    and the LeadershipLost event report to operators."""
+    witness = Witness(key)
+    alice, _, _, _ = _sleeping_leader(make_store, key, ttl, witness, with_duty=False)
+    stopping.append(alice)
+    reasons: list[LossReason] = []
+    zope.event.subscribers.append(lambda event: isinstance(event, LeadershipLost) and reasons.append(event.reason))
+    try:
+        if how == "lost":
+            alice._lease.notify_lost()  # as a store reports a loss (the callback runs at once)
+            expected = LossReason.EXPIRED
+        else:
+            lease = alice._lease
+            blocking_sleep = gevent.monkey.get_original("time", "sleep")
+            blocking_sleep(max(0.0, lease.confirmed_at + alice.renew_deadline - now()) + 0.1)  # the hub blocked
+            expected = LossReason.DEADLINE
+        assert not alice.is_leader()
+        alice.stop()
+        wait_until(lambda: reasons, 10, "the LeadershipLost event")
+        assert reasons == [expected]
+        assert alice.status().losses == {expected.value: 1}
+    finally:
+        zope.event.subscribers.pop()

@@ -3,6 +3,7 @@ etcd and ZooKeeper servers of the fixtures where what is tested depends on the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -825,3 +826,45 @@ def test_store_environment_options_and_what_wins():
     choice = choose_store(None, {"ZOOKEEPER_HOSTS": "a:2181,b:2181/apps/x"})
     assert (choice.addrs, dict(choice.options)) == (("a:2181", "b:2181"), {"chroot": "/apps/x"})
     assert choose_store("file:///x", {"ZOOKEEPER_HOSTS": "a:2181"}).ignored == ("ZOOKEEPER_HOSTS",)
+
+
+#: TTLs for a pause past the renew deadline (2/3 of the TTL) that ends while the store still
+#: holds the key: the last renewal is at most 2/9 of the TTL before the pause, so the key lasts
+#: at least 7/9 of the TTL into it on etcd (its lease), 2 TTLs on Consul (its session), and as
+#: long as the process lives on the file store (its lock). ZooKeeper is not among them: its
+#: session expires by kazoo's pings, not by our renewals, as early as the renew deadline.
+PAUSED_TTL = {"file": 6.0, "consul": 10.0, "etcd": 20.0}
+
+
+@pytest.mark.parametrize("kind", list(PAUSED_TTL))
+def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_gone(kind, store_url, tmp_path):
+    """run SIGSTOPped past its renew deadline (not its TTL), then continued: it steps down on
+    the deadline and terminates its command, which takes a moment (a SIGTERM trap). The key is
+    released only once the command is gone, so the next runner's command never starts beside it
+    (it released at once before, while the store still held the key for it)."""
+    marker = uuid.uuid4().hex
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    ttl = PAUSED_TTL[kind]
+    started, survivors = tmp_path / "started", tmp_path / "survivors"
+    first = start_marked(marker, "run", "--store", store_url, "--key", key, "--node", "a", "--ttl", str(ttl),
+                         "--grace", "30", "--", "sh", "-c",
+                         f"trap 'sleep 0.5; exit 0' TERM; touch {started}; while :; do sleep 0.05; done")
+    try:
+        wait_until(started.exists, 60, "a's command to start")
+        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
+        second = start("-v", "run", "--store", store_url, "--key", key, "--node", "b", "--ttl", str(ttl),
+                       "--", "sh", "-c", probe)
+        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
+            while "campaigning" not in second.stderr.readline():
+                pass
+        first.send_signal(signal.SIGSTOP)
+        gevent.sleep(ttl * 0.72)  # the scenario: past the deadline (2/3), within the key's hold (7/9)
+        first.send_signal(signal.SIGCONT)
+        assert finish(second, 120)[0] == 0
+        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
+        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
+        assert first.wait(60) == 3, "a's run should exit with 3 (leadership lost)"
+    finally:
+        for pid in marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
