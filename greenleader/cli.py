@@ -247,11 +247,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         the group is ended and the candidate starts to step down and release right here,
         before the loop wakes (the loop's turn and the wake-up of the campaign greenlet were
         ~0.2-0.4 ms of CPU on the path of a handover). The loop then waits for the release."""
-        nonlocal running
+        nonlocal running, stopping
         if not args.restart:
             gc.disable()  # run ends within moments: no collection (0.3-0.8 ms each) on the release's path
             if not lost and group.end_if_left_nothing(spare_watchdog=True):  # dismissed after the release
                 running = False  # so the loop takes the step-down's False, before ("exit"), for no loss
+                stopping = True  # and starts no command on a True it had not read yet
                 candidate._stop_soon()
         inbox.put(("exit", code))
 
