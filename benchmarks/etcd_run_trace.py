@@ -21,7 +21,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
@@ -31,19 +30,7 @@ import benchmarks.run_trace as run_trace  # noqa: E402
 mark = run_trace.mark
 
 
-def _around(owner: Any, name: str, label: str) -> None:
-    """Mark the call and the return of ``owner.name``."""
-    original = getattr(owner, name)
-
-    @functools.wraps(original)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        mark(f"{label} begin")
-        try:
-            return original(*args, **kwargs)
-        finally:
-            mark(f"{label} end")
-
-    setattr(owner, name, call)
+_around = run_trace._around  # mark the call and the return of owner.name
 
 
 def _greenlet_name(glet: Any) -> str:
