@@ -133,7 +133,8 @@ def main() -> None:
     os.environ["ETCD_RUN_TRACE_SWITCHES"] = "1" if args.switches else "0"
     _retarget_contenders()
     _keep_sequences()
-    report = run_trace.drive(argparse.Namespace(kind="etcd", handovers=args.handovers, passes=1, only="run"))
+    report = run_trace.drive(argparse.Namespace(kind="etcd", handovers=args.handovers, passes=1, only="run",
+                                                    each=False))
     print(json.dumps(report, indent=1))
     for role, sequences in _SEQUENCES.items():
         for sequence in sequences[:args.sequences]:
