@@ -927,6 +927,24 @@ def test_a_close_just_after_a_release_ends_a_session_that_still_holds_a_lease_at
         held.renew()
 
 
+def test_a_close_paused_after_a_release_ends_nothing_in_a_forked_child(stores, key) -> None:
+    """A close pauses CLOSE_AFTER_RELEASE after a release; a fork during the pause leaves the
+    child a copy of it, which must not end the parent's session when it wakes."""
+    store = stores()
+    store.acquire(key, "a", TTL * 5).release()
+    (session,) = store._sessions.values()
+    closing = gevent.spawn(session.close)
+    gevent.sleep(0)  # the close runs until its pause
+    parent = session.pid
+    session.pid = parent - 1  # what the child's copy of the session sees after a fork now
+    try:
+        closing.join(WAIT)
+        assert closing.dead
+        assert session.client.connected, "the copy of the close ended the parent's session"
+    finally:
+        session.pid = parent
+
+
 def test_first_endpoint_dead_still_works(zookeeper_cluster, key) -> None:
     """Whichever order kazoo tries the endpoints in, a dead one is skipped."""
     for i in range(4):

@@ -538,12 +538,11 @@ class _Session:
 
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) and free the connection."""
-        if self.pid != os.getpid():
-            self.connected.clear()
-            return  # inherited across fork: closing would end the parent's session
-        if not self.leases:  # a lease still held ends with the session, at once
+        if not self.leases and self.pid == os.getpid():  # a lease still held ends with the session, at once
             gevent.sleep(max(0.0, self.released_at + CLOSE_AFTER_RELEASE - now()))
         self.connected.clear()
+        if self.pid != os.getpid():  # (checked after the pause too: a fork may come during it)
+            return  # inherited across fork: closing would end the parent's session
         if self.session_id is None:
             # No session to end: kazoo may be waiting for a handshake's answer from a silent
             # server, without watching its stop signal, for max(10 s, session timeout).
