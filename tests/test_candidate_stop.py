@@ -155,3 +155,24 @@ def test_stop_of_a_tenure_already_lost_reports_why_it_ended(make_store, key, ttl
         assert alice.status().losses == {expected.value: 1}
     finally:
         zope.event.subscribers.pop()
+
+
+def test_a_step_down_that_fails_in_stop_neither_escapes_nor_releases(make_store, key, ttl, stopping) -> None:
+    """stop() of a waiting leader steps down in the caller (from the hub, for greenleader run):
+    a step-down that raises (a publisher failing, here) is logged, never raised into the caller,
+    and no release goes out after a step-down that did not finish; the campaign still ends."""
+    witness = Witness(key)
+    alice, _, _, _ = _sleeping_leader(make_store, key, ttl, witness, with_duty=False)
+    stopping.append(alice)
+    publish = alice._publisher.publish
+
+    def failing(event: object) -> object:
+        if isinstance(event, LeadershipLost):
+            raise RuntimeError("a publisher that fails")
+        return publish(event)
+
+    alice._publisher.publish = failing
+    alice.stop()
+    assert not alice.is_leader()
+    assert witness.releases == 0, "released after a step-down that did not finish"
+    assert alice._greenlet is not None and alice._greenlet.dead

@@ -1465,3 +1465,19 @@ def test_a_newcomer_waits_for_the_lease_of_a_leader_whose_twin_then_key_were_del
     finally:
         bob.kill()
         alice.release()
+
+
+@pytest.mark.parametrize("which", ["key", "twin"])
+def test_a_deletion_sent_in_the_wins_own_turn_ends_the_tenure(stores, key, which) -> None:
+    """The winner's key watch starts only once its claim was tried (after the step-up, when its
+    hub is idle): a deletion from outside sent before that, in the win's own hub turn, must
+    still be reported (the watch starts from the win's revision), as rule 10 asks."""
+    admin, alice_store = stores(), stores()
+    keys_under(admin, key)  # the admin's channel is up: its delete leaves at once
+    lease = alice_store.acquire(key, "alice", 10)
+    deleter = gevent.spawn(admin._client().delete, lease.own_key if which == "key" else lease.twin)
+    try:
+        assert deleter.get(timeout=20)
+        wait_until(lambda: lease.lost_reported, 20, f"alice to be told that her {which} was deleted")
+    finally:
+        lease.release()
