@@ -121,6 +121,7 @@ class Candidate:
         #: Called in the teardown greenlet after each step-down, before the release (duties).
         self._step_down_hooks: list[Callable[[], None]] = []
         self._lease: Lease | None = None
+        self._ended: Lease | None = None  # the last lease whose tenure _end_tenure ended
         # Where the keepalive waits, for _wake_up: the next renewal (a waiter), or a renewal.
         self._woken = False
         self._sleeping: Waiter | None = None
@@ -507,8 +508,9 @@ class Candidate:
         the release request on the path of a handover.
         """
         self._resigning = False
-        if self._lease is not lease:
-            return  # ended already (stop(): _end_tenure_here, whose teardown releases it; a fork)
+        if lease is self._ended:
+            return  # ended by stop() (_end_tenure_here), whose teardown releases it
+        self._ended = lease
         if self._inert:
             lease.abandon()  # won in a forked child by a wake-up pending at the fork
             return
