@@ -340,13 +340,17 @@ def consul_sessions(addr: str) -> list[dict[str, Any]]:
 
 
 def etcd_count(addr: str, prefix: str) -> int:
-    """How many etcd keys start with ``prefix``."""
+    """How many candidates are registered under ``prefix`` (the election's key and a slash): keys
+    right under it, one per candidate, and not their ``<id>/live`` twins or ``<id>/done`` release
+    marks (a greenleader candidate has a twin: counting every key called three contenders
+    registered while only two were, so a handover began beside a third still starting up)."""
     raw = prefix.encode()
     end = bytearray(raw)
     end[-1] += 1
     body = json.dumps({"key": base64.b64encode(raw).decode(), "range_end": base64.b64encode(bytes(end)).decode(),
-                       "count_only": True}).encode()
-    return int(json.loads(servers.http("POST", f"http://{addr}/v3/kv/range", body)).get("count", 0))
+                       "keys_only": True}).encode()
+    kvs = json.loads(servers.http("POST", f"http://{addr}/v3/kv/range", body)).get("kvs", [])
+    return sum(b"/" not in base64.b64decode(kv["key"])[len(raw):] for kv in kvs)
 
 
 class ZooKeeperProbe:
