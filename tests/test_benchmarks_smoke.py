@@ -1,11 +1,17 @@
 """Keeps the benchmarks from rotting: the cheapest one (graceful handover between
 ``greenleader run`` processes on the file store) in its quick mode, through the one command."""
 
+import base64
 import json
 import math
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
+
+from tests import servers
+from tests.waiting import next_item, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +100,56 @@ def test_the_goals_table_judges_issue_12s_cli_handover_against_the_peer() -> Non
     assert cli[-1] == "yes", cli
     library = rows["Graceful handover through the library, median (ratio to the peer)"]
     assert library[3] == "1.20x (12.0 ms; consul lock 10.0 ms) [bbbbbbb]" and library[-1] == "**no**", library
+
+
+def test_an_etcd_field_counts_candidates_not_their_twins(etcd_cluster: Any) -> None:
+    """The handover benchmark starts a handover once every contender is registered: a
+    greenleader candidate's key has a twin (``<id>/live``), and counting keys once called two
+    registered candidates three, so a handover began beside a contender still starting up."""
+    from benchmarks.common import etcd_count
+    from greenleader import Candidate
+    from greenleader.stores import new_store
+
+    store = new_store("etcd", etcd_cluster.addrs)
+    key = f"bench-count-{uuid.uuid4().hex[:8]}"
+    addr = etcd_cluster.addrs[0]
+    candidates = [Candidate(store, key, node) for node in ("alice", "bob")]
+    try:
+        elected, _ = candidates[0].run_for_election()
+        while not next_item(elected, 30, "alice elected"):  # (False first: not leading yet)
+            pass
+        candidates[1].run_for_election()
+        wait_until(lambda: etcd_count(addr, key + "/") >= 2, 30, "bob registered")
+        keys = json.loads(servers.http("POST", f"http://{addr}/v3/kv/range", json.dumps({
+            "key": base64.b64encode(f"{key}/".encode()).decode(),
+            "range_end": base64.b64encode(f"{key}0".encode()).decode(), "keys_only": True}).encode()))["kvs"]
+        assert len(keys) == 4, keys  # each candidate's key and its twin
+        assert etcd_count(addr, key + "/") == 2
+    finally:
+        for candidate in candidates:
+            candidate.stop()
+        store.close()
+
+
+def test_the_wire_trace_splits_a_handover_at_the_release_and_the_wake_up() -> None:
+    """benchmarks.wire_trace: the release is the first request after the holder's child's end
+    (short control packets are left out as they are read), the wake-up the store's first
+    message after it on another connection; each handover is split in three."""
+    from benchmarks.wire_trace import segments
+
+    store = 2379
+    events = [(10.000, "start", "h-et-greenleaderr-1"), (11.000, "end", "h-et-greenleaderr-1"),
+              (11.008, "start", "h-et-greenleaderr-2")]
+    packets = [(10.500, 5001, store, 60),  # a request before the end: not the release
+               (11.001, store, 5001, 50),  # the store's message on the holder's own connection
+               (11.002, 5001, store, 231),  # the release
+               (11.0025, store, 5001, 279),  # its answer, to the holder
+               (11.003, store, 5002, 407),  # the wake-up: another connection
+               (11.004, store, 5003, 300)]
+    found = segments(events, packets, store)
+    steps = found["greenleaderr"]
+    assert [round(v, 3) for v in steps["child's end -> release"]] == [2.0]
+    assert [round(v, 3) for v in steps["release -> wake-up"]] == [1.0]
+    assert [round(v, 3) for v in steps["wake-up -> next child's start"]] == [5.0]
+    assert [round(v, 3) for v in steps["handover"]] == [8.0]
+    assert segments(events[:2], packets, store) == {}  # no next start: no handover
