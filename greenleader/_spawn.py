@@ -240,10 +240,10 @@ class CommandGroup:
     def end(self, grace: float) -> None:
         """SIGTERM the group, SIGKILL it after ``grace`` seconds if anything of it is left, and
         return once every process of it is gone. Idempotent; safe before :meth:`start`."""
-        if self._ended or self.end_if_left_nothing():
+        if self._ending:  # another greenlet is ending it (or has): return once the group is gone,
+            self._end_done.wait()  # not as soon as it is marked ended (before its SIGKILL has landed)
             return
-        if self._ending:  # another greenlet is ending it: return when it has
-            self._end_done.wait()
+        if self._ended or self.end_if_left_nothing():
             return
         self._ending = True
         try:

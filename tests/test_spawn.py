@@ -129,3 +129,24 @@ def test_a_spared_watchdog_guards_the_empty_group_until_it_is_dismissed():
         "left something: ended": False, "ended": True, "ended again": False, "spared watchdog alive": True,
         "lifeline open": True, "dismissed watchdog alive": False, "pipes closed": True, "lost": False,
     }
+
+
+def test_an_end_called_while_another_is_killing_the_group_returns_once_the_command_is_gone():
+    """Two greenlets end one group (``greenleader run``'s loop on a loss, and its step-down hook
+    before the release): the second, come while the first is past its grace and killing the
+    group, returns only once the command has exited, so that the key is not released beside it."""
+    import gevent
+
+    from greenleader import _spawn
+
+    group = _spawn.CommandGroup()
+    group.start(["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], dict(os.environ))
+    first = gevent.spawn(group.end, 0.2)
+    with gevent.Timeout(30, AssertionError("the first end() never reached its SIGKILL")):
+        while not group._ended:  # marked ended as its grace runs out, just before its SIGKILL
+            gevent.sleep(0)
+    group.end(0.2)
+    exited = group._exit.ready()
+    first.join(30)
+    assert exited, "end() returned while another end() was still killing the group"
+    assert first.successful(), first.exception
