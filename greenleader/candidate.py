@@ -481,7 +481,7 @@ class Candidate:
         Only a tenure that is still sound ends here as STOPPED: one already lost, or past its
         renew deadline, is left to the campaign greenlet, which reports why (EXPIRED, DEADLINE)."""
         lease = self._lease
-        if lease is not None and self._leading and not self._inert and not self._lost and now() < self._deadline:
+        if lease is not None and self.is_leader() and not self._inert:  # (a loss zeroes the deadline)
             self._end_tenure(lease, LossReason.STOPPED, join=False)
 
     def _step_up(self, lease: Lease) -> None:
