@@ -150,3 +150,43 @@ def test_an_end_called_while_another_is_killing_the_group_returns_once_the_comma
     first.join(30)
     assert exited, "end() returned while another end() was still killing the group"
     assert first.successful(), first.exception
+
+
+QUEUED_NEWS = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import sys
+    from greenleader import cli
+
+    made = []
+
+    class Recorded(cli.Candidate):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    on_exit = cli.CommandGroup.on_exit
+
+    def on_exit_after_news(self, callback):
+        def exited(code):
+            made[0]._channels.put(False)  # a loss and a re-win, queued and not read yet by run's loop
+            made[0]._channels.put(True)
+            callback(code)
+        on_exit(self, exited)
+
+    cli.Candidate = Recorded
+    cli.CommandGroup.on_exit = on_exit_after_news
+    sys.exit(cli._main(["run", "--store", "memory://", "--key", "queued", "--",
+                        "sh", "-c", f"echo ran >> {sys.argv[1]}"]))
+""")
+
+
+def test_run_starts_no_command_on_an_election_it_had_not_read_when_its_command_exited(tmp_path):
+    """``greenleader run`` without ``--restart`` ends when its command exits: an elected True
+    still queued then (a loss and a re-win its loop had not read) starts no second command
+    (the exit path marks run as stopping; without it the command ran twice and run reported a loss)."""
+    ran = tmp_path / "ran"
+    done = subprocess.run([sys.executable, "-c", QUEUED_NEWS, str(ran)], capture_output=True, text=True,
+                          timeout=60)
+    assert ran.read_text().splitlines() == ["ran"], f"the command ran again:\n{done.stderr}"
+    assert done.returncode == 0, done.stderr
