@@ -118,6 +118,8 @@ class CommandGroup:
         self._ended = False
         self._ending = False  # end() is ending the group the long way (SIGTERM, grace, SIGKILL)
         self._end_done = gevent.event.Event()  # ...and is done
+        self._kill_by = float("inf")  # SIGKILL by then at the latest (see end)
+        self._hastened = gevent.event.Event()  # _kill_by was brought forward
         self._settled = False  # ended when only the watchdog was left (see end)
         self._spared = False  # ...and the watchdog not killed yet (see end_if_left_nothing)
         self._watchdog_gone = gevent.event.Event()
@@ -237,9 +239,17 @@ class CommandGroup:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pgid, signal.SIGCONT)
 
-    def end(self, grace: float) -> None:
+    def end(self, grace: float, kill_by: float | None = None) -> None:
         """SIGTERM the group, SIGKILL it after ``grace`` seconds if anything of it is left, and
-        return once every process of it is gone. Idempotent; safe before :meth:`start`."""
+        return once every process of it is gone. Idempotent; safe before :meth:`start`.
+
+        ``kill_by``: a :func:`time.monotonic` instant by which SIGKILL is sent, whatever is left
+        of ``grace`` (at once if it is past): a lost tenure's command must be gone before the
+        store may give the key to another. A call made while another is ending the group
+        brings that one's SIGKILL forward to its own ``kill_by``."""
+        if kill_by is not None and kill_by < self._kill_by:
+            self._kill_by = kill_by
+            self._hastened.set()
         if self._ending:  # another greenlet is ending it (or has): return once the group is gone,
             self._end_done.wait()  # not as soon as it is marked ended (before its SIGKILL has landed)
             return
@@ -251,7 +261,11 @@ class CommandGroup:
                 self.signal(signal.SIGTERM)
                 self.signal(signal.SIGCONT)  # a stopped process gets its SIGTERM
                 if not self._gone_within(grace):
-                    log.warning("the command ignored SIGTERM for %gs; sending SIGKILL", grace)
+                    if time.monotonic() >= self._kill_by:
+                        log.warning("the command is still running after SIGTERM and the store may soon give "
+                                    "the key to another; sending SIGKILL before --grace (%gs) is over", grace)
+                    else:
+                        log.warning("the command ignored SIGTERM for %gs; sending SIGKILL", grace)
         finally:
             self._ended = True
             try:
@@ -292,18 +306,26 @@ class CommandGroup:
             self._close()  # else once it has exited (SIGKILLed, it runs nothing): off the key's path
 
     def _gone_within(self, grace: float) -> bool:
-        """Whether the command, then every other process of the group, ended within ``grace``."""
+        """Whether the command, then every other process of the group, ended within ``grace``
+        (cut short at ``self._kill_by``, which another end() may bring forward meanwhile)."""
         deadline = time.monotonic() + grace
-        self._exit.wait(grace)
+
+        def left() -> float:
+            return min(deadline, self._kill_by) - time.monotonic()
+
+        while not self._exit.ready() and left() > 0:
+            self._hastened.clear()
+            gevent.wait([self._exit, self._hastened], timeout=left(), count=1)
         interval = 0.005
         while self._exit.ready():
             members = self._members()
             if not members:  # None: no /proc, what is left of the group gets SIGKILL at once
                 return True
-            if time.monotonic() >= deadline:
+            if left() <= 0:
                 break
-            gevent.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 2, 0.1)  # nothing signals that the last process left a group: poll
+            self._hastened.clear()
+            self._hastened.wait(min(interval, left()))  # nothing signals that the last process left a group: poll
+            interval = min(interval * 2, 0.1)
         return False
 
     def _left_nothing(self) -> bool:

@@ -122,6 +122,9 @@ class Candidate:
         self._step_down_hooks: list[Callable[[], None]] = []
         self._lease: Lease | None = None
         self._ended: Lease | None = None  # the last lease whose tenure _end_tenure ended
+        #: When the store may give the last tenure's key to another (its last confirmation + ttl,
+        #: on this process's monotonic clock): a step-down hook's work must be over by then.
+        self._held_until = 0.0
         # Where the keepalive waits, for _wake_up: the next renewal (a waiter), or a renewal.
         self._woken = False
         self._sleeping: Waiter | None = None
@@ -529,6 +532,7 @@ class Candidate:
             return None
         self._leading = False
         self._deadline = 0.0
+        self._held_until = lease.confirmed_at + self.ttl
         log.info("%r: stepped down from term %d: %s", self, lease.term, reason.value)
         assert self._channels is not None
         self._channels.put(False)

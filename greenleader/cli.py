@@ -10,7 +10,8 @@ group, which runs nothing, is SIGKILLed once the key is released):
   ``--grace`` seconds. On Linux ``run`` adopts (and reaps) what its command leaves behind
   (a child subreaper), so that when the command left nothing it knows so without a scan of /proc;
 - loss of leadership, a store error, an internal error: the group gets SIGTERM, then SIGKILL after
-  ``--grace`` seconds;
+  ``--grace`` seconds, or sooner once the tenure is over: by ``KILL_MARGIN`` before the store may
+  give the key to another (the last renewal + TTL), however long ``--grace``;
 - the signals in ``FORWARDED`` (HUP, INT, QUIT, TERM, USR1, USR2, ALRM, VTALRM, PROF, XCPU, IO,
   PWR, STKFLT: all that end a process by default, but faults): passed on to the whole group;
   ``run`` ends when the command does (``--restart`` does not restart it), with its status. A
@@ -109,6 +110,10 @@ EXIT_CODES: dict[str, list[tuple[str, str]]] = {
 
 DEFAULT_TTL = 15.0  # seconds: the library's default; a crashed leader is replaced after about this long
 DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL: systemd's and docker's habit is 10 s or more
+#: Seconds before a lost tenure's hold on the key ends (its last renewal + TTL) at which its
+#: command gets SIGKILL, whatever is left of --grace: room for the kill to land and the
+#: processes to exit on a busy host before the store may give the key to another.
+KILL_MARGIN = 1.0
 DEMO_TTL = 5.0  # seconds: a demo candidate's TTL (the file store frees a crashed holder at once anyway)
 DEMO_WAIT = 30.0  # seconds a demo waits for a process to start or win, on a loaded machine
 #: ``--restart`` waits this backoff before campaigning again after the command exits: from 0.5-1 s,
@@ -259,10 +264,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     def end_before_release() -> None:
         """A step-down hook (in the teardown greenlet, before the release): whatever ended the
         tenure (a loss, the renew deadline after a pause, a stop), the key is released only
-        once the running command's group is gone (``--grace``), so that no next leader's command
-        starts beside it. The loop ends the group too, on the step-down's False; both wait."""
+        once the running command's group is gone, so that no next leader's command starts
+        beside it. The loop ends the group too, on the step-down's False; both wait.
+
+        Renewals have stopped, so the store keeps the key only until the last one's hold ends:
+        the group gets SIGKILL before then (:data:`KILL_MARGIN`), however long ``--grace``."""
         if running:
-            group.end(args.grace)
+            group.end(args.grace, kill_by=candidate._held_until - KILL_MARGIN)
 
     candidate._step_down_hooks.append(end_before_release)
     waits = itertools.count(1)
@@ -307,7 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True
-                group.end(args.grace)
+                group.end(args.grace, kill_by=candidate._held_until - KILL_MARGIN)
             elif kind == "exit":
                 group.end(args.grace)  # what the command left running in its group
                 running = False
@@ -544,17 +552,20 @@ _RUN_EPILOG = """\
 The command never outlives the leadership: it runs in a process group of its own, which gets
 SIGTERM (then SIGKILL after --grace) when leadership is lost, on a store or internal error and
 after the command exits (for what it left running), and SIGKILL from a watchdog if greenleader
-itself dies (SIGKILL included). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and
-the other signals that end a process are passed on to the whole group, and greenleader then
-exits when the command does; signals ignored at start stay ignored. SIGTSTP stops the group too.
-The key is released only once every process of the command is gone.
+itself dies (SIGKILL included). On a loss, SIGKILL comes sooner if --grace would outlast the
+store's hold of the key: a second before it may go to another (the last renewal + --ttl).
+SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and the other signals that end a
+process are passed on to the whole group, and greenleader then exits when the command does;
+signals ignored at start stay ignored. SIGTSTP stops the group too. The key is released only
+once every process of the command is gone.
 
 The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
 fencing term to pass to the systems it writes to.
 
 --restart: after the command exits, greenleader stands aside for a jittered backoff (0.5-1 s,
 doubling up to 15-30 s; back to the start after a run of {reset:g} s or more), logs the exit
-status and the delay, then campaigns again and reruns the command once elected."""
+status and the delay, then campaigns again and reruns the command once elected.
+"""
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -601,7 +612,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                      help="seconds before a crashed leader is replaced (default: %(default)g; Consul: 10 at least)")
     run.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
                      help="seconds between SIGTERM and SIGKILL to the command's process group when it must end "
-                          "(default: %(default)g)")
+                          "(default: %(default)g); on a loss, cut short a second before the store may give the "
+                          "key away")
     run.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                      help="give up (exit 4) if not elected within SECONDS; with --restart, each wait to lead "
                           "again after the backoff (default: wait as long as it takes)")

@@ -156,10 +156,11 @@ def marked(marker: str) -> set[int]:
     return found
 
 
-def start_marked(marker: str, *args: str) -> subprocess.Popen:
+def start_marked(marker: str, *args: str, stderr: Path | None = None) -> subprocess.Popen:
     """``greenleader run`` whose whole tree carries ``marker``, with default signal dispositions (a
     test runner started in the background or under nohup would pass on ignored SIGINT/SIGQUIT/SIGHUP),
-    and with the output discarded: a tree left behind must not hold the test's pipes open."""
+    and with the output discarded (or stderr written to a file): a tree left behind must not hold
+    the test's pipes open."""
 
     def default_signals() -> None:
         for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
@@ -168,7 +169,7 @@ def start_marked(marker: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*GREENLEADER, *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if stderr is None else stderr.open("wb"),
         env=clean_env(GREENLEADER_TEST_TREE=marker),
         preexec_fn=default_signals,
     )
@@ -864,6 +865,43 @@ def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_go
         alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
         assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
         assert first.wait(60) == 3, "a's run should exit with 3 (leadership lost)"
+    finally:
+        for pid in marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["consul", "etcd"])
+def test_run_paused_past_its_renew_deadline_kills_a_command_that_ignores_sigterm_before_the_key_can_go(
+        kind, store_url, tmp_path):
+    """As above, but the command ignores SIGTERM and --grace (60 s) outlasts the store's hold of
+    the key (its last renewal + TTL): run sends SIGKILL before the hold ends, so the next
+    runner's command never starts beside it. Before, run waited out its grace while the store
+    gave the key away (the defaults, --grace 10 and --ttl 15, leave 5 s after the deadline)."""
+    marker = uuid.uuid4().hex
+    key = f"cli/{uuid.uuid4().hex[:8]}"
+    ttl = PAUSED_TTL[kind]
+    started, survivors = tmp_path / "started", tmp_path / "survivors"
+    log = tmp_path / "a.stderr"
+    first = start_marked(marker, "run", "--store", store_url, "--key", key, "--node", "a", "--ttl", str(ttl),
+                         "--grace", "60", "--", "sh", "-c",
+                         f"trap '' TERM; touch {started}; while :; do sleep 0.05; done", stderr=log)
+    try:
+        wait_until(started.exists, 60, "a's command to start")
+        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
+        second = start("-v", "run", "--store", store_url, "--key", key, "--node", "b", "--ttl", str(ttl),
+                       "--", "sh", "-c", probe)
+        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
+            while "campaigning" not in second.stderr.readline():
+                pass
+        first.send_signal(signal.SIGSTOP)
+        gevent.sleep(ttl * 0.72)  # the scenario: past the deadline (2/3), within the key's hold (7/9)
+        first.send_signal(signal.SIGCONT)
+        assert finish(second, 120)[0] == 0
+        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
+        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
+        assert first.wait(60) == 3, f"a's run should exit with 3 (leadership lost): {log.read_text()}"
+        assert "sending SIGKILL before --grace" in log.read_text(), log.read_text()
     finally:
         for pid in marked(marker):
             with contextlib.suppress(OSError):

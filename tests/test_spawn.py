@@ -152,6 +152,59 @@ def test_an_end_called_while_another_is_killing_the_group_returns_once_the_comma
     assert first.successful(), first.exception
 
 
+
+def start_ignoring_sigterm(group, tmp_path):
+    """Start a command that ignores SIGTERM (its sleeps inherit that) and wait until it does."""
+    import gevent
+
+    ready = tmp_path / f"ignoring-{group.pgid}"
+    group.start(["sh", "-c", f"trap '' TERM; touch {ready}; while :; do sleep 0.05; done"], dict(os.environ))
+    with gevent.Timeout(30, AssertionError("the command did not start")):
+        while not ready.exists():
+            gevent.sleep(0.01)
+
+
+def test_end_sends_sigkill_by_its_kill_by_however_long_the_grace(tmp_path):
+    """A lost tenure's command must be gone before the store may give the key away: ``kill_by``
+    cuts the grace short (a grace of 10 minutes here); one already past kills at once."""
+    import time
+
+    import gevent
+
+    from greenleader import _spawn
+
+    for kill_in in (0.3, -5.0):
+        group = _spawn.CommandGroup()
+        start_ignoring_sigterm(group, tmp_path)
+        ending = gevent.spawn(group.end, 600, time.monotonic() + kill_in)
+        ending.join(60)
+        assert ending.dead and ending.successful(), f"end() did not return with kill_by in {kill_in}s"
+        assert group.wait() == 128 + 9, "the command should have died of SIGKILL"
+        assert group._members() == set()
+
+
+def test_an_end_with_an_earlier_kill_by_hastens_one_already_under_way(tmp_path):
+    """run's loop ends the group on a loss while its step-down hook ends it too: whichever comes
+    second with an earlier ``kill_by`` brings the SIGKILL forward, and both return once it landed."""
+    import time
+
+    import gevent
+
+    from greenleader import _spawn
+
+    group = _spawn.CommandGroup()
+    start_ignoring_sigterm(group, tmp_path)
+    first = gevent.spawn(group.end, 600)
+    with gevent.Timeout(30, AssertionError("the first end() never sent SIGTERM")):
+        while not group._ending:
+            gevent.sleep(0.01)
+    second = gevent.spawn(group.end, 600, time.monotonic() + 0.3)
+    finished = gevent.joinall([first, second], timeout=60)
+    assert len(finished) == 2, "the earlier kill_by did not bring the first end()'s SIGKILL forward"
+    assert first.successful() and second.successful(), (first.exception, second.exception)
+    assert group.wait() == 128 + 9 and group._members() == set()
+
+
 QUEUED_NEWS = textwrap.dedent("""
     from gevent import monkey
     monkey.patch_all()
