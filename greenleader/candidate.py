@@ -13,6 +13,7 @@ that deadline itself, so it turns False on time even if the hub was blocked.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import gevent
@@ -123,7 +124,8 @@ class Candidate:
         self._lease: Lease | None = None
         self._ended: Lease | None = None  # the last lease whose tenure _end_tenure ended
         #: When the store may give the last tenure's key to another (its last confirmation + ttl,
-        #: on this process's monotonic clock): a step-down hook's work must be over by then.
+        #: on this process's monotonic clock; never, for a store that holds until the release):
+        #: a step-down hook's work must be over by then.
         self._held_until = 0.0
         # Where the keepalive waits, for _wake_up: the next renewal (a waiter), or a renewal.
         self._woken = False
@@ -532,7 +534,7 @@ class Candidate:
             return None
         self._leading = False
         self._deadline = 0.0
-        self._held_until = lease.confirmed_at + self.ttl
+        self._held_until = math.inf if self.store.holds_until_released else lease.confirmed_at + self.ttl
         log.info("%r: stepped down from term %d: %s", self, lease.term, reason.value)
         assert self._channels is not None
         self._channels.put(False)

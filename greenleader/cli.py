@@ -300,14 +300,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             kind, value = item if isinstance(item, tuple) else ("elected", item) if isinstance(item, bool) \
                 else ("ended", None)
             if kind == "elected" and value and not running and not stopping:
-                if timer is not None:
-                    timer.kill(block=False)
-                    timer = None
+                term = candidate.term
                 try:
-                    group.start(args.command, _command_env(environ, candidate), executable)
+                    # The watchdog may still be starting (start waits for it): a loss meanwhile
+                    # releases the key, and then this tenure's command must not start. The
+                    # check and the spawn have no yield between them.
+                    if group.start(args.command, _command_env(environ, candidate), executable,
+                                   allowed=lambda term=term: candidate.is_leader() and candidate.term == term) is None:
+                        continue  # the step-down's False follows
                 except OSError as exc:
                     _say_error(f"cannot run {args.command[0]}: {exc.strerror or exc}")
                     return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+                if timer is not None:
+                    timer.kill(block=False)
+                    timer = None
                 started_at = time.monotonic()
                 log.info("elected (term %s): started %s (pid %s)", candidate.term, " ".join(args.command), group.pid)
                 running = True

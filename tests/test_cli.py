@@ -871,6 +871,38 @@ def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_go
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_run_paused_past_its_renew_deadline_on_the_file_store_keeps_its_grace(tmp_path):
+    """The file store holds its key until the release (the kernel drops a flock only with its
+    descriptor): no TTL bounds the hold, so a loss by the renew deadline leaves the command its
+    whole --grace to shut down cleanly (it was cut short at the last renewal + TTL), and the next
+    runner's command still starts only once it is gone."""
+    url = f"file://{tmp_path / 'elections'}"
+    marker = uuid.uuid4().hex
+    started, done, survivors = tmp_path / "started", tmp_path / "done", tmp_path / "survivors"
+    first = start_marked(marker, "run", "--store", url, "--key", "k", "--node", "a", "--ttl", "3", "--grace", "30",
+                         "--", "sh", "-c",
+                         f"trap 'sleep 1.5; touch {done}; exit 0' TERM; touch {started}; while :; do sleep 0.05; done")
+    try:
+        wait_until(started.exists, 60, "a's command to start")
+        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
+        second = start("-v", "run", "--store", url, "--key", "k", "--node", "b", "--ttl", "3", "--", "sh", "-c", probe)
+        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
+            while "campaigning" not in second.stderr.readline():
+                pass
+        first.send_signal(signal.SIGSTOP)
+        gevent.sleep(2.6)  # past the renew deadline (2 s) and the TTL: the flock still holds the key
+        first.send_signal(signal.SIGCONT)
+        assert finish(second, 120)[0] == 0
+        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
+        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
+        assert first.wait(60) == 3
+        assert done.exists(), "the command was SIGKILLed before its SIGTERM trap finished, within --grace"
+    finally:
+        for pid in marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("kind", ["consul", "etcd"])
 def test_run_paused_past_its_renew_deadline_kills_a_command_that_ignores_sigterm_before_the_key_can_go(
         kind, store_url, tmp_path):

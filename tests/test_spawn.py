@@ -243,3 +243,53 @@ def test_run_starts_no_command_on_an_election_it_had_not_read_when_its_command_e
                           timeout=60)
     assert ran.read_text().splitlines() == ["ran"], f"the command ran again:\n{done.stderr}"
     assert done.returncode == 0, done.stderr
+
+
+LOST_WHILE_STARTING = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import sys
+    import gevent
+    from greenleader import cli
+
+    made = []
+
+    class Recorded(cli.Candidate):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    wait_ready = cli.CommandGroup._wait_ready
+    losses = []
+
+    def wait_ready_through_a_loss(self):
+        if not losses:  # the first win: the tenure is lost (and released) while the watchdog starts
+            candidate = made[0]
+            losses.append(candidate.term)
+            candidate._on_lost(candidate._lease)
+            with gevent.Timeout(30, AssertionError("no step-down after the loss")):
+                candidate._not_leading.wait()
+            gevent.sleep(0.1)  # the teardown releases the key meanwhile
+        wait_ready(self)
+
+    cli.Candidate = Recorded
+    cli.CommandGroup._wait_ready = wait_ready_through_a_loss
+    code = cli._main(["run", "--store", "memory://", "--key", "starting", "--",
+                      "sh", "-c", f"echo $GREENLEADER_TERM >> {sys.argv[1]}"])
+    print(losses[0])
+    sys.exit(code)
+""")
+
+
+def test_run_starts_no_command_for_a_tenure_lost_while_its_watchdog_was_starting(tmp_path):
+    """The command's start waits for the group's watchdog to be ready (up to seconds on a loaded
+    host); a tenure lost meanwhile has released its key, so its command must not start then
+    (it did, beside the next leader's). run starts the command on its next win instead, with
+    that win's term."""
+    ran = tmp_path / "ran"
+    done = subprocess.run([sys.executable, "-c", LOST_WHILE_STARTING, str(ran)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lost_term = int(done.stdout.split()[-1])
+    terms = [int(line) for line in ran.read_text().splitlines()]
+    assert len(terms) == 1 and terms[0] > lost_term, f"ran with terms {terms}, the lost one {lost_term}:\n{done.stderr}"

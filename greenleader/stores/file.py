@@ -283,6 +283,7 @@ class FileStore(Store):
     """Elections between processes of one host, on lock files in ``directory``."""
 
     backend: ClassVar[str] = "file"
+    holds_until_released: ClassVar[bool] = True  # the kernel drops a flock only when its descriptor goes
 
     def __init__(
         self,
