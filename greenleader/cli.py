@@ -581,12 +581,12 @@ _RUN_EPILOG = """\
 The command never outlives the leadership: it runs in a process group of its own, which gets
 SIGTERM (then SIGKILL after --grace) when leadership is lost, on a store or internal error and
 after the command exits (for what it left running), and SIGKILL from a watchdog if greenleader
-itself dies (SIGKILL included), or (with bash) is frozen past the store's hold of the key. On a loss, SIGKILL comes sooner if --grace would outlast the
-store's hold of the key: a second before it may go to another (the last renewal + --ttl).
-SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and the other signals that end a
-process are passed on to the whole group, and greenleader then exits when the command does;
-signals ignored at start stay ignored. SIGTSTP stops the group too. The key is released only
-once every process of the command is gone.
+itself dies (SIGKILL included), or (with bash) is frozen past the store's hold of the key. On a
+loss, SIGKILL comes sooner if --grace would outlast the store's hold of the key: a second before
+it may go to another (the last renewal + --ttl). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1,
+SIGUSR2, SIGALRM and the other signals that end a process are passed on to the whole group, and
+greenleader then exits when the command does; signals ignored at start stay ignored. SIGTSTP
+stops the group too. The key is released only once every process of the command is gone.
 
 The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
 fencing term to pass to the systems it writes to.
