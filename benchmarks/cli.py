@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None,
                         help="the results.json the issue quoted: kept as reference.json in --out, a column of "
                              "that table")
+    parser.add_argument("--against", type=Path, action="append", default=[], metavar="TREE",
+                        help="handover: also run greenleader run from this source tree (a git worktree of "
+                             "another commit) beside this tree's, taking turns with it (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             config.follower_changes = config.contention_handovers = args.trials
         if args.passes < 1:
             parser.error("--passes must be 1 or more")
+        for tree in args.against:
+            if not (tree / "greenleader" / "__init__.py").is_file():
+                parser.error(f"--against {tree}: no greenleader package there")
+        config.against = tuple(args.against)
         _run(config, args.sections or SECTIONS, results, out, args.keep, args.passes)
     print(report.table(results, before=before, reference=reference), flush=True)
     if not args.no_plots:
@@ -165,7 +172,7 @@ def _interleaved_handover(config: Config, stores: Stores, workdir: Path, passes:
     per_pass = max(1, -(-config.handover_trials // passes))  # rounded up
     data: dict[str, Any] = {}
     for kind in config.kinds:
-        runners = handover.handover_runners(kind)
+        runners = handover.handover_runners(kind, config.against)
         pooled: dict[str, dict[str, Any]] = {}
         load_before = loadavg()
         for number in range(passes):

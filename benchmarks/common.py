@@ -61,6 +61,9 @@ class Config:
     file_idle_window: float = 45.0  # seconds: 10 x 45 participant-seconds resolve 0.5 CPU s/hour well
     file_idle_trials: int = 10  # store-level handovers and failovers on the file store (not --trials)
     quick: bool = False
+    #: Other source trees (git worktrees of other commits) whose ``greenleader run`` joins the
+    #: handover section beside this tree's, in the same run (--against).
+    against: tuple[Path, ...] = ()
 
     @classmethod
     def quick_run(cls, kinds: list[str]) -> Config:

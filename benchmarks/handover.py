@@ -23,8 +23,10 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,35 @@ class LibraryRunner(GreenleaderRun):
                 "--ttl", f"{self.ttl:g}", "--id", ident, "--", "bash", str(ctx.child)]
 
 
+#: ``python -m greenleader`` from the tree given first: ``-m`` would put the working directory
+#: (this repository, where contenders run) ahead of ``PYTHONPATH``.
+_RUN_FROM_TREE = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                  "runpy.run_module('greenleader', run_name='__main__', alter_sys=True)")
+
+
+@dataclass
+class OtherTreeRun(GreenleaderRun):
+    """``greenleader run`` from another source tree (``--against``), so that a change is
+    measured beside its parent in one run, where the machine's state is the same for both
+    (single runs move by 10-15 %)."""
+
+    tree: Path = Path()
+
+    def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
+        python, _, _, *rest = super().argv(ctx, ident, key)  # python -m greenleader ...
+        return [python, "-c", _RUN_FROM_TREE, str(self.tree), *rest]
+
+
+def tree_label(tree: Path) -> str:
+    """``greenleader run @<commit>`` (``+`` if the tree has changes not committed)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or tree.name
+    return f"greenleader run @{commit}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''}"
+
+
 @dataclass
 class ConsulLock(Runner):
     def argv(self, ctx: Ctx, ident: str, key: str) -> list[str]:
@@ -239,10 +270,11 @@ class KazooElection(Runner):
         return self.ttl
 
 
-def handover_runners(kind: str) -> list[Runner]:
-    """greenleader run, the library runner and the peer on ``kind``, with the library's default
-    TTL (15 s)."""
+def handover_runners(kind: str, against: tuple[Path, ...] = ()) -> list[Runner]:
+    """greenleader run (and that of each tree in ``against``), the library runner and the peer
+    on ``kind``, with the library's default TTL (15 s)."""
     ours: list[Runner] = [GreenleaderRun("greenleader run", kind, ttl=15.0),
+                          *(OtherTreeRun(tree_label(tree), kind, ttl=15.0, tree=tree.resolve()) for tree in against),
                           LibraryRunner("greenleader library", kind, ttl=15.0)]
     peers: dict[str, Runner] = {
         "consul": ConsulLock("consul lock", kind, ttl=CONSUL_LOCK_TTL, peer=True),
@@ -347,7 +379,7 @@ class Field:
 
 def handover(ctx: Ctx, runner: Runner, trials: int) -> dict[str, Any]:
     key = unique_key(f"handover-{runner.kind}")
-    slug = re.sub(r"[^a-z]+", "", runner.label.lower())[:12]
+    slug = re.sub(r"[^a-z]+", "", runner.label.lower())[:12] + format(zlib.crc32(runner.label.encode()), "x")[:4]
     field_ = Field(ctx, runner, key, prefix=f"h-{runner.kind[:2]}-{slug}-")
     pipe = ctx.pipe
     samples: list[float] = []
@@ -440,7 +472,8 @@ def run_handover(config: Config, stores: Stores, workdir: Path) -> dict[str, Any
     try:
         for kind in config.kinds:
             load_before = loadavg()
-            data[kind] = [handover(ctx, runner, config.handover_trials) for runner in handover_runners(kind)]
+            data[kind] = [handover(ctx, runner, config.handover_trials)
+                          for runner in handover_runners(kind, config.against)]
             for result in data[kind]:  # the 1-minute load average as this store began and ended
                 result["load"] = [load_before[0], loadavg()[0]]
         return data

@@ -30,6 +30,26 @@ def test_quick_handover_benchmark_on_the_file_store(tmp_path: Path) -> None:
         assert 0 < run["summary"]["max"] < 5, run["samples"]
 
 
+def test_the_handover_runs_another_trees_greenleader_run_beside_this_ones(tmp_path: Path) -> None:
+    """--against TREE: a change measured beside its parent in one run. The other tree's package
+    is the one its runner imports (it marks its import), and its figures are labelled apart."""
+    import shutil
+
+    tree = tmp_path / "other"
+    shutil.copytree(REPO / "greenleader", tree / "greenleader", ignore=shutil.ignore_patterns("__pycache__"))
+    with (tree / "greenleader" / "__init__.py").open("a") as init:
+        init.write("\nimport pathlib as _p\n_p.Path(__file__).with_name('imported').touch()\n")
+    argv = [sys.executable, "-m", "benchmarks", "handover", "--quick", "--kinds", "file", "--trials", "3",
+            "--passes", "2", "--against", str(tree), "--no-plots", "--out", str(tmp_path / "out")]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout}\n{done.stderr}"
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["sections"]["handover"]["data"]["file"]
+    assert [run["label"] for run in runs] == ["greenleader run", "greenleader run @other", "greenleader library"]
+    assert all(run["summary"]["n"] >= 3 and run["errors"] == [] for run in runs), runs
+    assert (tree / "greenleader" / "imported").exists(), "the other tree's runner did not import its own package"
+    assert not (REPO / "greenleader" / "imported").exists()
+
+
 def test_quick_shared_session_sections_on_the_file_store(tmp_path: Path) -> None:
     """Issue 11's cases in quick mode: followers on one store object, idle candidates in one
     process, the file store's idle cost; then the before/after table of the goals from that run.
