@@ -12,10 +12,6 @@ signalled as a group. The group's leader is not the command but a **watchdog**: 
 - being the group's leader, keeps the group's id allocated while it lives, so no kill can reach
   a recycled group.
 
-Where bash is found the watchdog is bash, and also keeps a deadline that this process moves on
-(:meth:`CommandGroup.kill_in`): if this process is frozen (SIGSTOP) and sends no new one in
-time, the watchdog SIGKILLs the group all the same.
-
 This covers the whole tree, which ``PR_SET_PDEATHSIG`` (direct child only) does not, and works on
 any POSIX system. It costs nothing at the command's start: the watchdog is spawned ahead of time,
 and the command is started with one ``os.posix_spawnp`` (vfork + exec in C) that joins the group
@@ -46,7 +42,6 @@ import ctypes
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -64,18 +59,12 @@ log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 
 _UNTRAPPED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT}
-_IGNORE_SIGNALS = f"trap '' {' '.join(str(int(s)) for s in sorted(signal.valid_signals()) if s not in _UNTRAPPED)}"
 #: The watchdog: ignore every signal that can be ignored, say it is ready, wait for the lifeline to
 #: close, then SIGKILL the group. ``read`` returns at end of file (or on a line, never written).
-_WATCHDOG = f"{_IGNORE_SIGNALS}; echo; read -r line; kill -s KILL 0"
-#: Where bash is found the watchdog also keeps a deadline, for when this process is frozen
-#: (SIGSTOP, a stalled hub) and so sends nothing: each line on the lifeline is the number of
-#: seconds left until the group must be gone (:meth:`CommandGroup.kill_in`), and ``read -t``
-#: gives up when they run out (or at end of file, or on anything but a number): SIGKILL.
-_BASH = shutil.which("bash")
-_NO_DEADLINE = 10 * 365 * 86400  # seconds: the watchdog's wait before any deadline is sent
-_TIMED_WATCHDOG = (f"{_IGNORE_SIGNALS}; echo; left={_NO_DEADLINE}; "
-                   'while read -r -t "$left" left; do :; done; kill -s KILL 0')
+_WATCHDOG = (
+    f"trap '' {' '.join(str(int(s)) for s in sorted(signal.valid_signals()) if s not in _UNTRAPPED)}; "
+    "echo; read -r line; kill -s KILL 0"
+)
 #: Signals this process ignores that the command should get at their default (as CPython's
 #: ``restore_signals``); any other signal ignored when ``greenleader run`` started stays ignored.
 _RESTORED = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
@@ -137,18 +126,13 @@ class CommandGroup:
         loop = gevent.get_hub().loop
         loop.install_sigchld()
         lifeline_read, lifeline = _pipe()
-        os.set_blocking(lifeline, False)  # kill_in never waits on the watchdog
         self._lifeline: int | None = lifeline  # None once closed
         ready_read, ready_write = _pipe()
         self._ready: int | None = ready_read  # None once the watchdog said it is ready
-        #: Whether the watchdog keeps the deadlines of :meth:`kill_in` (bash), or only watches
-        #: the lifeline (``/bin/sh``).
-        self.timed = _BASH is not None and SHELL == "/bin/sh"
-        shell, script = (_BASH, _TIMED_WATCHDOG) if self.timed else (SHELL, _WATCHDOG)
         try:
             self.pgid = _posix_spawn(
-                shell,
-                [shell, "-c", script, "greenleader-watchdog"],
+                SHELL,
+                [SHELL, "-c", _WATCHDOG, "greenleader-watchdog"],
                 os.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, lifeline_read, 0), (os.POSIX_SPAWN_DUP2, ready_write, 1)],
                 setpgroup=0,
@@ -167,16 +151,6 @@ class CommandGroup:
         # read (checking it there, with a Timeout and a read, took ~0.1 ms of the new leader's).
         self._ready_watcher = loop.io(ready_read, 1, ref=False)
         self._ready_watcher.start(self._on_ready)
-
-    def kill_in(self, seconds: float) -> None:
-        """Have the watchdog SIGKILL the group ``seconds`` from now unless another deadline
-        comes first (each replaces the last): the backstop for when this process is frozen,
-        which then neither ends the command nor sends a later deadline. Never blocks; does
-        nothing where the watchdog keeps no deadlines (:attr:`timed`) or has ended."""
-        if not self.timed or self._lifeline is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):  # (a full pipe: an earlier deadline stands)
-            os.write(self._lifeline, f"{max(0.0, seconds):.3f}\n".encode())
 
     def _on_ready(self) -> None:
         """In the hub: the watchdog wrote its line, or ended (end of file: start() says so)."""

@@ -114,10 +114,6 @@ DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL: systemd's and docke
 #: command gets SIGKILL, whatever is left of --grace: room for the kill to land and the
 #: processes to exit on a busy host before the store may give the key to another.
 KILL_MARGIN = 1.0
-#: Seconds before the hold ends at which the watchdog SIGKILLs the group if ``run`` is frozen
-#: (SIGSTOP, a stalled hub): after ``run``'s own SIGKILL (KILL_MARGIN), so that the two do not
-#: race when ``run`` is well, and still before the store may give the key away.
-WATCHDOG_MARGIN = KILL_MARGIN / 2
 DEMO_TTL = 5.0  # seconds: a demo candidate's TTL (the file store frees a crashed holder at once anyway)
 DEMO_WAIT = 30.0  # seconds a demo waits for a process to start or win, on a loaded machine
 #: ``--restart`` waits this backoff before campaigning again after the command exits: from 0.5-1 s,
@@ -277,22 +273,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             group.end(args.grace, kill_by=candidate._held_until - KILL_MARGIN)
 
     candidate._step_down_hooks.append(end_before_release)
-
-    def post_deadline() -> None:
-        """Tell the group's watchdog when the store may give the key away if no renewal comes
-        (the lease's last confirmation + TTL, less WATCHDOG_MARGIN), so that the command dies
-        by then even if this process is frozen and cannot end it. A store that holds the key
-        until the release (a lock file) has no such instant."""
-        lease = candidate._lease
-        if running and lease is not None and not store.holds_until_released:
-            group.kill_in(lease.confirmed_at + candidate.ttl - WATCHDOG_MARGIN - time.monotonic())
-
-    def post_deadlines() -> None:
-        """Post the deadline as renewals move it; every half renew interval, so that the one
-        the watchdog holds stays well ahead of it while this process is well."""
-        while True:
-            gevent.sleep(candidate.renew_interval / 2)
-            post_deadline()
     waits = itertools.count(1)
 
     def start_waiting(after: float = 0.0) -> tuple[int, gevent.Greenlet | None]:
@@ -306,7 +286,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     running = lost = stopping = False
     started_at = 0.0
     timer: gevent.Greenlet | None = None
-    poster = gevent.spawn(post_deadlines)
     try:
         # Nothing yields before the loop's first get(): the campaign starts there, once the
         # signal handlers are in place.
@@ -339,7 +318,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.info("elected (term %s): started %s (pid %s)", candidate.term, " ".join(args.command), group.pid)
                 running = True
                 group.on_exit(exited)
-                post_deadline()
             elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True
@@ -385,7 +363,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                     _say_error(f"store error: {error}")
                 return EXIT_STORE_ERROR
     finally:
-        poster.kill(block=False)
         if timer is not None:
             timer.kill(block=False)
         try:
@@ -581,12 +558,12 @@ _RUN_EPILOG = """\
 The command never outlives the leadership: it runs in a process group of its own, which gets
 SIGTERM (then SIGKILL after --grace) when leadership is lost, on a store or internal error and
 after the command exits (for what it left running), and SIGKILL from a watchdog if greenleader
-itself dies (SIGKILL included), or (with bash) is frozen past the store's hold of the key. On a
-loss, SIGKILL comes sooner if --grace would outlast the store's hold of the key: a second before
-it may go to another (the last renewal + --ttl). SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1,
-SIGUSR2, SIGALRM and the other signals that end a process are passed on to the whole group, and
-greenleader then exits when the command does; signals ignored at start stay ignored. SIGTSTP
-stops the group too. The key is released only once every process of the command is gone.
+itself dies (SIGKILL included). On a loss, SIGKILL comes sooner if --grace would outlast the
+store's hold of the key: a second before it may go to another (the last renewal + --ttl).
+SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM and the other signals that end a
+process are passed on to the whole group, and greenleader then exits when the command does;
+signals ignored at start stay ignored. SIGTSTP stops the group too. The key is released only
+once every process of the command is gone.
 
 The command's environment gets GREENLEADER_KEY, GREENLEADER_NODE and GREENLEADER_TERM, the
 fencing term to pass to the systems it writes to.

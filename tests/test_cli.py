@@ -871,45 +871,6 @@ def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_go
                 os.kill(pid, signal.SIGKILL)
 
 
-FROZEN_TTL = {"consul": 10.0, "etcd": 4.0, "zookeeper": 4.0}
-
-
-@needs_proc
-@pytest.mark.parametrize("kind", list(FROZEN_TTL))
-def test_run_frozen_past_its_keys_hold_has_its_command_killed_by_the_watchdog(kind, store_url, tmp_path):
-    """run SIGSTOPped for good (not its command): it can neither renew nor end its command, and
-    the store gives the key away at the last renewal + TTL. The watchdog, told that instant on
-    each renewal, SIGKILLs the group just before it, so the next runner's command never starts
-    beside this one (it did: the command ran on until run was continued)."""
-    marker = uuid.uuid4().hex
-    key = f"cli/{uuid.uuid4().hex[:8]}"
-    ttl = FROZEN_TTL[kind]
-    started, survivors = tmp_path / "started", tmp_path / "survivors"
-    first = start_marked(marker, "run", "--store", store_url, "--key", key, "--node", "a", "--ttl", str(ttl),
-                         "--grace", "60", "--", "sh", "-c",
-                         f"trap '' TERM; touch {started}; while :; do sleep 0.05; done")
-    try:
-        wait_until(started.exists, 60, "a's command to start")
-        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
-        second = start("-v", "run", "--store", store_url, "--key", key, "--node", "b", "--ttl", str(ttl),
-                       "--", "sh", "-c", probe)
-        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
-            while "campaigning" not in second.stderr.readline():
-                pass
-        first.send_signal(signal.SIGSTOP)  # frozen until b's command has run
-        assert finish(second, 120)[0] == 0
-        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
-        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
-        first.send_signal(signal.SIGCONT)
-        assert first.wait(60) != 0, "a's run, continued with its command gone, should report it"
-    finally:
-        with contextlib.suppress(OSError):
-            first.send_signal(signal.SIGCONT)
-        for pid in marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
 def test_run_paused_past_its_renew_deadline_on_the_file_store_keeps_its_grace(tmp_path):
     """The file store holds its key until the release (the kernel drops a flock only with its
     descriptor): no TTL bounds the hold, so a loss by the renew deadline leaves the command its
