@@ -112,8 +112,15 @@ DEFAULT_TTL = 15.0  # seconds: the library's default; a crashed leader is replac
 DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL: systemd's and docker's habit is 10 s or more
 #: Seconds before a lost tenure's hold on the key ends (its last renewal + TTL) at which its
 #: command gets SIGKILL, whatever is left of --grace: room for the kill to land and the
-#: processes to exit on a busy host before the store may give the key to another.
+#: processes to exit on a busy host before the store may give the key to another. At most half
+#: the time from the renew deadline to the TTL, so that a short TTL still leaves a loss at the
+#: deadline some SIGTERM grace (a third of a second at --ttl 1 leaves it 1/6 s).
 KILL_MARGIN = 1.0
+
+
+def _loss_kill_by(candidate: Candidate) -> float:
+    """When a lost tenure's command must get SIGKILL: before the store may give the key away."""
+    return candidate._held_until - min(KILL_MARGIN, (candidate.ttl - candidate.renew_deadline) / 2)
 DEMO_TTL = 5.0  # seconds: a demo candidate's TTL (the file store frees a crashed holder at once anyway)
 DEMO_WAIT = 30.0  # seconds a demo waits for a process to start or win, on a loaded machine
 #: ``--restart`` waits this backoff before campaigning again after the command exits: from 0.5-1 s,
@@ -270,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Renewals have stopped, so the store keeps the key only until the last one's hold ends:
         the group gets SIGKILL before then (:data:`KILL_MARGIN`), however long ``--grace``."""
         if running:
-            group.end(args.grace, kill_by=candidate._held_until - KILL_MARGIN)
+            group.end(args.grace, kill_by=_loss_kill_by(candidate))
 
     candidate._step_down_hooks.append(end_before_release)
     waits = itertools.count(1)
@@ -321,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif kind == "elected" and not value and running:
                 log.warning("leadership lost: terminating the command")
                 lost = True
-                group.end(args.grace, kill_by=candidate._held_until - KILL_MARGIN)
+                group.end(args.grace, kill_by=_loss_kill_by(candidate))
             elif kind == "exit":
                 group.end(args.grace)  # what the command left running in its group
                 running = False

@@ -871,6 +871,22 @@ def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_go
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(("ttl", "before_hold_ends"), [(15.0, 1.0), (3.0, 0.5), (1.0, 1 / 6)])
+def test_a_lost_tenures_command_is_killed_before_its_hold_ends_with_some_grace_left_at_short_ttls(ttl,
+                                                                                                  before_hold_ends):
+    """SIGKILL comes KILL_MARGIN (1 s) before the store may give the key away, but at most half
+    the way from the renew deadline (2/3 of the TTL) to then: a loss at the deadline keeps
+    some SIGTERM grace at short TTLs (a 1 s margin left none below a TTL of 3 s)."""
+    from greenleader import Candidate
+    from greenleader.cli import _loss_kill_by
+    from greenleader.stores.memory import MemoryStore
+
+    candidate = Candidate(MemoryStore(), "k", "a", ttl=ttl)
+    candidate._held_until = 1000.0
+    assert _loss_kill_by(candidate) == pytest.approx(1000.0 - before_hold_ends)
+    assert _loss_kill_by(candidate) > 1000.0 - ttl + candidate.renew_deadline, "no grace left after the deadline"
+
+
 def test_run_paused_past_its_renew_deadline_on_the_file_store_keeps_its_grace(tmp_path):
     """The file store holds its key until the release (the kernel drops a flock only with its
     descriptor): no TTL bounds the hold, so a loss by the renew deadline leaves the command its
