@@ -125,10 +125,10 @@ class Store(abc.ABC):
 
     #: Backend name, as used by ``new_store()`` and as the ``from_url()`` scheme.
     backend: ClassVar[str] = ""
-    #: Smallest and largest TTL, in seconds, that the backend honours.
     #: Whether a won key stays held until its release or this process's death, whatever the
     #: renewals (a lock file): then no TTL bounds the hold once the candidate steps down.
     holds_until_released: ClassVar[bool] = False
+    #: Smallest and largest TTL, in seconds, that the backend honours.
     min_ttl: ClassVar[float] = 0.0
     max_ttl: ClassVar[float] = 86400.0
 
