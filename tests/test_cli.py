@@ -837,19 +837,18 @@ def test_store_environment_options_and_what_wins():
 PAUSED_TTL = {"file": 6.0, "consul": 10.0, "etcd": 20.0}
 
 
-@pytest.mark.parametrize("kind", list(PAUSED_TTL))
-def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_gone(kind, store_url, tmp_path):
-    """run SIGSTOPped past its renew deadline (not its TTL), then continued: it steps down on
-    the deadline and terminates its command, which takes a moment (a SIGTERM trap). The key is
-    released only once the command is gone, so the next runner's command never starts beside it
-    (it released at once before, while the store still held the key for it)."""
+def paused_handover(store_url: str, tmp_path: Path, ttl: float, pause: float, *, grace: float,
+                    on_term: str) -> tuple[int, str]:
+    """a's run leads with a command that handles SIGTERM with ``on_term`` (a trap, or '' to
+    ignore it), b waits; a's run (not its command) is SIGSTOPped for ``pause`` seconds, then
+    continued. Asserts that b's command never ran beside any of a's command's processes, and
+    returns a's exit status and stderr."""
     marker = uuid.uuid4().hex
     key = f"cli/{uuid.uuid4().hex[:8]}"
-    ttl = PAUSED_TTL[kind]
-    started, survivors = tmp_path / "started", tmp_path / "survivors"
+    started, survivors, log = tmp_path / "started", tmp_path / "survivors", tmp_path / "a.stderr"
     first = start_marked(marker, "run", "--store", store_url, "--key", key, "--node", "a", "--ttl", str(ttl),
-                         "--grace", "30", "--", "sh", "-c",
-                         f"trap 'sleep 0.5; exit 0' TERM; touch {started}; while :; do sleep 0.05; done")
+                         "--grace", str(grace), "--", "sh", "-c",
+                         f"trap {on_term} TERM; touch {started}; while :; do sleep 0.05; done", stderr=log)
     try:
         wait_until(started.exists, 60, "a's command to start")
         probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
@@ -859,16 +858,27 @@ def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_go
             while "campaigning" not in second.stderr.readline():
                 pass
         first.send_signal(signal.SIGSTOP)
-        gevent.sleep(ttl * 0.72)  # the scenario: past the deadline (2/3), within the key's hold (7/9)
+        gevent.sleep(pause)
         first.send_signal(signal.SIGCONT)
         assert finish(second, 120)[0] == 0
         alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
         assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
-        assert first.wait(60) == 3, "a's run should exit with 3 (leadership lost)"
+        return first.wait(60), log.read_text()
     finally:
         for pid in marked(marker):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", list(PAUSED_TTL))
+def test_run_paused_past_its_renew_deadline_releases_only_once_its_command_is_gone(kind, store_url, tmp_path):
+    """run SIGSTOPped past its renew deadline (not its TTL), then continued: it steps down on
+    the deadline and terminates its command, which takes a moment (a SIGTERM trap). The key is
+    released only once the command is gone, so the next runner's command never starts beside it
+    (it released at once before, while the store still held the key for it)."""
+    ttl = PAUSED_TTL[kind]  # paused past the deadline (2/3 of the TTL), within the key's hold (7/9)
+    code, err = paused_handover(store_url, tmp_path, ttl, ttl * 0.72, grace=30, on_term="'sleep 0.5; exit 0'")
+    assert code == 3, f"a's run should exit with 3 (leadership lost): {err}"
 
 
 @pytest.mark.parametrize(("ttl", "before_hold_ends"), [(15.0, 1.0), (3.0, 0.5), (1.0, 1 / 6)])
@@ -892,31 +902,12 @@ def test_run_paused_past_its_renew_deadline_on_the_file_store_keeps_its_grace(tm
     descriptor): no TTL bounds the hold, so a loss by the renew deadline leaves the command its
     whole --grace to shut down cleanly (it was cut short at the last renewal + TTL), and the next
     runner's command still starts only once it is gone."""
-    url = f"file://{tmp_path / 'elections'}"
-    marker = uuid.uuid4().hex
-    started, done, survivors = tmp_path / "started", tmp_path / "done", tmp_path / "survivors"
-    first = start_marked(marker, "run", "--store", url, "--key", "k", "--node", "a", "--ttl", "3", "--grace", "30",
-                         "--", "sh", "-c",
-                         f"trap 'sleep 1.5; touch {done}; exit 0' TERM; touch {started}; while :; do sleep 0.05; done")
-    try:
-        wait_until(started.exists, 60, "a's command to start")
-        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
-        second = start("-v", "run", "--store", url, "--key", "k", "--node", "b", "--ttl", "3", "--", "sh", "-c", probe)
-        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
-            while "campaigning" not in second.stderr.readline():
-                pass
-        first.send_signal(signal.SIGSTOP)
-        gevent.sleep(2.6)  # past the renew deadline (2 s) and the TTL: the flock still holds the key
-        first.send_signal(signal.SIGCONT)
-        assert finish(second, 120)[0] == 0
-        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
-        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
-        assert first.wait(60) == 3
-        assert done.exists(), "the command was SIGKILLed before its SIGTERM trap finished, within --grace"
-    finally:
-        for pid in marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    done = tmp_path / "done"
+    # paused past the renew deadline (2 s) and the TTL: the flock still holds the key
+    code, err = paused_handover(f"file://{tmp_path / 'elections'}", tmp_path, 3.0, 2.6, grace=30,
+                                on_term=f"'sleep 1.5; touch {done}; exit 0'")
+    assert code == 3, err
+    assert done.exists(), "the command was SIGKILLed before its SIGTERM trap finished, within --grace"
 
 
 @pytest.mark.parametrize("kind", ["consul", "etcd"])
@@ -926,31 +917,7 @@ def test_run_paused_past_its_renew_deadline_kills_a_command_that_ignores_sigterm
     the key (its last renewal + TTL): run sends SIGKILL before the hold ends, so the next
     runner's command never starts beside it. Before, run waited out its grace while the store
     gave the key away (the defaults, --grace 10 and --ttl 15, leave 5 s after the deadline)."""
-    marker = uuid.uuid4().hex
-    key = f"cli/{uuid.uuid4().hex[:8]}"
     ttl = PAUSED_TTL[kind]
-    started, survivors = tmp_path / "started", tmp_path / "survivors"
-    log = tmp_path / "a.stderr"
-    first = start_marked(marker, "run", "--store", store_url, "--key", key, "--node", "a", "--ttl", str(ttl),
-                         "--grace", "60", "--", "sh", "-c",
-                         f"trap '' TERM; touch {started}; while :; do sleep 0.05; done", stderr=log)
-    try:
-        wait_until(started.exists, 60, "a's command to start")
-        probe = f'grep -las "GREENLEADER_TEST_TREE={marker}" /proc/[0-9]*/environ > {survivors}; true'
-        second = start("-v", "run", "--store", store_url, "--key", key, "--node", "b", "--ttl", str(ttl),
-                       "--", "sh", "-c", probe)
-        with gevent.Timeout(30, AssertionError("the second runner did not start campaigning")):
-            while "campaigning" not in second.stderr.readline():
-                pass
-        first.send_signal(signal.SIGSTOP)
-        gevent.sleep(ttl * 0.72)  # the scenario: past the deadline (2/3), within the key's hold (7/9)
-        first.send_signal(signal.SIGCONT)
-        assert finish(second, 120)[0] == 0
-        alive = {int(path.split("/")[2]) for path in survivors.read_text().split()} - {first.pid}
-        assert not alive, f"a's command was still running when b's started: {[cmdline(p) for p in alive]}"
-        assert first.wait(60) == 3, f"a's run should exit with 3 (leadership lost): {log.read_text()}"
-        assert "sending SIGKILL before --grace" in log.read_text(), log.read_text()
-    finally:
-        for pid in marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    code, err = paused_handover(store_url, tmp_path, ttl, ttl * 0.72, grace=60, on_term="''")
+    assert code == 3, f"a's run should exit with 3 (leadership lost): {err}"
+    assert "sending SIGKILL before --grace" in err, err

@@ -205,10 +205,12 @@ def test_an_end_with_an_earlier_kill_by_hastens_one_already_under_way(tmp_path):
     assert group.wait() == 128 + 9 and group._members() == set()
 
 
-QUEUED_NEWS = textwrap.dedent("""
+#: A script's start: greenleader's CLI whose candidates are recorded in ``made``.
+RECORDING = textwrap.dedent("""
     from gevent import monkey
     monkey.patch_all()
     import sys
+    import gevent
     from greenleader import cli
 
     made = []
@@ -218,6 +220,10 @@ QUEUED_NEWS = textwrap.dedent("""
             super().__init__(*args, **kwargs)
             made.append(self)
 
+    cli.Candidate = Recorded
+""")
+
+QUEUED_NEWS = RECORDING + textwrap.dedent("""
     on_exit = cli.CommandGroup.on_exit
 
     def on_exit_after_news(self, callback):
@@ -227,7 +233,6 @@ QUEUED_NEWS = textwrap.dedent("""
             callback(code)
         on_exit(self, exited)
 
-    cli.Candidate = Recorded
     cli.CommandGroup.on_exit = on_exit_after_news
     sys.exit(cli._main(["run", "--store", "memory://", "--key", "queued", "--",
                         "sh", "-c", f"echo ran >> {sys.argv[1]}"]))
@@ -245,20 +250,7 @@ def test_run_starts_no_command_on_an_election_it_had_not_read_when_its_command_e
     assert done.returncode == 0, done.stderr
 
 
-LOST_WHILE_STARTING = textwrap.dedent("""
-    from gevent import monkey
-    monkey.patch_all()
-    import sys
-    import gevent
-    from greenleader import cli
-
-    made = []
-
-    class Recorded(cli.Candidate):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
+LOST_WHILE_STARTING = RECORDING + textwrap.dedent("""
     wait_ready = cli.CommandGroup._wait_ready
     losses = []
 
@@ -272,7 +264,6 @@ LOST_WHILE_STARTING = textwrap.dedent("""
             gevent.sleep(0.1)  # the teardown releases the key meanwhile
         wait_ready(self)
 
-    cli.Candidate = Recorded
     cli.CommandGroup._wait_ready = wait_ready_through_a_loss
     code = cli._main(["run", "--store", "memory://", "--key", "starting", "--",
                       "sh", "-c", f"echo $GREENLEADER_TERM >> {sys.argv[1]}"])
