@@ -183,6 +183,25 @@ def test_end_sends_sigkill_by_its_kill_by_however_long_the_grace(tmp_path):
         assert group._members() == set()
 
 
+def test_a_stopped_command_past_its_kill_by_gets_sigkill_alone(tmp_path):
+    """With ``kill_by`` past, end() sends SIGKILL at once: no SIGTERM and no SIGCONT first,
+    which let a command stopped by SIGTSTP run on for a moment beside the next leader's."""
+    import signal
+    import time
+
+    from greenleader import _spawn
+
+    group = _spawn.CommandGroup()
+    start_ignoring_sigterm(group, tmp_path)
+    group.pause()
+    sent = []
+    signal_group = group.signal
+    group.signal = lambda signum: (sent.append(signum), signal_group(signum))[1]
+    group.end(600, kill_by=time.monotonic() - 1)
+    assert group.wait() == 128 + 9 and group._members() == set()
+    assert sent == [signal.SIGKILL], f"signals sent: {[signal.Signals(s).name for s in sent]}"
+
+
 def test_an_end_with_an_earlier_kill_by_hastens_one_already_under_way(tmp_path):
     """run's loop ends the group on a loss while its step-down hook ends it too: whichever comes
     second with an earlier ``kill_by`` brings the SIGKILL forward, and both return once it landed."""
