@@ -133,6 +133,14 @@ RUN_FAULTS = {"hup-run": signal.SIGHUP, "quit-run": signal.SIGQUIT, "kill-run": 
 #: What a fault occupies on its target: a slot takes at most one fault of each category.
 CATEGORY = {"pause": "process", "block": "process", "crash": "process", "fork": "process",
             "inject": "errors", "delete-key": "key", "resign": "key", **dict.fromkeys(RUN_FAULTS, "process")}
+#: Stores where deleting a live holder's registration from outside lets a waiter in before the
+#: holder hears of it (docs/safety.md, "Limits that remain": Consul's session destroy or key
+#: delete; its lock-delay covers only a holder that hears within it). ``delete-key`` leaves such
+#: a holder alone while a network or process fault cuts it off, since the overlap then lasts
+#: until its renew deadline by design (CI nemesis, Consul, seed 764989: a session destroyed
+#: 1.7 s into a partition of its holder, 3.1 s of overlap). etcd waiters wait for the deleted
+#: key's lease, and PostgreSQL keeps a deleted row's hold (its trigger), cut off or not.
+CUT_OFF_DELETION_UNGUARDED = ("consul",)
 #: Faults over at once (they count for no slot, and not towards the two at a time).
 INSTANT = ("reset", "delete-key", "resign", *RUN_FAULTS)
 LAST_HEAL = "all healed"
@@ -736,6 +744,10 @@ class Nemesis:
             raise ValueError(f"unknown fault {fault.kind}")
         return ""
 
+    def cut_off(self, slot: str) -> bool:
+        """Whether ``slot`` cannot hear from the store now: a network or process fault acts on it."""
+        return (slot, "network") in self.busy or (slot, "process") in self.busy
+
     def delete_key(self, slot: str, fault: Fault, record: Injected) -> str:
         """Delete ``slot``'s registration from outside, through a live store node."""
         runner = self.runners.get(slot)
@@ -751,6 +763,8 @@ class Nemesis:
                 holder = queue[position][2]
                 if holder and not self.delete_holders:
                     return f"{name} leads now (--no-holder-deletion)"
+                if holder and self.backend in CUT_OFF_DELETION_UNGUARDED and self.cut_off(slot):
+                    return f"{name} leads cut off from the store (a deletion it cannot hear: a documented limit)"
                 # a waiter is deleted only while its predecessor lives (etcd, ZooKeeper: in one
                 # transaction), never just as it becomes the holder
                 behind = None if holder or self.backend not in ("etcd", "zookeeper") else queue[position - 1][1]

@@ -243,7 +243,9 @@ def test_nemesis(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     limit = duration + 360.0  # setup, restarts of store nodes, recovery, on a loaded machine
     with gevent.Timeout(limit, AssertionError(f"the nemesis run took over {limit:g}s (seed {seed})")):
-        result = nemesis.run(backend, seed, duration, tmp_path, spacing=CI_SPACING[backend], say=say)
+        spacing = CI_SPACING[backend]
+        replay = f" --spacing {spacing[0]:g} {spacing[1]:g}" if tuple(spacing) != nemesis.SPACING else ""
+        result = nemesis.run(backend, seed, duration, tmp_path, spacing=spacing, options=replay, say=say)
     record = request.node.user_properties
     record.append(("nemesis", result.summary()))
     assert result.ok, "\n".join(lines[-60:]) + f"\nhistories in {tmp_path}\n{result.summary()}"
