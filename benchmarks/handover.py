@@ -23,7 +23,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 import zlib
@@ -48,6 +47,7 @@ from .common import (
     summary,
     unique_key,
 )
+from .report import commit_of
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +231,8 @@ class OtherTreeRun(GreenleaderRun):
 
 
 def tree_label(tree: Path) -> str:
-    """``greenleader run @<commit>`` (``+`` if the tree has changes not committed)."""
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or tree.name
-    return f"greenleader run @{commit}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''}"
+    """``greenleader run @<commit>`` (``+uncommitted`` if its library has changes)."""
+    return f"greenleader run @{commit_of(tree) or tree.name}"
 
 
 @dataclass

@@ -42,6 +42,21 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def commit_of(tree: Path) -> str | None:
+    """The short commit of the source tree ``tree``, ``+uncommitted`` when its library differs
+    from it; None if git cannot tell (not a repository, no git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--", "greenleader"):  # the library measured is not the commit's
+            commit += "+uncommitted"
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit or None
+
+
 def environment() -> dict[str, Any]:
     versions = {}
     for dist in ("gevent", "kazoo", "py-consul", "etcd-sdk-python", "grpcio", "requests"):
@@ -49,15 +64,7 @@ def environment() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "greenleader"], cwd=REPO,
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        if changed:  # the library measured is not the commit's
-            commit += "+uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
+    commit = commit_of(REPO) or "?"
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "cpus": os.cpu_count(),
             "load_average": loadavg(), "python": platform.python_version(), "platform": platform.platform(),
             "packages": versions}

@@ -116,11 +116,6 @@ DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL: systemd's and docke
 #: the time from the renew deadline to the TTL, so that a short TTL still leaves a loss at the
 #: deadline some SIGTERM grace (a third of a second at --ttl 1 leaves it 1/6 s).
 KILL_MARGIN = 1.0
-
-
-def _loss_kill_by(candidate: Candidate) -> float:
-    """When a lost tenure's command must get SIGKILL: before the store may give the key away."""
-    return candidate._held_until - min(KILL_MARGIN, (candidate.ttl - candidate.renew_deadline) / 2)
 DEMO_TTL = 5.0  # seconds: a demo candidate's TTL (the file store frees a crashed holder at once anyway)
 DEMO_WAIT = 30.0  # seconds a demo waits for a process to start or win, on a loaded machine
 #: ``--restart`` waits this backoff before campaigning again after the command exits: from 0.5-1 s,
@@ -196,6 +191,11 @@ def _handle(signum: int, handler, *args) -> None:
     job): then it stays ignored, here and in the command."""
     if signal.getsignal(signum) is not signal.SIG_IGN:
         gevent.signal_handler(signum, handler, *args)
+
+
+def _loss_kill_by(candidate: Candidate) -> float:
+    """When a lost tenure's command must get SIGKILL: before the store may give the key away."""
+    return candidate._held_until - min(KILL_MARGIN, (candidate.ttl - candidate.renew_deadline) / 2)
 
 
 def _command_env(environ: dict[str, str], candidate: Candidate) -> dict[str, str]:
@@ -577,8 +577,7 @@ fencing term to pass to the systems it writes to.
 
 --restart: after the command exits, greenleader stands aside for a jittered backoff (0.5-1 s,
 doubling up to 15-30 s; back to the start after a run of {reset:g} s or more), logs the exit
-status and the delay, then campaigns again and reruns the command once elected.
-"""
+status and the delay, then campaigns again and reruns the command once elected."""
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
